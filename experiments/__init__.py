@@ -1,0 +1,1 @@
+"""Experiment scripts (training, generation, benchmarks) built on jaxeff."""

@@ -1,0 +1,10 @@
+"""The public functional API of jaxeff: one module per op family.
+
+Every op validates its inputs, picks an implementation (``implementation=``; see
+:mod:`jaxeff.ops._registry`) and keeps its pure-jnp reference next to the kernels.
+"""
+
+from jaxeff.ops.attention import dot_product_attention, dot_product_attention_with_lse
+from jaxeff.ops.normalization import layer_norm, rms_norm
+
+__all__ = ["dot_product_attention", "dot_product_attention_with_lse", "layer_norm", "rms_norm"]

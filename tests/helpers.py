@@ -1,0 +1,97 @@
+"""Shared "kernel vs reference" checks used by every op's test body.
+
+``assert_close`` compares by relative Frobenius norm with a tolerance from the dtype
+(ARCHITECTURE.md: float32 ~1e-5, bf16 ~1e-2) and rejects NaN/Inf outright, which is how
+unwritten (NaN-poisoned, see interpret mode's ``uninitialized_memory="nan"``) outputs are
+caught. ``check_op`` runs an implementation and the reference on the same fresh random
+inputs, forward and (optionally) the VJP with a random cotangent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Relative-norm tolerances by the lowest-precision dtype involved.
+TOLERANCE = {
+    jnp.dtype(jnp.float64): 1e-10,
+    jnp.dtype(jnp.float32): 2e-5,
+    jnp.dtype(jnp.bfloat16): 1.5e-2,
+    jnp.dtype(jnp.float16): 4e-3,
+}
+
+
+def tolerance(dtype) -> float:
+  return TOLERANCE[jnp.dtype(dtype)]
+
+
+def rel_err(actual, expected) -> float:
+  a = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  e = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+  denom = np.linalg.norm(e.ravel())
+  return float(np.linalg.norm((a - e).ravel()) / max(denom, 1e-30))
+
+
+def assert_close(actual, expected, *, dtype=None, rtol: float | None = None, name="output"):
+  """Asserts shape/dtype agreement, all-finite values and relative-norm closeness."""
+  actual, expected = jnp.asarray(actual), jnp.asarray(expected)
+  assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+  assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+  finite = np.isfinite(np.asarray(actual, np.float32))
+  assert finite.all(), (f"{name}: {int((~finite).sum())} non-finite values "
+                        f"(unwritten outputs are NaN-poisoned in interpret mode)")
+  tol = rtol if rtol is not None else tolerance(dtype if dtype is not None else actual.dtype)
+  err = rel_err(actual, expected)
+  assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def random_like(key, tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)
+  ])
+
+
+def check_op(fn: Callable, ref: Callable, args: Sequence, *, key, grad_argnums=(),
+             dtype=None, rtol: float | None = None, grad_rtol: float | None = None):
+  """Compares ``fn(*args)`` with ``ref(*args)``, and their VJPs w.r.t. ``grad_argnums``.
+
+  The reference runs in float32 on upcast inputs when inputs are low precision, so the
+  tolerance measures the kernel's error, not the reference's.
+  """
+  dtype = dtype if dtype is not None else jnp.result_type(*[a for a in args if hasattr(a, "dtype")])
+  out = fn(*args)
+
+  def upcast(a):
+    return a.astype(jnp.float32) if hasattr(a, "dtype") and jnp.issubdtype(
+        a.dtype, jnp.floating) and a.dtype != jnp.float64 else a
+
+  ref_args = [upcast(a) for a in args]
+  expected = jax.tree.map(lambda e, o: e.astype(o.dtype), ref(*ref_args), out)
+  for i, (o, e) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(expected))):
+    assert_close(o, e, dtype=dtype, rtol=rtol, name=f"output[{i}]")
+  if not grad_argnums:
+    return out
+
+  def restrict(f, all_args):
+    def g(*diff):
+      full = list(all_args)
+      for i, d in zip(grad_argnums, diff):
+        full[i] = d
+      return f(*full)
+    return g
+
+  diff_args = [args[i] for i in grad_argnums]
+  out_k, vjp_k = jax.vjp(restrict(fn, args), *diff_args)
+  cot = random_like(jax.random.fold_in(key, 1), out_k)
+  grads = vjp_k(cot)
+  _, vjp_r = jax.vjp(restrict(ref, ref_args), *[ref_args[i] for i in grad_argnums])
+  ref_grads = vjp_r(jax.tree.map(upcast, cot))
+  for i, g, rg in zip(grad_argnums, grads, ref_grads):
+    assert_close(g, rg.astype(g.dtype), dtype=dtype,
+                 rtol=grad_rtol if grad_rtol is not None else rtol, name=f"grad[arg {i}]")
+  return out, grads
