@@ -1,0 +1,58 @@
+"""Benchmark harness: timing returns positive medians, results follow the schema."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments.bench import harness
+from experiments.bench.__main__ import available, main
+
+
+def test_time_fn_positive_and_rotates_inputs():
+  seen = []
+
+  def make_args(i):
+    seen.append(i)
+    return (jax.random.normal(jax.random.key(i), (64, 64)),)
+
+  t = harness.time_fn(jax.jit(lambda x: x @ x), make_args, rounds=3, inner=2, warmup=1)
+  assert t > 0
+  assert len(seen) > 1, "small inputs must be rotated over several sets"
+
+
+def test_safe_time_reports_failure_as_nan(capsys):
+  def boom(x):
+    raise RuntimeError("no such kernel")
+  t = harness.safe_time(boom, lambda i: (jnp.ones(3),), rounds=1, inner=1, warmup=1)
+  assert t != t  # nan
+  assert "no such kernel" in capsys.readouterr().out
+
+
+def test_write_results_schema(tmp_path):
+  rows = [harness.Row("n=8", {"n": 8}, "jaxeff", 1e-3, 2.0, "GB/s"),
+          harness.Row("n=8", {"n": 8}, "xla", 2e-3, 1.0, "GB/s")]
+  path = harness.write_results("demo", rows, tmp_path, plot_x="n")
+  data = json.loads(path.read_text())
+  assert set(data) >= {"suite", "device", "jax_version", "date", "rows"}
+  assert data["suite"] == "demo" and data["jax_version"] == jax.__version__
+  assert data["rows"][0] == {"case": "n=8", "params": {"n": 8}, "implementation": "jaxeff",
+                             "median_s": 1e-3, "throughput": 2.0, "unit": "GB/s"}
+  assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def test_print_table_shows_ratio(capsys):
+  rows = [harness.Row("c", {}, "jaxeff", 1e-3, 2.0, "GB/s"),
+          harness.Row("c", {}, "xla", 3e-3, 1.0, "GB/s")]
+  harness.print_table("demo", rows)
+  assert "3.00x" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_suite():
+  with pytest.raises(SystemExit):
+    main(["no_such_suite"])
+
+
+def test_suites_are_discovered():
+  assert isinstance(available(), list)
