@@ -14,19 +14,37 @@ Implementations (``implementation=``, see :mod:`jaxeff.ops._registry`):
   for the subset of features it supports (bf16/fp16, no segment ids or soft cap, causal
   only with q_len == kv_len). Listed so users and benchmarks can compare against it.
 
-Flash-attention kernels (FlashAttention-2 tiling with online softmax; Dao, 2023) register
-themselves in ``ATTENTION_IMPLS`` ahead of these.
+Flash-attention kernels (FlashAttention-2 tiling with online softmax; Dao, 2023, with
+FlashAttention-3's Hopper techniques; see ``kernels_pallas/attention``):
+
+* ``"mosaic_gpu"``: Pallas Mosaic GPU forward and backward for Hopper (H100/H200): TMA,
+  wgmma, warp-specialised producer/consumer warpgroups, block-sparse skipping of masked
+  blocks. bf16/fp16, head_dim 64/128/256 (the head_dim-256 backward runs the Triton
+  kernel). Listed first: the fastest on Hopper.
+* ``"cudnn"`` (above) comes next: on other GPUs it is faster than the portable kernel for
+  the features it supports.
+* ``"triton"``: the portable Pallas-Triton forward and backward for any CUDA GPU, with the
+  same feature set as the Mosaic GPU kernel and any head_dim; serves what cuDNN cannot
+  (segment ids, soft cap, end-aligned causal cross attention, the log-sum-exp).
+
+Both kernels run in Pallas interpret mode on CPU (``"mosaic_gpu:interpret"``,
+``"triton:interpret"``). Kernel calls go through one ``jax.custom_vjp`` whose residuals
+are the inputs, the output and the float32 log-sum-exp only (``jax.checkpoint``-friendly);
+its backward is a kernel too. Additive bias and boolean masks are served by ``"xla"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxeff.ops import _registry
+from kernels_pallas.attention import mosaic_gpu as _mosaic_gpu_kernels
+from kernels_pallas.attention import triton as _triton_kernels
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -233,8 +251,99 @@ def _cudnn(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
       local_window_size=window, implementation="cudnn")
 
 
+@dataclasses.dataclass(frozen=True)
+class _FlashStatic:
+  """Static (hashable) arguments of the flash-attention custom_vjp."""
+
+  backend: str  # "mosaic_gpu" or "triton"
+  is_causal: bool
+  window: tuple[int, int] | None
+  scale: float
+  soft_cap: float | None
+  interpret: bool
+
+  def kernel_kwargs(self):
+    return dict(is_causal=self.is_causal, window=self.window, scale=self.scale,
+                soft_cap=self.soft_cap, interpret=self.interpret)
+
+
+def _backward_module(st: _FlashStatic, head_dim: int):
+  if st.backend == "mosaic_gpu" and head_dim in _mosaic_gpu_kernels.BWD_HEAD_DIMS:
+    return _mosaic_gpu_kernels
+  return _triton_kernels
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(query, key, value, q_ids, kv_ids, st: _FlashStatic):
+  return _flash_fwd(query, key, value, q_ids, kv_ids, st)[0]
+
+
+def _flash_fwd(query, key, value, q_ids, kv_ids, st: _FlashStatic):
+  mod = _mosaic_gpu_kernels if st.backend == "mosaic_gpu" else _triton_kernels
+  out, lse = mod.forward(query, key, value, q_ids, kv_ids, **st.kernel_kwargs())
+  return (out, lse), (query, key, value, q_ids, kv_ids, out, lse)
+
+
+def _flash_bwd(st: _FlashStatic, res, cotangents):
+  query, key, value, q_ids, kv_ids, out, lse = res
+  d_out, d_lse = cotangents
+  mod = _backward_module(st, query.shape[-1])
+  dq, dk, dv = mod.backward(query, key, value, out, lse, d_out.astype(query.dtype), q_ids,
+                            kv_ids, d_lse, **st.kernel_kwargs())
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _kernel_supports(backend: str, spec: AttentionSpec) -> str | None:
+  if spec.dtype not in _KERNEL_DTYPES:
+    return f"{backend} needs bfloat16/float16 inputs, got {spec.dtype} (use 'xla')"
+  if spec.has_bias:
+    return f"additive bias is not supported by {backend} (use 'xla')"
+  if spec.has_mask:
+    return (f"a dense boolean mask is not supported by {backend}; use is_causal, "
+            "local_window_size or segment_ids, or 'xla'")
+  return None
+
+
+def _mosaic_gpu_supports(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
+  why = _kernel_supports("mosaic_gpu", spec)
+  if why is None and spec.head_dim not in _mosaic_gpu_kernels.SUPPORTED_HEAD_DIMS:
+    why = (f"mosaic_gpu supports head_dim in {_mosaic_gpu_kernels.SUPPORTED_HEAD_DIMS}, got "
+           f"{spec.head_dim}")
+  return why
+
+
+def _triton_supports(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
+  why = _kernel_supports("triton", spec)
+  if why is None and spec.head_dim > 256:
+    why = f"triton supports head_dim <= 256, got {spec.head_dim}"
+  return why
+
+
+def _flash_impl(backend: str):
+  def fn(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse, interpret):
+    del bias, mask
+    st = _FlashStatic(backend=backend, is_causal=spec.is_causal,
+                      window=spec.local_window_size, scale=spec.scale,
+                      soft_cap=spec.logits_soft_cap, interpret=interpret)
+    if q_ids is not None:
+      q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+    out, lse = _flash(query, key, value, q_ids, kv_ids, st)
+    return (out, lse) if return_lse else out
+
+  fn.__name__ = f"_{backend}"
+  return fn
+
+
 ATTENTION_IMPLS: list[_registry.Implementation] = [
+    _registry.Implementation("mosaic_gpu", _flash_impl("mosaic_gpu"), platforms=("gpu",),
+                             supports=_mosaic_gpu_supports, interpretable=True,
+                             device_kinds=_registry.HOPPER_KINDS),
     _registry.Implementation("cudnn", _cudnn, platforms=("gpu",), supports=_cudnn_supports),
+    _registry.Implementation("triton", _flash_impl("triton"), platforms=("gpu",),
+                             supports=_triton_supports, interpretable=True),
     _registry.Implementation("xla", _xla),
 ]
 

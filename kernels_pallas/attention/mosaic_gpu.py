@@ -1,0 +1,690 @@
+"""Flash attention forward and backward for NVIDIA Hopper in Pallas Mosaic GPU.
+
+Algorithm: FlashAttention-2 (Dao, 2023): tiled exact attention with an online softmax in
+the log2 domain, a per-row log-sum-exp residual, parallel over query tiles forward and
+over key tiles backward. Hopper techniques from FlashAttention-3 (Shah et al., 2024):
+
+* warp specialisation: every CTA runs two *compute* warpgroups and one *memory*
+  warpgroup; the memory warpgroup streams K/V tiles (forward) or Q/dO/lse/delta tiles
+  (backward) with TMA into a ``num_stages``-deep shared-memory ring guarded by
+  "loaded"/"consumed" mbarriers, and gives its registers to the compute warpgroups
+  (``setmaxnreg``);
+* every matmul is a ``wgmma``; the softmax probabilities feed the second matmul straight
+  from registers;
+* ping-pong scheduling: a two-party barrier makes the two compute warpgroups alternate
+  their matmuls, so one warpgroup's softmax overlaps the other's tensor-core work;
+* block sparsity (``common.BlockSparsity``): each CTA visits only the key (query) blocks
+  that hold an allowed entry, unmasked ("full") blocks first with no elementwise mask,
+  then the partial ones with the mask computed from positions and segment ids.
+
+Backward: one kernel per key tile computes dK and dV in registers and the dQ
+contribution ``dS K`` of every visited query block; the two warpgroups share ``dS`` via
+shared memory, each computes half of dQ's columns, and adds it into a float32 dQ
+accumulator in HBM with a TMA reduce-add (``cp.reduce.async.bulk``), so the backward does
+the five matmuls of the algorithm and no more. ``deterministic=True`` instead computes dQ
+in a second kernel parallel over query tiles (two more matmuls, bitwise reproducible);
+interpret mode always uses that path because TMA reductions cannot be interpreted.
+
+GQA: forward CTAs of the query heads of one key/value head read the same K/V tiles (L2
+reuse); the backward CTA of a key tile loops over every query head of its group, so
+dK/dV are summed in registers and K/V are never repeated in memory.
+
+Inputs are padded by the callers in this module to whole tiles; the padded key tail is
+masked and padded query rows are dropped. Layout: ``[batch, seq, heads, head_dim]``.
+Interpret mode (``interpret=True``, CPU) routes the probabilities through shared memory
+and keeps the accumulators in scoped refs, the only forms Mosaic GPU's interpreter runs;
+everything else (pipelines, barriers, block lists, masks) is the code that runs on GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.attention import common
+
+_SWIZZLE = 128  # bytes; the rows of every 16-bit tile are >= 64 elements wide
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tile sizes. Forward: a CTA owns ``2 * block_q`` query rows (one ``block_q`` slab per
+  compute warpgroup) and streams ``block_kv`` keys per step. Backward: a CTA owns
+  ``2 * bwd_block_kv`` keys and streams ``bwd_block_q`` queries per step."""
+
+  block_q: int = 64
+  block_kv: int = 128
+  num_stages: int = 2
+  bwd_block_q: int = 64
+  bwd_block_kv: int = 64
+  bwd_num_stages: int = 2
+  compute_registers: int = 232
+  memory_registers: int = 40
+
+  @property
+  def fwd_q_tile(self) -> int:
+    return 2 * self.block_q
+
+  @property
+  def bwd_kv_tile(self) -> int:
+    return 2 * self.bwd_block_kv
+
+
+def default_config(head_dim: int) -> Config:
+  """Tile sizes by head_dim (shared memory: Q 2 x 64 x d, K/V 2 stages x block_kv x d)."""
+  if head_dim > 128:
+    return Config(block_kv=64)
+  return Config()
+
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+BWD_HEAD_DIMS = (64, 128)
+
+
+def _tiled(shape, dtype, swizzle: int = _SWIZZLE):
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                              plgpu.SwizzleTransform(swizzle)))
+
+
+def _schedule(barrier):
+  """A rendezvous of the two compute warpgroups (ping-pong scheduling)."""
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
+              mask: common.MaskSpec, scale: float, soft_cap: float | None, cfg: Config,
+              interpret: bool):
+  """Padded forward: q [b, tp, n, d], k/v [b, sp, kh, d] -> (o [b, tp, n, d], lse [b, n, tp])."""
+  b_sz, tp, n_heads, d = q.shape
+  sp, kv_heads = k.shape[1], k.shape[2]
+  group = n_heads // kv_heads
+  bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.num_stages
+  n_qt, n_kv = tp // cfg.fwd_q_tile, sp // bkv
+  dtype = q.dtype
+  has_seg = q_seg is not None
+  dense = sparsity.dense
+  batched_lists = (not dense) and sparsity.indices.shape[0] != 1
+  reverse_tiles = mask.is_causal  # heaviest query tiles first
+  layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  if soft_cap is None:
+    c_exp = scale * common.LOG2E  # logits in log2 units are qk * c_exp (an FMA below)
+  inputs = [q, k, v]
+  if has_seg:
+    inputs += [q_seg, kv_seg]
+  if not dense:
+    inputs += [jnp.asarray(sparsity.indices), jnp.asarray(sparsity.counts)]
+
+  def kernel(*refs):
+    it = iter(refs)
+    q_ref, k_ref, v_ref = next(it), next(it), next(it)
+    qseg_ref, kvseg_ref = (next(it), next(it)) if has_seg else (None, None)
+    idx_ref, cnt_ref = (next(it), next(it)) if not dense else (None, None)
+    out_ref, lse_ref, s = next(it), next(it), next(it)
+
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    qt = lax.axis_index("q_tiles")
+    if reverse_tiles:
+      qt = n_qt - 1 - qt
+    lb = b if batched_lists else 0
+    if dense:
+      n_full = n_total = jnp.int32(n_kv)
+    else:
+      n_full = cnt_ref[lb, qt, 0]
+      n_total = cnt_ref[lb, qt, 1]
+
+    def kv_block(i):
+      return i if dense else idx_ref[lb, qt, i]
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(cfg.compute_registers, action="increase")
+      row0 = qt * cfg.fwd_q_tile + wg * bq
+      q_smem = s["qo"].at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem, s["q_bar"].at[wg])
+      if has_seg:
+        plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(row0, bq)], s["qseg"].at[wg],
+                                s["qseg_bar"].at[wg])
+        plgpu.barrier_wait(s["qseg_bar"].at[wg])
+        q_seg_row = plgpu.load(s["qseg"].at[wg], layout=row_layout)
+      plgpu.barrier_wait(s["q_bar"].at[wg])
+
+      m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
+      acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), layout)
+
+      @pl.when(n_total > 0)
+      def _():
+        plgpu.barrier_wait(s["k_bar"].at[0])
+
+      pl.when(wg == 1)(lambda: _schedule(s["sched"]))
+
+      def step(i, carry, *, masked: bool):
+        acc, m_i, l_i = carry
+        slot = lax.rem(i, stages)
+        if has_seg:
+          plgpu.barrier_wait(s["seg_bar"].at[slot])
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, s["k"].at[slot].transpose((1, 0)))
+          _schedule(s["sched"])
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+        plgpu.barrier_arrive(s["k_cons"].at[slot])
+        if soft_cap is None:
+          logits = qk  # log2-domain logits are logits * c_exp
+        else:
+          logits = jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * common.LOG2E)
+        if masked:
+          q_pos = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=layout) + row0
+          kv_pos = (plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=layout)
+                    + kv_block(i) * bkv)
+          qs = ks = None
+          if has_seg:
+            ks = lax.broadcast_in_dim(
+                plgpu.load(s["kvseg"].at[slot], layout=col_layout), (bq, bkv), [1])
+            qs = lax.broadcast_in_dim(q_seg_row, (bq, bkv), [0])
+          ok = common.allowed(mask, q_pos, kv_pos, qs, ks)
+          logits = jnp.where(ok, logits, -jnp.inf)
+        if soft_cap is None:
+          m_new = jnp.maximum(m_i, logits.max(axis=1) * c_exp)
+        else:
+          m_new = jnp.maximum(m_i, logits.max(axis=1))
+        # Rows with nothing allowed so far keep m = -inf; exponentiate against 0 then.
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m_i - m_use)
+        m_b = lax.broadcast_in_dim(m_use, (bq, bkv), [0])
+        if soft_cap is None:
+          p = jnp.exp2(logits * c_exp - m_b)
+        else:
+          p = jnp.exp2(logits - m_b)
+        acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0])
+        l_i = l_i * alpha
+        p16 = p.astype(dtype)
+        l_i = l_i + p.sum(axis=1)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(s["sched"])  # softmax done
+        plgpu.barrier_wait(s["v_bar"].at[slot])
+        plgpu.barrier_wait(s["sched"])  # the other warpgroup's matmuls are issued
+
+        def wait_next_k():
+          nxt = i + 1
+
+          @pl.when(nxt < n_total)
+          def _():
+            plgpu.barrier_wait(s["k_bar"].at[lax.rem(nxt, stages)])
+
+        if interpret:
+          s["p"].at[wg][...] = p16
+          plgpu.commit_smem()
+
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, s["p"].at[wg], s["v"].at[slot])
+            wait_next_k()
+            return acc_ref[...]
+
+          acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, d), jnp.float32))
+        else:
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, s["v"].at[slot])
+            wait_next_k()
+
+          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(s["v_cons"].at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+      carry = lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(lambda: _schedule(s["sched"]))
+
+      empty = l_i == 0.0
+      l_safe = jnp.where(empty, 1.0, l_i)
+      out = acc * lax.broadcast_in_dim(1.0 / l_safe, (bq, d), [0])
+      q_smem[...] = out.astype(dtype)
+      lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
+      s["lse"].at[wg][...] = lse
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(row0, bq), h], commit_group=False)
+      plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, h, pl.ds(row0, bq)],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(cfg.memory_registers, action="decrease")
+      kv_head = lax.div(h, group)
+
+      def issue(i, slot, wait):
+        j = kv_block(i)
+        rows = (b, pl.ds(j * bkv, bkv), kv_head)
+        if wait:
+          plgpu.barrier_wait(s["k_cons"].at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], s["k"].at[slot], s["k_bar"].at[slot])
+        if wait:
+          plgpu.barrier_wait(s["v_cons"].at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], s["v"].at[slot], s["v_bar"].at[slot])
+        if has_seg:
+          plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(j * bkv, bkv)], s["kvseg"].at[slot],
+                                  s["seg_bar"].at[slot])
+
+      for i in range(min(stages, n_kv)):
+        pl.when(i < n_total)(functools.partial(issue, i, i, False))
+
+      @pl.loop(stages, jnp.maximum(n_total, stages))
+      def _(i):
+        issue(i, lax.rem(i, stages), True)
+
+      # Observe the last consumptions too, so every barrier phase is waited on.
+      @pl.loop(jnp.maximum(n_total - stages, 0), n_total)
+      def _(i):
+        plgpu.barrier_wait(s["k_cons"].at[lax.rem(i, stages)])
+        plgpu.barrier_wait(s["v_cons"].at[lax.rem(i, stages)])
+
+  scratch = {
+      "qo": _tiled((2, bq, d), dtype),
+      "k": _tiled((stages, bkv, d), dtype),
+      "v": _tiled((stages, bkv, d), dtype),
+      "lse": plgpu.SMEM((2, bq), jnp.float32),
+      "q_bar": plgpu.Barrier(num_barriers=2),
+      "k_bar": plgpu.Barrier(num_barriers=stages),
+      "v_bar": plgpu.Barrier(num_barriers=stages),
+      "k_cons": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      "v_cons": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      "sched": plgpu.Barrier(num_arrivals=2),
+  }
+  if has_seg:
+    scratch.update(
+        qseg=plgpu.SMEM((2, bq), jnp.int32), kvseg=plgpu.SMEM((stages, bkv), jnp.int32),
+        qseg_bar=plgpu.Barrier(num_barriers=2), seg_bar=plgpu.Barrier(num_barriers=stages))
+  if interpret:
+    scratch["p"] = _tiled((2, bq, bkv), dtype)
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b_sz, n_heads, tp), jnp.float32)),
+      scratch_types=(scratch,),
+      grid=(n_heads, n_qt, b_sz),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*inputs)
+  return out, lse
+
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
+              mask: common.MaskSpec, scale: float, soft_cap: float | None, cfg: Config,
+              dq_partials: bool, interpret: bool):
+  """Padded backward. ``lse2 = lse * log2(e)`` and ``delta = rowsum(o * do)``, both
+  ``[b, n, tp]`` float32. Returns ``(dq_acc, dk, dv)`` where ``dq_acc`` is the float32
+  sum of ``dS K`` (unscaled) ``[b, tp, n, d]``, or ``[kv_tiles, b, tp, n, d]`` partial
+  sums when ``dq_partials``."""
+  b_sz, tp, n_heads, d = q.shape
+  sp, kv_heads = k.shape[1], k.shape[2]
+  group = n_heads // kv_heads
+  bq, bkv, stages = cfg.bwd_block_q, cfg.bwd_block_kv, cfg.bwd_num_stages
+  tile = cfg.bwd_kv_tile
+  n_kt = sp // tile
+  half = d // 2
+  dtype = q.dtype
+  has_seg = q_seg is not None
+  dense = sparsity.dense
+  batched_lists = (not dense) and sparsity.indices.shape[0] != 1
+  n_qb_all = tp // bq
+  layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)  # indexed by key (rows of S^T)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)  # indexed by query (columns of S^T)
+  c_exp = scale * common.LOG2E
+  inputs = [q, k, v, do, lse2, delta]
+  if has_seg:
+    inputs += [q_seg, kv_seg]
+  if not dense:
+    inputs += [jnp.asarray(sparsity.indices), jnp.asarray(sparsity.counts)]
+  dq_shape = ((n_kt,) if dq_partials else ()) + (b_sz, tp, n_heads, d)
+  dq_ref_in = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
+
+  def kernel(*refs):
+    it = iter(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (next(it) for _ in range(6))
+    qseg_ref, kvseg_ref = (next(it), next(it)) if has_seg else (None, None)
+    idx_ref, cnt_ref = (next(it), next(it)) if not dense else (None, None)
+    dq_ref = next(it)
+    dk_ref, dv_ref, s = next(it), next(it), next(it)
+
+    b = lax.axis_index("batch")
+    kvh = lax.axis_index("kv_heads")
+    wg = lax.axis_index("wg")
+    kt = lax.axis_index("kv_tiles")
+    lb = b if batched_lists else 0
+    if dense:
+      n_full = n_total = jnp.int32(n_qb_all)
+    else:
+      n_full = cnt_ref[lb, kt, 0]
+      n_total = cnt_ref[lb, kt, 1]
+    n_steps = n_total * group
+
+    def q_block(i):
+      return i if dense else idx_ref[lb, kt, i]
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(cfg.compute_registers, action="increase")
+      kv0 = kt * tile + wg * bkv
+
+      @pl.when(wg == 0)
+      def _():
+        rows = (b, pl.ds(kt * tile, tile), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], s["k"], s["kv_bar"])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], s["v"], s["kv_bar2"])
+
+      if has_seg:
+        plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(kv0, bkv)], s["kvseg"].at[wg],
+                                s["kvseg_bar"].at[wg])
+        plgpu.barrier_wait(s["kvseg_bar"].at[wg])
+        kv_seg_row = plgpu.load(s["kvseg"].at[wg], layout=row_layout)
+      plgpu.barrier_wait(s["kv_bar"])
+      plgpu.barrier_wait(s["kv_bar2"])
+      k_rows = s["k"].at[pl.ds(wg * bkv, bkv)]
+      v_rows = s["v"].at[pl.ds(wg * bkv, bkv)]
+      k_cols = s["k"].at[:, pl.ds(wg * half, half)]
+
+      def step(i, carry, *, hg, masked: bool):
+        dk_acc, dv_acc = carry
+        t = hg * n_total + i
+        slot = lax.rem(t, stages)
+        parity = lax.rem(t, 2)
+        qb = q_block(i)
+        head = kvh * group + hg
+        q_smem, do_smem = s["q"].at[slot], s["do"].at[slot]
+        plgpu.barrier_wait(s["q_bar"].at[slot])
+        plgpu.barrier_wait(s["lse_bar"].at[slot])
+        if has_seg:
+          plgpu.barrier_wait(s["qseg_bar"].at[slot])
+
+        def compute_st(acc_ref):
+          plgpu.wgmma(acc_ref, k_rows, q_smem.transpose((1, 0)))
+          return acc_ref[...]
+
+        st = pl.run_scoped(compute_st, plgpu.ACC((bkv, bq), jnp.float32))
+        lse_col = lax.broadcast_in_dim(
+            plgpu.load(s["lse"].at[slot], layout=col_layout), (bkv, bq), [1])
+        if soft_cap is None:
+          pt = jnp.exp2(st * c_exp - lse_col)
+        else:
+          tanh = jnp.tanh(st * (scale / soft_cap))
+          pt = jnp.exp2(tanh * (soft_cap * common.LOG2E) - lse_col)
+        if masked:
+          kv_pos = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=layout) + kv0
+          q_pos = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 1, layout=layout) + qb * bq
+          qs = ks = None
+          if has_seg:
+            qs = lax.broadcast_in_dim(
+                plgpu.load(s["qseg"].at[slot], layout=col_layout), (bkv, bq), [1])
+            ks = lax.broadcast_in_dim(kv_seg_row, (bkv, bq), [0])
+          ok = common.allowed(mask, q_pos, kv_pos, qs, ks)
+          pt = jnp.where(ok, pt, 0.0)
+        pt16 = pt.astype(dtype)
+        plgpu.barrier_wait(s["do_bar"].at[slot])
+        zeros = plgpu.layout_cast(jnp.full((bkv, bq), 0.0, jnp.float32), layout)
+        if interpret:
+          s["pt"].at[wg][...] = pt16
+          plgpu.commit_smem()
+
+          def compute_dv_dpt(dv_ref, dpt_ref):
+            plgpu.wgmma(dv_ref, s["pt"].at[wg], do_smem)
+            plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
+            return dv_ref[...], dpt_ref[...]
+
+          dv_inc, dpt = pl.run_scoped(compute_dv_dpt, plgpu.ACC((bkv, d), jnp.float32),
+                                      plgpu.ACC((bkv, bq), jnp.float32))
+          dv_acc = dv_acc + dv_inc
+        else:
+          def compute_dv_dpt(refs):
+            dv_ref, dpt_ref = refs
+            plgpu.wgmma(dv_ref, pt16, do_smem)
+            plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
+
+          dv_acc, dpt = pl.run_state(compute_dv_dpt)(
+              (plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
+        delta_col = lax.broadcast_in_dim(
+            plgpu.load(s["delta"].at[slot], layout=col_layout), (bkv, bq), [1])
+        dst = pt * (dpt - delta_col)  # d(loss)/d(logits), transposed
+        if soft_cap is not None:
+          dst = dst * (1.0 - tanh * tanh)
+        dst16 = dst.astype(dtype)
+        ds_rows = s["ds"].at[parity, pl.ds(wg * bkv, bkv)]
+        ds_rows[...] = dst16
+        plgpu.commit_smem()
+        if interpret:
+          def compute_dk(acc_ref):
+            plgpu.wgmma(acc_ref, ds_rows, q_smem)
+            return acc_ref[...]
+
+          dk_acc = dk_acc + pl.run_scoped(compute_dk, plgpu.ACC((bkv, d), jnp.float32))
+        else:
+          def compute_dk(acc_ref):
+            plgpu.wgmma(acc_ref, dst16, q_smem)
+
+          dk_acc = pl.run_state(compute_dk)(plgpu.ACC.init(dk_acc))
+        plgpu.barrier_arrive(s["q_cons"].at[slot])
+        _schedule(s["ds_bar"])  # both halves of dS^T are in shared memory
+
+        def compute_dq(acc_ref):
+          plgpu.wgmma(acc_ref, s["ds"].at[parity].transpose((1, 0)), k_cols)
+          return acc_ref[...]
+
+        dq = pl.run_scoped(compute_dq, plgpu.ACC((bq, half), jnp.float32))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        s["dq"].at[wg][...] = dq
+        plgpu.commit_smem()
+        cols = pl.ds(wg * half, half)
+        if dq_partials:
+          plgpu.copy_smem_to_gmem(s["dq"].at[wg], dq_ref.at[kt, b, pl.ds(qb * bq, bq), head, cols])
+        else:
+          plgpu.copy_smem_to_gmem(s["dq"].at[wg], dq_ref.at[b, pl.ds(qb * bq, bq), head, cols],
+                                  reduction_op="add")
+        return dk_acc, dv_acc
+
+      def head_loop(hg, carry):
+        carry = lax.fori_loop(0, n_full, functools.partial(step, hg=hg, masked=False), carry)
+        return lax.fori_loop(n_full, n_total, functools.partial(step, hg=hg, masked=True),
+                             carry)
+
+      acc0 = plgpu.layout_cast(jnp.full((bkv, d), 0.0, jnp.float32), layout)
+      dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (acc0, acc0))
+      _schedule(s["ds_bar"])  # the other warpgroup is done reading K
+      s["k"].at[pl.ds(wg * bkv, bkv)][...] = (dk_acc * scale).astype(dtype)
+      s["v"].at[pl.ds(wg * bkv, bkv)][...] = dv_acc.astype(dtype)
+      plgpu.commit_smem()
+      rows = (b, pl.ds(kv0, bkv), kvh)
+      plgpu.copy_smem_to_gmem(s["k"].at[pl.ds(wg * bkv, bkv)], dk_ref.at[rows],
+                              commit_group=False)
+      plgpu.copy_smem_to_gmem(s["v"].at[pl.ds(wg * bkv, bkv)], dv_ref.at[rows],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(cfg.memory_registers, action="decrease")
+
+      def issue(t, slot, wait):
+        hg = lax.div(t, n_total)
+        qb = q_block(lax.rem(t, n_total))
+        head = kvh * group + hg
+        rows = (b, pl.ds(qb * bq, bq), head)
+        if wait:
+          plgpu.barrier_wait(s["q_cons"].at[slot])
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], s["q"].at[slot], s["q_bar"].at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, head, pl.ds(qb * bq, bq)], s["lse"].at[slot],
+                                s["lse_bar"].at[slot])
+        if has_seg:
+          plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(qb * bq, bq)], s["qseg"].at[slot],
+                                  s["qseg_bar"].at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], s["do"].at[slot], s["do_bar"].at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(qb * bq, bq)],
+                                s["delta"].at[slot], s["do_bar"].at[slot])
+
+      for t in range(min(stages, n_qb_all * group)):
+        pl.when(t < n_steps)(functools.partial(issue, t, t, False))
+
+      @pl.loop(stages, jnp.maximum(n_steps, stages))
+      def _(t):
+        issue(t, lax.rem(t, stages), True)
+
+      @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+      def _(t):
+        plgpu.barrier_wait(s["q_cons"].at[lax.rem(t, stages)])
+
+  # dQ reads column halves of K; a wgmma's operands share one swizzle, so every 16-bit
+  # buffer uses the swizzle of a half row of K.
+  swz = min(_SWIZZLE, half * jnp.dtype(dtype).itemsize)
+  scratch = {
+      "k": _tiled((tile, d), dtype, swizzle=swz),
+      "v": _tiled((tile, d), dtype, swizzle=swz),
+      "q": _tiled((stages, bq, d), dtype, swizzle=swz),
+      "do": _tiled((stages, bq, d), dtype, swizzle=swz),
+      "lse": plgpu.SMEM((stages, bq), jnp.float32),
+      "delta": plgpu.SMEM((stages, bq), jnp.float32),
+      "ds": _tiled((2, tile, bq), dtype, swizzle=swz),
+      "dq": plgpu.SMEM((2, bq, half), jnp.float32),
+      "kv_bar": plgpu.Barrier(),
+      "kv_bar2": plgpu.Barrier(),
+      "q_bar": plgpu.Barrier(num_barriers=stages),
+      "lse_bar": plgpu.Barrier(num_barriers=stages),
+      "do_bar": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      "q_cons": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      "ds_bar": plgpu.Barrier(num_arrivals=2),
+  }
+  if has_seg:
+    scratch.update(
+        kvseg=plgpu.SMEM((2, bkv), jnp.int32), qseg=plgpu.SMEM((stages, bq), jnp.int32),
+        kvseg_bar=plgpu.Barrier(num_barriers=2), qseg_bar=plgpu.Barrier(num_barriers=stages))
+  if interpret:
+    scratch["pt"] = _tiled((2, bkv, bq), dtype, swizzle=swz)
+  kv_struct = jax.ShapeDtypeStruct(k.shape, dtype)
+  dk, dv = plgpu.kernel(
+      kernel,
+      out_type=(kv_struct, kv_struct),
+      scratch_types=(scratch,),
+      grid=(kv_heads, n_kt, b_sz),
+      grid_names=("kv_heads", "kv_tiles", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*inputs, dq_ref_in)
+  return dq_ref_in[...], dk, dv
+
+
+def _pad_to(x, axis: int, size: int):
+  if x is None or x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads)
+
+
+def forward(q, k, v, q_seg=None, kv_seg=None, *, is_causal: bool = False,
+            window: tuple[int, int] | None = None, scale: float, soft_cap: float | None = None,
+            config: Config | None = None, block_classes=None, interpret: bool = False):
+  """Flash attention forward.
+
+  Args:
+    q: ``[batch, q_len, q_heads, head_dim]``; k, v: ``[batch, kv_len, kv_heads, head_dim]``.
+    q_seg, kv_seg: ``[batch, q_len]`` / ``[batch, kv_len]`` int32 segment ids or None.
+    block_classes: optional extra block-sparse mask ``[batch or 1, q_tiles, kv_blocks]``
+      of ``common.EMPTY/PARTIAL/FULL`` at this config's forward tiling (combined with the
+      causal/window/segment layout by taking the minimum class).
+
+  Returns:
+    ``(out [batch, q_len, q_heads, head_dim], lse [batch, q_heads, q_len] float32)``.
+  """
+  cfg = config or default_config(q.shape[-1])
+  t, s_len = q.shape[1], k.shape[1]
+  mask = common.MaskSpec(q_len=t, kv_len=s_len, is_causal=is_causal, window=window,
+                         has_segment_ids=q_seg is not None)
+  tp = common.round_up(t, cfg.fwd_q_tile)
+  sp = common.round_up(s_len, max(cfg.block_kv, cfg.bwd_kv_tile))
+  qp, kp, vp = _pad_to(q, 1, tp), _pad_to(k, 1, sp), _pad_to(v, 1, sp)
+  qs = _pad_to(q_seg, 1, tp)
+  ks = _pad_to(kv_seg, 1, sp)
+  classes = common.block_classes(mask, tp, sp, cfg.fwd_q_tile, cfg.block_kv, qs, ks)
+  if block_classes is not None:
+    classes = jnp.minimum(jnp.asarray(classes), block_classes)
+  sparsity = common.sparsity_from_classes(classes)
+  out, lse = _fwd_call(qp, kp, vp, qs, ks, sparsity, mask=mask, scale=scale,
+                       soft_cap=soft_cap, cfg=cfg, interpret=interpret)
+  return out[:, :t], lse[:, :, :t]
+
+
+def backward(q, k, v, out, lse, d_out, q_seg=None, kv_seg=None, d_lse=None, *, is_causal: bool = False,
+             window: tuple[int, int] | None = None, scale: float,
+             soft_cap: float | None = None, config: Config | None = None,
+             block_classes=None, deterministic: bool = False, interpret: bool = False):
+  """Flash attention backward from the forward's residuals.
+
+  Args:
+    q, k, v, q_seg, kv_seg: as in :func:`forward`.
+    out: ``[batch, q_len, q_heads, head_dim]`` forward output; ``lse``:
+      ``[batch, q_heads, q_len]`` float32 forward log-sum-exp; ``d_out``: cotangent of out;
+      ``d_lse``: cotangent of lse or None (``d lse / d logits = P``, so it enters as
+      ``delta - d_lse``).
+    block_classes: optional block-sparse mask ``[batch or 1, kv_tiles, q_blocks]`` at the
+      backward tiling (the transpose of the forward layout).
+    deterministic: write per-key-tile dQ partial sums and add them in a fixed order
+      instead of TMA reduce-adds (bitwise reproducible; needs ``kv_tiles`` times the
+      float32 size of dQ in scratch memory). Interpret mode always does this.
+
+  Returns:
+    ``(dq, dk, dv)`` shaped and typed like ``q, k, v``.
+  """
+  cfg = config or default_config(q.shape[-1])
+  t, s_len = q.shape[1], k.shape[1]
+  mask = common.MaskSpec(q_len=t, kv_len=s_len, is_causal=is_causal, window=window,
+                         has_segment_ids=q_seg is not None)
+  tp = common.round_up(t, cfg.fwd_q_tile)
+  sp = common.round_up(s_len, max(cfg.block_kv, cfg.bwd_kv_tile))
+  qp, kp, vp, dop = _pad_to(q, 1, tp), _pad_to(k, 1, sp), _pad_to(v, 1, sp), _pad_to(d_out, 1, tp)
+  qs, ks = _pad_to(q_seg, 1, tp), _pad_to(kv_seg, 1, sp)
+  delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  if d_lse is not None:
+    delta = delta - d_lse
+  delta = _pad_to(delta, 2, tp)
+  lse2 = _pad_to(lse * common.LOG2E, 2, tp)
+  classes = common.block_classes(mask, tp, sp, cfg.bwd_block_q, cfg.bwd_kv_tile, qs, ks)
+  classes = common.transpose_classes(classes)
+  if block_classes is not None:
+    classes = jnp.minimum(jnp.asarray(classes), block_classes)
+  sparsity = common.sparsity_from_classes(classes)
+  partials = deterministic or interpret
+  dq_acc, dk, dv = _bwd_call(qp, kp, vp, dop, lse2, delta, qs, ks, sparsity, mask=mask,
+                             scale=scale, soft_cap=soft_cap, cfg=cfg, dq_partials=partials,
+                             interpret=interpret)
+  if partials:
+    dq_acc = dq_acc.sum(axis=0)
+  dq = (dq_acc[:, :t] * scale).astype(q.dtype)
+  return dq, dk[:, :s_len], dv[:, :s_len]
