@@ -55,7 +55,7 @@ BWD_CHUNK_ELEMS = 2048  # backward keeps ~5 such chunks live
 MIN_STAGES = 3  # ring depth for one load in flight ahead of the step being computed
 MAX_STAGES = 8
 MAX_BLOCK_ROWS = 64
-INTERPRET_PROGRAMS = 3  # persistent programs simulated in interpret mode
+INTERPRET_PROGRAMS = 2  # persistent programs simulated in interpret mode
 DEFAULT_NUM_SMS = 132  # H100 SXM, when the device does not report a core count
 STORES_IN_FLIGHT = 1  # bulk stores allowed to be pending when a slot is refilled
 
