@@ -1,5 +1,9 @@
 """Flax Linen modules built on :mod:`jaxeff.ops`."""
 
+from jaxeff.nn.attention import KVCache, MultiHeadAttention
+from jaxeff.nn.mlp import SwiGLU
 from jaxeff.nn.normalization import LayerNorm, RMSNorm
+from jaxeff.nn.rope import apply_rope, rope_frequencies
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["KVCache", "LayerNorm", "MultiHeadAttention", "RMSNorm", "SwiGLU", "apply_rope",
+           "rope_frequencies"]

@@ -1,0 +1,279 @@
+"""Sample text from a trained GPT checkpoint with a static-shape KV cache.
+
+``python -m experiments.generate --checkpoint runs/<run> --prompt "def " [--prompt ...]``
+
+Generation (:func:`generate`) runs in two compiled programs:
+
+* prefill: the right-padded prompts ``[batch, prompt_len]`` go through the model once,
+  filling the preallocated per-layer caches ``[batch, max_len, kv_heads, head_dim]``; the
+  logits at each prompt's last real token give its first new token (time to first token);
+* decode: a ``lax.while_loop`` feeds one token per sequence per iteration, each sequence at
+  its own position (prompts of different lengths share one batch), until every sequence
+  has hit a stop token or ``max_new_tokens`` tokens were produced.
+
+Sampling (:func:`sample_logits`): greedy (``temperature=0``), temperature, top-k and
+nucleus/top-p (Holtzman et al., 2020) filtering. Tokens are bytes for the byte-level
+models trained by :mod:`experiments.train_lm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxeff.models import gpt
+
+PAD_TO = 16  # prompt and cache lengths are rounded up to this (fewer recompiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick tokens.
+
+  Attributes:
+    max_new_tokens: tokens to generate per prompt (at most).
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k: keep only the ``top_k`` most likely tokens (None or 0: all).
+    top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (1.0: all).
+    stop_tokens: a sequence ends at the first of these (not included in the output).
+    seed: sampling randomness.
+  """
+
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int | None = None
+  top_p: float = 1.0
+  stop_tokens: tuple[int, ...] = ()
+  seed: int = 0
+
+  def validate(self, vocab_size: int) -> None:
+    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+    if self.top_k is not None and not 0 <= self.top_k <= vocab_size:
+      raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {self.top_k!r}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    bad = [t for t in self.stop_tokens if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f"stop_tokens must be token ids in [0, {vocab_size}), got {bad}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Generated tokens and timings.
+
+  Attributes:
+    tokens: per prompt, the new tokens (up to, not including, a stop token).
+    time_to_first_token_s: prefill plus the first sample, compiled, for the whole batch.
+    decode_s: wall time of the decode loop.
+    tokens_per_s: ``batch * decode_steps / decode_s`` (decode throughput of the batch).
+    compile_s: time spent compiling prefill and decode.
+  """
+
+  tokens: list[list[int]]
+  time_to_first_token_s: float
+  decode_s: float
+  tokens_per_s: float
+  compile_s: float
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
+                  top_k: int | None = None, top_p: float = 1.0) -> jax.Array:
+  """Picks one token per row.
+
+  Args:
+    logits: float ``[batch, vocab]``.
+    key: PRNG key (unused when ``temperature == 0``).
+    temperature / top_k / top_p: see :class:`SamplingConfig`.
+
+  Returns:
+    int32 ``[batch]``.
+  """
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p  # the most likely token is always kept
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def generate(config: gpt.GPTConfig, params, prompts: Sequence[Sequence[int]],
+             sampling: SamplingConfig = SamplingConfig()) -> GenerationResult:
+  """Continues each prompt (a list of token ids, lengths may differ) with a KV cache.
+
+  Args:
+    config: the model's config.
+    params: its parameters.
+    prompts: ``batch`` non-empty token-id lists.
+    sampling: decoding options.
+
+  Returns:
+    A :class:`GenerationResult`.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("prompts must be a non-empty list of non-empty token lists")
+  sampling.validate(config.vocab_size)
+  bad = sorted({t for p in prompts for t in p if not 0 <= t < config.vocab_size})
+  if bad:
+    raise ValueError(f"prompt tokens must be in [0, {config.vocab_size}), got {bad[:5]}")
+  model = gpt.GPT(config)
+  batch = len(prompts)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  prompt_len = _round_up(int(lengths.max()), PAD_TO)
+  max_len = prompt_len + _round_up(sampling.max_new_tokens, PAD_TO)
+  tokens = np.zeros((batch, prompt_len), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+  pick = lambda logits, key: sample_logits(  # noqa: E731
+      logits, key, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+  n_new = sampling.max_new_tokens
+
+  def prefill(params, tokens, lengths, key):
+    caches = gpt.init_kv_caches(config, batch, max_len)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
+    logits, caches = model.apply({"params": params}, tokens, positions=positions,
+                                 kv_caches=caches)
+    last = logits[jnp.arange(batch), lengths - 1]
+    return pick(last, jax.random.fold_in(key, 0)), caches
+
+  def decode(params, first, caches, lengths, key):
+    out = jnp.full((batch, n_new), -1, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop)
+
+    def cond(carry):
+      i, _, _, _, done = carry
+      return (i < n_new) & ~jnp.all(done)
+
+    def body(carry):
+      i, token, caches, out, done = carry
+      positions = (lengths + i - 1)[:, None]
+      logits, caches = model.apply({"params": params}, token[:, None], positions=positions,
+                                   kv_caches=caches)
+      nxt = pick(logits[:, 0], jax.random.fold_in(key, i))
+      nxt = jnp.where(done, -1, nxt)
+      out = out.at[:, i].set(nxt)
+      done = done | jnp.isin(nxt, stop)
+      return i + 1, jnp.where(done, 0, nxt), caches, out, done
+
+    token = jnp.where(done, 0, first)
+    i, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, caches, out, done))
+    return out, i
+
+  key = jax.random.key(sampling.seed)
+  lengths_d = jnp.asarray(lengths)
+  t0 = time.perf_counter()
+  prefill_c = jax.jit(prefill).lower(params, tokens, lengths_d, key).compile()
+  compile_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  first, caches = prefill_c(params, tokens, lengths_d, key)
+  first.block_until_ready()
+  ttft = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  decode_c = jax.jit(decode).lower(
+      params, first, caches, lengths_d, key).compile()
+  compile_s += time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out, steps = decode_c(params, first, caches, lengths_d, key)
+  out = np.asarray(out)
+  decode_s = time.perf_counter() - t0
+  steps = int(steps)
+
+  stop_set = set(sampling.stop_tokens)
+  result = []
+  for row in out:
+    seq = []
+    for t in row.tolist():
+      if t < 0 or t in stop_set:
+        break
+      seq.append(t)
+    result.append(seq)
+  decoded = batch * max(steps - 1, 0)
+  return GenerationResult(tokens=result, time_to_first_token_s=ttft, decode_s=decode_s,
+                          tokens_per_s=decoded / decode_s if decode_s > 0 and decoded else math.nan,
+                          compile_s=compile_s)
+
+
+def decode_bytes(tokens: Sequence[int]) -> str:
+  """Byte tokens to text (invalid UTF-8 shown as U+FFFD)."""
+  return bytes(t for t in tokens if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+def load_params(checkpoint: str, step: int | None = None):
+  """``(config, params, meta)`` from a checkpoint or run folder, on the default device."""
+  from experiments import checkpoint as ckpt
+
+  meta = ckpt.read_meta(checkpoint, step)
+  try:
+    config = gpt.GPTConfig.from_dict(meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ckpt.CheckpointError(f"checkpoint {checkpoint!r} has an invalid model config: {e}") from None
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(lambda: gpt.init_params(config, jax.random.key(0)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+  params, _, meta = ckpt.restore(checkpoint, abstract_params=abstract, step=step)
+  return config, params, meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from experiments import checkpoint as ckpt
+
+  p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--prompt", action="append", default=None,
+                 help="prompt text; repeat for a batch of prompts (default: 'def ')")
+  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+  p.add_argument("--stop-token", type=int, action="append", default=[],
+                 help="token id that ends a sequence (repeatable); e.g. 10 for a newline")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  try:
+    config, params, meta = load_params(args.checkpoint, args.step)
+    prompts = args.prompt or ["def "]
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p,
+                              stop_tokens=tuple(args.stop_token), seed=args.seed)
+    res = generate(config, params, [list(s.encode()) for s in prompts], sampling)
+  except (ckpt.CheckpointError, ValueError) as e:
+    print(f"generate: error: {e}", file=sys.stderr)
+    return 2
+  print(f"checkpoint {args.checkpoint} step {meta['step']} on {jax.devices()[0].device_kind}")
+  for prompt, toks in zip(prompts, res.tokens):
+    print(f"--- prompt {prompt!r} ({len(toks)} new tokens)")
+    print(prompt + decode_bytes(toks))
+  print(f"--- time to first token {res.time_to_first_token_s * 1e3:.1f} ms, decode "
+        f"{res.tokens_per_s:,.0f} tokens/s (batch {len(prompts)}), compile {res.compile_s:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
