@@ -55,6 +55,7 @@ BWD_CHUNK_ELEMS = 2048  # backward keeps ~5 such chunks live
 MIN_STAGES = 3  # ring depth for one load in flight ahead of the step being computed
 MAX_STAGES = 8
 MAX_BLOCK_ROWS = 64
+PROGRAMS_PER_SM = 1  # persistent CTAs per SM (they split the SMEM budget)
 INTERPRET_PROGRAMS = 2  # persistent programs simulated in interpret mode
 DEFAULT_NUM_SMS = 132  # H100 SXM, when the device does not report a core count
 STORES_IN_FLIGHT = 1  # bulk stores allowed to be pending when a slot is refilled
@@ -102,8 +103,12 @@ def _pow2_floor(n: int) -> int:
 
 
 def _make_config(rows: int, features: int, x_itemsize: int, *, inputs: int, fixed_bytes: int,
-                 chunk_elems: int, num_sms: int) -> NormConfig | str:
-  """Largest row block (<= SLOT_TARGET_BYTES) whose SMEM ring fits, or the reason none does."""
+                 chunk_elems: int, num_sms: int, programs_per_sm: int) -> NormConfig | str:
+  """Largest row block (<= SLOT_TARGET_BYTES) whose SMEM ring fits, or the reason none does.
+
+  ``programs_per_sm`` CTAs share one SM's ``SMEM_BUDGET_BYTES``.
+  """
+  budget = SMEM_BUDGET_BYTES // programs_per_sm
   if features % THREADS:
     return f"features={features} is not a multiple of {THREADS} (4 warps x 32 lanes)"
   v = _vector_size(features, x_itemsize)
@@ -113,32 +118,35 @@ def _make_config(rows: int, features: int, x_itemsize: int, *, inputs: int, fixe
                    _pow2_floor(max(chunk_elems // tile_cols, 1)), _pow2_floor(rows))
   while True:
     per_stage = inputs * block_rows * row_bytes
-    stages = min(MAX_STAGES, (SMEM_BUDGET_BYTES - fixed_bytes) // per_stage)
+    stages = min(MAX_STAGES, (budget - fixed_bytes) // per_stage)
     if stages >= MIN_STAGES or block_rows == 1:
       break
     block_rows //= 2
   if stages < MIN_STAGES:
     need = fixed_bytes + MIN_STAGES * inputs * row_bytes
     return (f"features={features} too large for shared memory: {MIN_STAGES} stages of one row "
-            f"need {need} bytes, budget {SMEM_BUDGET_BYTES}")
+            f"need {need} bytes, budget {budget}")
   block_cols = tile_cols
   while (features % (2 * block_cols) == 0 and block_rows * 2 * block_cols <= chunk_elems):
     block_cols *= 2
   num_blocks = pl.cdiv(rows, block_rows)
   return NormConfig(block_rows=block_rows, block_cols=block_cols, vector_size=v,
-                    num_stages=stages, num_programs=min(num_blocks, num_sms))
+                    num_stages=stages, num_programs=min(num_blocks, num_sms * programs_per_sm))
 
 
 def forward_config(rows: int, features: int, dtype, *, weight_dtype=None, bias_dtype=None,
-                   num_sms: int = DEFAULT_NUM_SMS) -> NormConfig | str:
+                   num_sms: int = DEFAULT_NUM_SMS, programs_per_sm: int = PROGRAMS_PER_SM
+                   ) -> NormConfig | str:
   """Forward block sizes for ``x: [rows, features]`` (or the reason the shape is refused)."""
   fixed = sum(features * jnp.dtype(d).itemsize for d in (weight_dtype, bias_dtype) if d is not None)
   return _make_config(rows, features, jnp.dtype(dtype).itemsize, inputs=1, fixed_bytes=fixed,
-                      chunk_elems=FWD_CHUNK_ELEMS, num_sms=num_sms)
+                      chunk_elems=FWD_CHUNK_ELEMS, num_sms=num_sms,
+                      programs_per_sm=programs_per_sm)
 
 
 def backward_config(rows: int, features: int, dtype, *, weight_dtype=None, has_bias=False,
-                    num_sms: int = DEFAULT_NUM_SMS) -> NormConfig | str:
+                    num_sms: int = DEFAULT_NUM_SMS, programs_per_sm: int = PROGRAMS_PER_SM
+                    ) -> NormConfig | str:
   """Backward block sizes: two input rings (x, dy) plus float32 dweight / dbias partials."""
   fixed = 0
   if weight_dtype is not None:
@@ -146,7 +154,8 @@ def backward_config(rows: int, features: int, dtype, *, weight_dtype=None, has_b
   if has_bias:
     fixed += features * 4
   return _make_config(rows, features, jnp.dtype(dtype).itemsize, inputs=2, fixed_bytes=fixed,
-                      chunk_elems=BWD_CHUNK_ELEMS, num_sms=num_sms)
+                      chunk_elems=BWD_CHUNK_ELEMS, num_sms=num_sms,
+                      programs_per_sm=programs_per_sm)
 
 
 def _checked(config: NormConfig | str) -> NormConfig:
