@@ -43,6 +43,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -91,6 +92,21 @@ def _tiled(shape, dtype, swizzle: int = _SWIZZLE):
   elems = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
                                               plgpu.SwizzleTransform(swizzle)))
+
+
+def _when(pred, fn):
+  """``pl.when`` that also takes a static Python bool (dense layouts have static counts)."""
+  if isinstance(pred, (bool, np.bool_)):
+    if pred:
+      fn()
+    return
+  pl.when(pred)(fn)
+
+
+def _max(a, b):
+  if isinstance(a, int) and isinstance(b, int):
+    return max(a, b)
+  return jnp.maximum(a, b)
 
 
 def _schedule(barrier):
@@ -142,7 +158,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       qt = n_qt - 1 - qt
     lb = b if batched_lists else 0
     if dense:
-      n_full = n_total = jnp.int32(n_kv)
+      n_full = n_total = n_kv
     else:
       n_full = cnt_ref[lb, qt, 0]
       n_total = cnt_ref[lb, qt, 1]
@@ -167,9 +183,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
       acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), layout)
 
-      @pl.when(n_total > 0)
-      def _():
-        plgpu.barrier_wait(s["k_bar"].at[0])
+      _when(n_total > 0, lambda: plgpu.barrier_wait(s["k_bar"].at[0]))
 
       pl.when(wg == 1)(lambda: _schedule(s["sched"]))
 
@@ -286,14 +300,14 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
                                   s["seg_bar"].at[slot])
 
       for i in range(min(stages, n_kv)):
-        pl.when(i < n_total)(functools.partial(issue, i, i, False))
+        _when(i < n_total, functools.partial(issue, i, i, False))
 
-      @pl.loop(stages, jnp.maximum(n_total, stages))
+      @pl.loop(stages, _max(n_total, stages))
       def _(i):
         issue(i, lax.rem(i, stages), True)
 
       # Observe the last consumptions too, so every barrier phase is waited on.
-      @pl.loop(jnp.maximum(n_total - stages, 0), n_total)
+      @pl.loop(_max(n_total - stages, 0), n_total)
       def _(i):
         plgpu.barrier_wait(s["k_cons"].at[lax.rem(i, stages)])
         plgpu.barrier_wait(s["v_cons"].at[lax.rem(i, stages)])
@@ -380,7 +394,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
     kt = lax.axis_index("kv_tiles")
     lb = b if batched_lists else 0
     if dense:
-      n_full = n_total = jnp.int32(n_qb_all)
+      n_full = n_total = n_qb_all
     else:
       n_full = cnt_ref[lb, kt, 0]
       n_total = cnt_ref[lb, kt, 1]
@@ -421,75 +435,74 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
         q_smem, do_smem = s["q"].at[slot], s["do"].at[slot]
         plgpu.barrier_wait(s["q_bar"].at[slot])
         plgpu.barrier_wait(s["lse_bar"].at[slot])
+        plgpu.barrier_wait(s["do_bar"].at[slot])
         if has_seg:
           plgpu.barrier_wait(s["qseg_bar"].at[slot])
 
-        def compute_st(acc_ref):
-          plgpu.wgmma(acc_ref, k_rows, q_smem.transpose((1, 0)))
-          return acc_ref[...]
+        # S^T = K Q^T and dP^T = V dO^T are issued together; P^T = exp2(S^T - lse) is
+        # computed while dP^T is still on the tensor cores.
+        def scores(st_ref, dpt_ref):
+          plgpu.wgmma(st_ref, k_rows, q_smem.transpose((1, 0)))
+          plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
+          st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)
+          lse_col = lax.broadcast_in_dim(
+              plgpu.load(s["lse"].at[slot], layout=col_layout), (bkv, bq), [1])
+          if soft_cap is None:
+            tanh = None
+            pt = jnp.exp2(st * c_exp - lse_col)
+          else:
+            tanh = jnp.tanh(st * (scale / soft_cap))
+            pt = jnp.exp2(tanh * (soft_cap * common.LOG2E) - lse_col)
+          if masked:
+            kv_pos = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=layout) + kv0
+            q_pos = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 1, layout=layout) + qb * bq
+            qs = ks = None
+            if has_seg:
+              qs = lax.broadcast_in_dim(
+                  plgpu.load(s["qseg"].at[slot], layout=col_layout), (bkv, bq), [1])
+              ks = lax.broadcast_in_dim(kv_seg_row, (bkv, bq), [0])
+            ok = common.allowed(mask, q_pos, kv_pos, qs, ks)
+            pt = jnp.where(ok, pt, 0.0)
+          return pt, tanh, dpt_ref[...]
 
-        st = pl.run_scoped(compute_st, plgpu.ACC((bkv, bq), jnp.float32))
-        lse_col = lax.broadcast_in_dim(
-            plgpu.load(s["lse"].at[slot], layout=col_layout), (bkv, bq), [1])
-        if soft_cap is None:
-          pt = jnp.exp2(st * c_exp - lse_col)
-        else:
-          tanh = jnp.tanh(st * (scale / soft_cap))
-          pt = jnp.exp2(tanh * (soft_cap * common.LOG2E) - lse_col)
-        if masked:
-          kv_pos = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=layout) + kv0
-          q_pos = plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 1, layout=layout) + qb * bq
-          qs = ks = None
-          if has_seg:
-            qs = lax.broadcast_in_dim(
-                plgpu.load(s["qseg"].at[slot], layout=col_layout), (bkv, bq), [1])
-            ks = lax.broadcast_in_dim(kv_seg_row, (bkv, bq), [0])
-          ok = common.allowed(mask, q_pos, kv_pos, qs, ks)
-          pt = jnp.where(ok, pt, 0.0)
+        pt, tanh, dpt = pl.run_scoped(scores, plgpu.ACC((bkv, bq), jnp.float32),
+                                      plgpu.ACC((bkv, bq), jnp.float32))
         pt16 = pt.astype(dtype)
-        plgpu.barrier_wait(s["do_bar"].at[slot])
-        zeros = plgpu.layout_cast(jnp.full((bkv, bq), 0.0, jnp.float32), layout)
+        ds_rows = s["ds"].at[parity, pl.ds(wg * bkv, bkv)]
+
+        def d_scores():
+          """dS^T = P^T (dP^T - delta) (times the soft-cap derivative), into shared memory."""
+          delta_col = lax.broadcast_in_dim(
+              plgpu.load(s["delta"].at[slot], layout=col_layout), (bkv, bq), [1])
+          dst = pt * (dpt - delta_col)
+          if tanh is not None:
+            dst = dst * (1.0 - tanh * tanh)
+          dst16 = dst.astype(dtype)
+          ds_rows[...] = dst16
+          return dst16
+
         if interpret:
           s["pt"].at[wg][...] = pt16
           plgpu.commit_smem()
-
-          def compute_dv_dpt(dv_ref, dpt_ref):
-            plgpu.wgmma(dv_ref, s["pt"].at[wg], do_smem)
-            plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
-            return dv_ref[...], dpt_ref[...]
-
-          dv_inc, dpt = pl.run_scoped(compute_dv_dpt, plgpu.ACC((bkv, d), jnp.float32),
-                                      plgpu.ACC((bkv, bq), jnp.float32))
-          dv_acc = dv_acc + dv_inc
+          dv_acc = dv_acc + pl.run_scoped(
+              lambda r: (plgpu.wgmma(r, s["pt"].at[wg], do_smem), r[...])[1],
+              plgpu.ACC((bkv, d), jnp.float32))
+          d_scores()
+          plgpu.commit_smem()
+          dk_acc = dk_acc + pl.run_scoped(
+              lambda r: (plgpu.wgmma(r, ds_rows, q_smem), r[...])[1],
+              plgpu.ACC((bkv, d), jnp.float32))
         else:
-          def compute_dv_dpt(refs):
-            dv_ref, dpt_ref = refs
+          # dV += P^T dO runs while dS^T is computed; then dK += dS^T Q.
+          def grads(refs):
+            dv_ref, dk_ref = refs
             plgpu.wgmma(dv_ref, pt16, do_smem)
-            plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
+            dst16 = d_scores()
+            plgpu.wgmma(dk_ref, dst16, q_smem)
 
-          dv_acc, dpt = pl.run_state(compute_dv_dpt)(
-              (plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
-        delta_col = lax.broadcast_in_dim(
-            plgpu.load(s["delta"].at[slot], layout=col_layout), (bkv, bq), [1])
-        dst = pt * (dpt - delta_col)  # d(loss)/d(logits), transposed
-        if soft_cap is not None:
-          dst = dst * (1.0 - tanh * tanh)
-        dst16 = dst.astype(dtype)
-        ds_rows = s["ds"].at[parity, pl.ds(wg * bkv, bkv)]
-        ds_rows[...] = dst16
-        plgpu.commit_smem()
-        if interpret:
-          def compute_dk(acc_ref):
-            plgpu.wgmma(acc_ref, ds_rows, q_smem)
-            return acc_ref[...]
-
-          dk_acc = dk_acc + pl.run_scoped(compute_dk, plgpu.ACC((bkv, d), jnp.float32))
-        else:
-          def compute_dk(acc_ref):
-            plgpu.wgmma(acc_ref, dst16, q_smem)
-
-          dk_acc = pl.run_state(compute_dk)(plgpu.ACC.init(dk_acc))
+          dv_acc, dk_acc = pl.run_state(grads)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(dk_acc)))
         plgpu.barrier_arrive(s["q_cons"].at[slot])
+        plgpu.commit_smem()
         _schedule(s["ds_bar"])  # both halves of dS^T are in shared memory
 
         def compute_dq(acc_ref):
@@ -549,13 +562,13 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
                                 s["delta"].at[slot], s["do_bar"].at[slot])
 
       for t in range(min(stages, n_qb_all * group)):
-        pl.when(t < n_steps)(functools.partial(issue, t, t, False))
+        _when(t < n_steps, functools.partial(issue, t, t, False))
 
-      @pl.loop(stages, jnp.maximum(n_steps, stages))
+      @pl.loop(stages, _max(n_steps, stages))
       def _(t):
         issue(t, lax.rem(t, stages), True)
 
-      @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+      @pl.loop(_max(n_steps - stages, 0), n_steps)
       def _(t):
         plgpu.barrier_wait(s["q_cons"].at[lax.rem(t, stages)])
 
@@ -570,7 +583,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
       "lse": plgpu.SMEM((stages, bq), jnp.float32),
       "delta": plgpu.SMEM((stages, bq), jnp.float32),
       "ds": _tiled((2, tile, bq), dtype, swizzle=swz),
-      "dq": plgpu.SMEM((2, bq, half), jnp.float32),
+      "dq": _tiled((2, bq, half), jnp.float32, swizzle=min(_SWIZZLE, half * 4)),
       "kv_bar": plgpu.Barrier(),
       "kv_bar2": plgpu.Barrier(),
       "q_bar": plgpu.Barrier(num_barriers=stages),

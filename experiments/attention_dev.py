@@ -1,0 +1,172 @@
+"""Device check for the flash-attention kernels: correctness on random odd shapes, then speed.
+
+``PYTHONPATH=. python3 experiments/attention_dev.py [check] [time] [triton] [--out DIR]``
+prints one line per case and a summary table last, and writes ``attention_dev.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import harness
+from jaxeff.ops import attention as A
+from kernels_pallas.attention import mosaic_gpu as mg
+
+RESULTS: dict = {"check": [], "time": []}
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(key, b, t, s, n, k, d, dtype=jnp.bfloat16, seg=False):
+  ks = jax.random.split(key, 6)
+  q = jax.random.normal(ks[0], (b, t, n, d), dtype)
+  kk = jax.random.normal(ks[1], (b, s, k, d), dtype)
+  v = jax.random.normal(ks[2], (b, s, k, d), dtype)
+  do = jax.random.normal(ks[3], (b, t, n, d), dtype)
+  ids = None
+  if seg:
+    qi = jnp.sort(jax.random.randint(ks[4], (b, t), 0, 4), axis=1)
+    ki = jnp.sort(jax.random.randint(ks[5], (b, s), 0, 4), axis=1)
+    ids = (qi, ki)
+  return q, kk, v, do, ids
+
+
+def check_case(impl, b, t, s, n, k, d, dtype=jnp.bfloat16, seg=False, **kw):
+  name = f"{impl} b{b} t{t} s{s} n{n} k{k} d{d} {jnp.dtype(dtype).name} seg={seg} {kw}"
+  try:
+    q, kk, v, do, ids = inputs(jax.random.key(t * 7 + s + d), b, t, s, n, k, d, dtype, seg)
+
+    def f(impl_):
+      def run(q, kk, v):
+        return A.dot_product_attention_with_lse(q, kk, v, segment_ids=ids, implementation=impl_,
+                                                **kw)
+      return run
+
+    up = lambda x: x.astype(jnp.float32)
+    t0 = time.perf_counter()
+    (o, lse), vjp = jax.vjp(f(impl), q, kk, v)
+    grads = vjp((do, jnp.zeros_like(lse)))
+    jax.block_until_ready(grads)
+    dt = time.perf_counter() - t0
+    (ro, rlse), rvjp = jax.vjp(f("xla"), up(q), up(kk), up(v))
+    rgrads = rvjp((up(do), jnp.zeros_like(rlse)))
+    fin = np.isfinite(np.asarray(rlse))
+    lse_ok = bool((np.isfinite(np.asarray(lse)) == fin).all())
+    lse_err = float(np.max(np.abs(np.where(fin, np.asarray(lse) - np.asarray(rlse), 0)))) if fin.any() else 0.0
+    errs = [rel(o, ro)] + [rel(g, rg) for g, rg in zip(grads, rgrads)]
+    ok = all(e < 2e-2 for e in errs) and lse_ok and lse_err < 1e-2
+    line = (f"{'PASS' if ok else 'FAIL'} {name}: o={errs[0]:.1e} dq={errs[1]:.1e} dk={errs[2]:.1e} "
+            f"dv={errs[3]:.1e} lse={lse_err:.1e} inf_ok={lse_ok} ({dt:.1f}s)")
+    RESULTS["check"].append({"case": name, "ok": ok, "errs": errs, "lse_err": lse_err})
+  except Exception as e:  # report and go on
+    line = f"ERROR {name}: {type(e).__name__}: {str(e)[:800]}"
+    traceback.print_exc(limit=3)
+    RESULTS["check"].append({"case": name, "ok": False, "error": str(e)[:2000]})
+  print(line, flush=True)
+
+
+def run_checks(impl="mosaic_gpu"):
+  check_case(impl, 2, 256, 256, 4, 4, 128)
+  check_case(impl, 2, 256, 256, 4, 4, 128, is_causal=True)
+  check_case(impl, 1, 1000, 1000, 4, 1, 64, is_causal=True)
+  check_case(impl, 2, 300, 777, 8, 2, 128, is_causal=True)
+  check_case(impl, 1, 1, 300, 8, 8, 64, is_causal=True)
+  check_case(impl, 1, 17, 1000, 4, 4, 128)
+  check_case(impl, 2, 513, 513, 4, 2, 64, seg=True, is_causal=True)
+  check_case(impl, 1, 600, 700, 4, 4, 128, local_window_size=(100, 20))
+  check_case(impl, 1, 400, 400, 4, 4, 128, logits_soft_cap=10.0, is_causal=True)
+  check_case(impl, 1, 256, 384, 4, 2, 256, is_causal=True)
+  check_case(impl, 1, 256, 256, 4, 2, 128, dtype=jnp.float16, is_causal=True)
+  check_case(impl, 1, 2048, 2048, 4, 4, 128, is_causal=True)
+
+
+def flops(b, s, h, d, causal, mode):
+  f = 4 * b * h * s * s * d / (2 if causal else 1)
+  return f * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def timed(fn_name, attn, b, s, h, kvh, d, causal, mode, rounds=10):
+  def make(i):
+    q, k, v, do, _ = inputs(jax.random.key(100 + i), b, s, s, h, kvh, d)
+    return (q, k, v, do)
+
+  if mode == "fwd":
+    f = jax.jit(lambda q, k, v, do: attn(q, k, v))
+  else:
+    f = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
+  t = harness.safe_time(f, make, rounds=rounds, warmup=2)
+  tf = flops(b, s, h, d, causal, mode) / t / 1e12 if np.isfinite(t) else float("nan")
+  RESULTS["time"].append({"impl": fn_name, "b": b, "s": s, "h": h, "kvh": kvh, "d": d,
+                          "causal": causal, "mode": mode, "s_per_call": t, "tflops": tf})
+  print(f"TIME {fn_name:<18} d{d} s{s:<6} b{b:<3} h{h}/{kvh} causal={causal!s:<5} {mode:<8} "
+        f"{t * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+  return tf
+
+
+def run_times(shapes=None):
+  shapes = shapes or [(128, 1024, False), (128, 4096, False), (128, 4096, True),
+                      (128, 16384, False), (128, 16384, True), (64, 4096, False),
+                      (64, 4096, True)]
+  for d, s, causal in shapes:
+    b = 16384 // s
+    for mode in ("fwd", "fwd_bwd"):
+      ours = lambda q, k, v, c=causal: A.dot_product_attention(
+          q, k, v, is_causal=c, implementation="mosaic_gpu")
+      cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=c, implementation="cudnn")
+      timed("jaxeff", ours, b, s, 16, 16, d, causal, mode)
+      timed("cudnn", cud, b, s, 16, 16, d, causal, mode)
+
+
+def summary():
+  print("\n== summary ==")
+  for r in RESULTS["check"]:
+    print(("ok   " if r["ok"] else "BAD  ") + r["case"][:110])
+  by = {}
+  for r in RESULTS["time"]:
+    by.setdefault((r["d"], r["s"], r["causal"], r["mode"], r["h"], r["kvh"]), {})[r["impl"]] = r["tflops"]
+  for key, v in by.items():
+    ours, base = v.get("jaxeff"), v.get("cudnn")
+    ratio = ours / base if ours and base else float("nan")
+    others = " ".join(f"{k}={x:.0f}" for k, x in v.items())
+    print(f"d{key[0]} s{key[1]} causal={key[2]} {key[3]} h{key[4]}/{key[5]}: {others}  ratio={ratio:.2f}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("what", nargs="*", default=["check", "time"])
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+  try:
+    if "check" in args.what:
+      run_checks("mosaic_gpu")
+    if "triton" in args.what:
+      run_checks("triton")
+    if "time" in args.what:
+      run_times()
+  finally:
+    summary()
+    if args.out:
+      Path(args.out).mkdir(parents=True, exist_ok=True)
+      (Path(args.out) / "attention_dev.json").write_text(json.dumps(RESULTS, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
