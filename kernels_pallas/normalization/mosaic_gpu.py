@@ -7,7 +7,7 @@ Structure (both directions): a persistent grid of ``num_programs`` CTAs (one per
 warpgroup each. Program ``p`` handles row blocks ``p, p + P, p + 2P, ...`` of
 ``block_rows`` whole rows. A ring of ``num_stages`` shared-memory slots is filled by TMA
 bulk copies (a ``[block_rows, features]`` row block is contiguous in HBM, so one
-``cp.async.bulk`` moves it; the last, partial block is clamped by the copy engine). The
+``cp.async.bulk`` moves it; the last, partial block copies exactly its rows). The
 result is written back into the slot it was computed from and stored with one bulk copy.
 At step ``k`` the program refills the slot of step ``k - 2`` (whose store has finished
 reading once at most one store is pending) with block ``k + num_stages - 2``, so
@@ -55,7 +55,7 @@ BWD_CHUNK_ELEMS = 2048  # backward keeps ~5 such chunks live
 MIN_STAGES = 3  # ring depth for one load in flight ahead of the step being computed
 MAX_STAGES = 8
 MAX_BLOCK_ROWS = 64
-PROGRAMS_PER_SM = 1  # persistent CTAs per SM (they split the SMEM budget)
+PROGRAMS_PER_SM = 2  # preferred persistent CTAs per SM (they split the SMEM budget); else 1
 INTERPRET_PROGRAMS = 2  # persistent programs simulated in interpret mode
 DEFAULT_NUM_SMS = 132  # H100 SXM, when the device does not report a core count
 STORES_IN_FLIGHT = 1  # bulk stores allowed to be pending when a slot is refilled
@@ -134,18 +134,28 @@ def _make_config(rows: int, features: int, x_itemsize: int, *, inputs: int, fixe
                     num_stages=stages, num_programs=min(num_blocks, num_sms * programs_per_sm))
 
 
+def _first_config(programs_per_sm: int | None, **kwargs) -> NormConfig | str:
+  """``programs_per_sm`` if given, else ``PROGRAMS_PER_SM`` when its SMEM share fits, else 1."""
+  cfg = "no programs per SM to try"
+  for pps in (programs_per_sm,) if programs_per_sm else (PROGRAMS_PER_SM, 1):
+    cfg = _make_config(programs_per_sm=pps, **kwargs)
+    if not isinstance(cfg, str):
+      return cfg
+  return cfg
+
+
 def forward_config(rows: int, features: int, dtype, *, weight_dtype=None, bias_dtype=None,
-                   num_sms: int = DEFAULT_NUM_SMS, programs_per_sm: int = PROGRAMS_PER_SM
+                   num_sms: int = DEFAULT_NUM_SMS, programs_per_sm: int | None = None
                    ) -> NormConfig | str:
   """Forward block sizes for ``x: [rows, features]`` (or the reason the shape is refused)."""
   fixed = sum(features * jnp.dtype(d).itemsize for d in (weight_dtype, bias_dtype) if d is not None)
-  return _make_config(rows, features, jnp.dtype(dtype).itemsize, inputs=1, fixed_bytes=fixed,
-                      chunk_elems=FWD_CHUNK_ELEMS, num_sms=num_sms,
-                      programs_per_sm=programs_per_sm)
+  return _first_config(programs_per_sm, rows=rows, features=features,
+                       x_itemsize=jnp.dtype(dtype).itemsize, inputs=1, fixed_bytes=fixed,
+                       chunk_elems=FWD_CHUNK_ELEMS, num_sms=num_sms)
 
 
 def backward_config(rows: int, features: int, dtype, *, weight_dtype=None, has_bias=False,
-                    num_sms: int = DEFAULT_NUM_SMS, programs_per_sm: int = PROGRAMS_PER_SM
+                    num_sms: int = DEFAULT_NUM_SMS, programs_per_sm: int | None = None
                     ) -> NormConfig | str:
   """Backward block sizes: two input rings (x, dy) plus float32 dweight / dbias partials."""
   fixed = 0
@@ -153,9 +163,9 @@ def backward_config(rows: int, features: int, dtype, *, weight_dtype=None, has_b
     fixed += features * (jnp.dtype(weight_dtype).itemsize + 4)
   if has_bias:
     fixed += features * 4
-  return _make_config(rows, features, jnp.dtype(dtype).itemsize, inputs=2, fixed_bytes=fixed,
-                      chunk_elems=BWD_CHUNK_ELEMS, num_sms=num_sms,
-                      programs_per_sm=programs_per_sm)
+  return _first_config(programs_per_sm, rows=rows, features=features,
+                       x_itemsize=jnp.dtype(dtype).itemsize, inputs=2, fixed_bytes=fixed,
+                       chunk_elems=BWD_CHUNK_ELEMS, num_sms=num_sms)
 
 
 def _checked(config: NormConfig | str) -> NormConfig:
@@ -252,6 +262,22 @@ class _Block:
       body(self.chunk_slice(c))
 
 
+def _with_block_rows(cfg: NormConfig, rows: int, block, body) -> None:
+  """Calls ``body(n)`` with the (static) number of rows ``n`` that ``block`` has in ``x``.
+
+  Only the last block can be partial; it gets its own copies of exactly ``rows % block_rows``
+  rows, so no copy ever reaches past ``x`` (copies clamped at the end of the buffer would
+  be wrong for a ``vmap``-sliced ``x``).
+  """
+  tail = rows % cfg.block_rows
+  if not tail:
+    body(cfg.block_rows)
+    return
+  is_last = block == pl.cdiv(rows, cfg.block_rows) - 1
+  pl.when(is_last)(lambda: body(tail))
+  pl.when(jnp.logical_not(is_last))(lambda: body(cfg.block_rows))
+
+
 def _pipeline(cfg: NormConfig, rows: int, start_loads, wait_loads, compute_and_store, init=()):
   """Persistent TMA ring over this program's row blocks (see the module docstring).
 
@@ -290,6 +316,15 @@ def _pipeline(cfg: NormConfig, rows: int, start_loads, wait_loads, compute_and_s
   return out
 
 
+def _store_row_stats(ref, block, values):
+  """``ref[block * n : (block + 1) * n] = values`` for ``values: [n]`` (replicated in every thread)."""
+  n = values.shape[0]
+  if n == 1:  # a one-element store takes the scalar path, which handles GMEM
+    ref[block] = jnp.sum(values)
+  else:
+    ref[pl.ds(block * n, n)] = values
+
+
 def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float,
                     subtract_mean: bool, has_weight: bool, has_bias: bool):
   refs = iter(refs)
@@ -307,7 +342,7 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
 
   blk = _Block(cfg, features)
   r = cfg.block_rows
-  oob = plgpu.OOBFillMode.UNDEFINED  # plain bulk copies, clamped at the end of x
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # plain bulk copies, never past the end of x
 
   params = [(g, s) for g, s in ((w_gmem, w_smem), (b_gmem, b_smem)) if g is not None]
   for i, (g, s) in enumerate(params):
@@ -316,8 +351,9 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
     plgpu.barrier_wait(param_bars.at[i])
 
   def start_loads(block, slot):
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * r, r)], x_smem.at[slot],
-                            load_bars.at[slot], oob_mode=oob)
+    _with_block_rows(cfg, rows, block, lambda n: plgpu.copy_gmem_to_smem(
+        x_gmem.at[pl.ds(block * r, n)], x_smem.at[slot, pl.ds(0, n)], load_bars.at[slot],
+        oob_mode=oob))
 
   def wait_loads(slot):
     plgpu.barrier_wait(load_bars.at[slot])
@@ -327,7 +363,7 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
     mean_b = None
     if subtract_mean:
       mean = blk.row_mean(blk.fold(lambda cols, acc: acc + blk.load(xs, cols), blk.zeros()))
-      mean_gmem[pl.ds(block * r, r)] = mean
+      _store_row_stats(mean_gmem, block, mean)
       mean_b = blk.rows(mean)
 
     def sum_squares(cols, acc):
@@ -335,7 +371,7 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
       return acc + xc * xc
 
     rstd = lax.rsqrt(blk.row_mean(blk.fold(sum_squares, blk.zeros())) + eps)
-    rstd_gmem[pl.ds(block * r, r)] = rstd
+    _store_row_stats(rstd_gmem, block, rstd)
     rstd_b = blk.rows(rstd)
 
     @blk.each
@@ -346,7 +382,8 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
       xs[:, cols] = scale_shift(xhat, w, b).astype(xs.dtype)
 
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(xs, y_gmem.at[pl.ds(block * r, r)])
+    _with_block_rows(cfg, rows, block, lambda n: plgpu.copy_smem_to_gmem(
+        xs.at[pl.ds(0, n)], y_gmem.at[pl.ds(block * r, n)]))
     return carry
 
   _pipeline(cfg, rows, start_loads, wait_loads, compute_and_store)
@@ -372,7 +409,7 @@ def _backward_kernel(*refs, cfg: NormConfig, rows: int, features: int, subtract_
   blk = _Block(cfg, features)
   r = cfg.block_rows
   num_blocks = pl.cdiv(rows, r)
-  oob = plgpu.OOBFillMode.UNDEFINED
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   program = lax.axis_index("programs")
 
   if has_weight:
@@ -398,9 +435,13 @@ def _backward_kernel(*refs, cfg: NormConfig, rows: int, features: int, subtract_
     return mean, rstd
 
   def start_loads(block, slot):
-    rows_ = pl.ds(block * r, r)
-    plgpu.copy_gmem_to_smem(x_gmem.at[rows_], x_smem.at[slot], x_bars.at[slot], oob_mode=oob)
-    plgpu.copy_gmem_to_smem(dy_gmem.at[rows_], dy_smem.at[slot], dy_bars.at[slot], oob_mode=oob)
+    def copy(n):
+      src, dst = pl.ds(block * r, n), pl.ds(0, n)
+      plgpu.copy_gmem_to_smem(x_gmem.at[src], x_smem.at[slot, dst], x_bars.at[slot], oob_mode=oob)
+      plgpu.copy_gmem_to_smem(dy_gmem.at[src], dy_smem.at[slot, dst], dy_bars.at[slot],
+                              oob_mode=oob)
+
+    _with_block_rows(cfg, rows, block, copy)
 
   def wait_loads(slot):
     plgpu.barrier_wait(x_bars.at[slot])
@@ -442,7 +483,8 @@ def _backward_kernel(*refs, cfg: NormConfig, rows: int, features: int, subtract_
         db_acc[cols] = plgpu.load(db_acc.at[cols], layout=blk.col_layout, optimized=False) + part
 
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dys, dx_gmem.at[pl.ds(block * r, r)])
+    _with_block_rows(cfg, rows, block, lambda n: plgpu.copy_smem_to_gmem(
+        dys.at[pl.ds(0, n)], dx_gmem.at[pl.ds(block * r, n)]))
     return next_stats
 
   _pipeline(cfg, rows, start_loads, wait_loads, compute_and_store, init=load_stats(program))

@@ -87,10 +87,10 @@ def _sweep_configs(tokens: int, features: int):
   f, b = fwd(), bwd()
   return {
       "default": (f, b),
-      "2 per SM": (fwd(programs_per_sm=2), bwd(programs_per_sm=2)),
-      "half rows": (dataclasses.replace(f, block_rows=f.block_rows // 2, num_stages=mosaic_gpu.MAX_STAGES),
-                    dataclasses.replace(b, block_rows=max(1, b.block_rows // 2), num_stages=mosaic_gpu.MAX_STAGES)),
-      "double rows": (dataclasses.replace(f, block_rows=2 * f.block_rows, num_stages=3), b),
+      "1 per SM": (fwd(programs_per_sm=1), bwd(programs_per_sm=1)),
+      "3 per SM fwd": (fwd(programs_per_sm=3), b),
+      "shallow ring": (dataclasses.replace(f, num_stages=mosaic_gpu.MIN_STAGES),
+                       dataclasses.replace(b, num_stages=mosaic_gpu.MIN_STAGES)),
   }
 
 
