@@ -80,8 +80,13 @@ def check_case(impl, b, t, s, n, k, d, dtype=jnp.bfloat16, seg=False, **kw):
   print(line, flush=True)
 
 
-def run_checks(impl="mosaic_gpu"):
+def run_checks(impl="mosaic_gpu", quick=False):
   check_case(impl, 2, 256, 256, 4, 4, 128)
+  check_case(impl, 2, 512, 512, 4, 2, 64)
+  if quick:
+    check_case(impl, 2, 513, 513, 4, 2, 64, seg=True, is_causal=True)
+    check_case(impl, 1, 400, 400, 4, 4, 128, logits_soft_cap=10.0, is_causal=True)
+    return
   check_case(impl, 2, 256, 256, 4, 4, 128, is_causal=True)
   check_case(impl, 1, 1000, 1000, 4, 1, 64, is_causal=True)
   check_case(impl, 2, 300, 777, 8, 2, 128, is_causal=True)
@@ -120,8 +125,7 @@ def timed(fn_name, attn, b, s, h, kvh, d, causal, mode, rounds=10):
 
 def run_times(shapes=None):
   shapes = shapes or [(128, 1024, False), (128, 4096, False), (128, 4096, True),
-                      (128, 16384, False), (128, 16384, True), (64, 4096, False),
-                      (64, 4096, True)]
+                      (128, 16384, False), (64, 4096, False), (64, 4096, True)]
   for d, s, causal in shapes:
     b = 16384 // s
     for mode in ("fwd", "fwd_bwd"):
@@ -131,6 +135,51 @@ def run_times(shapes=None):
           q, k, v, is_causal=c, implementation="cudnn")
       timed("jaxeff", ours, b, s, 16, 16, d, causal, mode)
       timed("cudnn", cud, b, s, 16, 16, d, causal, mode)
+
+
+def run_variants():
+  """Kernel-level tile variants (forward and forward+backward), against cuDNN."""
+  import dataclasses
+  for d, s, causal, vname, modes in [(64, 4096, False, "bkv256", ("fwd",)),
+                                     (64, 4096, True, "bkv256", ("fwd",)),
+                                     (64, 4096, False, "bwd3stage", ("fwd_bwd",))]:
+    b = 16384 // s
+    base = mg.default_config(d)
+    cfg = {"bkv256": dataclasses.replace(base, block_kv=256),
+           "bwd3stage": dataclasses.replace(base, bwd_num_stages=3)}[vname]
+    if True:
+
+      def fwd(q, k, v, cfg=cfg, c=causal):
+        return mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)[0]
+
+      @jax.custom_vjp
+      def attn(q, k, v):
+        return fwd(q, k, v)
+
+      def attn_fwd(q, k, v, cfg=cfg, c=causal):
+        o, l = mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)
+        return o, (q, k, v, o, l)
+
+      def attn_bwd(res, do, cfg=cfg, c=causal):
+        q, k, v, o, l = res
+        return mg.backward(q, k, v, o, l, do, is_causal=c, scale=d ** -0.5, config=cfg)
+
+      attn.defvjp(attn_fwd, attn_bwd)
+      for mode in modes:
+        timed(f"jaxeff:{vname}", attn, b, s, 16, 16, d, causal, mode)
+
+
+def run_extra():
+  """GQA (32 q / 8 kv heads) and short sequences against cuDNN."""
+  for d, s, causal, h, kvh in [(128, 4096, True, 32, 8), (128, 512, False, 16, 16)]:
+    b = 16384 // s
+    for mode in ("fwd", "fwd_bwd"):
+      ours = lambda q, k, v, c=causal: A.dot_product_attention(
+          q, k, v, is_causal=c, implementation="mosaic_gpu")
+      cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=c, implementation="cudnn")
+      timed("jaxeff", ours, b, s, h, kvh, d, causal, mode)
+      timed("cudnn", cud, b, s, h, kvh, d, causal, mode)
 
 
 def summary():
@@ -156,10 +205,16 @@ def main(argv=None):
   try:
     if "check" in args.what:
       run_checks("mosaic_gpu")
+    if "quickcheck" in args.what:
+      run_checks("mosaic_gpu", quick=True)
     if "triton" in args.what:
       run_checks("triton")
     if "time" in args.what:
       run_times()
+    if "extra" in args.what:
+      run_extra()
+    if "variants" in args.what:
+      run_variants()
   finally:
     summary()
     if args.out:

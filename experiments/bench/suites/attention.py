@@ -1,0 +1,110 @@
+"""Attention for training: forward and forward+backward TFLOP/s against cuDNN and XLA.
+
+Shapes (TARGETS.md): batch x seq = 16k tokens, 16 heads, head_dim 64 and 128,
+seq 512..16384, causal and not; plus grouped-query attention (32 query / 8 key-value
+heads) and packed sequences (segment ids). FLOPs: forward ``4 * B * H * S * S * D``
+(halved when causal), forward+backward 3.5x the forward. Implementations: ``jaxeff``
+(``implementation="mosaic_gpu"`` on Hopper, else the portable ``"triton"`` kernel),
+``cudnn`` (``jax.nn.dot_product_attention(implementation="cudnn")``), ``xla`` (the
+reference; skipped above seq 4096, where its S x S logits make it slow or run out of
+memory) and ``tokamax`` when importable.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import harness
+from jaxeff.ops import dot_product_attention
+
+PLOT_X = "seq"
+TOKENS = 16384
+XLA_MAX_SEQ = 4096
+
+
+def _flops(b, s, h, d, causal, mode):
+  f = 4 * b * h * s * s * d / (2 if causal else 1)
+  return f * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def _our_impl() -> str:
+  kind = jax.devices()[0].device_kind
+  if jax.default_backend() == "gpu" and any(k in kind for k in ("H100", "H200", "H800", "H20")):
+    return "mosaic_gpu"
+  return "triton"
+
+
+def _implementations(causal: bool, seq: int, segments: bool):
+  ours = _our_impl()
+  impls = {"jaxeff": lambda q, k, v, ids: dot_product_attention(
+      q, k, v, is_causal=causal, segment_ids=ids, implementation=ours)}
+  if not segments:
+    impls["cudnn"] = lambda q, k, v, ids: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn")
+  if seq <= XLA_MAX_SEQ:
+    impls["xla"] = lambda q, k, v, ids: dot_product_attention(
+        q, k, v, is_causal=causal, segment_ids=ids, implementation="xla")
+  try:
+    import tokamax  # noqa: F401  (not on the GPU image; used when present)
+    if not segments:
+      impls["tokamax"] = lambda q, k, v, ids: tokamax.dot_product_attention(
+          q, k, v, is_causal=causal)
+  except ImportError:
+    pass
+  return impls
+
+
+def _segment_ids(key, b, s, n_segments=4):
+  """Packed rows: ``n_segments`` documents of random lengths per row."""
+  cuts = jnp.sort(jax.random.randint(key, (b, n_segments - 1), 1, s), axis=1)
+  pos = jnp.arange(s)[None, :]
+  return (pos[:, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)
+
+
+def _case(rows, *, seq, heads, kv_heads, head_dim, causal, segments=False, rounds=20):
+  b = max(1, TOKENS // seq)
+  for mode in ("fwd", "fwd_bwd"):
+    def make(i, b=b):
+      ks = jax.random.split(jax.random.key(1000 + i), 5)
+      q = jax.random.normal(ks[0], (b, seq, heads, head_dim), jnp.bfloat16)
+      k = jax.random.normal(ks[1], (b, seq, kv_heads, head_dim), jnp.bfloat16)
+      v = jax.random.normal(ks[2], (b, seq, kv_heads, head_dim), jnp.bfloat16)
+      do = jax.random.normal(ks[3], (b, seq, heads, head_dim), jnp.bfloat16)
+      ids = _segment_ids(ks[4], b, seq) if segments else None
+      return q, k, v, do, ids
+
+    params = {"batch": b, "seq": seq, "heads": heads, "kv_heads": kv_heads,
+              "head_dim": head_dim, "causal": causal, "segments": segments, "mode": mode}
+    case = (f"attn d{head_dim} h{heads}/{kv_heads} s{seq} "
+            f"{'causal' if causal else 'full'}{' packed' if segments else ''} {mode}")
+    for name, fn in _implementations(causal, seq, segments).items():
+      if mode == "fwd":
+        f = jax.jit(lambda q, k, v, do, ids, fn=fn: fn(q, k, v, ids))
+      else:
+        f = jax.jit(lambda q, k, v, do, ids, fn=fn: jax.vjp(
+            lambda q, k, v: fn(q, k, v, ids), q, k, v)[1](do))
+      t = harness.safe_time(f, make, rounds=rounds, warmup=2)
+      rows.append(harness.Row(case, dict(params), name, t,
+                              _flops(b, seq, heads, head_dim, causal, mode) / t / 1e12,
+                              "TFLOP/s"))
+      print(f"  {case:<48} {name:<8} {harness.fmt_time(t):>11} {rows[-1].throughput:7.1f}",
+            flush=True)
+
+
+def run(quick: bool = False) -> list[harness.Row]:
+  rows: list[harness.Row] = []
+  if jax.default_backend() != "gpu":
+    print("attention suite: needs a GPU (the kernels run on CPU only in interpret mode)")
+    return rows
+  seqs = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+  dims = (128,) if quick else (64, 128)
+  rounds = 10 if quick else 20
+  for d in dims:
+    for causal in (False, True):
+      for s in seqs:
+        _case(rows, seq=s, heads=16, kv_heads=16, head_dim=d, causal=causal, rounds=rounds)
+  _case(rows, seq=4096, heads=32, kv_heads=8, head_dim=128, causal=True, rounds=rounds)
+  _case(rows, seq=4096, heads=16, kv_heads=16, head_dim=128, causal=True, segments=True,
+        rounds=rounds)
+  return rows
