@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -119,6 +120,54 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+_COMPILED: dict = {}  # compiled (prefill, decode) by static shapes and options
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(config: gpt.GPTConfig, batch: int, prompt_len: int, max_len: int, n_new: int,
+              temperature: float, top_k: int | None, top_p: float):
+  """The jitted prefill and decode programs for one set of static shapes and options."""
+  model = gpt.GPT(config)
+  pick = lambda logits, key: sample_logits(  # noqa: E731
+      logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def prefill(params, tokens, lengths, key):
+    """Prompts [batch, prompt_len] -> (first new token [batch], filled caches)."""
+    caches = gpt.init_kv_caches(config, batch, max_len)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
+    logits, caches = model.apply({"params": params}, tokens, positions=positions,
+                                 kv_caches=caches)
+    last = logits[jnp.arange(batch), lengths - 1]
+    return pick(last, jax.random.fold_in(key, 0)), caches
+
+  def decode(params, first, caches, lengths, key, stop):
+    """-> (tokens [batch, n_new] with -1 after a stop token, steps run)."""
+    out = jnp.full((batch, n_new), -1, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop)
+
+    def cond(carry):
+      i, _, _, _, done = carry
+      return (i < n_new) & ~jnp.all(done)
+
+    def body(carry):
+      # Invariant: out[:, :i] holds the tokens so far; `token` (the last one, 0 once a row is
+      # done) sits at position lengths + i - 1, the next free cache row.
+      i, token, caches, out, done = carry
+      positions = (lengths + i - 1)[:, None]
+      logits, caches = model.apply({"params": params}, token[:, None], positions=positions,
+                                   kv_caches=caches)
+      nxt = jnp.where(done, -1, pick(logits[:, 0], jax.random.fold_in(key, i)))
+      out = out.at[:, i].set(nxt)
+      done = done | jnp.isin(nxt, stop)
+      return i + 1, jnp.where(done, 0, nxt), caches, out, done
+
+    token = jnp.where(done, 0, first)
+    i, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, caches, out, done))
+    return out, i
+
+  return jax.jit(prefill), jax.jit(decode)
+
+
 def generate(config: gpt.GPTConfig, params, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig = SamplingConfig()) -> GenerationResult:
   """Continues each prompt (a list of token ids, lengths may differ) with a KV cache.
@@ -138,7 +187,6 @@ def generate(config: gpt.GPTConfig, params, prompts: Sequence[Sequence[int]],
   bad = sorted({t for p in prompts for t in p if not 0 <= t < config.vocab_size})
   if bad:
     raise ValueError(f"prompt tokens must be in [0, {config.vocab_size}), got {bad[:5]}")
-  model = gpt.GPT(config)
   batch = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   prompt_len = _round_up(int(lengths.max()), PAD_TO)
@@ -147,57 +195,32 @@ def generate(config: gpt.GPTConfig, params, prompts: Sequence[Sequence[int]],
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
-  pick = lambda logits, key: sample_logits(  # noqa: E731
-      logits, key, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-  n_new = sampling.max_new_tokens
-
-  def prefill(params, tokens, lengths, key):
-    caches = gpt.init_kv_caches(config, batch, max_len)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
-    logits, caches = model.apply({"params": params}, tokens, positions=positions,
-                                 kv_caches=caches)
-    last = logits[jnp.arange(batch), lengths - 1]
-    return pick(last, jax.random.fold_in(key, 0)), caches
-
-  def decode(params, first, caches, lengths, key):
-    out = jnp.full((batch, n_new), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop)
-
-    def cond(carry):
-      i, _, _, _, done = carry
-      return (i < n_new) & ~jnp.all(done)
-
-    def body(carry):
-      i, token, caches, out, done = carry
-      positions = (lengths + i - 1)[:, None]
-      logits, caches = model.apply({"params": params}, token[:, None], positions=positions,
-                                   kv_caches=caches)
-      nxt = pick(logits[:, 0], jax.random.fold_in(key, i))
-      nxt = jnp.where(done, -1, nxt)
-      out = out.at[:, i].set(nxt)
-      done = done | jnp.isin(nxt, stop)
-      return i + 1, jnp.where(done, 0, nxt), caches, out, done
-
-    token = jnp.where(done, 0, first)
-    i, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, caches, out, done))
-    return out, i
-
   key = jax.random.key(sampling.seed)
   lengths_d = jnp.asarray(lengths)
-  t0 = time.perf_counter()
-  prefill_c = jax.jit(prefill).lower(params, tokens, lengths_d, key).compile()
-  compile_s = time.perf_counter() - t0
+  static = (config, batch, prompt_len, max_len, sampling.max_new_tokens, sampling.temperature,
+            sampling.top_k, sampling.top_p, stop.shape[0],
+            tuple(str(x.sharding) for x in jax.tree.leaves(params)[:1]))
+  prefill, decode = _programs(*static[:8])
+  compiled = _COMPILED.get(static)
+  compile_s = 0.0
+  if compiled is None:
+    t0 = time.perf_counter()
+    compiled = [prefill.lower(params, tokens, lengths_d, key).compile(), None]
+    compile_s += time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  first, caches = prefill_c(params, tokens, lengths_d, key)
+  first, caches = compiled[0](params, tokens, lengths_d, key)
   first.block_until_ready()
   ttft = time.perf_counter() - t0
+  if compiled[1] is None:
+    t0 = time.perf_counter()
+    compiled[1] = decode.lower(params, first, caches, lengths_d, key, stop).compile()
+    compile_s += time.perf_counter() - t0
+    if len(_COMPILED) >= 32:
+      _COMPILED.clear()
+    _COMPILED[static] = compiled
   t0 = time.perf_counter()
-  decode_c = jax.jit(decode).lower(
-      params, first, caches, lengths_d, key).compile()
-  compile_s += time.perf_counter() - t0
-  t0 = time.perf_counter()
-  out, steps = decode_c(params, first, caches, lengths_d, key)
+  out, steps = compiled[1](params, first, caches, lengths_d, key, stop)
   out = np.asarray(out)
   decode_s = time.perf_counter() - t0
   steps = int(steps)

@@ -1,0 +1,134 @@
+"""GPT model: parameter count and FLOPs, causality, KV-cache decode, bf16, remat, config errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.models import gpt
+from tests.helpers import assert_close
+
+TINY = gpt.PRESETS["tiny"]
+
+
+def _init(config, key):
+  return jax.jit(lambda k: gpt.init_params(config, k))(key)
+
+
+@pytest.mark.parametrize("name", sorted(gpt.PRESETS))
+def test_param_count_matches_the_initialised_tree(name):
+  config = gpt.PRESETS[name]
+  shapes = jax.eval_shape(lambda: gpt.init_params(config, jax.random.key(0)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == gpt.num_params(config)
+
+
+def test_gpt_350m_matches_the_end_to_end_baseline():
+  # TARGETS.md: 374M parameters; FLOPs per token 6 N + 12 L d S with N without embeddings.
+  c = gpt.PRESETS["gpt-350m"]
+  assert (c.num_layers, c.d_model, c.num_heads, c.dim_per_head, c.mlp_hidden, c.vocab_size) == (
+      24, 1024, 16, 64, 2816, 32000)
+  assert round(gpt.num_params(c) / 1e6) == 374
+  n = gpt.num_params(c, non_embedding=True)
+  assert n == gpt.num_params(c) - 2 * 32000 * 1024
+  assert gpt.flops_per_token(c, 2048) == 6 * n + 12 * 24 * 1024 * 2048
+
+
+def test_forward_shapes_and_initial_loss(key):
+  params = _init(TINY, key)
+  tokens = jax.random.randint(key, (3, 17), 0, 256)
+  logits = jax.jit(gpt.GPT(TINY).apply)({"params": params}, tokens)
+  assert logits.shape == (3, 17, 256) and logits.dtype == jnp.float32
+  # Small init: the loss on random targets is close to log(vocab).
+  targets = jax.random.randint(jax.random.fold_in(key, 1), (3, 17), 0, 256)
+  loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+  assert abs(float(loss) - np.log(256)) < 0.1
+
+
+def test_causal_changing_a_future_token_keeps_earlier_logits(key):
+  params = _init(TINY, key)
+  apply = jax.jit(gpt.GPT(TINY).apply)
+  tokens = jax.random.randint(key, (2, 12), 0, 256)
+  changed = tokens.at[:, 8].set((tokens[:, 8] + 1) % 256)
+  a, b = apply({"params": params}, tokens), apply({"params": params}, changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :8]), np.asarray(b[:, :8]))
+  assert not np.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_kv_cache_decode_logits_equal_full_forward(key):
+  config = TINY.replace(local_window_size=5)
+  params = _init(config, key)
+  model = gpt.GPT(config)
+  b, t, p = 2, 11, 4
+  tokens = jax.random.randint(key, (b, t), 0, 256)
+  full = jax.jit(model.apply)({"params": params}, tokens)
+
+  @jax.jit
+  def step(params, toks, positions, caches):
+    return model.apply({"params": params}, toks, positions=positions, kv_caches=caches)
+
+  caches = gpt.init_kv_caches(config, b, 16)
+  assert caches[0].key.shape == (b, 16, config.kv_heads, config.dim_per_head)
+  logits, caches = step(params, tokens[:, :p], jnp.broadcast_to(jnp.arange(p), (b, p)), caches)
+  outs = [logits]
+  for i in range(p, t):
+    logits, caches = step(params, tokens[:, i:i + 1], jnp.full((b, 1), i), caches)
+    outs.append(logits)
+  assert_close(jnp.concatenate(outs, axis=1), full)
+
+
+def test_bf16_and_remat_and_untied_head(key):
+  config = TINY.replace(tie_embeddings=False)
+  params = _init(config, key)
+  assert "lm_head" in params
+  tokens = jax.random.randint(key, (2, 9), 0, 256)
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def loss(params, config):
+    logits = gpt.GPT(config).apply({"params": params}, tokens)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  l32, g32 = grad(params, config)
+  l_remat, g_remat = grad(params, config.replace(remat=True))
+  assert_close(l_remat, l32)
+  for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g32)):
+    assert_close(a, b, rtol=1e-4)
+  l16, g16 = grad(params, config.replace(dtype="bfloat16"))
+  assert abs(float(l16) - float(l32)) < 0.05
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+
+
+def test_config_round_trip_and_presets():
+  c = gpt.get_config("tiny", num_layers=3)
+  assert c.num_layers == 3 and gpt.GPTConfig.from_dict(c.to_dict()) == c
+  with pytest.raises(ValueError, match="unknown model preset 'nope'"):
+    gpt.get_config("nope")
+  with pytest.raises(ValueError, match=r"unknown fields \['bogus'\]"):
+    gpt.GPTConfig.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_layers=0), "num_layers must be a positive int"),
+    (dict(num_heads=4, num_kv_heads=3), "must be a multiple of num_kv_heads"),
+    (dict(d_model=60, num_heads=8), "divisible by num_heads"),
+    (dict(head_dim=12), "head_dim must be a multiple of 8"),
+    (dict(dtype="float64"), "dtype must be one of"),
+    (dict(local_window_size=-1), "local_window_size must be >= 0"),
+])
+def test_config_errors(changes, match):
+  with pytest.raises(ValueError, match=match):
+    TINY.replace(**changes)
+
+
+def test_model_input_errors(key):
+  params = _init(TINY, key)
+  model = gpt.GPT(TINY)
+  with pytest.raises(ValueError, match="tokens must be"):
+    model.apply({"params": params}, jnp.zeros((4,), jnp.int32))
+  with pytest.raises(TypeError, match="tokens must be integer"):
+    model.apply({"params": params}, jnp.zeros((1, 4), jnp.float32))
+  with pytest.raises(ValueError, match="one cache per layer"):
+    model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), positions=jnp.zeros((1, 4), jnp.int32),
+                kv_caches=gpt.init_kv_caches(TINY, 1, 8)[:1])
