@@ -50,8 +50,8 @@ THREADS = WARPS * LANES
 VECTOR_BYTES = 16  # bytes of x each thread holds contiguously per row (one 128-bit access)
 SMEM_BUDGET_BYTES = 200 * 1024  # of the 227 KiB a Hopper CTA may use; the rest is Mosaic scratch
 SLOT_TARGET_BYTES = 32 * 1024  # bytes of one input row block (one TMA step)
-FWD_CHUNK_ELEMS = 4096  # elements of one [block_rows, block_cols] register chunk (32 a thread)
-BWD_CHUNK_ELEMS = 2048  # backward keeps ~5 such chunks live
+FWD_CHUNK_ELEMS = 8192  # elements of one [block_rows, block_cols] register chunk (64 a thread)
+BWD_CHUNK_ELEMS = 2048  # backward keeps ~5 such chunks live (16 a thread each)
 MIN_STAGES = 3  # ring depth for one load in flight ahead of the step being computed
 MAX_STAGES = 8
 MAX_BLOCK_ROWS = 64
@@ -129,9 +129,11 @@ def _make_config(rows: int, features: int, x_itemsize: int, *, inputs: int, fixe
   block_cols = tile_cols
   while (features % (2 * block_cols) == 0 and block_rows * 2 * block_cols <= chunk_elems):
     block_cols *= 2
+  # As few programs as give the same number of steps, so they all finish together.
   num_blocks = pl.cdiv(rows, block_rows)
+  steps = pl.cdiv(num_blocks, num_sms * programs_per_sm)
   return NormConfig(block_rows=block_rows, block_cols=block_cols, vector_size=v,
-                    num_stages=stages, num_programs=min(num_blocks, num_sms * programs_per_sm))
+                    num_stages=stages, num_programs=pl.cdiv(num_blocks, steps))
 
 
 def _first_config(programs_per_sm: int | None, **kwargs) -> NormConfig | str:
@@ -249,17 +251,32 @@ class _Block:
     return jnp.sum(acc, axis=1) * self.inv_features
 
   def chunk_slice(self, c):
-    return pl.ds(pl.multiple_of(c * self.cfg.block_cols, self.cfg.block_cols), self.cfg.block_cols)
+    n = self.cfg.block_cols
+    return pl.ds(c * n if isinstance(c, int) else pl.multiple_of(c * n, n), n)
 
   def fold(self, body, init):
     """``init`` folded through ``body(cols, carry)`` over the column chunks."""
+    if self.num_chunks == 1:
+      return body(self.chunk_slice(0), init)
     return lax.fori_loop(0, self.num_chunks, lambda c, acc: body(self.chunk_slice(c), acc), init)
 
   def each(self, body):
     """Runs ``body(cols)`` for every column chunk."""
+    if self.num_chunks == 1:
+      body(self.chunk_slice(0))
+      return
+
     @pl.loop(0, self.num_chunks)
     def _(c):
       body(self.chunk_slice(c))
+
+  def loader(self, ref):
+    """``load(cols)`` of a ``[block_rows, features]`` block; reads SMEM once when the block
+    is a single chunk (it then stays in registers across the passes)."""
+    if self.num_chunks == 1:
+      whole = self.load(ref, self.chunk_slice(0))
+      return lambda cols: whole
+    return lambda cols: self.load(ref, cols)
 
 
 def _with_block_rows(cfg: NormConfig, rows: int, block, body) -> None:
@@ -360,14 +377,15 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
 
   def compute_and_store(block, slot, carry):
     xs = x_smem.at[slot]
+    load_x = blk.loader(xs)
     mean_b = None
     if subtract_mean:
-      mean = blk.row_mean(blk.fold(lambda cols, acc: acc + blk.load(xs, cols), blk.zeros()))
+      mean = blk.row_mean(blk.fold(lambda cols, acc: acc + load_x(cols), blk.zeros()))
       _store_row_stats(mean_gmem, block, mean)
       mean_b = blk.rows(mean)
 
     def sum_squares(cols, acc):
-      xc = normalize(blk.load(xs, cols), mean_b, 1.0)
+      xc = normalize(load_x(cols), mean_b, 1.0)
       return acc + xc * xc
 
     rstd = lax.rsqrt(blk.row_mean(blk.fold(sum_squares, blk.zeros())) + eps)
@@ -376,7 +394,7 @@ def _forward_kernel(*refs, cfg: NormConfig, rows: int, features: int, eps: float
 
     @blk.each
     def _(cols):
-      xhat = normalize(blk.load(xs, cols), mean_b, rstd_b)
+      xhat = normalize(load_x(cols), mean_b, rstd_b)
       w = blk.load_cols(w_smem, cols) if has_weight else None
       b = blk.load_cols(b_smem, cols) if has_bias else None
       xs[:, cols] = scale_shift(xhat, w, b).astype(xs.dtype)
