@@ -3,9 +3,9 @@
 Memory-bound row normalisation (formulas in :mod:`kernels_pallas.normalization`): each
 kernel reads every input byte once from HBM and writes every output byte once.
 
-Structure (both directions): a persistent grid of ``num_programs`` CTAs (one per SM), one
-warpgroup each. Program ``p`` handles row blocks ``p, p + P, p + 2P, ...`` of
-``block_rows`` whole rows. A ring of ``num_stages`` shared-memory slots is filled by TMA
+Structure (both directions): a persistent grid of ``num_programs`` CTAs (two per SM when
+their SMEM shares fit, else one), one warpgroup each. Program ``p`` handles row blocks
+``p, p + P, p + 2P, ...`` of ``block_rows`` whole rows. A ring of ``num_stages`` shared-memory slots is filled by TMA
 bulk copies (a ``[block_rows, features]`` row block is contiguous in HBM, so one
 ``cp.async.bulk`` moves it; the last, partial block copies exactly its rows). The
 result is written back into the slot it was computed from and stored with one bulk copy.
@@ -17,9 +17,13 @@ Inside a step the warpgroup walks the row block in ``[block_rows, block_cols]`` 
 chunks laid out with the 4 warps and 32 lanes side by side along the features axis, each
 thread holding ``vector_size`` contiguous elements (16 bytes of ``x``) per row. Row
 statistics reduce across lanes (shuffles) and warps (a small SMEM scratch); column sums
-(``dweight`` / ``dbias``) stay inside each thread. Every pass re-reads the block from SMEM
+(``dweight`` / ``dbias``) stay inside each thread. Passes re-read the block from SMEM
 instead of holding whole rows in registers, so any ``features`` that fits the SMEM ring is
-served. LayerNorm uses the exact two-pass variance (mean first), like the reference.
+served; a block that is a single chunk is read once and kept in registers (forward).
+LayerNorm uses the exact two-pass variance (mean first), like the reference.
+
+Measured on an H100 (notes/normalization.md): 93-96% of the device's copy bandwidth;
+RMSNorm fwd+bwd 1.26x XLA and LayerNorm fwd+bwd 2.0-2.5x XLA at 16384 x 2048..8192 bf16.
 
 Forward saves ``rstd`` (and ``mean`` for LayerNorm) as ``[rows]`` float32; the backward
 reads them (prefetched one step ahead), writes ``dx`` and per-program partial sums

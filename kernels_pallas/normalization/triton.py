@@ -10,8 +10,11 @@ keeps ``dweight`` / ``dbias`` column sums in registers, stored once as
 
 On Hopper the Mosaic GPU kernels (:mod:`kernels_pallas.normalization.mosaic_gpu`) are
 registered first: they move rows with TMA bulk copies through a multi-stage SMEM ring and
-measured faster (notes/normalization.md); this file serves other CUDA GPUs, shapes the
-Mosaic kernels refuse (features not a multiple of 128), and is interpretable on CPU.
+measured faster where it matters (H100, bf16, 16384 tokens: RMSNorm fwd+bwd 253 vs 260 us
+at 4096 features and 529 vs 576 us at 8192, LayerNorm fwd 8192 217 vs 276 us; this
+kernel is within 1-3% on the RMSNorm forward; notes/normalization.md). This file serves
+other CUDA GPUs and widths the Mosaic kernels refuse (features not a multiple of 128),
+and is interpretable on CPU.
 
 Limits: ``features <= MAX_BLOCK_COLS`` (a row must fit in registers).
 """
