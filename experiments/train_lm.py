@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -204,14 +205,8 @@ def _init_tree(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
-               mesh: Mesh) -> TrainState:
-  """Fresh state, replicated over ``mesh``."""
-  return jax.jit(lambda: _init_tree(model, tx, key), out_shardings=NamedSharding(mesh, P()))()
-
-
 def abstract_state(model: gpt.GPT, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """Shapes, dtypes and (replicated) shardings of :func:`init_state`'s result."""
+  """Shapes, dtypes and (replicated) shardings of a fresh :class:`TrainState`."""
   replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(lambda: _init_tree(model, tx, jax.random.key(0)))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -254,6 +249,40 @@ def make_eval_step(model: gpt.GPT, mesh: Mesh):
     return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
 
   return jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+
+OPTIMIZER_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+                    "grad_clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The model, optimizer and jitted programs of one (model, optimizer, mesh) setting."""
+
+  model: gpt.GPT
+  tx: optax.GradientTransformation
+  init: Any        # key -> TrainState (replicated)
+  train_step: Any  # (state, batch) -> (state, metrics)
+  eval_step: Any   # (params, batch) -> loss
+
+
+def programs(model_cfg: gpt.GPTConfig, cfg: TrainConfig, mesh: Mesh) -> Programs:
+  """Builds (once per process and setting) the jitted init/train/eval programs.
+
+  Reusing the same jitted functions lets JAX reuse their compilations when a process
+  trains the same setting again (a resumed run, tests).
+  """
+  return _programs(model_cfg, tuple(getattr(cfg, f) for f in OPTIMIZER_FIELDS), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model_cfg: gpt.GPTConfig, opt_values: tuple, mesh: Mesh) -> Programs:
+  model = gpt.GPT(model_cfg)
+  tx, schedule = make_optimizer(TrainConfig(**dict(zip(OPTIMIZER_FIELDS, opt_values))))
+  init = jax.jit(lambda key: _init_tree(model, tx, key), out_shardings=NamedSharding(mesh, P()))
+  return Programs(model=model, tx=tx, init=init,
+                  train_step=make_train_step(model, tx, schedule, mesh),
+                  eval_step=make_eval_step(model, mesh))
 
 
 def peak_flops(device: jax.Device) -> float | None:
@@ -333,8 +362,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     out = Path("runs") / f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
   out.mkdir(parents=True, exist_ok=True)
   ckpt_dir = out / "checkpoints"
-  model = gpt.GPT(model_cfg)
-  tx, schedule = make_optimizer(cfg)
+  progs = programs(model_cfg, cfg, mesh)
+  model, tx = progs.model, progs.tx
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
@@ -345,7 +374,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     state = TrainState(step=jax.device_put(jnp.int32(start_step), replicated), params=params,
                        opt_state=opt_state)
   else:
-    state = init_state(model, tx, jax.random.key(cfg.seed), mesh)
+    state = progs.init(jax.random.key(cfg.seed))
 
   device = jax.devices()[0]
   n_params = gpt.num_params(model_cfg)
@@ -377,15 +406,14 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       f"{device.device_kind}; run folder {out}"
       + (f"; resuming at step {start_step}" if start_step else ""))
 
-  train_step = make_train_step(model, tx, schedule, mesh)
-  eval_step = make_eval_step(model, mesh)
+  eval_step = progs.eval_step
   val = data_lib.val_batches(dataset, num_batches=cfg.eval_batches, batch_size=cfg.batch_size,
                              seq_len=cfg.seq_len)
   get_batch = lambda s: jax.device_put(data_lib.train_batch(  # noqa: E731
       dataset, s, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed), batch_sharding)
 
   t0 = time.perf_counter()
-  train_step = train_step.lower(state, get_batch(start_step)).compile()
+  train_step = progs.train_step.lower(state, get_batch(start_step)).compile()
   compile_s = time.perf_counter() - t0
   log(f"  compiled train_step in {compile_s:.1f}s")
 

@@ -27,12 +27,12 @@ def corpus(tmp_path_factory):
   return str(path)
 
 
-def _setup(mesh, config=gpt.PRESETS["tiny"], **train_kw):
-  cfg = train_lm.preset_config("tiny", **train_kw)
-  model = gpt.GPT(config)
-  tx, schedule = train_lm.make_optimizer(cfg)
-  state = train_lm.init_state(model, tx, jax.random.key(0), mesh)
-  return model, state, train_lm.make_train_step(model, tx, schedule, mesh)
+def _setup(devices):
+  """Fresh state and the jitted step of the tiny model on a mesh of ``devices``."""
+  mesh = train_lm.make_mesh(devices)
+  cfg = train_lm.preset_config("tiny", warmup_steps=0, lr=3e-3)
+  progs = train_lm.programs(gpt.PRESETS["tiny"], cfg, mesh)
+  return progs.init(jax.random.key(0)), progs.train_step
 
 
 def _batch(key, b=8, s=24):
@@ -41,7 +41,7 @@ def _batch(key, b=8, s=24):
 
 
 def test_train_step_reduces_loss_on_a_fixed_batch(key):
-  _, state, step = _setup(train_lm.make_mesh(jax.devices()[:1]), warmup_steps=0, lr=1e-2)
+  state, step = _setup(jax.devices()[:1])
   batch = _batch(key)
   losses = []
   for _ in range(12):
@@ -57,8 +57,7 @@ def test_data_parallel_step_equals_single_device_step(key):
   batch = _batch(key)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = train_lm.make_mesh(devices)
-    _, state, step = _setup(mesh, warmup_steps=1)
+    state, step = _setup(devices)
     for _ in range(2):
       state, metrics = step(state, batch)
     assert state.params["embed"]["embedding"].sharding.mesh.size == len(devices)

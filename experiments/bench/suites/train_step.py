@@ -1,0 +1,121 @@
+"""End-to-end GPT training step: tokens/s and MFU by attention implementation.
+
+The jitted, state-donating ``train_step`` of :mod:`experiments.train_lm` (forward, backward,
+AdamW update) for the ``gpt-125m`` preset (12 layers, d 768, 12 heads of 64, SwiGLU 2048,
+vocab 32000, bf16 compute) at seq 2048, with attention through
+:func:`jaxeff.ops.dot_product_attention` as:
+
+* ``xla``: the pure-jnp reference (materialises the scores);
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``;
+* ``jaxeff``: ``implementation=None``, whatever jaxeff picks on the device (its flash
+  kernels where registered, the best baseline otherwise).
+
+Every other layer is the same in all three (RMSNorm, SwiGLU, embeddings: jaxeff's choice).
+Timing chains the donated state through consecutive steps (each round closed by
+``block_until_ready``) over a few rotating batches, median over rounds. FLOPs per token are
+``6 N + 12 L d S`` (N without embeddings, no causal discount) and MFU divides by the
+device's dense bf16 peak (989 TFLOP/s on H100; MFU is omitted where the peak is unknown).
+``--quick`` keeps 4 layers and fewer rounds. On CPU a tiny model runs so the suite can be
+smoke-tested (``cudnn`` then fails and is reported as such).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from experiments import train_lm
+from experiments.bench import harness
+from jaxeff.models import gpt
+
+IMPLEMENTATIONS = {"xla": "xla", "cudnn": "cudnn", "jaxeff": None}
+PRESET = "gpt-125m"
+GPU_SHAPE = dict(batch=4, seq=2048)   # batch x seq = 8k tokens: XLA attention still fits
+CPU_SHAPE = dict(batch=8, seq=64)
+ROUNDS, QUICK_ROUNDS = 10, 4
+STEPS_PER_ROUND = 5
+N_BATCHES = 4
+
+
+def _config(on_gpu: bool, quick: bool) -> tuple[gpt.GPTConfig, dict]:
+  if on_gpu:
+    config = gpt.PRESETS[PRESET]
+    if quick:
+      config = config.replace(num_layers=4)
+    return config, dict(GPU_SHAPE)
+  return gpt.PRESETS["tiny"], dict(CPU_SHAPE)
+
+
+def time_train_step(config: gpt.GPTConfig, *, batch: int, seq: int, rounds: int,
+                    steps_per_round: int = STEPS_PER_ROUND) -> tuple[float, float]:
+  """``(median seconds per step, compile seconds)`` of the train step of ``config``."""
+  mesh = train_lm.make_mesh()
+  batch = -(-batch // mesh.size) * mesh.size
+  cfg = train_lm.preset_config(PRESET, steps=1000, warmup_steps=10, batch_size=batch, seq_len=seq)
+  progs = train_lm.programs(config, cfg, mesh)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train_lm.DATA_AXIS))
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(N_BATCHES):
+    tokens = rng.integers(0, min(config.vocab_size, 256), (batch, seq + 1), dtype=np.int32)
+    batches.append(jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, sharding))
+  state = progs.init(jax.random.key(0))
+  t0 = time.perf_counter()
+  step = progs.train_step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  for i in range(2):  # warm-up
+    state, metrics = step(state, batches[i % N_BATCHES])
+  jax.block_until_ready((state, metrics))
+  per_step = []
+  for r in range(rounds):
+    t0 = time.perf_counter()
+    for j in range(steps_per_round):
+      state, metrics = step(state, batches[(r * steps_per_round + j) % N_BATCHES])
+    jax.block_until_ready((state, metrics))
+    per_step.append((time.perf_counter() - t0) / steps_per_round)
+  if not np.isfinite(float(metrics["loss"])):
+    raise FloatingPointError(f"non-finite loss {float(metrics['loss'])}")
+  del state, metrics, batches
+  gc.collect()
+  return statistics.median(per_step), compile_s
+
+
+def run(quick: bool = False) -> list[harness.Row]:
+  on_gpu = jax.default_backend() == "gpu"
+  base, shape = _config(on_gpu, quick)
+  batch, seq = shape["batch"], shape["seq"]
+  peak = train_lm.peak_flops(jax.devices()[0])
+  fpt = gpt.flops_per_token(base, seq)
+  name = PRESET if on_gpu else "tiny"
+  case = f"{name} L{base.num_layers} b{batch} s{seq} {base.dtype}"
+  rows = []
+  for impl_name, impl in IMPLEMENTATIONS.items():
+    config = base.replace(attention_implementation=impl)
+    try:
+      median_s, compile_s = time_train_step(config, batch=batch, seq=seq,
+                                            rounds=QUICK_ROUNDS if quick else ROUNDS)
+    except Exception as e:  # a baseline that cannot run here (cuDNN on CPU, OOM) is reported
+      msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+      print(f"  ! {impl_name}: {type(e).__name__}: {msg}")
+      median_s, compile_s = float("nan"), float("nan")
+    tokens_per_s = batch * seq / median_s
+    tflops = tokens_per_s * fpt / 1e12
+    mfu = tokens_per_s * fpt / peak if peak else None
+    rows.append(harness.Row(
+        case=case,
+        params=dict(model=name, layers=base.num_layers, d_model=base.d_model,
+                    heads=base.num_heads, kv_heads=base.kv_heads, head_dim=base.dim_per_head,
+                    mlp_hidden=base.mlp_hidden, vocab=base.vocab_size, batch=batch, seq=seq,
+                    dtype=base.dtype, causal=True, mode="train_step"),
+        implementation=impl_name, median_s=median_s, throughput=tokens_per_s, unit="tokens/s",
+        extra=dict(mfu=mfu, model_tflops=tflops, flops_per_token=fpt,
+                   params_non_embedding=gpt.num_params(base, non_embedding=True),
+                   num_params=gpt.num_params(base), compile_s=compile_s)))
+    print(f"  {impl_name:<7} {harness.fmt_time(median_s):>11}/step  {tokens_per_s:12,.0f} tokens/s"
+          f"  MFU {'n/a' if mfu is None or mfu != mfu else f'{mfu:.1%}'}"
+          f"  (compile {compile_s:.1f}s)")
+  return rows
