@@ -134,7 +134,7 @@ def _make_config(rows: int, features: int, x_itemsize: int, *, inputs: int, fixe
   while (features % (2 * block_cols) == 0 and block_rows * 2 * block_cols <= chunk_elems):
     block_cols *= 2
   # As few programs as give the same number of steps, so they all finish together.
-  num_blocks = pl.cdiv(rows, block_rows)
+  num_blocks = max(1, pl.cdiv(rows, block_rows))
   steps = pl.cdiv(num_blocks, num_sms * programs_per_sm)
   return NormConfig(block_rows=block_rows, block_cols=block_cols, vector_size=v,
                     num_stages=stages, num_programs=pl.cdiv(num_blocks, steps))
@@ -142,11 +142,10 @@ def _make_config(rows: int, features: int, x_itemsize: int, *, inputs: int, fixe
 
 def _first_config(programs_per_sm: int | None, **kwargs) -> NormConfig | str:
   """``programs_per_sm`` if given, else ``PROGRAMS_PER_SM`` when its SMEM share fits, else 1."""
-  cfg = "no programs per SM to try"
   for pps in (programs_per_sm,) if programs_per_sm else (PROGRAMS_PER_SM, 1):
     cfg = _make_config(programs_per_sm=pps, **kwargs)
     if not isinstance(cfg, str):
-      return cfg
+      break
   return cfg
 
 
@@ -324,7 +323,7 @@ def _pipeline(cfg: NormConfig, rows: int, start_loads, wait_loads, compute_and_s
 
     @pl.when(refill < num_steps)
     def _refill():
-      # The slot of step `step - 2` is refilled once its store has read it.
+      # The slot of step `step - 1 - STORES_IN_FLIGHT` is refilled once its store has read it.
       plgpu.wait_smem_to_gmem(STORES_IN_FLIGHT, wait_read_only=True)
       start_loads(block_of(refill), lax.rem(refill, cfg.num_stages))
 

@@ -51,8 +51,9 @@ def test_without_parameters(module, key):
   assert_close(module.apply(params, x), ref)
 
 
-@pytest.mark.parametrize("implementation", ["mosaic_gpu:interpret", "triton:interpret"])
-def test_kernel_gradients_match_reference(implementation, key):
+def test_kernel_gradients_match_reference(key):
+  # The module passes `implementation` through; the ops tests cover every kernel.
+  implementation = "mosaic_gpu:interpret"
   x = _x(key, (3, 7, 128))
   fused = nn.LayerNorm(implementation=implementation)
   reference = nn.LayerNorm(implementation="xla")
