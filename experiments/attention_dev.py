@@ -182,6 +182,43 @@ def run_extra():
       timed("cudnn", cud, b, s, h, kvh, d, causal, mode)
 
 
+def run_bwd_variants():
+  """Backward register split variants at seq 4096 (default vs 232/40)."""
+  import dataclasses
+  for d, s, causal in [(128, 4096, False), (128, 4096, True), (64, 4096, False)]:
+    b = 16384 // s
+    base = mg.default_config(d, causal)
+    for vname, cfg in {"default": base,
+                       "regs232": dataclasses.replace(base, bwd_compute_registers=232,
+                                                      bwd_memory_registers=40)}.items():
+      @jax.custom_vjp
+      def attn(q, k, v, cfg=cfg, c=causal):
+        return mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)[0]
+
+      def attn_fwd(q, k, v, cfg=cfg, c=causal):
+        o, l = mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)
+        return o, (q, k, v, o, l)
+
+      def attn_bwd(res, do, cfg=cfg, c=causal):
+        q, k, v, o, l = res
+        return mg.backward(q, k, v, o, l, do, is_causal=c, scale=d ** -0.5, config=cfg)
+
+      attn.defvjp(attn_fwd, attn_bwd)
+      timed(f"jaxeff:{vname}", attn, b, s, 16, 16, d, causal, "fwd_bwd")
+    cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="cudnn")
+    timed("cudnn", cud, b, s, 16, 16, d, causal, "fwd_bwd")
+
+
+def run_profile_once():
+  """One forward+backward at d128 s4096 (for ncu)."""
+  q, k, v, do, _ = inputs(jax.random.key(5), 4, 4096, 4096, 16, 16, 128)
+  f = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: A.dot_product_attention(
+      q, k, v, implementation="mosaic_gpu"), q, k, v)[1](do))
+  jax.block_until_ready(f(q, k, v, do))
+  jax.block_until_ready(f(q, k, v, do))
+
+
 def summary():
   print("\n== summary ==")
   for r in RESULTS["check"]:
@@ -215,6 +252,10 @@ def main(argv=None):
       run_extra()
     if "variants" in args.what:
       run_variants()
+    if "bwdvariants" in args.what:
+      run_bwd_variants()
+    if "profile" in args.what:
+      run_profile_once()
   finally:
     summary()
     if args.out:
