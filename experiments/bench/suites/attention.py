@@ -12,6 +12,8 @@ memory) and ``tokamax`` when importable.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 
@@ -62,34 +64,56 @@ def _segment_ids(key, b, s, n_segments=4):
   return (pos[:, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)
 
 
-def _case(rows, *, seq, heads, kv_heads, head_dim, causal, segments=False, rounds=20):
-  b = max(1, TOKENS // seq)
-  for mode in ("fwd", "fwd_bwd"):
-    def make(i, b=b):
-      ks = jax.random.split(jax.random.key(1000 + i), 5)
-      q = jax.random.normal(ks[0], (b, seq, heads, head_dim), jnp.bfloat16)
-      k = jax.random.normal(ks[1], (b, seq, kv_heads, head_dim), jnp.bfloat16)
-      v = jax.random.normal(ks[2], (b, seq, kv_heads, head_dim), jnp.bfloat16)
-      do = jax.random.normal(ks[3], (b, seq, heads, head_dim), jnp.bfloat16)
-      ids = _segment_ids(ks[4], b, seq) if segments else None
-      return q, k, v, do, ids
+def _cases(quick: bool):
+  seqs = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+  dims = (128,) if quick else (64, 128)
+  cases = [dict(seq=s, heads=16, kv_heads=16, head_dim=d, causal=c)
+           for d in dims for c in (False, True) for s in seqs]
+  cases.append(dict(seq=4096, heads=32, kv_heads=8, head_dim=128, causal=True))
+  cases.append(dict(seq=4096, heads=16, kv_heads=16, head_dim=128, causal=True, segments=True))
+  return cases
 
-    params = {"batch": b, "seq": seq, "heads": heads, "kv_heads": kv_heads,
-              "head_dim": head_dim, "causal": causal, "segments": segments, "mode": mode}
-    case = (f"attn d{head_dim} h{heads}/{kv_heads} s{seq} "
+
+def _jobs(case):
+  """(case name, params, implementation, jitted fn, make_args, FLOPs) for one shape."""
+  seq, heads, kv_heads, d = case["seq"], case["heads"], case["kv_heads"], case["head_dim"]
+  causal, segments = case["causal"], case.get("segments", False)
+  b = max(1, TOKENS // seq)
+
+  def make(i, b=b):
+    ks = jax.random.split(jax.random.key(1000 + i), 5)
+    q = jax.random.normal(ks[0], (b, seq, heads, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, seq, kv_heads, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, seq, kv_heads, d), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (b, seq, heads, d), jnp.bfloat16)
+    ids = _segment_ids(ks[4], b, seq) if segments else None
+    return q, k, v, do, ids
+
+  jobs = []
+  for mode in ("fwd", "fwd_bwd"):
+    params = {"batch": b, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": d,
+              "causal": causal, "segments": segments, "mode": mode}
+    name = (f"attn d{d} h{heads}/{kv_heads} s{seq} "
             f"{'causal' if causal else 'full'}{' packed' if segments else ''} {mode}")
-    for name, fn in _implementations(causal, seq, segments).items():
+    for impl, fn in _implementations(causal, seq, segments).items():
       if mode == "fwd":
         f = jax.jit(lambda q, k, v, do, ids, fn=fn: fn(q, k, v, ids))
       else:
         f = jax.jit(lambda q, k, v, do, ids, fn=fn: jax.vjp(
             lambda q, k, v: fn(q, k, v, ids), q, k, v)[1](do))
-      t = harness.safe_time(f, make, rounds=rounds, warmup=2)
-      rows.append(harness.Row(case, dict(params), name, t,
-                              _flops(b, seq, heads, head_dim, causal, mode) / t / 1e12,
-                              "TFLOP/s"))
-      print(f"  {case:<48} {name:<8} {harness.fmt_time(t):>11} {rows[-1].throughput:7.1f}",
-            flush=True)
+      jobs.append((name, params, impl, f, make, _flops(b, seq, heads, d, causal, mode)))
+  return jobs
+
+
+def _compile(job):
+  """AOT-compiles one job from abstract shapes (no device memory); None on failure."""
+  f, make = job[3], job[4]
+  args = jax.eval_shape(lambda: make(0))
+  try:
+    return f.lower(*args).compile()
+  except Exception as e:  # timed (and reported) by the sequential path instead
+    print(f"  ! compile {job[0]} {job[2]}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return None
 
 
 def run(quick: bool = False) -> list[harness.Row]:
@@ -97,14 +121,14 @@ def run(quick: bool = False) -> list[harness.Row]:
   if jax.default_backend() != "gpu":
     print("attention suite: needs a GPU (the kernels run on CPU only in interpret mode)")
     return rows
-  seqs = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
-  dims = (128,) if quick else (64, 128)
-  rounds = 10 if quick else 20
-  for d in dims:
-    for causal in (False, True):
-      for s in seqs:
-        _case(rows, seq=s, heads=16, kv_heads=16, head_dim=d, causal=causal, rounds=rounds)
-  _case(rows, seq=4096, heads=32, kv_heads=8, head_dim=128, causal=True, rounds=rounds)
-  _case(rows, seq=4096, heads=16, kv_heads=16, head_dim=128, causal=True, segments=True,
-        rounds=rounds)
+  jobs = [job for case in _cases(quick) for job in _jobs(case)]
+  # Compile everything first, in parallel threads (XLA and ptxas release the GIL).
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    compiled = list(pool.map(_compile, jobs))
+  rounds = 10 if quick else 15
+  for (name, params, impl, f, make, flops), exe in zip(jobs, compiled):
+    t = harness.safe_time(exe if exe is not None else f, make, rounds=rounds, warmup=2)
+    rows.append(harness.Row(name, dict(params), impl, t, flops / t / 1e12, "TFLOP/s"))
+    print(f"  {name:<48} {impl:<8} {harness.fmt_time(t):>11} {rows[-1].throughput:7.1f}",
+          flush=True)
   return rows
