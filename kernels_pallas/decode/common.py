@@ -202,6 +202,8 @@ class Plan:
     item_seq, item_head: ``[max_items]`` sequence and KV head of each item.
     item_block: ``[max_items]`` first KV block (in the sequence's own numbering) of each item.
     worker_item: ``[num_workers]`` the item holding each worker's first block.
+    worker_last: ``[num_workers]`` the item holding each worker's last block (a worker
+      with no blocks has ``worker_last < worker_item``).
     blocks_per_worker: ``[]`` ``K = ceil(total / num_workers)`` (at least 1).
     total: ``[]`` the number of blocks of all items.
     num_items: ``[]`` the number of nonempty items.
@@ -212,6 +214,7 @@ class Plan:
   item_head: jax.Array
   item_block: jax.Array
   worker_item: jax.Array
+  worker_last: jax.Array
   blocks_per_worker: jax.Array
   total: jax.Array
   num_items: jax.Array
@@ -254,8 +257,12 @@ def make_plan(lengths: jax.Array, *, kv_heads: int, q_len: int, block_kv: int,
   worker_first = jnp.arange(num_workers, dtype=jnp.int32) * k
   worker_item = jnp.searchsorted(item_start[1:], worker_first, side="right").astype(jnp.int32)
   worker_item = jnp.minimum(worker_item, max(batch * kv_heads - 1, 0))
+  worker_end = jnp.minimum(worker_first + k, total)
+  worker_last = jnp.searchsorted(item_start[1:], worker_end - 1, side="right").astype(jnp.int32)
+  worker_last = jnp.where(worker_end > worker_first, worker_last, worker_item - 1)
   return Plan(item_start=item_start, item_seq=seq, item_head=head,
               item_block=first_block[seq].astype(jnp.int32), worker_item=worker_item,
+              worker_last=worker_last,
               blocks_per_worker=k.astype(jnp.int32), total=total.astype(jnp.int32),
               num_items=jnp.sum(counts > 0).astype(jnp.int32))
 

@@ -1,11 +1,421 @@
-"""Placeholder (filled below)."""
+"""Split-KV decode attention for NVIDIA Hopper in Pallas Mosaic GPU (Lean Attention partition).
+
+Algorithm: FlashDecoding (Dao et al., 2023) with the stream-K partition of Lean Attention
+(Sanovar et al., 2024), ``common.make_plan``: a persistent grid of ``num_workers`` CTAs
+(``ctas_per_sm`` per SM); CTA ``w`` owns an equal share ``[w K, (w + 1) K)`` of the KV
+blocks of all (sequence, KV head) items laid end to end, so every SM reads the same
+number of bytes however ragged the batch is. The share crosses item boundaries; the part
+of each item it covers is a *piece* whose softmax-normalised partial output and
+log-sum-exp go to slot ``item + w``; ``common.merge_partials`` combines the pieces.
+
+Per CTA, two warpgroups:
+
+* the *memory* warpgroup walks the CTA's blocks and TMA-copies each block's K and V (one
+  copy per page of ``page_size`` rows, located through the page table; a contiguous cache
+  arrives as pages with an identity table) and, for quantized caches, the per-token
+  scales, into a ``num_stages``-deep shared-memory ring guarded by "loaded"/"consumed"
+  mbarriers; it streams straight across piece boundaries, so the ring never drains;
+* the *compute* warpgroup holds the ``q_len * group`` query rows of the current item
+  (GQA: one KV head's query heads together; padded to the 64 rows of a wgmma tile) and
+  runs the online softmax (log2 domain): ``S = Q K^T`` and ``O += P V`` are wgmmas. It
+  prefetches the next piece's query tile while the current piece runs. Quantized tiles
+  (int8, float8_e4m3fn, int4) are dequantized in registers (``q * scale`` per token; int4
+  unpacked as the two halves of head_dim, ``common``) into a bf16/f16 tile that the wgmma
+  reads, so the tensor cores see exactly the reference's dequantized values up to one
+  bf16 rounding.
+
+Why this layout: decode is bandwidth-bound (``group`` flops per byte of KV), so the 64-row
+wgmma tile's wasted rows cost tensor-core time the kernel has to spare; what matters is
+that every SM keeps ``num_stages`` blocks of K/V in flight at all times, which the
+persistent stream-K walk and the warp-specialised ring provide.
+
+Interpret mode (``interpret=True``): the probabilities go to the PV wgmma through shared
+memory and accumulators live in scoped refs, the forms Mosaic GPU's interpreter runs;
+everything else (partition, ring, barriers, page copies, dequantization) is the GPU code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
 from kernels_pallas.decode import common
 
-def contiguous_page_size(capacity):
+ROWS = 64  # query rows per wgmma tile
+SUPPORTED_HEAD_DIMS = (64, 128)
+_MIN_PAGE = 8  # TMA copies whole 8-row tiles into the swizzled ring
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Block sizes. ``block_kv`` tokens per pipeline step; ``num_workers`` persistent CTAs
+  (None = ``ctas_per_sm`` per SM; ``interpret_workers`` in interpret mode)."""
+
+  block_kv: int = 64
+  num_stages: int = 3
+  ctas_per_sm: int = 1
+  num_workers: int | None = None
+  interpret_workers: int = 3
+
+
+def default_config(head_dim: int, fmt: str) -> Config:
+  """Stages by shared memory: Q 2 x 64 x d (16-bit), output staging 64 x d float32, and
+  per stage a K and a V block (plus bf16 dequantization buffers when quantized)."""
+  if fmt == "none":
+    return Config(num_stages=3 if head_dim <= 64 else 2)
+  return Config(num_stages=4 if head_dim <= 64 else 3)
+
+
+def contiguous_page_size(capacity: int) -> int:
   return common.contiguous_page_size(capacity)
 
-def supports(**kw):
-  return "not yet"
 
-def decode_attention(*a, **k):
-  raise NotImplementedError
+def supports(*, head_dim: int, dtype, fmt: str, int4_groups: int, page_size: int,
+             rows: int) -> str | None:
+  """None when this kernel can serve the call, else the reason."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"mosaic_gpu needs bfloat16/float16 queries, got {jnp.dtype(dtype)}"
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    return f"mosaic_gpu supports head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}"
+  if rows > ROWS:
+    return (f"mosaic_gpu serves q_len * q_heads / kv_heads <= {ROWS} query rows per KV head, "
+            f"got {rows}")
+  bk = Config().block_kv
+  if page_size < _MIN_PAGE or (page_size % bk and bk % page_size):
+    return (f"mosaic_gpu needs a page size (or, for a contiguous cache, the largest "
+            f"power-of-two divisor of the capacity up to 256) that is >= {_MIN_PAGE} and "
+            f"divides or is a multiple of {bk}, got {page_size}")
+  if fmt == "int4" and int4_groups not in (1, 2):
+    return f"mosaic_gpu int4 needs 1 or 2 scale groups per head, got {int4_groups}"
+  return None
+
+
+def _tiled(shape, dtype, swizzle: int | None = None):
+  """A shared-memory tile swizzled for wgmma/TMA (by default the swizzle spans one row,
+  up to 128 B)."""
+  if swizzle is None:
+    swizzle = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                              plgpu.SwizzleTransform(swizzle)))
+
+
+def _dequantize(raw, scales, dst, *, fmt: str, dtype):
+  """Dequantizes the raw ring tile ``raw [bk, dc]`` with per-token ``scales [groups, bk]``
+  (shared memory) into ``dst [bk, d]`` (16-bit, shared memory)."""
+  layout = plgpu.Layout.WGMMA
+  row_layout = layout.reduce(1)
+  bk, dc = raw.shape
+
+  def scaled(x, g):
+    s = lax.broadcast_in_dim(plgpu.load(scales.at[g], layout=row_layout), (bk, dc), [0])
+    return (x * s).astype(dtype)
+
+  x = plgpu.load(raw, layout=layout, optimized=True)
+  if fmt == "int4":
+    b = x.astype(jnp.int32)
+    lo = (b & 15).astype(jnp.float32) - common.INT4_OFFSET
+    hi = ((b >> 4) & 15).astype(jnp.float32) - common.INT4_OFFSET
+    groups = scales.shape[0]
+    dst.at[:, pl.ds(0, dc)][...] = scaled(lo, 0)
+    dst.at[:, pl.ds(dc, dc)][...] = scaled(hi, groups - 1)
+  else:
+    dst[...] = scaled(x.astype(jnp.float32), 0)
+
+
+def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_ref, len_ref,
+            table_ref, q_ref, k_ref, v_ref, *refs, fmt, q_len, group, page_size, block_kv,
+            stages, window, scale, soft_cap, interpret):
+  quant = fmt != "none"
+  if quant:
+    ks_ref, vs_ref, o_ref, lse_ref, s = refs
+  else:
+    ks_ref = vs_ref = None
+    o_ref, lse_ref, s = refs
+  bk = block_kv
+  d = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  out_rows = o_ref.shape[1]
+  ppb, rpp = common.block_pages(page_size, bk)
+  n_scale_groups = ks_ref.shape[1] if quant else 0
+  layout = plgpu.Layout.WGMMA
+  row_layout = layout.reduce(1)
+  w = lax.axis_index("workers")
+  wg = lax.axis_index("wg")
+  lo, hi = common.worker_range(meta_ref[0], meta_ref[1], w)
+  i_first, i_last = wfirst_ref[w], wlast_ref[w]
+  n_steps = jnp.maximum(hi - lo, 0)
+
+  def piece(i):
+    """Blocks ``[p0, p1)`` of item ``i`` in this worker's share, its sequence and head."""
+    p0 = jnp.maximum(lo, start_ref[i])
+    p1 = jnp.minimum(hi, start_ref[i + 1])
+    return p0, p1, seq_ref[i], head_ref[i]
+
+  def first_token(i, p):
+    return (blk_ref[i] + p - start_ref[i]) * bk
+
+  @pl.when(wg == 0)
+  def _compute():
+    def load_q(i, qslot):
+      _, _, b, h = piece(i)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, h], s["q"].at[qslot], s["q_bar"].at[qslot])
+
+    @pl.when(i_last >= i_first)
+    def _():
+      load_q(i_first, 0)
+
+    def piece_body(j, _):
+      i = i_first + j
+      qslot = lax.rem(j, 2)
+      p0, p1, b, h = piece(i)
+      length = len_ref[b]
+      plgpu.barrier_wait(s["q_bar"].at[qslot])
+
+      @pl.when(i < i_last)
+      def _():
+        load_q(i + 1, 1 - qslot)
+
+      q_smem = s["q"].at[qslot]
+      q_pos = length - q_len + _query_token(
+          plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=layout), q_len, group)
+
+      def step(p, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(p - lo, stages)
+        tok0 = first_token(i, p)
+        plgpu.barrier_wait(s["k_bar"].at[slot])
+        if quant:
+          _dequantize(s["k"].at[slot], s["ks"].at[slot], s["kdq"], fmt=fmt, dtype=dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(s["k_cons"].at[slot])
+          k_tile = s["kdq"]
+        else:
+          k_tile = s["k"].at[slot]
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, bk), jnp.float32))
+        if not quant:
+          plgpu.barrier_arrive(s["k_cons"].at[slot])
+        if soft_cap is None:
+          x = qk * (scale * common.LOG2E)
+        else:
+          x = jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * common.LOG2E)
+        kv_pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=layout) + tok0
+        x = jnp.where(common.allowed(q_pos, kv_pos, length, window), x, -jnp.inf)
+        m_new = jnp.maximum(m_i, x.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet
+        alpha = jnp.exp2(m_i - m_use)
+        prob = jnp.exp2(x - lax.broadcast_in_dim(m_use, (ROWS, bk), [0]))
+        l_i = l_i * alpha + prob.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, (ROWS, d), [0])
+        p16 = prob.astype(dtype)
+        plgpu.barrier_wait(s["v_bar"].at[slot])
+        if quant:
+          _dequantize(s["v"].at[slot], s["vs"].at[slot], s["vdq"], fmt=fmt, dtype=dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(s["v_cons"].at[slot])
+          v_tile = s["vdq"]
+        else:
+          v_tile = s["v"].at[slot]
+        if interpret:
+          s["p"][...] = p16
+          plgpu.commit_smem()
+
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, s["p"], v_tile)
+            return acc_ref[...]
+
+          acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, d), jnp.float32))
+        else:
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_tile)
+
+          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        if not quant:
+          plgpu.barrier_arrive(s["v_cons"].at[slot])
+        return acc, m_new, l_i
+
+      carry = (plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), layout),
+               plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout),
+               plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), row_layout))
+      acc, m_i, l_i = lax.fori_loop(p0, p1, step, carry)
+
+      # The piece's partial result: normalised output and log-sum-exp, to slot i + w.
+      empty = l_i == 0.0
+      l_safe = jnp.where(empty, 1.0, l_i)
+      out = acc * lax.broadcast_in_dim(1.0 / l_safe, (ROWS, d), [0])
+      lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous piece's stores
+      s["o"][...] = out
+      s["lse"][...] = lse
+      plgpu.commit_smem()
+      slot_id = i + w
+      plgpu.copy_smem_to_gmem(s["o"].at[pl.ds(0, out_rows)], o_ref.at[slot_id],
+                              commit_group=False)
+      plgpu.copy_smem_to_gmem(s["lse"].at[pl.ds(0, out_rows)], lse_ref.at[slot_id],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      return 0
+
+    lax.fori_loop(0, jnp.maximum(i_last - i_first + 1, 0), piece_body, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 1)
+  def _memory():
+    def issue(i, p, slot, wait):
+      _, _, b, h = piece(i)
+      tok0 = first_token(i, p)
+      row0 = lax.rem(tok0, page_size) if ppb == 1 else 0
+      for name, src, s_src in (("k", k_ref, ks_ref), ("v", v_ref, vs_ref)):
+        if wait:
+          plgpu.barrier_wait(s[f"{name}_cons"].at[slot])
+        bar = s[f"{name}_bar"].at[slot]
+        for c in range(ppb):
+          page = table_ref[b, lax.div(tok0, page_size) + c]
+          rows = pl.ds(c * rpp, rpp)
+          plgpu.copy_gmem_to_smem(src.at[page, pl.ds(row0, rpp), h],
+                                  s[name].at[slot, rows], bar)
+          for g in range(n_scale_groups):
+            plgpu.copy_gmem_to_smem(s_src.at[h, g, pl.ds(page * page_size + row0, rpp)],
+                                    s[f"{name}s"].at[slot, g, rows], bar)
+
+    def piece_body(j, _):
+      i = i_first + j
+      p0, p1, _, _ = piece(i)
+
+      @pl.loop(p0, p1)
+      def _(p):
+        step_idx = p - lo
+        slot = lax.rem(step_idx, stages)
+
+        @pl.when(step_idx < stages)
+        def _():
+          issue(i, p, slot, False)
+
+        @pl.when(step_idx >= stages)
+        def _():
+          issue(i, p, slot, True)
+
+      return 0
+
+    lax.fori_loop(0, jnp.maximum(i_last - i_first + 1, 0), piece_body, 0)
+
+    # Observe the last consumptions too, so every barrier phase is waited on.
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(t):
+      plgpu.barrier_wait(s["k_cons"].at[lax.rem(t, stages)])
+      plgpu.barrier_wait(s["v_cons"].at[lax.rem(t, stages)])
+
+
+def _query_token(row, q_len: int, group: int):
+  """Query token ``row // group`` of each row, by comparisons (``q_len`` is small)."""
+  t = jnp.zeros_like(row)
+  for k in range(1, q_len):
+    t = t + jnp.where(row >= k * group, 1, 0)
+  return t
+
+
+def _num_workers(cfg: Config, interpret: bool) -> int:
+  if cfg.num_workers is not None:
+    return cfg.num_workers
+  if interpret:
+    return cfg.interpret_workers
+  cores = getattr(jax.devices()[0], "core_count", None)
+  return common.num_workers_for(cores, cfg.ctas_per_sm, 132)
+
+
+def head_major_scales(scale: jax.Array) -> jax.Array:
+  """``[num_pages, page_size, kv_heads(, groups)]`` -> ``[kv_heads, groups, num_pages *
+  page_size]``: one contiguous row per (head, group), which TMA can copy per page."""
+  p, ps, kh = scale.shape[:3]
+  s = scale.reshape(p * ps, kh, -1)
+  return jnp.transpose(s, (1, 2, 0))
+
+
+def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None, v_scale=None,
+                     *, fmt: str, window: tuple[int, int] | None, scale: float,
+                     soft_cap: float | None, config: Config | None = None,
+                     interpret: bool = False):
+  """Split-KV decode attention over a paged cache (see ``triton.decode_attention``).
+
+  Returns ``(out [batch, q_len, q_heads, head_dim], lse [batch, q_heads, q_len])``.
+  """
+  b, t, n, d = query.shape
+  num_pages, page_size, kv_heads = k_pages.shape[:3]
+  cfg = config or default_config(d, fmt)
+  group = n // kv_heads
+  bk, stages = cfg.block_kv, cfg.num_stages
+  ppb, rpp = common.block_pages(page_size, bk)
+  capacity = page_table.shape[1] * page_size
+  dtype = query.dtype
+  out_rows = common.round_up(t * group, 8)
+  plan = common.make_plan(lengths, kv_heads=kv_heads, q_len=t, block_kv=bk,
+                          capacity=capacity, window=window,
+                          num_workers=_num_workers(cfg, interpret))
+  n_table = common.round_up(page_table.shape[1], ppb)
+  table = jnp.clip(page_table, 0, num_pages - 1)
+  if n_table != table.shape[1]:
+    table = jnp.pad(table, ((0, 0), (0, n_table - table.shape[1])))
+  q_rows = common.query_rows(query, kv_heads, ROWS)
+  meta = jnp.stack([plan.blocks_per_worker, plan.total]).astype(jnp.int32)
+  args = [meta, plan.item_start, plan.item_seq, plan.item_head, plan.item_block,
+          plan.worker_item, plan.worker_last, jnp.clip(lengths, 0, capacity), table, q_rows,
+          k_pages, v_pages]
+  dc = k_pages.shape[-1]
+  # Every 16-bit wgmma operand shares one swizzle; int4 writes the dequantized halves of
+  # head_dim as separate column ranges, so the swizzle spans half a row then.
+  swz = min(128, (d // 2 if fmt == "int4" else d) * jnp.dtype(dtype).itemsize)
+  scratch = {
+      "q": _tiled((2, ROWS, d), dtype, swz),
+      "k": _tiled((stages, bk, dc), k_pages.dtype),
+      "v": _tiled((stages, bk, dc), v_pages.dtype),
+      "o": _tiled((ROWS, d), jnp.float32),
+      "lse": plgpu.SMEM((ROWS,), jnp.float32),
+      "q_bar": plgpu.Barrier(num_barriers=2),
+  }
+  copies = ppb
+  if fmt != "none":
+    ks, vs = head_major_scales(k_scale), head_major_scales(v_scale)
+    groups = ks.shape[1]
+    args += [ks, vs]
+    copies = ppb * (1 + groups)
+    scratch.update(
+        ks=plgpu.SMEM((stages, groups, bk), jnp.float32),
+        vs=plgpu.SMEM((stages, groups, bk), jnp.float32),
+        kdq=_tiled((bk, d), dtype, swz), vdq=_tiled((bk, d), dtype, swz))
+  scratch.update(
+      k_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+      v_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+      k_cons=plgpu.Barrier(num_barriers=stages),
+      v_cons=plgpu.Barrier(num_barriers=stages))
+  if interpret:
+    scratch["p"] = _tiled((ROWS, bk), dtype, swz)
+  kernel = functools.partial(
+      _kernel, fmt=fmt, q_len=t, group=group, page_size=page_size, block_kv=bk,
+      stages=stages, window=window, scale=scale, soft_cap=soft_cap, interpret=interpret)
+  slots = plan.num_slots
+  o_part, lse_part = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((slots, out_rows, d), jnp.float32),
+                jax.ShapeDtypeStruct((slots, out_rows), jnp.float32)),
+      scratch_types=(scratch,),
+      grid=(plan.num_workers,),
+      grid_names=("workers",),
+      num_threads=2,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*args)
+  o_items, lse_items = common.merge_partials(o_part, lse_part, plan)
+  o, lse = common.scatter_items(o_items, lse_items, plan, b, kv_heads)
+  return common.rows_to_output(o, lse, q_len=t, group=group, dtype=dtype)
