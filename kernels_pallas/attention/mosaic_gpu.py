@@ -67,8 +67,8 @@ class Config:
   bwd_num_stages: int = 2
   compute_registers: int = 232
   memory_registers: int = 40
-  bwd_compute_registers: int = 240
-  bwd_memory_registers: int = 24
+  bwd_compute_registers: int = 232
+  bwd_memory_registers: int = 40
 
   @property
   def fwd_q_tile(self) -> int:

@@ -50,10 +50,18 @@ def _params(cfg: Config):
   return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _list_arrays(sparsity: common.BlockSparsity):
+  """The block lists as arrays, the list length padded to a power of two for Triton."""
+  idx = jnp.asarray(sparsity.indices)
+  cols = idx.shape[2]
+  idx = jnp.pad(idx, ((0, 0), (0, 0), (0, pl.next_power_of_2(cols) - cols)))
+  return [idx, jnp.asarray(sparsity.counts)]
+
+
 def _list_specs(sparsity: common.BlockSparsity, row_of):
   """BlockSpecs selecting one row of the block lists for the current program."""
   batched = sparsity.indices.shape[0] != 1
-  cols = sparsity.indices.shape[2]
+  cols = pl.next_power_of_2(sparsity.indices.shape[2])
   b_of = (lambda *g: row_of(*g)[0]) if batched else (lambda *g: 0)
   return [
       pl.BlockSpec((None, None, cols), lambda *g: (b_of(*g), row_of(*g)[1], 0)),
@@ -137,7 +145,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity, *, mask, scale, soft_cap, cfg, i
                  pl.BlockSpec((None, sp), lambda i, b, h: (b, 0))]
     args += [q_seg, kv_seg]
   in_specs += _list_specs(sparsity, lambda i, b, h: (b, i))
-  args += [jnp.asarray(sparsity.indices), jnp.asarray(sparsity.counts)]
+  args += _list_arrays(sparsity)
   kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
                              cfg=cfg, has_seg=has_seg)
   return pl.pallas_call(
@@ -254,7 +262,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, fwd_sparsity, bwd_sparsit
       compiler_params=_params(cfg),
       interpret=interpret,
       name="flash_attention_dkdv",
-  )(*args, jnp.asarray(bwd_sparsity.indices), jnp.asarray(bwd_sparsity.counts))
+  )(*args, *_list_arrays(bwd_sparsity))
   dk = dk.reshape(b_sz, sp, kv_heads, group, d).sum(3)
   dv = dv.reshape(b_sz, sp, kv_heads, group, d).sum(3)
 
@@ -276,7 +284,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, fwd_sparsity, bwd_sparsit
       compiler_params=_params(cfg),
       interpret=interpret,
       name="flash_attention_dq",
-  )(*args, jnp.asarray(fwd_sparsity.indices), jnp.asarray(fwd_sparsity.counts))
+  )(*args, *_list_arrays(fwd_sparsity))
   return dq, dk, dv
 
 
