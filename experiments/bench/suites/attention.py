@@ -12,7 +12,7 @@ memory) and ``tokamax`` when importable.
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
 import os
 import time
 
@@ -109,37 +109,50 @@ def _jobs(case):
   return jobs
 
 
-def _compile(job):
-  """AOT-compiles one job from abstract shapes (no device memory); None on failure."""
-  f, make = job[3], job[4]
-  args = jax.eval_shape(lambda: make(0))
-  try:
-    return f.lower(*args).compile()
-  except Exception as e:  # timed (and reported) by the sequential path instead
-    print(f"  ! compile {job[0]} {job[2]}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    return None
+def _previous_rows(keep) -> list[harness.Row]:
+  """Rows of an earlier partial run on this device (``JAXEFF_ATTN_BENCH_PART``)."""
+  path = harness.RESULTS_DIR / harness.device_name() / "attention.json"
+  if not path.exists():
+    return []
+  data = json.loads(path.read_text())
+  if data.get("device") != jax.devices()[0].device_kind:
+    return []
+  rows = []
+  for r in data["rows"]:
+    if keep(r["params"]):
+      rows.append(harness.Row(r["case"], r["params"], r["implementation"], r["median_s"],
+                              r["throughput"], r["unit"]))
+  return rows
 
 
 def run(quick: bool = False) -> list[harness.Row]:
-  """Times every case; ``JAXEFF_BENCH_DEADLINE_S`` (seconds) stops early with what is done."""
+  """Times every case in order.
+
+  Environment: ``JAXEFF_BENCH_DEADLINE_S`` stops early and keeps what is done (the full
+  suite compiles ~140 programs and takes ~7 minutes on an H100);
+  ``JAXEFF_ATTN_BENCH_PART=1`` runs the head_dim-128 cases (with GQA and packed),
+  ``=2`` the head_dim-64 ones and keeps the head_dim-128 rows of an earlier part-1 run
+  in this device's ``attention.json``, so the suite fits two shorter device calls.
+  """
   rows: list[harness.Row] = []
   if jax.default_backend() != "gpu":
     print("attention suite: needs a GPU (the kernels run on CPU only in interpret mode)")
     return rows
   deadline = time.perf_counter() + float(os.environ.get("JAXEFF_BENCH_DEADLINE_S", "inf"))
-  jobs = [job for case in _cases(quick) for job in _jobs(case)]
-  rounds = 10
-  # Compile ahead in threads (XLA and ptxas release the GIL) while timing in order.
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
-  futures = [pool.submit(_compile, job) for job in jobs]
-  for i, ((name, params, impl, f, make, flops), fut) in enumerate(zip(jobs, futures)):
+  part = os.environ.get("JAXEFF_ATTN_BENCH_PART", "")
+  cases = _cases(quick)
+  if part == "1":
+    cases = [c for c in cases if c["head_dim"] == 128]
+  elif part == "2":
+    cases = [c for c in cases if c["head_dim"] == 64]
+    rows += _previous_rows(lambda p: p.get("head_dim") == 128)
+  jobs = [job for case in cases for job in _jobs(case)]
+  for i, (name, params, impl, f, make, flops) in enumerate(jobs):
     if time.perf_counter() > deadline:
       print(f"attention suite: deadline reached, {len(jobs) - i} timings skipped")
       break
-    exe = fut.result()
-    t = harness.safe_time(exe if exe is not None else f, make, rounds=rounds, warmup=2)
+    t = harness.safe_time(f, make, rounds=10, warmup=2)
     rows.append(harness.Row(name, dict(params), impl, t, flops / t / 1e12, "TFLOP/s"))
     print(f"  {name:<48} {impl:<8} {harness.fmt_time(t):>11} {rows[-1].throughput:7.1f}",
           flush=True)
-  pool.shutdown(wait=False, cancel_futures=True)
   return rows
