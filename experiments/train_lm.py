@@ -64,12 +64,12 @@ class TrainConfig:
 
   preset: str = "cpu-small"
   data: str | None = None  # None: the Python standard library's sources
-  steps: int = 600
-  batch_size: int = 32
-  seq_len: int = 128
+  steps: int = 200
+  batch_size: int = 64
+  seq_len: int = 64
   lr: float = 3e-3
   min_lr_ratio: float = 0.1
-  warmup_steps: int = 50
+  warmup_steps: int = 20
   weight_decay: float = 0.1
   beta1: float = 0.9
   beta2: float = 0.95
@@ -80,10 +80,10 @@ class TrainConfig:
   model_overrides: tuple[tuple[str, Any], ...] = ()
   seed: int = 0
   val_fraction: float = 0.05
-  eval_every: int = 200
-  eval_batches: int = 8
-  log_every: int = 25
-  checkpoint_every: int = 500
+  eval_every: int = 100
+  eval_batches: int = 4
+  log_every: int = 20
+  checkpoint_every: int = 100
   keep_checkpoints: int = 3
   out: str | None = None
   resume: str | None = None
@@ -109,8 +109,8 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=20,
                  eval_batches=2, log_every=10, checkpoint_every=20, sample_tokens=32),
-    "cpu-small": dict(steps=240, batch_size=64, seq_len=64, lr=3e-3, warmup_steps=20,
-                      eval_every=80, eval_batches=4, log_every=20, checkpoint_every=120),
+    "cpu-small": dict(steps=200, batch_size=64, seq_len=64, lr=3e-3, warmup_steps=20,
+                      eval_every=100, eval_batches=4, log_every=20, checkpoint_every=100),
     "gpt-125m": dict(steps=2000, batch_size=16, seq_len=2048, lr=6e-4, warmup_steps=200,
                      eval_every=500, eval_batches=8, log_every=10, checkpoint_every=1000),
     "gpt-350m": dict(steps=2000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=200,
@@ -123,7 +123,10 @@ def preset_config(preset: str, **changes) -> TrainConfig:
   if preset not in TRAIN_PRESETS or preset not in gpt.PRESETS:
     raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of "
                       f"{sorted(TRAIN_PRESETS)}")
-  return TrainConfig(preset=preset, **{**TRAIN_PRESETS[preset], **changes})
+  values = {**TRAIN_PRESETS[preset], **changes}
+  if "steps" in changes and "warmup_steps" not in changes:  # short runs: warm up for 10%
+    values["warmup_steps"] = min(values["warmup_steps"], max(changes["steps"] // 10, 0))
+  return TrainConfig(preset=preset, **values)
 
 
 def validate(cfg: TrainConfig, model_cfg: gpt.GPTConfig, num_devices: int) -> None:
@@ -415,7 +418,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   t0 = time.perf_counter()
   train_step = progs.train_step.lower(state, get_batch(start_step)).compile()
   compile_s = time.perf_counter() - t0
-  log(f"  compiled train_step in {compile_s:.1f}s")
+  log(f"  compiled train_step in {compile_s:.1f}s (state and data ready after "
+      f"{t0 - t_start:.1f}s)")
 
   tokens_per_step = cfg.batch_size * cfg.seq_len
   end_step = cfg.stop_at if cfg.stop_at is not None else cfg.steps

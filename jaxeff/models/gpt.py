@@ -44,6 +44,9 @@ class GPTConfig:
     tie_embeddings: share the token embedding with the output head.
     dtype: computation dtype, ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
     remat: recompute each block's activations in the backward pass (``jax.checkpoint``).
+    scan_layers: run the blocks with ``nn.scan`` over parameters stacked on a leading
+      ``[num_layers]`` axis (one compiled block instead of ``num_layers``: much faster
+      compiles of deep models; KV caches are then one stacked :class:`KVCache`).
     attention_implementation: passed to :func:`jaxeff.ops.dot_product_attention`.
     logits_soft_cap: attention logit soft cap, or None.
     local_window_size: sliding-window size to the left, or None for full causal attention.
@@ -63,12 +66,16 @@ class GPTConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
   attention_implementation: str | None = None
   logits_soft_cap: float | None = None
   local_window_size: int | None = None
   init_std: float = 0.02
 
   def __post_init__(self):
+    for name in ("tie_embeddings", "remat", "scan_layers"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"GPTConfig: {name} must be a bool, got {getattr(self, name)!r}")
     positive = ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_hidden", "max_seq_len")
     for name in positive:
       v = getattr(self, name)
@@ -129,10 +136,10 @@ PRESETS: dict[str, GPTConfig] = {
     # GPU sizes (vocab 32000 as in the project's end-to-end baseline; byte data uses 256 of it).
     "gpt-125m": GPTConfig(vocab_size=32000, num_layers=12, d_model=768, num_heads=12,
                           mlp_hidden=2048, max_seq_len=2048, tie_embeddings=False,
-                          dtype="bfloat16"),
+                          dtype="bfloat16", scan_layers=True),
     "gpt-350m": GPTConfig(vocab_size=32000, num_layers=24, d_model=1024, num_heads=16,
                           mlp_hidden=2816, max_seq_len=2048, tie_embeddings=False,
-                          dtype="bfloat16"),
+                          dtype="bfloat16", scan_layers=True),
 }
 
 
@@ -199,7 +206,7 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               kv_caches: Sequence[KVCache] | None = None):
+               kv_caches: Sequence[KVCache] | KVCache | None = None):
     """Runs the model.
 
     Args:
@@ -207,7 +214,8 @@ class GPT(nn.Module):
       positions: int ``[batch, seq]`` absolute positions; default ``arange(seq)``. With
         ``kv_caches`` they are also where the new keys/values are written.
       segment_ids: int ``[batch, seq]`` for packed sequences (no cache).
-      kv_caches: one :class:`KVCache` per layer (see :func:`init_kv_caches`).
+      kv_caches: from :func:`init_kv_caches`: one :class:`KVCache` per layer, or with
+        ``scan_layers`` one KVCache of ``[num_layers, batch, max_len, kv_heads, head_dim]``.
 
     Returns:
       logits ``[batch, seq, vocab]`` float32, or ``(logits, new_kv_caches)`` with caches.
@@ -217,18 +225,28 @@ class GPT(nn.Module):
       raise ValueError(f"GPT: tokens must be [batch, seq], got {getattr(tokens, 'shape', tokens)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise TypeError(f"GPT: tokens must be integer, got {tokens.dtype}")
-    if kv_caches is not None and len(kv_caches) != c.num_layers:
-      raise ValueError(f"GPT: kv_caches must hold one cache per layer ({c.num_layers}), got "
-                       f"{len(kv_caches)}")
+    if kv_caches is not None:
+      n = kv_caches.key.shape[0] if isinstance(kv_caches, KVCache) else len(kv_caches)
+      if isinstance(kv_caches, KVCache) != c.scan_layers or n != c.num_layers:
+        raise ValueError(
+            f"GPT: kv_caches must be {'one stacked KVCache' if c.scan_layers else 'a sequence'} "
+            f"holding one cache per layer ({c.num_layers}); got "
+            f"{type(kv_caches).__name__} of {n} (use init_kv_caches)")
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
                      embedding_init=nn.initializers.normal(c.init_std), name="embed")
     x = embed(tokens)
-    block = nn.remat(Block, prevent_cse=True) if c.remat else Block
-    new_caches = []
-    for i in range(c.num_layers):
-      x, cache = block(c, name=f"block_{i}")(
-          x, positions, segment_ids, None if kv_caches is None else kv_caches[i])
-      new_caches.append(cache)
+    block = nn.remat(Block, prevent_cse=not c.scan_layers) if c.remat else Block
+    if c.scan_layers:
+      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers)
+      x, new_caches = blocks(c, name="blocks")(x, positions, segment_ids, kv_caches)
+    else:
+      new_caches = []
+      for i in range(c.num_layers):
+        x, cache = block(c, name=f"block_{i}")(
+            x, positions, segment_ids, None if kv_caches is None else kv_caches[i])
+        new_caches.append(cache)
+      new_caches = tuple(new_caches)
     x = RMSNorm(eps=c.norm_eps, name="final_norm")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)
@@ -236,14 +254,19 @@ class GPT(nn.Module):
       logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
                         kernel_init=nn.initializers.normal(c.init_std), name="lm_head")(x)
     logits = logits.astype(jnp.float32)
-    return logits if kv_caches is None else (logits, tuple(new_caches))
+    return logits if kv_caches is None else (logits, new_caches)
 
 
-def init_kv_caches(config: GPTConfig, batch: int, max_len: int) -> tuple[KVCache, ...]:
-  """Empty per-layer caches ``[batch, max_len, kv_heads, head_dim]`` in the compute dtype."""
-  return tuple(
-      KVCache.zeros(batch, max_len, config.kv_heads, config.dim_per_head, config.compute_dtype)
-      for _ in range(config.num_layers))
+def init_kv_caches(config: GPTConfig, batch: int, max_len: int) -> tuple[KVCache, ...] | KVCache:
+  """Empty caches ``[batch, max_len, kv_heads, head_dim]`` in the compute dtype.
+
+  One per layer, or (``scan_layers``) one with a leading ``[num_layers]`` axis.
+  """
+  cache = KVCache.zeros(batch, max_len, config.kv_heads, config.dim_per_head,
+                        config.compute_dtype)
+  if config.scan_layers:
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers, *a.shape)), cache)
+  return tuple(cache for _ in range(config.num_layers))
 
 
 def init_params(config: GPTConfig, key: jax.Array, seq_len: int = 8) -> Any:

@@ -78,6 +78,43 @@ def test_kv_cache_decode_logits_equal_full_forward(key):
   assert_close(jnp.concatenate(outs, axis=1), full)
 
 
+def _stack_blocks(params, num_layers):
+  """Unrolled-layer parameters -> the stacked layout of scan_layers=True."""
+  params = dict(params)
+  blocks = [params.pop(f"block_{i}") for i in range(num_layers)]
+  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return params
+
+
+def test_scan_layers_matches_unrolled_and_decodes_with_a_stacked_cache(key):
+  config = TINY.replace(num_layers=3)
+  scanned = config.replace(scan_layers=True)
+  params = _init(config, key)
+  stacked = _stack_blocks(params, 3)
+  shapes = jax.eval_shape(lambda: gpt.init_params(scanned, key))
+  assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, stacked)
+  tokens = jax.random.randint(key, (2, 10), 0, 256)
+  full = jax.jit(gpt.GPT(config).apply)({"params": params}, tokens)
+  model = gpt.GPT(scanned)
+  assert_close(jax.jit(model.apply)({"params": stacked}, tokens), full)
+
+  @jax.jit
+  def step(params, toks, positions, caches):
+    return model.apply({"params": params}, toks, positions=positions, kv_caches=caches)
+
+  caches = gpt.init_kv_caches(scanned, 2, 16)
+  assert caches.key.shape == (3, 2, 16, config.kv_heads, config.dim_per_head)
+  logits, caches = step(stacked, tokens[:, :6], jnp.broadcast_to(jnp.arange(6), (2, 6)), caches)
+  outs = [logits]
+  for i in range(6, 10):
+    logits, caches = step(stacked, tokens[:, i:i + 1], jnp.full((2, 1), i), caches)
+    outs.append(logits)
+  assert_close(jnp.concatenate(outs, axis=1), full)
+  with pytest.raises(ValueError, match="one stacked KVCache"):
+    model.apply({"params": stacked}, tokens[:, :1], positions=jnp.zeros((2, 1), jnp.int32),
+                kv_caches=gpt.init_kv_caches(config, 2, 16))
+
+
 def test_bf16_and_remat_and_untied_head(key):
   config = TINY.replace(tie_embeddings=False)
   params = _init(config, key)
@@ -116,6 +153,7 @@ def test_config_round_trip_and_presets():
     (dict(head_dim=12), "head_dim must be a multiple of 8"),
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(local_window_size=-1), "local_window_size must be >= 0"),
+    (dict(scan_layers="yes"), "scan_layers must be a bool"),
 ])
 def test_config_errors(changes, match):
   with pytest.raises(ValueError, match=match):
@@ -129,6 +167,6 @@ def test_model_input_errors(key):
     model.apply({"params": params}, jnp.zeros((4,), jnp.int32))
   with pytest.raises(TypeError, match="tokens must be integer"):
     model.apply({"params": params}, jnp.zeros((1, 4), jnp.float32))
-  with pytest.raises(ValueError, match="one cache per layer"):
+  with pytest.raises(ValueError, match="a sequence holding one cache per layer"):
     model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), positions=jnp.zeros((1, 4), jnp.int32),
                 kv_caches=gpt.init_kv_caches(TINY, 1, 8)[:1])

@@ -16,12 +16,14 @@ Timing chains the donated state through consecutive steps (each round closed by
 ``6 N + 12 L d S`` (N without embeddings, no causal discount) and MFU divides by the
 device's dense bf16 peak (989 TFLOP/s on H100; MFU is omitted where the peak is unknown).
 ``--quick`` keeps 4 layers and fewer rounds. On CPU a tiny model runs so the suite can be
-smoke-tested (``cudnn`` then fails and is reported as such).
+smoke-tested (``cudnn`` then fails and is reported as such). ``JAXEFF_BENCH_DEADLINE_S``
+(seconds) starts no new implementation past that time and keeps the rows done.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 
@@ -93,7 +95,11 @@ def run(quick: bool = False) -> list[harness.Row]:
   name = PRESET if on_gpu else "tiny"
   case = f"{name} L{base.num_layers} b{batch} s{seq} {base.dtype}"
   rows = []
+  deadline = time.perf_counter() + float(os.environ.get("JAXEFF_BENCH_DEADLINE_S", "inf"))
   for impl_name, impl in IMPLEMENTATIONS.items():
+    if time.perf_counter() > deadline:
+      print(f"train_step suite: deadline reached, {impl_name} not timed")
+      continue
     config = base.replace(attention_implementation=impl)
     try:
       median_s, compile_s = time_train_step(config, batch=batch, seq=seq,
