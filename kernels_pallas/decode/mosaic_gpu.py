@@ -19,10 +19,11 @@ Per CTA, two warpgroups:
   (GQA: one KV head's query heads together; padded to the 64 rows of a wgmma tile) and
   runs the online softmax (log2 domain): ``S = Q K^T`` and ``O += P V`` are wgmmas. It
   prefetches the next piece's query tile while the current piece runs. Quantized tiles
-  (int8, float8_e4m3fn, int4) are dequantized in registers (``q * scale`` per token; int4
-  unpacked as the two halves of head_dim, ``common``) into a bf16/f16 tile that the wgmma
-  reads, so the tensor cores see exactly the reference's dequantized values up to one
-  bf16 rounding.
+  are converted in registers into a bf16/f16 tile that the wgmma reads: int8 and
+  float8_e4m3fn values are exact in 16 bits and their per-token scales multiply the
+  logits (K) and the probabilities (V), so the result equals the reference's
+  dequantization; int4 tiles are unpacked as the two halves of head_dim (``common``) and
+  multiplied by their group scale (1 or 2 groups; one bf16 rounding).
 
 Why this layout: decode is bandwidth-bound (``group`` flops per byte of KV), so the 64-row
 wgmma tile's wasted rows cost tensor-core time the kernel has to spare; what matters is
@@ -48,6 +49,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.decode import common
 
 ROWS = 64  # query rows per wgmma tile
+INTERPRET_BLOCK_KV = 64  # interpret mode's default block (smaller tiles interpret faster)
 SUPPORTED_HEAD_DIMS = (64, 128)
 _MIN_PAGE = 8  # TMA copies whole 8-row tiles into the swizzled ring
 
@@ -57,19 +59,21 @@ class Config:
   """Block sizes. ``block_kv`` tokens per pipeline step; ``num_workers`` persistent CTAs
   (None = ``ctas_per_sm`` per SM; ``interpret_workers`` in interpret mode)."""
 
-  block_kv: int = 64
-  num_stages: int = 3
+  block_kv: int = 128
+  num_stages: int = 2
   ctas_per_sm: int = 1
   num_workers: int | None = None
   interpret_workers: int = 3
 
 
 def default_config(head_dim: int, fmt: str) -> Config:
-  """Stages by shared memory: Q 2 x 64 x d (16-bit), output staging 64 x d float32, and
-  per stage a K and a V block (plus bf16 dequantization buffers when quantized)."""
-  if fmt == "none":
-    return Config(num_stages=3 if head_dim <= 64 else 2)
-  return Config(num_stages=4 if head_dim <= 64 else 3)
+  """Stages by shared memory (227 KB per CTA): Q 2 x 64 x d and the output staging
+  64 x d float32 (32 + 32 KB at d = 128), then per stage a K and a V block of 128 tokens
+  (64 KB bf16, 32 KB int8/fp8, 16 KB int4) plus, when quantized, one pair of 16-bit
+  dequantized blocks (64 KB)."""
+  if head_dim <= 64:
+    return Config(num_stages=4 if fmt == "none" else 5)
+  return Config(num_stages=2 if fmt in ("none", "int8", "fp8") else 3)
 
 
 def contiguous_page_size(capacity: int) -> int:
@@ -86,7 +90,7 @@ def supports(*, head_dim: int, dtype, fmt: str, int4_groups: int, page_size: int
   if rows > ROWS:
     return (f"mosaic_gpu serves q_len * q_heads / kv_heads <= {ROWS} query rows per KV head, "
             f"got {rows}")
-  bk = Config().block_kv
+  bk = default_config(head_dim, fmt).block_kv
   if page_size < _MIN_PAGE or (page_size % bk and bk % page_size):
     return (f"mosaic_gpu needs a page size (or, for a contiguous cache, the largest "
             f"power-of-two divisor of the capacity up to 256) that is >= {_MIN_PAGE} and "
@@ -107,32 +111,42 @@ def _tiled(shape, dtype, swizzle: int | None = None):
 
 
 def _dequantize(raw, scales, dst, *, fmt: str, dtype):
-  """Dequantizes the raw ring tile ``raw [bk, dc]`` with per-token ``scales [groups, bk]``
-  (shared memory) into ``dst [bk, d]`` (16-bit, shared memory)."""
+  """Converts the raw ring tile ``raw [bk, dc]`` into ``dst [bk, d]`` (16-bit, shared
+  memory). int8/fp8 values are exact in 16 bits and their per-token scales are applied to
+  the logits and probabilities instead (``_token_scale``); int4 tiles are unpacked into the
+  two halves of head_dim and multiplied by the group scale of their half,
+  ``scales [groups, bk]``."""
   layout = plgpu.Layout.WGMMA
-  row_layout = layout.reduce(1)
-  bk, dc = raw.shape
-
-  def scaled(x, g):
-    s = lax.broadcast_in_dim(plgpu.load(scales.at[g], layout=row_layout), (bk, dc), [0])
-    return (x * s).astype(dtype)
-
   x = plgpu.load(raw, layout=layout, optimized=True)
-  if fmt == "int4":
-    b = x.astype(jnp.int32)
-    lo = (b & 15).astype(jnp.float32) - common.INT4_OFFSET
-    hi = ((b >> 4) & 15).astype(jnp.float32) - common.INT4_OFFSET
-    groups = scales.shape[0]
-    dst.at[:, pl.ds(0, dc)][...] = scaled(lo, 0)
-    dst.at[:, pl.ds(dc, dc)][...] = scaled(hi, groups - 1)
-  else:
-    dst[...] = scaled(x.astype(jnp.float32), 0)
+  if fmt != "int4":
+    dst[...] = x.astype(jnp.float32).astype(dtype)
+    return
+  bk, dc = raw.shape
+  row_layout = layout.reduce(1)
+
+  def scaled(v, g):
+    s = lax.broadcast_in_dim(plgpu.load(scales.at[g], layout=row_layout), (bk, dc), [0])
+    return (v * s).astype(dtype)
+
+  b = x.astype(jnp.int32)
+  lo = (b & 15).astype(jnp.float32) - common.INT4_OFFSET
+  hi = ((b >> 4) & 15).astype(jnp.float32) - common.INT4_OFFSET
+  dst.at[:, pl.ds(0, dc)][...] = scaled(lo, 0)
+  dst.at[:, pl.ds(dc, dc)][...] = scaled(hi, scales.shape[0] - 1)
+
+
+def _token_scale(scales, shape):
+  """Per-key scales ``scales [bk]`` (shared memory) broadcast over the query rows of a
+  ``[rows, bk]`` tile."""
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  return lax.broadcast_in_dim(plgpu.load(scales, layout=col_layout), shape, [1])
 
 
 def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_ref, len_ref,
             table_ref, q_ref, k_ref, v_ref, *refs, fmt, q_len, group, page_size, block_kv,
             stages, window, scale, soft_cap, interpret):
   quant = fmt != "none"
+  token_scales = fmt in ("int8", "fp8")  # applied to logits/probabilities, not tiles
   if quant:
     ks_ref, vs_ref, o_ref, lse_ref, s = refs
   else:
@@ -204,6 +218,8 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
           return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, bk), jnp.float32))
+        if token_scales:
+          qk = qk * _token_scale(s["ks"].at[slot, 0], (ROWS, bk))
         if not quant:
           plgpu.barrier_arrive(s["k_cons"].at[slot])
         if soft_cap is None:
@@ -218,8 +234,10 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
         prob = jnp.exp2(x - lax.broadcast_in_dim(m_use, (ROWS, bk), [0]))
         l_i = l_i * alpha + prob.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, (ROWS, d), [0])
-        p16 = prob.astype(dtype)
         plgpu.barrier_wait(s["v_bar"].at[slot])
+        if token_scales:
+          prob = prob * _token_scale(s["vs"].at[slot, 0], (ROWS, bk))
+        p16 = prob.astype(dtype)
         if quant:
           _dequantize(s["v"].at[slot], s["vs"].at[slot], s["vdq"], fmt=fmt, dtype=dtype)
           plgpu.commit_smem()
@@ -353,6 +371,8 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
   b, t, n, d = query.shape
   num_pages, page_size, kv_heads = k_pages.shape[:3]
   cfg = config or default_config(d, fmt)
+  if interpret and config is None:
+    cfg = dataclasses.replace(cfg, block_kv=INTERPRET_BLOCK_KV)  # same code, faster on CPU
   group = n // kv_heads
   bk, stages = cfg.block_kv, cfg.num_stages
   ppb, rpp = common.block_pages(page_size, bk)
@@ -419,3 +439,89 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
   o_items, lse_items = common.merge_partials(o_part, lse_part, plan)
   o, lse = common.scatter_items(o_items, lse_items, plan, b, kv_heads)
   return common.rows_to_output(o, lse, q_len=t, group=group, dtype=dtype)
+
+
+# ------------------------------------------------------------------------- self-check
+
+
+def self_check(seed: int = 0) -> dict[str, float]:
+  """Runs the kernel on small paged caches (bf16, int8, int4; several CTAs, pieces that
+  cross items, ragged lengths) on the current device; returns the relative error of each
+  against a float32 jnp computation."""
+  errors = {}
+  b, n, kh, d, ps, per_seq = 5, 8, 2, 64, 16, 24
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (b, 1, n, d), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(keys[1], (b, per_seq * ps, kh, d), jnp.float32)
+  v = jax.random.normal(keys[2], (b, per_seq * ps, kh, d), jnp.float32)
+  lengths = jnp.array([per_seq * ps, 1, 200, 0, 77], jnp.int32)
+  table = jax.random.permutation(keys[3], b * per_seq).reshape(b, per_seq).astype(jnp.int32)
+  for fmt in ("none", "int8", "int4"):
+    if fmt == "none":
+      kq, vq, ks, vs = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, None
+    else:
+      kq, ks = common.quantize(k, fmt)
+      vq, vs = common.quantize(v, fmt)
+
+    def pages(x):
+      if x is None:
+        return None
+      flat = x.reshape(b * per_seq, ps, *x.shape[2:])
+      return jnp.zeros_like(flat).at[table.reshape(-1)].set(flat)
+
+    fn = jax.jit(lambda *a, fmt=fmt: decode_attention(
+        *a, fmt=fmt, window=None, scale=d ** -0.5, soft_cap=None,
+        config=dataclasses.replace(default_config(d, fmt), num_workers=7)))
+    out, _ = fn(q, pages(kq), pages(vq), table, lengths, pages(ks), pages(vs))
+    kd, vd = common.dequantize(kq, ks, fmt), common.dequantize(vq, vs, fmt)
+    logits = jnp.einsum("bkgd,bskd->bkgs", q[:, 0].astype(jnp.float32).reshape(b, kh, n // kh, d),
+                        kd) * d ** -0.5
+    valid = jnp.arange(kd.shape[1])[None, :] < lengths[:, None]
+    logits = jnp.where(valid[:, None, None], logits, -jnp.inf)
+    p = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+    p = jnp.where(valid[:, None, None], p, 0.0)
+    ref = jnp.einsum("bkgs,bskd->bkgd", p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30), vd)
+    ref = ref.reshape(b, 1, n, d)
+    out = out.astype(jnp.float32)
+    errors[fmt] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    if not bool(jnp.isfinite(out).all()):
+      errors[fmt] = float("inf")
+  return errors
+
+
+def main(argv=None) -> int:
+  """``python -m kernels_pallas.decode.mosaic_gpu --check``: exit 0 when the kernel runs
+  and matches (relative error < 2e-2 for every cache format)."""
+  import sys
+  argv = sys.argv[1:] if argv is None else argv
+  if argv != ["--check"]:
+    print("usage: python -m kernels_pallas.decode.mosaic_gpu --check")
+    return 2
+  errors = self_check()
+  print("mosaic_gpu decode self-check (relative error):", errors, flush=True)
+  return 0 if all(e < 2e-2 for e in errors.values()) else 1
+
+
+@functools.cache
+def canary(timeout_s: float = 300.0) -> str | None:
+  """Runs :func:`main` ``--check`` in a subprocess (so a hang or crash cannot take the
+  caller with it); None when it passes, else the reason. Cached per process."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  try:
+    res = subprocess.run([sys.executable, "-m", "kernels_pallas.decode.mosaic_gpu", "--check"],
+                         capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
+  except subprocess.TimeoutExpired:
+    return f"the Mosaic GPU decode self-check did not finish within {timeout_s:.0f} s (hang?)"
+  if res.returncode != 0:
+    tail = (res.stdout + res.stderr).strip().splitlines()[-12:]
+    return "the Mosaic GPU decode self-check failed: " + " | ".join(tail)
+  return None
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
