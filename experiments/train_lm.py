@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   except ValueError as e:  # model config values out of range (GPTConfig validation)
     if str(e).startswith("GPTConfig:"):
-      print(f"train_lm: error: --model: {e}", file=sys.stderr)
+      print(f"train_lm: error: {e}", file=sys.stderr)
       return 2
     raise
   return 0
