@@ -64,16 +64,25 @@ class Config:
   ctas_per_sm: int = 1
   num_workers: int | None = None
   interpret_workers: int = 3
+  alias_output: bool = False  # the output staging reuses the dequantization buffers
 
 
 def default_config(head_dim: int, fmt: str) -> Config:
-  """Stages by shared memory (227 KB per CTA): Q 2 x 64 x d and the output staging
-  64 x d float32 (32 + 32 KB at d = 128), then per stage a K and a V block of 128 tokens
-  (64 KB bf16, 32 KB int8/fp8, 16 KB int4) plus, when quantized, one pair of 16-bit
-  dequantized blocks (64 KB)."""
+  """Block sizes by shared memory (227 KB per SM and CTA, ~113 KB each for 2 CTAs/SM).
+
+  bf16 (bandwidth-bound): one CTA per SM, 128-token blocks, 2 stages: Q 2 x 64 x d
+  (32 KB at d = 128), output staging 64 x d float32 (32 KB), K and V 2 x 64 KB.
+  Quantized (conversion work per byte is higher): two CTAs per SM so one CTA's
+  conversion and softmax overlap the other's wgmmas; the output staging aliases the
+  16-bit dequantized K/V blocks (free at the end of a piece). d = 128: 64-token blocks,
+  Q 32 KB + union 32 KB + 2 stages of K/V (16 KB int8/fp8, 8 KB int4) ~ 100 KB.
+  """
+  if fmt == "none":
+    return Config(num_stages=4 if head_dim <= 64 else 2)
+  stages = 3 if fmt == "int4" else 2
   if head_dim <= 64:
-    return Config(num_stages=4 if fmt == "none" else 5)
-  return Config(num_stages=2 if fmt in ("none", "int8", "fp8") else 3)
+    return Config(block_kv=128, num_stages=stages, ctas_per_sm=2, alias_output=True)
+  return Config(block_kv=64, num_stages=stages, ctas_per_sm=2, alias_output=True)
 
 
 def contiguous_page_size(capacity: int) -> int:
@@ -90,11 +99,11 @@ def supports(*, head_dim: int, dtype, fmt: str, int4_groups: int, page_size: int
   if rows > ROWS:
     return (f"mosaic_gpu serves q_len * q_heads / kv_heads <= {ROWS} query rows per KV head, "
             f"got {rows}")
-  bk = default_config(head_dim, fmt).block_kv
-  if page_size < _MIN_PAGE or (page_size % bk and bk % page_size):
-    return (f"mosaic_gpu needs a page size (or, for a contiguous cache, the largest "
-            f"power-of-two divisor of the capacity up to 256) that is >= {_MIN_PAGE} and "
-            f"divides or is a multiple of {bk}, got {page_size}")
+  for bk in sorted({default_config(head_dim, fmt).block_kv, INTERPRET_BLOCK_KV}):
+    if page_size < _MIN_PAGE or (page_size % bk and bk % page_size):
+      return (f"mosaic_gpu needs a page size (or, for a contiguous cache, the largest "
+              f"power-of-two divisor of the capacity up to 256) that is >= {_MIN_PAGE} and "
+              f"divides or is a multiple of {bk}, got {page_size}")
   if fmt == "int4" and int4_groups not in (1, 2):
     return f"mosaic_gpu int4 needs 1 or 2 scale groups per head, got {int4_groups}"
   return None
@@ -135,16 +144,15 @@ def _dequantize(raw, scales, dst, *, fmt: str, dtype):
   dst.at[:, pl.ds(dc, dc)][...] = scaled(hi, scales.shape[0] - 1)
 
 
-def _token_scale(scales, shape):
-  """Per-key scales ``scales [bk]`` (shared memory) broadcast over the query rows of a
-  ``[rows, bk]`` tile."""
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-  return lax.broadcast_in_dim(plgpu.load(scales, layout=col_layout), shape, [1])
+def _token_scale(scales):
+  """Per-key scales ``scales [bk]`` (shared memory) in the layout of a ``[rows, bk]``
+  tile's columns (broadcast with ``lax.broadcast_in_dim(..., [1])``)."""
+  return plgpu.load(scales, layout=plgpu.Layout.WGMMA.reduce(0))
 
 
 def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_ref, len_ref,
             table_ref, q_ref, k_ref, v_ref, *refs, fmt, q_len, group, page_size, block_kv,
-            stages, window, scale, soft_cap, interpret):
+            stages, window, scale, soft_cap, alias_output, interpret):
   quant = fmt != "none"
   token_scales = fmt in ("int8", "fp8")  # applied to logits/probabilities, not tiles
   if quant:
@@ -152,6 +160,14 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
   else:
     ks_ref = vs_ref = None
     o_ref, lse_ref, s = refs
+  kdq = vdq = None
+  if alias_output:
+    dq_group, o_group = s["dq_o"]
+    kdq, vdq, o_stage = dq_group["kdq"], dq_group["vdq"], o_group["o"]
+  else:
+    o_stage = s["o"]
+    if quant:
+      kdq, vdq = s["kdq"], s["vdq"]
   bk = block_kv
   d = q_ref.shape[-1]
   dtype = q_ref.dtype
@@ -191,6 +207,8 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
       p0, p1, b, h = piece(i)
       length = len_ref[b]
       plgpu.barrier_wait(s["q_bar"].at[qslot])
+      if alias_output:  # the previous piece's output store still reads the union
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
       @pl.when(i < i_last)
       def _():
@@ -205,11 +223,13 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
         slot = lax.rem(p - lo, stages)
         tok0 = first_token(i, p)
         plgpu.barrier_wait(s["k_bar"].at[slot])
+        if token_scales:  # read before k_cons releases the slot to the producer
+          k_scale = _token_scale(s["ks"].at[slot, 0])
         if quant:
-          _dequantize(s["k"].at[slot], s["ks"].at[slot], s["kdq"], fmt=fmt, dtype=dtype)
+          _dequantize(s["k"].at[slot], s["ks"].at[slot], kdq, fmt=fmt, dtype=dtype)
           plgpu.commit_smem()
           plgpu.barrier_arrive(s["k_cons"].at[slot])
-          k_tile = s["kdq"]
+          k_tile = kdq
         else:
           k_tile = s["k"].at[slot]
 
@@ -219,7 +239,7 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, bk), jnp.float32))
         if token_scales:
-          qk = qk * _token_scale(s["ks"].at[slot, 0], (ROWS, bk))
+          qk = qk * lax.broadcast_in_dim(k_scale, (ROWS, bk), [1])
         if not quant:
           plgpu.barrier_arrive(s["k_cons"].at[slot])
         if soft_cap is None:
@@ -235,14 +255,14 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
         l_i = l_i * alpha + prob.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, (ROWS, d), [0])
         plgpu.barrier_wait(s["v_bar"].at[slot])
-        if token_scales:
-          prob = prob * _token_scale(s["vs"].at[slot, 0], (ROWS, bk))
+        if token_scales:  # read before v_cons releases the slot (below)
+          prob = prob * lax.broadcast_in_dim(_token_scale(s["vs"].at[slot, 0]), (ROWS, bk), [1])
         p16 = prob.astype(dtype)
         if quant:
-          _dequantize(s["v"].at[slot], s["vs"].at[slot], s["vdq"], fmt=fmt, dtype=dtype)
+          _dequantize(s["v"].at[slot], s["vs"].at[slot], vdq, fmt=fmt, dtype=dtype)
           plgpu.commit_smem()
           plgpu.barrier_arrive(s["v_cons"].at[slot])
-          v_tile = s["vdq"]
+          v_tile = vdq
         else:
           v_tile = s["v"].at[slot]
         if interpret:
@@ -274,11 +294,11 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
       out = acc * lax.broadcast_in_dim(1.0 / l_safe, (ROWS, d), [0])
       lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous piece's stores
-      s["o"][...] = out
+      o_stage[...] = out
       s["lse"][...] = lse
       plgpu.commit_smem()
       slot_id = i + w
-      plgpu.copy_smem_to_gmem(s["o"].at[pl.ds(0, out_rows)], o_ref.at[slot_id],
+      plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, out_rows)], o_ref.at[slot_id],
                               commit_group=False)
       plgpu.copy_smem_to_gmem(s["lse"].at[pl.ds(0, out_rows)], lse_ref.at[slot_id],
                               commit_group=False)
@@ -399,20 +419,26 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
       "q": _tiled((2, ROWS, d), dtype, swz),
       "k": _tiled((stages, bk, dc), k_pages.dtype),
       "v": _tiled((stages, bk, dc), v_pages.dtype),
-      "o": _tiled((ROWS, d), jnp.float32),
       "lse": plgpu.SMEM((ROWS,), jnp.float32),
       "q_bar": plgpu.Barrier(num_barriers=2),
   }
+  o_stage = _tiled((ROWS, d), jnp.float32)
   copies = ppb
+  alias = cfg.alias_output and fmt != "none"
   if fmt != "none":
     ks, vs = head_major_scales(k_scale), head_major_scales(v_scale)
     groups = ks.shape[1]
     args += [ks, vs]
     copies = ppb * (1 + groups)
-    scratch.update(
-        ks=plgpu.SMEM((stages, groups, bk), jnp.float32),
-        vs=plgpu.SMEM((stages, groups, bk), jnp.float32),
-        kdq=_tiled((bk, d), dtype, swz), vdq=_tiled((bk, d), dtype, swz))
+    scratch.update(ks=plgpu.SMEM((stages, groups, bk), jnp.float32),
+                   vs=plgpu.SMEM((stages, groups, bk), jnp.float32))
+    dq = {"kdq": _tiled((bk, d), dtype, swz), "vdq": _tiled((bk, d), dtype, swz)}
+    if alias:
+      scratch["dq_o"] = plgpu.RefUnion(dq, {"o": o_stage})
+    else:
+      scratch.update(dq)
+  if not alias:
+    scratch["o"] = o_stage
   scratch.update(
       k_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
       v_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
@@ -422,7 +448,8 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
     scratch["p"] = _tiled((ROWS, bk), dtype, swz)
   kernel = functools.partial(
       _kernel, fmt=fmt, q_len=t, group=group, page_size=page_size, block_kv=bk,
-      stages=stages, window=window, scale=scale, soft_cap=soft_cap, interpret=interpret)
+      stages=stages, window=window, scale=scale, soft_cap=soft_cap, alias_output=alias,
+      interpret=interpret)
   slots = plan.num_slots
   o_part, lse_part = plgpu.kernel(
       kernel,
@@ -444,83 +471,104 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
 # ------------------------------------------------------------------------- self-check
 
 
-def self_check(seed: int = 0) -> dict[str, float]:
-  """Runs the kernel on small paged caches (bf16, int8, int4; several CTAs, pieces that
-  cross items, ragged lengths) on the current device; returns the relative error of each
-  against a float32 jnp computation."""
-  errors = {}
-  b, n, kh, d, ps, per_seq = 5, 8, 2, 64, 16, 24
+def self_check(fmt: str, seed: int = 0) -> float:
+  """Runs the kernel on a small paged cache of format ``fmt`` (several CTAs, pieces that
+  cross items, lengths 0, 1 and the capacity) on the current device; returns the relative
+  error against a float32 jnp computation (inf when the output is not finite)."""
+  b, n, kh, d, ps, per_seq = 5, 8, 2, 128, 16, 24
   keys = jax.random.split(jax.random.key(seed), 5)
   q = jax.random.normal(keys[0], (b, 1, n, d), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(keys[1], (b, per_seq * ps, kh, d), jnp.float32)
   v = jax.random.normal(keys[2], (b, per_seq * ps, kh, d), jnp.float32)
   lengths = jnp.array([per_seq * ps, 1, 200, 0, 77], jnp.int32)
   table = jax.random.permutation(keys[3], b * per_seq).reshape(b, per_seq).astype(jnp.int32)
-  for fmt in ("none", "int8", "int4"):
-    if fmt == "none":
-      kq, vq, ks, vs = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, None
-    else:
-      kq, ks = common.quantize(k, fmt)
-      vq, vs = common.quantize(v, fmt)
+  if fmt == "none":
+    kq, vq, ks, vs = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, None
+  else:
+    kq, ks = common.quantize(k, fmt)
+    vq, vs = common.quantize(v, fmt)
 
-    def pages(x):
-      if x is None:
-        return None
-      flat = x.reshape(b * per_seq, ps, *x.shape[2:])
-      return jnp.zeros_like(flat).at[table.reshape(-1)].set(flat)
+  def pages(x):
+    if x is None:
+      return None
+    flat = x.reshape(b * per_seq, ps, *x.shape[2:])
+    return jnp.zeros_like(flat).at[table.reshape(-1)].set(flat)
 
-    fn = jax.jit(lambda *a, fmt=fmt: decode_attention(
-        *a, fmt=fmt, window=None, scale=d ** -0.5, soft_cap=None,
-        config=dataclasses.replace(default_config(d, fmt), num_workers=7)))
-    out, _ = fn(q, pages(kq), pages(vq), table, lengths, pages(ks), pages(vs))
-    kd, vd = common.dequantize(kq, ks, fmt), common.dequantize(vq, vs, fmt)
-    logits = jnp.einsum("bkgd,bskd->bkgs", q[:, 0].astype(jnp.float32).reshape(b, kh, n // kh, d),
-                        kd) * d ** -0.5
-    valid = jnp.arange(kd.shape[1])[None, :] < lengths[:, None]
-    logits = jnp.where(valid[:, None, None], logits, -jnp.inf)
-    p = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
-    p = jnp.where(valid[:, None, None], p, 0.0)
-    ref = jnp.einsum("bkgs,bskd->bkgd", p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30), vd)
-    ref = ref.reshape(b, 1, n, d)
-    out = out.astype(jnp.float32)
-    errors[fmt] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-    if not bool(jnp.isfinite(out).all()):
-      errors[fmt] = float("inf")
-  return errors
+  cfg = dataclasses.replace(default_config(d, fmt), num_workers=7)
+  fn = jax.jit(lambda *a: decode_attention(*a, fmt=fmt, window=None, scale=d ** -0.5,
+                                           soft_cap=None, config=cfg))
+  out, _ = fn(q, pages(kq), pages(vq), table, lengths, pages(ks), pages(vs))
+  kd, vd = common.dequantize(kq, ks, fmt), common.dequantize(vq, vs, fmt)
+  qf = q[:, 0].astype(jnp.float32).reshape(b, kh, n // kh, d)
+  logits = jnp.einsum("bkgd,bskd->bkgs", qf, kd) * d ** -0.5
+  valid = (jnp.arange(kd.shape[1])[None, :] < lengths[:, None])[:, None, None]
+  logits = jnp.where(valid, logits, -jnp.inf)
+  m = jnp.max(logits, -1, keepdims=True)
+  p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  ref = jnp.einsum("bkgs,bskd->bkgd", p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30), vd)
+  out = out.astype(jnp.float32).reshape(ref.shape[0], kh, n // kh, d)
+  if not bool(jnp.isfinite(out).all()):
+    return float("inf")
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+CHECK_FORMATS = ("none", "int8", "fp8", "int4")
+CHECK_TOLERANCE = 2e-2
 
 
 def main(argv=None) -> int:
-  """``python -m kernels_pallas.decode.mosaic_gpu --check``: exit 0 when the kernel runs
-  and matches (relative error < 2e-2 for every cache format)."""
+  """``python -m kernels_pallas.decode.mosaic_gpu --check``: runs :func:`self_check` for
+  every cache format, printing ``check <fmt> ok|FAIL <error>`` as each finishes; exit 0
+  when all pass."""
   import sys
   argv = sys.argv[1:] if argv is None else argv
   if argv != ["--check"]:
     print("usage: python -m kernels_pallas.decode.mosaic_gpu --check")
     return 2
-  errors = self_check()
-  print("mosaic_gpu decode self-check (relative error):", errors, flush=True)
-  return 0 if all(e < 2e-2 for e in errors.values()) else 1
+  failed = False
+  for fmt in CHECK_FORMATS:
+    try:
+      err = self_check(fmt)
+      ok = err < CHECK_TOLERANCE
+      print(f"check {fmt} {'ok' if ok else 'FAIL'} relative error {err:.3e}", flush=True)
+    except Exception as e:  # report and go on with the other formats
+      ok = False
+      msg = str(e).splitlines()[0][:300] if str(e) else ""
+      print(f"check {fmt} FAIL {type(e).__name__}: {msg}", flush=True)
+    failed |= not ok
+  return 1 if failed else 0
 
 
 @functools.cache
-def canary(timeout_s: float = 300.0) -> str | None:
-  """Runs :func:`main` ``--check`` in a subprocess (so a hang or crash cannot take the
-  caller with it); None when it passes, else the reason. Cached per process."""
+def canary(timeout_s: float = 300.0) -> dict[str, str | None]:
+  """Runs :func:`main` ``--check`` in a subprocess (a hang or crash cannot take the
+  caller with it). Returns, per cache format, None when its check passed, else the reason.
+  Cached per process."""
   import os
   import subprocess
   import sys
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [sys.executable, "-m", "kernels_pallas.decode.mosaic_gpu", "--check"]
   try:
-    res = subprocess.run([sys.executable, "-m", "kernels_pallas.decode.mosaic_gpu", "--check"],
-                         capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
-  except subprocess.TimeoutExpired:
-    return f"the Mosaic GPU decode self-check did not finish within {timeout_s:.0f} s (hang?)"
-  if res.returncode != 0:
-    tail = (res.stdout + res.stderr).strip().splitlines()[-12:]
-    return "the Mosaic GPU decode self-check failed: " + " | ".join(tail)
-  return None
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
+                         cwd=root)
+    out, tail = res.stdout, (res.stdout + res.stderr).strip().splitlines()[-8:]
+    why_missing = "the self-check process ended early: " + " | ".join(tail)
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    why_missing = f"the self-check did not finish within {timeout_s:.0f} s (a hang?)"
+  result = {}
+  for fmt in CHECK_FORMATS:
+    line = next((l for l in out.splitlines() if l.startswith(f"check {fmt} ")), None)
+    if line is None:
+      result[fmt] = why_missing
+    elif " ok " in line:
+      result[fmt] = None
+    else:
+      result[fmt] = "the Mosaic GPU decode self-check failed: " + line
+  return result
 
 
 if __name__ == "__main__":

@@ -418,15 +418,16 @@ GPU_KERNELS = ["mosaic_gpu", "triton"]
 
 def _gpu_check(implementation: str, case: Case, key):
   if implementation == "mosaic_gpu":
-    why = mgpu_kernels.canary()
+    why = mgpu_kernels.canary()[case.fmt]
     if why is not None:
       pytest.skip(f"Mosaic GPU canary failed (see test_mosaic_gpu_canary): {why[:200]}")
   _check(implementation, case, key)
 
 
 @pytest.mark.gpu
-def test_mosaic_gpu_canary():
-  why = mgpu_kernels.canary()
+@pytest.mark.parametrize("fmt", mgpu_kernels.CHECK_FORMATS)
+def test_mosaic_gpu_canary(fmt):
+  why = mgpu_kernels.canary()[fmt]
   assert why is None, why
 
 

@@ -69,16 +69,16 @@ def ragged_lengths(batch: int, total: int, lo: int = 128, hi: int = 32768, seed:
 
 
 @functools.cache
-def _our_impl() -> str:
-  """The Mosaic GPU kernel on Hopper once its self-check passes in a subprocess (a broken
-  build then cannot hang the suite), else the Triton kernel."""
+def _our_impl(fmt: str) -> str:
+  """The Mosaic GPU kernel on Hopper once its self-check for ``fmt`` passed in a
+  subprocess (a broken build then cannot hang the suite), else the Triton kernel."""
   kind = jax.devices()[0].device_kind
   hopper = any(k in kind for k in ("H100", "H200", "H800", "H20"))
   if not (jax.default_backend() == "gpu" and hopper):
     return "triton"
-  why = mosaic_gpu.canary()
+  why = mosaic_gpu.canary()[fmt]
   if why is not None:
-    print(f"  ! jaxeff uses the Triton kernel: {why}")
+    print(f"  ! jaxeff ({fmt} KV) uses the Triton kernel: {why}")
     return "triton"
   return "mosaic_gpu"
 
@@ -122,8 +122,8 @@ def _implementations(case: Case, lengths: jax.Array):
       return ops.decode_attention(q, kc, vc, lengths=lengths, implementation=name, **kw)
     return fn
 
-  impls["jaxeff"] = ours(_our_impl())
-  if _our_impl() != "triton":
+  impls["jaxeff"] = ours(_our_impl(case.fmt))
+  if _our_impl(case.fmt) != "triton":
     impls["jaxeff:triton"] = ours("triton")
   impls["xla"] = ours("xla")
   if case.fmt == "none" and not case.page_size:
