@@ -44,8 +44,11 @@ class Row:
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
+    finite = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else None
+    # A failed measurement is written as null (strict JSON has no NaN).
     d = {"case": self.case, "params": self.params, "implementation": self.implementation,
-         "median_s": self.median_s, "throughput": self.throughput, "unit": self.unit}
+         "median_s": finite(self.median_s), "throughput": finite(self.throughput),
+         "unit": self.unit}
     d.update(self.extra)
     return d
 

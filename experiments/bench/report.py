@@ -27,7 +27,7 @@ def summarize(path: Path) -> str:
            "| case | jaxeff | " + " | ".join(f"vs {b}" for b in baselines) + " |",
            "|---|---|" + "---|" * len(baselines)]
   for case, impls in by_case.items():
-    ours = [r for i, r in impls.items() if i.startswith("jaxeff") and math.isfinite(r["median_s"])]
+    ours = [r for i, r in impls.items() if i.startswith("jaxeff") and r["median_s"] is not None]
     if not ours:
       continue
     best = min(ours, key=lambda r: r["median_s"])
@@ -35,7 +35,7 @@ def summarize(path: Path) -> str:
     for b in baselines:
       r = impls.get(b)
       cells.append(f"{r['median_s'] / best['median_s']:.2f}x"
-                   if r and math.isfinite(r["median_s"]) else "-")
+                   if r and r["median_s"] is not None else "-")
     lines.append(f"| {case} | {best['throughput']:.4g} {best['unit']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -120,8 +120,10 @@ def _previous_rows(keep) -> list[harness.Row]:
   rows = []
   for r in data["rows"]:
     if keep(r["params"]):
-      rows.append(harness.Row(r["case"], r["params"], r["implementation"], r["median_s"],
-                              r["throughput"], r["unit"]))
+      nan = float("nan")  # failed timings are stored as null
+      rows.append(harness.Row(r["case"], r["params"], r["implementation"],
+                              nan if r["median_s"] is None else r["median_s"],
+                              nan if r["throughput"] is None else r["throughput"], r["unit"]))
   return rows
 
 
