@@ -314,12 +314,12 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
       _, _, b, h = piece(i)
       tok0 = first_token(i, p)
       row0 = lax.rem(tok0, page_size) if ppb == 1 else 0
+      pages = [table_ref[b, lax.div(tok0, page_size) + c] for c in range(ppb)]
       for name, src, s_src in (("k", k_ref, ks_ref), ("v", v_ref, vs_ref)):
         if wait:
           plgpu.barrier_wait(s[f"{name}_cons"].at[slot])
         bar = s[f"{name}_bar"].at[slot]
-        for c in range(ppb):
-          page = table_ref[b, lax.div(tok0, page_size) + c]
+        for c, page in enumerate(pages):
           rows = pl.ds(c * rpp, rpp)
           plgpu.copy_gmem_to_smem(src.at[page, pl.ds(row0, rpp), h],
                                   s[name].at[slot, rows], bar)
