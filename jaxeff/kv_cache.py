@@ -41,6 +41,11 @@ over ``min(length, budget)`` slots is unchanged. Policies:
 
 Score-based policies observe the attention probabilities of each decoded token over the
 kept slots (:func:`slot_attention_probs`, exact from the op's log-sum-exp).
+
+Mixed precision (ZipVL, He et al., 2024): :func:`reserve_mixed` / :func:`write_mixed` keep
+the policy's budget of important tokens in a high-precision cache and *demote* evicted
+tokens to a second, low-precision cache (e.g. int4) instead of dropping them;
+:func:`attend_mixed` attends over both and merges exactly by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from jaxeff import ops
 from kernels_pallas.decode import common
 
 
@@ -505,3 +511,81 @@ def observe(ev: EvictionState, policy: EvictionPolicy, probs: jax.Array,
   kept = jnp.minimum(cache.lengths, policy.budget)
   return dataclasses.replace(
       ev, policy_state=policy.observe(ev.policy_state, probs[:, : policy.budget], kept))
+
+
+# ------------------------------------------------------------------ mixed precision (ZipVL)
+
+
+def read_slots(cache: PagedKVCache, layer, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Dequantized K/V ``[max_seqs, kv_heads, head_dim]`` float32 at logical ``slots``."""
+  ps = cache.page_size
+  slots = jnp.asarray(slots, jnp.int32)
+  col = jnp.clip(slots // ps, 0, cache.pages_per_seq - 1)
+  page = jnp.clip(jnp.take_along_axis(cache.page_table, col[:, None], axis=1)[:, 0], 0,
+                  cache.num_pages - 1)
+  row = slots % ps
+
+  def one(x, s):
+    return common.dequantize(x[layer, page, row], None if s is None else s[layer, page, row],
+                             cache.fmt)
+
+  return one(cache.keys, cache.k_scale), one(cache.values, cache.v_scale)
+
+
+def reserve_mixed(hi: PagedKVCache, lo: PagedKVCache, ev: EvictionState,
+                  policy: EvictionPolicy, active: jax.Array | None = None):
+  """One decode token per active sequence with mixed-precision KV (ZipVL, He et al., 2024).
+
+  The high-precision cache ``hi`` keeps at most ``policy.budget`` tokens per sequence,
+  chosen by a score policy (:class:`HeavyHitter`, :class:`Scissorhands`); the token the
+  policy evicts is *demoted* to the low-precision cache ``lo`` (e.g. int4) rather than
+  dropped. Returns ``(hi, lo, ev, slots, demote, ok)``; then :func:`write_mixed` in every
+  layer and :func:`attend_mixed`. (ZipVL picks the high-precision share adaptively from
+  the attention distribution; here it is the policy's fixed budget.)
+  """
+  active = jnp.ones((hi.max_seqs,), jnp.bool_) if active is None else jnp.asarray(
+      active, jnp.bool_)
+  demote = active & (hi.lengths >= policy.budget)
+  lo, lo_ok = reserve(lo, demote.astype(jnp.int32))
+  # A sequence whose demotion finds no room in ``lo`` does not advance this step.
+  go = active & (~demote | lo_ok)
+  hi, ev, slots, written = reserve_slots(hi, ev, policy, go)
+  return hi, lo, ev, slots, demote & written, written
+
+
+def write_mixed(hi: PagedKVCache, lo: PagedKVCache, layer, k: jax.Array, v: jax.Array,
+                slots: jax.Array, demote: jax.Array, written: jax.Array | None = None):
+  """Moves the victims of ``slots`` (where ``demote``) from ``hi`` to ``lo`` (quantized on
+  write), then stores the new token ``k, v [max_seqs, kv_heads, head_dim]`` in ``hi``."""
+  old_k, old_v = read_slots(hi, layer, slots)
+  lo = write(lo, layer, old_k[:, None], old_v[:, None], jnp.asarray(demote, jnp.int32))
+  hi = write_slots(hi, layer, k, v, slots, written)
+  return hi, lo
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+  """Exact merge of attention over two disjoint key sets from their outputs
+  ``[b, t, n, d]`` and log-sum-exps ``[b, n, t]`` (``decode_attention_with_lse``)."""
+  m = jnp.maximum(lse_a, lse_b)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)  # 0 where a side saw nothing
+  total = wa + wb
+  wa, wb = (jnp.transpose(x / jnp.where(total == 0, 1.0, total), (0, 2, 1))[..., None]
+            for x in (wa, wb))
+  out = wa * out_a.astype(jnp.float32) + wb * out_b.astype(jnp.float32)
+  lse = jnp.where(total == 0, -jnp.inf, m + jnp.log(jnp.where(total == 0, 1.0, total)))
+  return out.astype(out_a.dtype), lse
+
+
+def ops_lse(query: jax.Array, cache: PagedKVCache, layer, **kwargs) -> jax.Array:
+  """The log-sum-exp ``[max_seqs, q_heads, q_len]`` of decode attention over ``layer``."""
+  return ops.decode_attention_with_lse(query, **layer_kv(cache, layer), **kwargs)[1]
+
+
+def attend_mixed(query: jax.Array, hi: PagedKVCache, lo: PagedKVCache, layer, **kwargs):
+  """Decode attention over the union of ``hi`` and ``lo`` for ``layer``: two
+  ``decode_attention_with_lse`` calls merged by :func:`merge_attention`. Returns
+  ``(out, lse)``; ``kwargs`` go to both calls (``implementation``, ``scale``, ...)."""
+  out_hi, lse_hi = ops.decode_attention_with_lse(query, **layer_kv(hi, layer), **kwargs)
+  out_lo, lse_lo = ops.decode_attention_with_lse(query, **layer_kv(lo, layer), **kwargs)
+  return merge_attention(out_hi, lse_hi, out_lo, lse_lo)

@@ -307,3 +307,52 @@ def test_cache_is_a_pytree():
   assert len(leaves) == 8
   again = jax.tree.unflatten(treedef, leaves)
   assert dataclasses.replace(again).fmt == "int8"
+
+
+def test_mixed_precision_demotes_instead_of_dropping(key):
+  """ZipVL-style: bf16 keeps the policy's budget, evicted tokens move to an int4 cache;
+  no token is lost and attention over both equals attention over all tokens (the demoted
+  ones dequantized)."""
+  policy = kvc.HeavyHitter(num_recent=3, num_heavy=2, num_sinks=1)
+  hi = _small(max_seqs=2, pages_per_seq=2)  # capacity 8 >= budget 6
+  lo = _small("int4", max_seqs=2, pages_per_seq=5, num_pages=10)
+  ev = kvc.init_eviction(policy, hi)
+  steps = 15
+  ks = jax.random.split(key, 3)
+  all_k = jax.random.normal(ks[0], (steps, 2, 2, 16))
+  all_v = jax.random.normal(ks[1], (steps, 2, 2, 16))
+  q_all = jax.random.normal(ks[2], (steps, 2, 1, 4, 16))
+
+  @jax.jit
+  def step(hi, lo, ev, k, v, q):
+    old_positions = ev.positions
+    hi, lo, ev, slots, demote, written = kvc.reserve_mixed(hi, lo, ev, policy)
+    for layer in range(hi.num_layers):
+      hi, lo = kvc.write_mixed(hi, lo, layer, k, v, slots, demote, written)
+    out, lse = kvc.attend_mixed(q, hi, lo, 0)
+    probs = kvc.slot_attention_probs(q, hi, 0, kvc.ops_lse(q, hi, 0))
+    ev = kvc.observe(ev, policy, probs, hi)
+    victim_pos = jnp.take_along_axis(old_positions, slots[:, None], axis=1)[:, 0]
+    return hi, lo, ev, out, jnp.where(demote, victim_pos, -1)
+
+  demoted = [[], []]
+  for t in range(steps):
+    hi, lo, ev, out, victim = step(hi, lo, ev, all_k[t], all_v[t], q_all[t])
+    for s in range(2):
+      if int(victim[s]) >= 0:
+        demoted[s].append(int(victim[s]))
+  np.testing.assert_array_equal(hi.lengths + lo.lengths, [steps, steps])
+  kept = np.asarray(ev.positions)
+  for s in range(2):
+    assert sorted(kept[s].tolist() + demoted[s]) == list(range(steps))
+  # Attention over both caches == attention over all tokens, demoted ones quantized.
+  lo_k, lo_v = kvc.gather_kv(lo, 0)
+  n_lo = int(lo.lengths[0])
+  full_k = jnp.stack([jnp.concatenate([all_k[kept[s], s], lo_k[s, :n_lo]]) for s in range(2)])
+  full_v = jnp.stack([jnp.concatenate([all_v[kept[s], s], lo_v[s, :n_lo]]) for s in range(2)])
+  expected = jax.jit(lambda q, k, v: ops.decode_attention(
+      q, k, v, lengths=jnp.full((2,), k.shape[1], jnp.int32)))(q_all[-1], full_k, full_v)
+  assert_close(out, expected, rtol=1e-5)
+  # The demoted tokens in lo are the victims' K, quantized.
+  for s in range(2):
+    assert rel_err(lo_k[s, :n_lo], all_k[np.array(demoted[s]), s]) < 0.2
