@@ -540,7 +540,7 @@ def main(argv=None) -> int:
 
 
 @functools.cache
-def canary(timeout_s: float = 300.0) -> dict[str, str | None]:
+def canary(timeout_s: float = 150.0) -> dict[str, str | None]:
   """Runs :func:`main` ``--check`` in a subprocess (a hang or crash cannot take the
   caller with it). Returns, per cache format, None when its check passed, else the reason.
   Cached per process."""
