@@ -137,11 +137,9 @@ def _dequantize(raw, scales, dst, *, fmt: str, dtype):
     s = lax.broadcast_in_dim(plgpu.load(scales.at[g], layout=row_layout), (bk, dc), [0])
     return (v * s).astype(dtype)
 
-  b = x.astype(jnp.int32)
-  lo = (b & 15).astype(jnp.float32) - common.INT4_OFFSET
-  hi = ((b >> 4) & 15).astype(jnp.float32) - common.INT4_OFFSET
-  dst.at[:, pl.ds(0, dc)][...] = scaled(lo, 0)
-  dst.at[:, pl.ds(dc, dc)][...] = scaled(hi, scales.shape[0] - 1)
+  lo, hi = common.unpack_int4(x)
+  dst.at[:, pl.ds(0, dc)][...] = scaled(lo.astype(jnp.float32), 0)
+  dst.at[:, pl.ds(dc, dc)][...] = scaled(hi.astype(jnp.float32), scales.shape[0] - 1)
 
 
 def _token_scale(scales):

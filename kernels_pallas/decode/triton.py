@@ -136,9 +136,8 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, witem_ref, len_ref,
     x = c_ref[pages, pl.ds(row0, rpp), h, pl.ds(part.c_col, part.width)]
     x = x.reshape(block_kv, part.width)
     if part.nibble is not None:
-      b = x.astype(jnp.int32)
-      x = (b & 15) if part.nibble == "lo" else ((b >> 4) & 15)
-      x = x - common.INT4_OFFSET
+      lo_half, hi_half = common.unpack_int4(x)
+      x = lo_half if part.nibble == "lo" else hi_half
     return x.astype(cdtype)
 
   def body(p, carry):
