@@ -193,9 +193,22 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D data-parallel mesh over ``devices`` (default: all local devices)."""
-  devices = list(devices) if devices is not None else jax.local_devices()
+  """A 1-D data-parallel mesh over ``devices`` (default: every device of every process;
+  with one process, all local devices)."""
+  devices = list(devices) if devices is not None else jax.devices()
   return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def put_batch(batch, sharding: NamedSharding):
+  """Places a host batch (the same global batch on every process) on ``sharding``.
+
+  With several processes (a pod) each process supplies only the shards its own devices
+  hold; batches are a function of the step alone, so every process agrees on them.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), batch)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -331,7 +344,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 def evaluate(eval_step, params, batches, batch_sharding) -> float:
-  losses = [eval_step(params, jax.device_put(b, batch_sharding)) for b in batches]
+  losses = [eval_step(params, put_batch(b, batch_sharding)) for b in batches]
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -412,7 +425,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   eval_step = progs.eval_step
   val = data_lib.val_batches(dataset, num_batches=cfg.eval_batches, batch_size=cfg.batch_size,
                              seq_len=cfg.seq_len)
-  get_batch = lambda s: jax.device_put(data_lib.train_batch(  # noqa: E731
+  get_batch = lambda s: put_batch(data_lib.train_batch(  # noqa: E731
       dataset, s, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed), batch_sharding)
 
   t0 = time.perf_counter()
@@ -600,9 +613,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
   p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
                  help="continue from the newest checkpoint of RUN (a run or checkpoint folder; "
                       "alone: the --out folder)")
+  p.add_argument("--distributed", action="store_true", default=None,
+                 help="multi-host run (pods): call jax.distributed.initialize() first, which "
+                      "reads the cluster from the environment (TPU pods, SLURM, "
+                      "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
   args = p.parse_args(argv)
-  given = {k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "model",
-                                                                                "resume")}
+  given = {k: v for k, v in vars(args).items()
+           if v is not None and k not in ("preset", "model", "resume", "distributed")}
   if args.model is not None:
     given["model_overrides"] = tuple(_parse_override(t) for t in args.model)
   if args.resume is not None:
@@ -626,6 +643,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--distributed" in argv:  # before anything touches a device
+    jax.distributed.initialize()
   try:
     cfg = parse_args(argv)
     train(cfg)

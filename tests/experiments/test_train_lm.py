@@ -160,3 +160,24 @@ def test_flops_and_mfu_helpers():
   assert data.VOCAB_SIZE == 256
   assert train_lm.cross_entropy(jnp.zeros((1, 3, 256)), jnp.zeros((1, 3), jnp.int32)) == (
       pytest.approx(np.log(256), rel=1e-6))
+
+
+def test_put_batch_multi_process_path_matches_device_put(monkeypatch):
+  """The pod path (each process supplies its own shards) places the same global batch."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from experiments import train_lm as tl
+
+  mesh = tl.make_mesh()
+  sharding = NamedSharding(mesh, P(tl.DATA_AXIS))
+  rng = np.random.default_rng(3)
+  batch = {"inputs": rng.integers(0, 256, (16, 9), dtype=np.int32),
+           "targets": rng.integers(0, 256, (16, 9), dtype=np.int32)}
+  single = tl.put_batch(batch, sharding)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  multi = tl.put_batch(batch, sharding)
+  for k in batch:
+    assert multi[k].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(multi[k]), batch[k])
+    np.testing.assert_array_equal(np.asarray(single[k]), batch[k])
