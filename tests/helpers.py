@@ -97,3 +97,13 @@ def check_op(fn: Callable, ref: Callable, args: Sequence, *, key, grad_argnums=(
     assert_close(g, rg.astype(g.dtype), dtype=dtype,
                  rtol=grad_rtol if grad_rtol is not None else rtol, name=f"grad[arg {i}]")
   return out, grads
+
+
+def primitive_names(jaxpr) -> set[str]:
+  """Every primitive in ``jaxpr`` and its sub-jaxprs (e.g. to check a kernel was called)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= primitive_names(sub)
+  return names

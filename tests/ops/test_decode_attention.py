@@ -30,7 +30,7 @@ from jaxeff import ops
 from kernels_pallas.decode import common
 from kernels_pallas.decode import mosaic_gpu as mgpu_kernels
 from kernels_pallas.decode import triton as triton_kernels
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, primitive_names, rel_err
 
 da = importlib.import_module("jaxeff.ops.decode_attention")  # the module (ops exports the fn)
 
@@ -217,21 +217,12 @@ def test_int4_packing_round_trip(key):
   np.testing.assert_array_equal(hi8, hi)
 
 
-def _primitive_names(jaxpr) -> set[str]:
-  names = set()
-  for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      names |= _primitive_names(sub)
-  return names
-
-
 def test_default_on_cpu_is_the_reference(key):
   if jax.default_backend() == "gpu":
     pytest.skip("a GPU default picks a kernel")
   query, k, v, kw = make_inputs(Case(2, 1, 4, 2, 32, 32, (32, 3)), key)
   jaxpr = jax.make_jaxpr(lambda q: ops.decode_attention(q, k, v, **kw))(query).jaxpr
-  assert "pallas_call" not in _primitive_names(jaxpr)
+  assert "pallas_call" not in primitive_names(jaxpr)
 
 
 # --- the partition ----------------------------------------------------------------------

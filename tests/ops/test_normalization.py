@@ -16,7 +16,7 @@ import pytest
 
 from jaxeff import ops
 from jaxeff.ops import normalization
-from tests.helpers import assert_close, check_op
+from tests.helpers import assert_close, check_op, primitive_names
 
 RMS_EPS = 1e-6
 LN_EPS = 1e-5
@@ -102,21 +102,12 @@ def test_jit_and_vmap(implementation, key):
     assert_close(got, want)
 
 
-def _primitive_names(jaxpr) -> set[str]:
-  names = set()
-  for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      names |= _primitive_names(sub)
-  return names
-
-
 def test_default_on_cpu_is_the_reference(key):
   if jax.default_backend() == "gpu":
     pytest.skip("a GPU default picks a kernel (test_default_on_gpu_is_a_kernel)")
   x, w, b = _inputs(key, (4, 256), jnp.float32, weight=True, bias=True)
   for fn in (lambda x: ops.rms_norm(x, w), lambda x: ops.layer_norm(x, w, b)):
-    names = _primitive_names(jax.make_jaxpr(jax.grad(lambda x: fn(x).sum()))(x).jaxpr)
+    names = primitive_names(jax.make_jaxpr(jax.grad(lambda x: fn(x).sum()))(x).jaxpr)
     assert not {"pallas_call", "mpmd_map", "custom_vjp_call"} & names, names
 
 
@@ -221,5 +212,5 @@ def test_gpu_jit_and_vmap(implementation, key):
 @pytest.mark.gpu
 def test_default_on_gpu_is_a_kernel(key):
   x, w, _ = _inputs(key, (64, 4096), jnp.bfloat16, weight=True, bias=False)
-  names = _primitive_names(jax.make_jaxpr(lambda x: ops.rms_norm(x, w))(x).jaxpr)
+  names = primitive_names(jax.make_jaxpr(lambda x: ops.rms_norm(x, w))(x).jaxpr)
   assert {"pallas_call", "mpmd_map"} & names, names
