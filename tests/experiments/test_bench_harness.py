@@ -55,4 +55,10 @@ def test_cli_rejects_unknown_suite():
 
 
 def test_suites_are_discovered():
-  assert isinstance(available(), list)
+  assert {"attention", "decode", "rms_norm", "train_step"} <= set(available())
+
+
+def test_failed_timing_is_written_as_null(tmp_path):
+  rows = [harness.Row("c", {}, "cudnn", float("nan"), float("nan"), "TFLOP/s")]
+  data = json.loads(harness.write_results("demo", rows, tmp_path).read_text())
+  assert data["rows"][0]["median_s"] is None and data["rows"][0]["throughput"] is None
