@@ -27,7 +27,10 @@ FlashAttention-3's Hopper techniques; see ``kernels_pallas/attention``):
   same feature set as the Mosaic GPU kernel and any head_dim; serves what cuDNN cannot
   (segment ids, soft cap, end-aligned causal cross attention, the log-sum-exp).
 
-Both kernels run in Pallas interpret mode on CPU (``"mosaic_gpu:interpret"``,
+* ``"mosaic_tpu"``: Pallas Mosaic TPU forward and backward (same features; block lists by
+  scalar prefetch). Tested only in TPU interpret mode on CPU (``"mosaic_tpu:interpret"``).
+
+The GPU kernels run in Pallas interpret mode on CPU (``"mosaic_gpu:interpret"``,
 ``"triton:interpret"``). Kernel calls go through one ``jax.custom_vjp`` whose residuals
 are the inputs, the output and the float32 log-sum-exp only (``jax.checkpoint``-friendly);
 its backward is a kernel too. Additive bias and boolean masks are served by ``"xla"``.
@@ -44,6 +47,7 @@ import jax.numpy as jnp
 
 from jaxeff.ops import _registry
 from kernels_pallas.attention import mosaic_gpu as _mosaic_gpu_kernels
+from kernels_pallas.attention import mosaic_tpu as _mosaic_tpu_kernels
 from kernels_pallas.attention import triton as _triton_kernels
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -255,7 +259,7 @@ def _cudnn(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
 class _FlashStatic:
   """Static (hashable) arguments of the flash-attention custom_vjp."""
 
-  backend: str  # "mosaic_gpu" or "triton"
+  backend: str  # "mosaic_gpu", "triton" or "mosaic_tpu"
   is_causal: bool
   window: tuple[int, int] | None
   scale: float
@@ -268,6 +272,8 @@ class _FlashStatic:
 
 
 def _backward_module(st: _FlashStatic, head_dim: int):
+  if st.backend == "mosaic_tpu":
+    return _mosaic_tpu_kernels
   if st.backend == "mosaic_gpu" and head_dim in _mosaic_gpu_kernels.BWD_HEAD_DIMS:
     return _mosaic_gpu_kernels
   return _triton_kernels
@@ -279,7 +285,8 @@ def _flash(query, key, value, q_ids, kv_ids, st: _FlashStatic):
 
 
 def _flash_fwd(query, key, value, q_ids, kv_ids, st: _FlashStatic):
-  mod = _mosaic_gpu_kernels if st.backend == "mosaic_gpu" else _triton_kernels
+  mod = {"mosaic_gpu": _mosaic_gpu_kernels, "mosaic_tpu": _mosaic_tpu_kernels}.get(
+      st.backend, _triton_kernels)
   out, lse = mod.forward(query, key, value, q_ids, kv_ids, **st.kernel_kwargs())
   return (out, lse), (query, key, value, q_ids, kv_ids, out, lse)
 
@@ -322,6 +329,10 @@ def _triton_supports(query, key, value, bias, mask, q_ids, kv_ids, *, spec, retu
   return why
 
 
+def _mosaic_tpu_supports(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
+  return _kernel_supports("mosaic_tpu", spec)
+
+
 def _flash_impl(backend: str):
   def fn(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse, interpret):
     del bias, mask
@@ -344,6 +355,8 @@ ATTENTION_IMPLS: list[_registry.Implementation] = [
     _registry.Implementation("cudnn", _cudnn, platforms=("gpu",), supports=_cudnn_supports),
     _registry.Implementation("triton", _flash_impl("triton"), platforms=("gpu",),
                              supports=_triton_supports, interpretable=True),
+    _registry.Implementation("mosaic_tpu", _flash_impl("mosaic_tpu"), platforms=("tpu",),
+                             supports=_mosaic_tpu_supports, interpretable=True),
     _registry.Implementation("xla", _xla),
 ]
 
