@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxeff import kv_cache as paged
 from jaxeff.nn import KVCache, MultiHeadAttention, RMSNorm, SwiGLU
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -46,8 +47,11 @@ class GPTConfig:
     remat: recompute each block's activations in the backward pass (``jax.checkpoint``).
     scan_layers: run the blocks with ``nn.scan`` over parameters stacked on a leading
       ``[num_layers]`` axis (one compiled block instead of ``num_layers``: much faster
-      compiles of deep models; KV caches are then one stacked :class:`KVCache`).
+      compiles of deep models; KV caches are then one stacked :class:`KVCache`; the paged
+      cache is not supported with it).
     attention_implementation: passed to :func:`jaxeff.ops.dot_product_attention`.
+    decode_implementation: passed to :func:`jaxeff.ops.decode_attention` (paged decode) and
+      to the masked attention of contiguous-cache calls; None = fastest available.
     logits_soft_cap: attention logit soft cap, or None.
     local_window_size: sliding-window size to the left, or None for full causal attention.
     init_std: standard deviation of the weight initialisation.
@@ -68,6 +72,7 @@ class GPTConfig:
   remat: bool = False
   scan_layers: bool = False
   attention_implementation: str | None = None
+  decode_implementation: str | None = None
   logits_soft_cap: float | None = None
   local_window_size: int | None = None
   init_std: float = 0.02
@@ -177,7 +182,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None,
-               segment_ids: jax.Array | None, kv_cache: KVCache | None):
+               segment_ids: jax.Array | None, kv_cache: KVCache | None,
+               paged_cache: paged.PagedKVCache | None = None, layer: int = 0,
+               num_new: jax.Array | None = None):
     c = self.config
     init = nn.initializers.normal(c.init_std)
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
@@ -185,9 +192,13 @@ class Block(nn.Module):
         num_heads=c.num_heads, head_dim=c.dim_per_head, num_kv_heads=c.kv_heads,
         is_causal=True, rope_base=c.rope_base, local_window_size=c.local_window_size,
         logits_soft_cap=c.logits_soft_cap, dtype=c.compute_dtype, kernel_init=init,
-        out_init=out_init, implementation=c.attention_implementation, name="attn")
+        out_init=out_init, implementation=c.attention_implementation,
+        decode_implementation=c.decode_implementation, name="attn")
     h = RMSNorm(eps=c.norm_eps, name="attn_norm")(x)
-    if kv_cache is None:
+    if paged_cache is not None:
+      h, new_cache = attn(h, positions=positions, paged_cache=paged_cache, layer=layer,
+                          num_new=num_new)
+    elif kv_cache is None:
       h, new_cache = attn(h, positions=positions, segment_ids=segment_ids), None
     else:
       h, new_cache = attn(h, positions=positions, kv_cache=kv_cache)
@@ -206,7 +217,9 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               kv_caches: Sequence[KVCache] | KVCache | None = None):
+               kv_caches: Sequence[KVCache] | KVCache | None = None,
+               paged_cache: paged.PagedKVCache | None = None,
+               num_new: jax.Array | None = None):
     """Runs the model.
 
     Args:
@@ -216,9 +229,16 @@ class GPT(nn.Module):
       segment_ids: int ``[batch, seq]`` for packed sequences (no cache).
       kv_caches: from :func:`init_kv_caches`: one :class:`KVCache` per layer, or with
         ``scan_layers`` one KVCache of ``[num_layers, batch, max_len, kv_heads, head_dim]``.
+      paged_cache: a :class:`jaxeff.kv_cache.PagedKVCache` from :func:`init_paged_cache`,
+        already grown by ``kv_cache.reserve(paged_cache, num_new)``; ``seq > 1`` is a
+        prefill of empty sequences (right-padded prompts), ``seq == 1`` one decode step at
+        positions ``paged_cache.lengths - 1`` (see :class:`jaxeff.nn.MultiHeadAttention`).
+        Not supported with ``scan_layers``.
+      num_new: int ``[batch]`` as passed to ``reserve`` (with ``paged_cache``).
 
     Returns:
-      logits ``[batch, seq, vocab]`` float32, or ``(logits, new_kv_caches)`` with caches.
+      logits ``[batch, seq, vocab]`` float32, or ``(logits, new_kv_caches)`` /
+      ``(logits, new_paged_cache)`` with a cache.
     """
     c = self.config
     if not hasattr(tokens, "ndim") or tokens.ndim != 2:
@@ -232,6 +252,18 @@ class GPT(nn.Module):
             f"GPT: kv_caches must be {'one stacked KVCache' if c.scan_layers else 'a sequence'} "
             f"holding one cache per layer ({c.num_layers}); got "
             f"{type(kv_caches).__name__} of {n} (use init_kv_caches)")
+    if paged_cache is not None:
+      if kv_caches is not None:
+        raise ValueError("GPT: pass either kv_caches or paged_cache, not both")
+      if c.scan_layers:
+        raise ValueError("GPT: paged_cache is not supported with scan_layers=True (use the "
+                         "contiguous kv_caches, or a config with scan_layers=False)")
+      if not isinstance(paged_cache, paged.PagedKVCache):
+        raise TypeError(f"GPT: paged_cache must be a jaxeff.kv_cache.PagedKVCache, got "
+                        f"{type(paged_cache).__name__}")
+      if paged_cache.num_layers != c.num_layers:
+        raise ValueError(f"GPT: paged_cache must hold num_layers={c.num_layers} layers, got "
+                         f"{paged_cache.num_layers} (use init_paged_cache)")
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
                      embedding_init=nn.initializers.normal(c.init_std), name="embed")
     x = embed(tokens)
@@ -243,6 +275,10 @@ class GPT(nn.Module):
     else:
       new_caches = []
       for i in range(c.num_layers):
+        if paged_cache is not None:
+          x, paged_cache = block(c, name=f"block_{i}")(
+              x, positions, segment_ids, None, paged_cache, i, num_new)
+          continue
         x, cache = block(c, name=f"block_{i}")(
             x, positions, segment_ids, None if kv_caches is None else kv_caches[i])
         new_caches.append(cache)
@@ -254,6 +290,8 @@ class GPT(nn.Module):
       logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
                         kernel_init=nn.initializers.normal(c.init_std), name="lm_head")(x)
     logits = logits.astype(jnp.float32)
+    if paged_cache is not None:
+      return logits, paged_cache
     return logits if kv_caches is None else (logits, new_caches)
 
 
@@ -267,6 +305,32 @@ def init_kv_caches(config: GPTConfig, batch: int, max_len: int) -> tuple[KVCache
   if config.scan_layers:
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers, *a.shape)), cache)
   return tuple(cache for _ in range(config.num_layers))
+
+
+def init_paged_cache(config: GPTConfig, max_seqs: int, max_len: int, *, page_size: int = 16,
+                     quant: str | None = None,
+                     num_pages: int | None = None) -> paged.PagedKVCache:
+  """An empty :class:`jaxeff.kv_cache.PagedKVCache` for every layer of ``config``.
+
+  Args:
+    max_seqs: sequences (the batch).
+    max_len: tokens one sequence may hold (rounded up to whole pages).
+    page_size: tokens per page (a power of two).
+    quant: None (store the compute dtype), ``"int8"``, ``"fp8"`` or ``"int4"``.
+    num_pages: pages in the pool; default enough for every sequence at ``max_len``.
+  """
+  if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
+    raise ValueError(f"init_paged_cache: page_size must be a positive power of two, got "
+                     f"{page_size!r}")
+  if config.scan_layers:
+    raise ValueError("init_paged_cache: the paged cache is not supported with "
+                     "scan_layers=True (use init_kv_caches)")
+  pages_per_seq = -(-max_len // page_size)
+  return paged.create(num_layers=config.num_layers,
+                      num_pages=num_pages or max_seqs * pages_per_seq, page_size=page_size,
+                      kv_heads=config.kv_heads, head_dim=config.dim_per_head,
+                      max_seqs=max_seqs, pages_per_seq=pages_per_seq,
+                      dtype=config.compute_dtype, quant=quant)
 
 
 def init_params(config: GPTConfig, key: jax.Array, seq_len: int = 8) -> Any:

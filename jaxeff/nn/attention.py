@@ -12,6 +12,18 @@ new keys/values at ``positions[:, 0]`` onwards and attends to every cached key a
 position ``<=`` the query's (a causal mask built from absolute positions, so the same code
 serves prefill and one-token decode, and sequences of a batch may sit at different
 positions). Shapes stay static, so one compiled decode step serves every step.
+
+Paged generation (vLLM's PagedAttention, Kwon et al., 2023) passes a
+:class:`jaxeff.kv_cache.PagedKVCache` (all layers in one pool) as ``paged_cache`` with the
+layer index and ``num_new``, after ``kv_cache.reserve(cache, num_new)``:
+
+* prefill (``seq > 1``, sequences empty before the reserve, right-padded prompts at
+  positions ``0..seq-1``): causal attention over the prompt block through
+  :func:`jaxeff.ops.dot_product_attention`, then ``kv_cache.write`` stores the first
+  ``num_new[b]`` keys/values of each sequence (quantized on write if the cache is);
+* decode (``seq == 1``, the token at position ``lengths - 1``): ``kv_cache.append`` stores
+  the token of each active sequence (``num_new[b] == 1``) and
+  :func:`jaxeff.ops.decode_attention` attends over the cached pages.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxeff import kv_cache as paged
 from jaxeff import ops
 from jaxeff.nn.rope import apply_rope
 
@@ -84,7 +97,8 @@ class MultiHeadAttention(nn.Module):
     kernel_init / out_init: initializers of the q/k/v and the output projections.
     implementation: passed to :func:`jaxeff.ops.dot_product_attention` (training/prefill
       without a cache).
-    decode_implementation: the same, for calls with a KV cache (which pass a mask).
+    decode_implementation: the same, for calls with a contiguous KV cache (which pass a
+      mask); with a paged cache it is passed to :func:`jaxeff.ops.decode_attention`.
   """
 
   num_heads: int
@@ -107,6 +121,33 @@ class MultiHeadAttention(nn.Module):
   @property
   def kv_heads(self) -> int:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def _check_paged(self, x, positions, segment_ids, mask, kv_cache, paged_cache, layer,
+                   num_new):
+    name = "MultiHeadAttention"
+    if not isinstance(paged_cache, paged.PagedKVCache):
+      raise TypeError(f"{name}: paged_cache must be a jaxeff.kv_cache.PagedKVCache, got "
+                      f"{type(paged_cache).__name__}")
+    if kv_cache is not None:
+      raise ValueError(f"{name}: pass either kv_cache or paged_cache, not both")
+    b, t, _ = x.shape
+    want = (b, self.kv_heads, self.head_dim)
+    got = (paged_cache.max_seqs, paged_cache.kv_heads, paged_cache.head_dim)
+    if got != want:
+      raise ValueError(f"{name}: paged_cache must have (max_seqs, kv_heads, head_dim) = {want}, "
+                       f"got {got}")
+    if isinstance(layer, int) and not 0 <= layer < paged_cache.num_layers:
+      raise ValueError(f"{name}: layer must be in [0, {paged_cache.num_layers}), got {layer}")
+    if num_new is None or jnp.shape(num_new) != (b,):
+      raise ValueError(f"{name}: a call with paged_cache needs num_new [batch] = ({b},) (the "
+                       f"count passed to kv_cache.reserve), got {jnp.shape(num_new)}")
+    if positions is None or jnp.shape(positions) != (b, t):
+      raise ValueError(f"{name}: a call with paged_cache needs positions [batch, seq] = "
+                       f"({b}, {t}), got {jnp.shape(positions)}")
+    if not self.is_causal:
+      raise ValueError(f"{name}: paged_cache needs is_causal=True")
+    if segment_ids is not None or mask is not None:
+      raise ValueError(f"{name}: segment_ids and mask are not supported with paged_cache")
 
   def _check(self, x, positions, segment_ids, kv_cache):
     name = "MultiHeadAttention"
@@ -140,7 +181,9 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, mask: jax.Array | None = None,
-               kv_cache: KVCache | None = None):
+               kv_cache: KVCache | None = None,
+               paged_cache: paged.PagedKVCache | None = None, layer: int | jax.Array = 0,
+               num_new: jax.Array | None = None):
     """Attends ``x`` to itself (and to the cached past when ``kv_cache`` is given).
 
     Args:
@@ -152,10 +195,22 @@ class MultiHeadAttention(nn.Module):
         ``kv_len`` is ``seq`` without a cache and ``max_len`` with one.
       kv_cache: a :class:`KVCache`; the new keys/values are written at
         ``positions[b, 0] ..`` (which must stay below ``max_len``).
+      paged_cache: a :class:`jaxeff.kv_cache.PagedKVCache` with ``max_seqs == batch``,
+        already grown by ``kv_cache.reserve(paged_cache, num_new)`` (module docstring:
+        ``seq > 1`` is a prefill of empty sequences, ``seq == 1`` a decode step).
+      layer: this layer's index in ``paged_cache``.
+      num_new: int ``[batch]``, as passed to ``reserve`` (prefill: prompt lengths; decode:
+        1 for active sequences, 0 for finished ones).
 
     Returns:
-      ``[batch, seq, out_features]``, or ``(out, new_cache)`` when ``kv_cache`` is given.
+      ``[batch, seq, out_features]``, or ``(out, new_cache)`` when ``kv_cache`` or
+      ``paged_cache`` is given.
     """
+    if paged_cache is not None:
+      if not hasattr(x, "ndim") or x.ndim != 3:
+        raise ValueError(f"MultiHeadAttention: x must be [batch, seq, features], got shape "
+                         f"{getattr(x, 'shape', type(x))}")
+      self._check_paged(x, positions, segment_ids, mask, kv_cache, paged_cache, layer, num_new)
     self._check(x, positions, segment_ids, kv_cache)
     b, t, d = x.shape
     dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
@@ -172,7 +227,20 @@ class MultiHeadAttention(nn.Module):
       k = apply_rope(k, positions, base=self.rope_base)
 
     new_cache = None
-    if kv_cache is None:
+    if paged_cache is not None:
+      num_new = jnp.asarray(num_new, jnp.int32)
+      if t == 1:
+        new_cache = paged.append(paged_cache, layer, k[:, 0], v[:, 0], num_new)
+        out = ops.decode_attention(
+            q, **paged.layer_kv(new_cache, layer), logits_soft_cap=self.logits_soft_cap,
+            local_window_size=_window(self.local_window_size),
+            implementation=self.decode_implementation)
+      else:
+        new_cache = paged.write(paged_cache, layer, k, v, num_new)
+        out = ops.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=self.local_window_size,
+            logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+    elif kv_cache is None:
       out = ops.dot_product_attention(
           q, k, v, mask=mask, is_causal=self.is_causal, segment_ids=segment_ids,
           local_window_size=self.local_window_size, logits_soft_cap=self.logits_soft_cap,
@@ -196,4 +264,4 @@ class MultiHeadAttention(nn.Module):
     out = nn.DenseGeneral(
         self.out_features or d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=self.out_init, name="o_proj")(out)
-    return out if kv_cache is None else (out, new_cache)
+    return out if new_cache is None else (out, new_cache)
