@@ -4,7 +4,8 @@ Forward, log-sum-exp and all gradients (with an lse cotangent) against the refer
 through the op's custom_vjp (``implementation="mosaic_tpu:interpret"``), using the shared
 test body of ``test_attention.py``. Tiles are shrunk to 16 x 32 so the tiny shapes span
 several query and key blocks (full, partial and skipped ones); one case runs the default
-tiles. Interpret mode is slow: the shapes are small.
+tiles. Interpret mode is slow: the shapes are small. Real-size forward/backward calls are
+also cross-lowered to TPU (Pallas' Mosaic lowering, no TPU needed).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 from jaxeff.ops import attention as attn_ops
-from jaxeff.ops import dot_product_attention, dot_product_attention_with_lse
+from jaxeff.ops import dot_product_attention
 from kernels_pallas.attention import mosaic_tpu
-from tests.helpers import assert_close
 from tests.ops.test_attention import _check, _rand
 
 IMPL = "mosaic_tpu:interpret"
@@ -29,15 +29,13 @@ def small_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [
-    # end-aligned causal, GQA 4, q_len != kv_len (skipped upper blocks)
+    # end-aligned causal, GQA 4, q_len < kv_len (skipped upper-right blocks)
     dict(b=1, t=33, s=70, n=4, kh=1, d=64, causal=True),
-    # one query token, GQA 1, head_dim 128
+    # one query token, GQA 1, batch 2, head_dim 128
     dict(b=2, t=1, s=17, n=2, kh=2, d=128, causal=True),
-    # non-causal, q_len > kv_len, odd lengths, fp16
-    dict(b=1, t=70, s=17, n=2, kh=2, d=128, dtype=jnp.float16),
-    # causal with q_len > kv_len: the first 23 rows attend nothing (zeros, lse = -inf)
-    dict(b=1, t=40, s=17, n=4, kh=1, d=64, causal=True),
-    # segments with fully masked rows, a (left, right) window and a soft cap
+    # causal with q_len > kv_len: the first 23 rows attend nothing (zeros, lse = -inf); fp16
+    dict(b=1, t=40, s=17, n=2, kh=2, d=128, causal=True, dtype=jnp.float16),
+    # non-causal: segment ids with fully masked rows, a (left, right) window, a soft cap
     dict(b=1, t=70, s=70, n=2, kh=1, d=64, window=(25, 4), segments=True, missing=9,
          cap=5.0),
 ])
@@ -45,24 +43,35 @@ def test_kernel_matches_reference(small_tiles, key, case):
   _check(IMPL, key, **case)
 
 
-def test_default_tiles_causal_gqa(key):
-  _check(IMPL, key, b=1, t=128, s=128, n=4, kh=2, d=128, causal=True)
+def test_default_tiles_unmasked_forward(key):
+  """Default (whole-sequence) tiles, no mask at all, q_len != kv_len, GQA 2."""
+  _check(IMPL, key, b=1, t=100, s=128, n=4, kh=2, d=128, grads=False)
 
 
-def test_kernel_functions_direct_with_explicit_config(key):
-  """forward/backward called as the op's custom_vjp calls them, dense layout (no mask)."""
-  q, k, v, _ = _rand(key, 1, 24, 40, 2, 1, 64, jnp.bfloat16)
-  cfg = mosaic_tpu.Config(block_q=8, block_kv=8)
-  kw = dict(scale=0.125, config=cfg, interpret=True)
-  out, lse = jax.jit(lambda q, k, v: mosaic_tpu.forward(q, k, v, **kw))(q, k, v)
-  ref_out, ref_lse = dot_product_attention_with_lse(
-      *(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla", scale=0.125)
-  assert out.shape == q.shape and lse.shape == (1, 2, 24)
-  assert_close(out, ref_out.astype(jnp.bfloat16), dtype=jnp.bfloat16, name="out")
-  assert float(jnp.abs(lse - ref_lse).max()) < 2e-2
-  dq, dk, dv = jax.jit(lambda *a: mosaic_tpu.backward(*a, **kw))(q, k, v, out, lse, out)
-  assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
-  assert dk.dtype == jnp.bfloat16 and bool(jnp.isfinite(dk.astype(jnp.float32)).all())
+@pytest.mark.parametrize("case", [
+    dict(shape=(1, 1024, 1000, 8, 2, 128), is_causal=True),
+    dict(shape=(2, 300, 500, 4, 4, 64), window=(100, 10), soft_cap=20.0, segments=True),
+])
+def test_cross_lowers_to_tpu(case):
+  """Forward and backward lower through Pallas' Mosaic TPU lowering (block-shape and
+  layout rules of a TPU v5e) on CPU; the Mosaic compiler itself only runs on a TPU."""
+  case = dict(case)
+  b, t, s, n, kh, d = case.pop("shape")
+  segments = case.pop("segments", False)
+  q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, kh, d), jnp.bfloat16)
+  ids = ((jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32))
+         if segments else (None, None))
+
+  def fwd_bwd(q, k, v, ids):
+    out, lse = mosaic_tpu.forward(q, k, v, *ids, scale=0.1, **case)
+    return out, lse, mosaic_tpu.backward(q, k, v, out, lse, out, *ids, lse, scale=0.1, **case)
+
+  device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, kv, kv, ids)
+  assert exported.mlir_module().count("tpu_custom_call") == 3  # fwd, dK/dV, dQ
 
 
 def test_unsupported_inputs_and_bad_config_raise(key):
