@@ -247,7 +247,7 @@ def test_named_kernel_that_cannot_serve_raises_not_implemented(key):
 
 def test_registry_order_puts_kernels_first():
   names = [impl.name for impl in attn_ops.ATTENTION_IMPLS]
-  assert names == ["mosaic_gpu", "cudnn", "triton", "xla"]
+  assert names == ["mosaic_gpu", "cudnn", "triton", "mosaic_tpu", "xla"]
 
 
 # ------------------------------------------------------------------------------ GPU
