@@ -140,10 +140,11 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"{name}: layer must be in [0, {paged_cache.num_layers}), got {layer}")
     if num_new is None or jnp.shape(num_new) != (b,):
       raise ValueError(f"{name}: a call with paged_cache needs num_new [batch] = ({b},) (the "
-                       f"count passed to kv_cache.reserve), got {jnp.shape(num_new)}")
+                       f"count passed to kv_cache.reserve), got "
+                       f"{None if num_new is None else jnp.shape(num_new)}")
     if positions is None or jnp.shape(positions) != (b, t):
       raise ValueError(f"{name}: a call with paged_cache needs positions [batch, seq] = "
-                       f"({b}, {t}), got {jnp.shape(positions)}")
+                       f"({b}, {t}), got {None if positions is None else jnp.shape(positions)}")
     if not self.is_causal:
       raise ValueError(f"{name}: paged_cache needs is_causal=True")
     if segment_ids is not None or mask is not None:

@@ -59,13 +59,13 @@ def test_kv_cache_generation_matches_full_forward_for_ragged_batch(params):
 
 
 def test_paged_equals_contiguous_equals_full_forward_greedy(params):
-  prompts = [list(b"for i in"), list(b"x"), list(b"while True:\n  "), list(b"ab")]
-  s = gen.SamplingConfig(max_new_tokens=9, temperature=0)
+  prompts = [list(b"for i in"), list(b"x"), list(b"while True:\n  ")]
+  s = gen.SamplingConfig(max_new_tokens=6, temperature=0)
   pag = gen.generate(CONFIG, params, prompts, s, kv_cache="paged", page_size=4)
   con = gen.generate(CONFIG, params, prompts, s, kv_cache="contiguous")
   assert pag.tokens == con.tokens
   for prompt, out in zip(prompts, pag.tokens):
-    assert out == _greedy_reference(params, prompt, 9)
+    assert out == _greedy_reference(params, prompt, 6)
   assert pag.time_to_first_token_s > 0 and pag.tokens_per_s > 0 and pag.compile_s > 0
 
 
@@ -88,15 +88,15 @@ def test_paged_decode_calls_decode_attention(params, monkeypatch):
   assert calls and all(calls)  # traced once per layer, always with a page table
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_paged_generation_runs_with_stop_tokens(params, quant):
+def test_int8_paged_generation_and_stop_tokens(params):
+  quant = "int8"  # int4 / fp8 numerics: tests/models/test_gpt.py
   prompts = [list(b"def f(x):"), list(b"a")]
   s = gen.SamplingConfig(max_new_tokens=6, temperature=0)
   ref = gen.generate(CONFIG, params, prompts, s, kv_cache="paged")
   q = gen.generate(CONFIG, params, prompts, s, kv_cache="paged", kv_quant=quant)
   assert all(len(t) == 6 for t in q.tokens)
-  if quant == "int8":  # a random tiny model's argmax is fragile; int8 keeps the first tokens
-    assert [t[:2] for t in q.tokens] == [t[:2] for t in ref.tokens]
+  # A random tiny model's argmax is fragile; int8 keeps (at least) the first tokens.
+  assert [t[:2] for t in q.tokens] == [t[:2] for t in ref.tokens]
   stop = ref.tokens[0][2]
   cut = gen.generate(CONFIG, params, prompts[:1], gen.SamplingConfig(
       max_new_tokens=6, temperature=0, stop_tokens=(stop,)), kv_cache="paged")

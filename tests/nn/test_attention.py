@@ -119,6 +119,82 @@ def test_kv_cache_decode_matches_full_forward(key, window):
   assert cache.key.shape == (b, 16, 2, 8)
 
 
+@pytest.mark.parametrize("window, cap", [(None, None), (3, 20.0)])
+def test_paged_cache_ragged_prefill_and_decode_match_full_forward(key, window, cap):
+  from jaxeff import kv_cache as paged
+  kx, kp = jax.random.split(key)
+  b, t, d = 3, 11, 24
+  lengths = jnp.array([4, 7, 1], jnp.int32)
+  x = jax.random.normal(kx, (b, t, d))
+  attn = MultiHeadAttention(num_heads=6, num_kv_heads=2, head_dim=8, local_window_size=window,
+                            logits_soft_cap=cap)
+  params = jax.jit(attn.init)(kp, x)["params"]
+  full = jax.jit(attn.apply)({"params": params}, x)
+
+  @jax.jit
+  def prefill(cache, xs):
+    cache, _ = paged.reserve(cache, lengths)
+    return attn.apply({"params": params}, xs, positions=jnp.broadcast_to(jnp.arange(7), (b, 7)),
+                      paged_cache=cache, layer=1, num_new=lengths)
+
+  @jax.jit
+  def step(cache, xs, active):
+    cache, _ = paged.reserve(cache, active)
+    return attn.apply({"params": params}, xs, positions=(cache.lengths - 1)[:, None],
+                      paged_cache=cache, layer=1, num_new=active)
+
+  cache = paged.create(num_layers=2, num_pages=12, page_size=4, kv_heads=2, head_dim=8,
+                       max_seqs=b, pages_per_seq=4, dtype=jnp.float32)
+  out, cache = prefill(cache, x[:, :7])  # right-padded: rows past lengths[b] are padding
+  for i in range(b):
+    assert_close(out[i, :lengths[i]], full[i, :lengths[i]])
+  assert np.asarray(cache.lengths).tolist() == [4, 7, 1]
+  assert float(jnp.abs(cache.keys[0]).max()) == 0  # layer 0 untouched
+  # Decode: sequence i feeds x[i, lengths[i] + s]; sequence 1 sits out step 1.
+  pos = np.asarray(lengths).copy()
+  for s in range(3):
+    active = jnp.array([1, int(s != 1), 1], jnp.int32)
+    xs = x[jnp.arange(b), jnp.asarray(pos)][:, None]
+    out, cache = step(cache, xs, active)
+    for i in range(b):
+      if active[i]:
+        assert_close(out[i, 0], full[i, pos[i]])
+        pos[i] += 1
+  assert np.asarray(cache.lengths).tolist() == pos.tolist() == [7, 9, 4]
+
+
+def test_paged_cache_bad_inputs():
+  from jaxeff import kv_cache as paged
+  attn = MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=8)
+  x = jnp.ones((2, 1, 16))
+  pos = jnp.zeros((2, 1), jnp.int32)
+  one = jnp.ones((2,), jnp.int32)
+  params = jax.jit(attn.init)(jax.random.key(0), x)["params"]
+  mk = lambda **kw: paged.create(**{**dict(num_layers=2, num_pages=4, page_size=4,  # noqa: E731
+                                           kv_heads=2, head_dim=8, max_seqs=2,
+                                           pages_per_seq=2), **kw})
+  call = lambda **kw: attn.apply({"params": params}, x, **{  # noqa: E731
+      **dict(positions=pos, paged_cache=mk(), num_new=one), **kw})
+  with pytest.raises(ValueError, match=r"\(max_seqs, kv_heads, head_dim\) = \(2, 2, 8\), got "
+                     r"\(2, 1, 8\)"):
+    call(paged_cache=mk(kv_heads=1))
+  with pytest.raises(ValueError, match="layer must be in \\[0, 2\\), got 2"):
+    call(layer=2)
+  with pytest.raises(ValueError, match=r"needs num_new \[batch\] = \(2,\).*got \(3,\)"):
+    call(num_new=jnp.ones((3,), jnp.int32))
+  with pytest.raises(ValueError, match="needs positions"):
+    call(positions=None)
+  with pytest.raises(ValueError, match="either kv_cache or paged_cache"):
+    call(kv_cache=KVCache.zeros(2, 8, 2, 8))
+  with pytest.raises(ValueError, match="segment_ids and mask are not supported"):
+    call(mask=jnp.ones((2, 1, 1, 1), bool))
+  with pytest.raises(TypeError, match="paged_cache must be a jaxeff.kv_cache.PagedKVCache"):
+    call(paged_cache=KVCache.zeros(2, 8, 2, 8))
+  with pytest.raises(ValueError, match="paged_cache needs is_causal=True"):
+    MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=8, is_causal=False).apply(
+        {"params": params}, x, positions=pos, paged_cache=mk(), num_new=one)
+
+
 def test_kv_cache_sequences_at_different_positions(key):
   # Row 0 decodes at position 7 while row 1 decodes at position 3.
   kx, kp = jax.random.split(key)
