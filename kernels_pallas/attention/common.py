@@ -165,3 +165,12 @@ def transpose_classes(classes):
 
 def round_up(x: int, m: int) -> int:
   return (x + m - 1) // m * m
+
+
+def pad_axis(x, axis: int, size: int):
+  """Zero-pads ``x`` along ``axis`` to ``size`` (None and already-sized arrays pass through)."""
+  if x is None or x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads)

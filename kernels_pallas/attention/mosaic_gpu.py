@@ -630,14 +630,6 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
   return dq_ref_in[...], dk, dv
 
 
-def _pad_to(x, axis: int, size: int):
-  if x is None or x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
-
-
 def forward(q, k, v, q_seg=None, kv_seg=None, *, is_causal: bool = False,
             window: tuple[int, int] | None = None, scale: float, soft_cap: float | None = None,
             config: Config | None = None, block_classes=None, interpret: bool = False):
@@ -659,9 +651,9 @@ def forward(q, k, v, q_seg=None, kv_seg=None, *, is_causal: bool = False,
                          has_segment_ids=q_seg is not None)
   tp = common.round_up(t, cfg.fwd_q_tile)
   sp = common.round_up(s_len, max(cfg.block_kv, cfg.bwd_kv_tile))
-  qp, kp, vp = _pad_to(q, 1, tp), _pad_to(k, 1, sp), _pad_to(v, 1, sp)
-  qs = _pad_to(q_seg, 1, tp)
-  ks = _pad_to(kv_seg, 1, sp)
+  qp, kp, vp = common.pad_axis(q, 1, tp), common.pad_axis(k, 1, sp), common.pad_axis(v, 1, sp)
+  qs = common.pad_axis(q_seg, 1, tp)
+  ks = common.pad_axis(kv_seg, 1, sp)
   classes = common.block_classes(mask, tp, sp, cfg.fwd_q_tile, cfg.block_kv, qs, ks)
   if block_classes is not None:
     classes = jnp.minimum(jnp.asarray(classes), block_classes)
@@ -698,13 +690,14 @@ def backward(q, k, v, out, lse, d_out, q_seg=None, kv_seg=None, d_lse=None, *, i
                          has_segment_ids=q_seg is not None)
   tp = common.round_up(t, cfg.fwd_q_tile)
   sp = common.round_up(s_len, max(cfg.block_kv, cfg.bwd_kv_tile))
-  qp, kp, vp, dop = _pad_to(q, 1, tp), _pad_to(k, 1, sp), _pad_to(v, 1, sp), _pad_to(d_out, 1, tp)
-  qs, ks = _pad_to(q_seg, 1, tp), _pad_to(kv_seg, 1, sp)
+  qp, kp, vp = common.pad_axis(q, 1, tp), common.pad_axis(k, 1, sp), common.pad_axis(v, 1, sp)
+  dop = common.pad_axis(d_out, 1, tp)
+  qs, ks = common.pad_axis(q_seg, 1, tp), common.pad_axis(kv_seg, 1, sp)
   delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
   if d_lse is not None:
     delta = delta - d_lse
-  delta = _pad_to(delta, 2, tp)
-  lse2 = _pad_to(lse * common.LOG2E, 2, tp)
+  delta = common.pad_axis(delta, 2, tp)
+  lse2 = common.pad_axis(lse * common.LOG2E, 2, tp)
   classes = common.block_classes(mask, tp, sp, cfg.bwd_block_q, cfg.bwd_kv_tile, qs, ks)
   classes = common.transpose_classes(classes)
   if block_classes is not None:

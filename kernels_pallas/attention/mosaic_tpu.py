@@ -387,17 +387,9 @@ def _bwd_call(q, k, v, do, lse, delta, q_seg, kv_seg, fwd_lists: _Lists, bwd_lis
 # ---------------------------------------------------------------------------- wrappers
 
 
-def _pad(x, axis: int, size: int):
-  if x is None or x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
-
-
 def _heads_major(x, size):
   """[b, seq, heads, d] -> [b, heads, size, d] (sequence zero-padded to ``size``)."""
-  return _pad(jnp.swapaxes(x, 1, 2), 2, size)
+  return common.pad_axis(jnp.swapaxes(x, 1, 2), 2, size)
 
 
 def _prepare(q, k, q_seg, kv_seg, is_causal, window, config):
@@ -407,7 +399,7 @@ def _prepare(q, k, q_seg, kv_seg, is_causal, window, config):
                          has_segment_ids=q_seg is not None)
   tp = common.round_up(t, cfg.block_q)
   sp = common.round_up(s_len, cfg.block_kv)
-  qs, ks = _pad(q_seg, 1, tp), _pad(kv_seg, 1, sp)
+  qs, ks = common.pad_axis(q_seg, 1, tp), common.pad_axis(kv_seg, 1, sp)
   classes = common.block_classes(mask, tp, sp, cfg.block_q, cfg.block_kv, qs, ks)
   if qs is not None:
     qs, ks = qs[:, :, None], ks[:, None, :]
@@ -455,7 +447,7 @@ def backward(q, k, v, out, lse, d_out, q_seg=None, kv_seg=None, d_lse=None, *,
   if d_lse is not None:
     delta = delta - d_lse
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # fully masked rows: p = exp(x - inf) = 0
-  col = lambda x: _pad(x, 2, tp)[..., None]
+  col = lambda x: common.pad_axis(x, 2, tp)[..., None]
   fwd_lists = _lists(common.sparsity_from_classes(classes))
   bwd_lists = _lists(common.sparsity_from_classes(common.transpose_classes(classes)))
   dq, dk, dv = _bwd_call(

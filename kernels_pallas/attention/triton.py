@@ -291,14 +291,6 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, fwd_sparsity, bwd_sparsit
 # ---------------------------------------------------------------------------- wrappers
 
 
-def _pad(x, axis: int, size: int):
-  if x is None or x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
-
-
 def _padded_head_dim(d: int) -> int:
   return max(16, pl.next_power_of_2(d))
 
@@ -312,8 +304,8 @@ def _prepare(q, k, v, q_seg, kv_seg, is_causal, window, config):
                          has_segment_ids=q_seg is not None)
   tp = common.round_up(t, cfg.block_q)
   sp = common.round_up(s_len, cfg.block_kv)
-  pad = lambda x, n: _pad(_pad(x, 3, dp), 1, n)
-  qs, ks = _pad(q_seg, 1, tp), _pad(kv_seg, 1, sp)
+  pad = lambda x, n: common.pad_axis(common.pad_axis(x, 3, dp), 1, n)
+  qs, ks = common.pad_axis(q_seg, 1, tp), common.pad_axis(kv_seg, 1, sp)
   classes = common.block_classes(mask, tp, sp, cfg.block_q, cfg.block_kv, qs, ks)
   return cfg, mask, pad(q, tp), pad(k, sp), pad(v, sp), qs, ks, classes
 
@@ -355,10 +347,11 @@ def backward(q, k, v, out, lse, d_out, q_seg=None, kv_seg=None, d_lse=None, *,
   delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
   if d_lse is not None:
     delta = delta - d_lse
-  dop = _pad(_pad(d_out, 3, dp), 1, tp)
+  dop = common.pad_axis(common.pad_axis(d_out, 3, dp), 1, tp)
   fwd_sp = common.sparsity_from_classes(classes)
   bwd_sp = common.sparsity_from_classes(common.transpose_classes(classes))
-  dq, dk, dv = _bwd_call(qp, kp, vp, dop, _pad(lse * common.LOG2E, 2, tp), _pad(delta, 2, tp),
+  lse2 = common.pad_axis(lse * common.LOG2E, 2, tp)
+  dq, dk, dv = _bwd_call(qp, kp, vp, dop, lse2, common.pad_axis(delta, 2, tp),
                          qs, ks, fwd_sp, bwd_sp, mask=mask, scale=scale, soft_cap=soft_cap,
                          cfg=cfg, interpret=interpret)
   return (dq[:, :t, :, :d], dk[:, :s_len, :, :d].astype(k.dtype),
