@@ -404,3 +404,16 @@ def round_up(x: int, m: int) -> int:
 def next_pow2(x: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(x, 1))))
 
+
+def padded_page_table(page_table, num_pages: int, pages_per_block: int):
+  """``page_table`` clipped to valid page ids and padded to whole KV blocks.
+
+  Blocks may run past the last page when capacity % block_kv != 0: padding keeps a block's
+  page slice in bounds (the padded pages are masked out by length).
+  """
+  n = round_up(page_table.shape[1], pages_per_block)
+  table = jnp.clip(page_table, 0, num_pages - 1)
+  if n != table.shape[1]:
+    table = jnp.pad(table, ((0, 0), (0, n - table.shape[1])))
+  return table
+

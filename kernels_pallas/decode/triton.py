@@ -238,12 +238,7 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
   plan = common.make_plan(lengths, kv_heads=kv_heads, q_len=t, block_kv=bk,
                           capacity=capacity, window=window,
                           num_workers=_num_workers(cfg, interpret))
-  # Blocks may run past the last page when capacity % block_kv != 0: pad the table so a
-  # block's page slice stays in bounds (the padded pages are masked out by length).
-  n_table = common.round_up(page_table.shape[1], ppb)
-  table = jnp.clip(page_table, 0, num_pages - 1)
-  if n_table != table.shape[1]:
-    table = jnp.pad(table, ((0, 0), (0, n_table - table.shape[1])))
+  table = common.padded_page_table(page_table, num_pages, ppb)
   q_rows = common.query_rows(query, kv_heads, rows)
   meta = jnp.stack([plan.blocks_per_worker, plan.total]).astype(jnp.int32)
   args = [meta, plan.item_start, plan.item_seq, plan.item_head, plan.item_block,
