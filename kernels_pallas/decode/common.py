@@ -397,6 +397,17 @@ def num_workers_for(device_cores: int | None, per_core: int, fallback: int) -> i
   return max(1, (device_cores or fallback) * per_core)
 
 
+def worker_count(num_workers: int | None, interpret_workers: int, per_sm: int,
+                 interpret: bool) -> int:
+  """Persistent workers for one launch: the config's explicit count, a small count in
+  interpret mode, else ``per_sm`` per multiprocessor of the device (132 if unknown)."""
+  if num_workers is not None:
+    return num_workers
+  if interpret:
+    return interpret_workers
+  return num_workers_for(getattr(jax.devices()[0], "core_count", None), per_sm, 132)
+
+
 def round_up(x: int, m: int) -> int:
   return (x + m - 1) // m * m
 

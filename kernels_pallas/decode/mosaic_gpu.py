@@ -362,12 +362,7 @@ def _query_token(row, q_len: int, group: int):
 
 
 def _num_workers(cfg: Config, interpret: bool) -> int:
-  if cfg.num_workers is not None:
-    return cfg.num_workers
-  if interpret:
-    return cfg.interpret_workers
-  cores = getattr(jax.devices()[0], "core_count", None)
-  return common.num_workers_for(cores, cfg.ctas_per_sm, 132)
+  return common.worker_count(cfg.num_workers, cfg.interpret_workers, cfg.ctas_per_sm, interpret)
 
 
 def head_major_scales(scale: jax.Array) -> jax.Array:

@@ -201,12 +201,7 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, witem_ref, len_ref,
 
 
 def _num_workers(cfg: Config, interpret: bool) -> int:
-  if cfg.num_workers is not None:
-    return cfg.num_workers
-  if interpret:
-    return cfg.interpret_workers
-  cores = getattr(jax.devices()[0], "core_count", None)
-  return common.num_workers_for(cores, cfg.programs_per_sm, 132)
+  return common.worker_count(cfg.num_workers, cfg.interpret_workers, cfg.programs_per_sm, interpret)
 
 
 def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None, v_scale=None,
