@@ -210,6 +210,77 @@ def run_bwd_variants():
     timed("cudnn", cud, b, s, 16, 16, d, causal, "fwd_bwd")
 
 
+def _config_attn(cfg, causal, d):
+  """Op-free custom_vjp around the Mosaic kernels with an explicit config."""
+
+  @jax.custom_vjp
+  def attn(q, k, v):
+    return mg.forward(q, k, v, is_causal=causal, scale=d ** -0.5, config=cfg)[0]
+
+  def attn_fwd(q, k, v):
+    o, l = mg.forward(q, k, v, is_causal=causal, scale=d ** -0.5, config=cfg)
+    return o, (q, k, v, o, l)
+
+  def attn_bwd(res, do):
+    q, k, v, o, l = res
+    return mg.backward(q, k, v, o, l, do, is_causal=causal, scale=d ** -0.5, config=cfg)
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn
+
+
+def run_wg_variants():
+  """Three forward warpgroups at head_dim 64, K/V in registers in the head_dim-64
+  backward, a 240/24 register split in the head_dim-128 backward; each against the
+  default config and cuDNN, seq 4096."""
+  import dataclasses
+  cases = [
+      (64, False, "fwd", {"3wg": mg.THREE_WG}),
+      (64, True, "fwd", {"3wg": mg.THREE_WG}),
+      (128, False, "fwd", {}),
+      (64, False, "fwd_bwd", {"kvregs": "kvregs"}),
+      (64, True, "fwd_bwd", {"kvregs": "kvregs"}),
+      (128, False, "fwd_bwd", {"regs240": "regs240"}),
+      (128, True, "fwd_bwd", {"regs240": "regs240"}),
+  ]
+  s, h = 4096, 16
+  b = 16384 // s
+  for d, causal, mode, variants in cases:
+    base = mg.default_config(d, causal)
+    timed("jaxeff", _config_attn(base, causal, d), b, s, h, h, d, causal, mode)
+    for vname, cfg in variants.items():
+      if cfg == "kvregs":
+        cfg = dataclasses.replace(base, bwd_kv_in_registers=True)
+      elif cfg == "regs240":
+        cfg = dataclasses.replace(base, bwd_compute_registers=240, bwd_memory_registers=24)
+      timed(f"jaxeff:{vname}", _config_attn(cfg, causal, d), b, s, h, h, d, causal, mode)
+    cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="cudnn")
+    timed("cudnn", cud, b, s, h, h, d, causal, mode)
+
+
+def run_bwd_breakdown():
+  """XLA-side work around the backward kernel at d128 s4096 (delta, dQ zeroing, dQ cast)."""
+  b, s, h, d = 4, 4096, 16, 128
+  for name, fn in [
+      ("delta", lambda q, k, v, do: jnp.einsum("btnd,btnd->bnt", q.astype(jnp.float32),
+                                               do.astype(jnp.float32))),
+      ("zeros_dq", lambda q, k, v, do: jnp.zeros(q.shape, jnp.float32) + k[0, 0, 0, 0]),
+      ("cast_dq", lambda q, k, v, do: (q.astype(jnp.float32) * 0.1).astype(q.dtype)),
+  ]:
+    f = jax.jit(fn)
+
+    def make(i):
+      q, k, v, do, _ = inputs(jax.random.key(300 + i), b, s, s, h, h, d)
+      return (q, k, v, do)
+
+    t = harness.safe_time(f, make, rounds=10, warmup=2)
+    print(f"TIME xla-side {name:<10} {t * 1e6:8.1f} us", flush=True)
+    RESULTS["time"].append({"impl": f"xla-side:{name}", "b": b, "s": s, "h": h, "kvh": h,
+                            "d": d, "causal": False, "mode": "part", "s_per_call": t,
+                            "tflops": float("nan")})
+
+
 def run_profile_once():
   """One forward+backward at d128 s4096 (for ncu)."""
   q, k, v, do, _ = inputs(jax.random.key(5), 4, 4096, 4096, 16, 16, 128)
@@ -254,6 +325,10 @@ def main(argv=None):
       run_variants()
     if "bwdvariants" in args.what:
       run_bwd_variants()
+    if "wgvariants" in args.what:
+      run_wg_variants()
+    if "breakdown" in args.what:
+      run_bwd_breakdown()
     if "profile" in args.what:
       run_profile_once()
   finally:

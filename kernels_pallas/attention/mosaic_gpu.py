@@ -11,8 +11,9 @@ over key tiles backward. Hopper techniques from FlashAttention-3 (Shah et al., 2
   (``setmaxnreg``);
 * every matmul is a ``wgmma``; the softmax probabilities feed the second matmul straight
   from registers;
-* ping-pong scheduling: a two-party barrier makes the two compute warpgroups alternate
-  their matmuls, so one warpgroup's softmax overlaps the other's tensor-core work;
+* ping-pong (round-robin) scheduling: per-warpgroup barriers make the compute
+  warpgroups take turns issuing their matmuls, so one warpgroup's softmax overlaps the
+  others' tensor-core work (two warpgroups; three for head_dim 64, as FlashAttention-3);
 * block sparsity (``common.BlockSparsity``): each CTA visits only the key (query) blocks
   that hold an allowed entry, unmasked ("full") blocks first with no elementwise mask,
   then the partial ones with the mask computed from positions and segment ids.
@@ -55,13 +56,17 @@ _SWIZZLE = 128  # bytes; the rows of every 16-bit tile are >= 64 elements wide
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tile sizes. Forward: a CTA owns ``2 * block_q`` query rows (one ``block_q`` slab per
-  compute warpgroup) and streams ``block_kv`` keys per step. Backward: a CTA owns
-  ``2 * bwd_block_kv`` keys and streams ``bwd_block_q`` queries per step."""
+  """Tile sizes. Forward: a CTA owns ``compute_wgs * block_q`` query rows (one ``block_q``
+  slab per compute warpgroup) and streams ``block_kv`` keys per step. Backward: a CTA owns
+  ``2 * bwd_block_kv`` keys and streams ``bwd_block_q`` queries per step.
+  ``bwd_kv_in_registers`` keeps each backward warpgroup's K and V rows in registers, so
+  ``S^T = K Q^T`` and ``dP^T = V dO^T`` read only one operand from shared memory (fits the
+  register budget at head_dim 64 only)."""
 
   block_q: int = 64
   block_kv: int = 128
   num_stages: int = 2
+  compute_wgs: int = 2
   bwd_block_q: int = 64
   bwd_block_kv: int = 64
   bwd_num_stages: int = 2
@@ -69,10 +74,11 @@ class Config:
   memory_registers: int = 40
   bwd_compute_registers: int = 232
   bwd_memory_registers: int = 40
+  bwd_kv_in_registers: bool = False
 
   @property
   def fwd_q_tile(self) -> int:
-    return 2 * self.block_q
+    return self.compute_wgs * self.block_q
 
   @property
   def bwd_kv_tile(self) -> int:
@@ -90,6 +96,11 @@ def default_config(head_dim: int, is_causal: bool = False) -> Config:
   if head_dim <= 64 and not is_causal:
     return Config(block_kv=256)
   return Config()
+
+
+# Three compute warpgroups (192 query rows a CTA) for head_dim 64, as FlashAttention-3;
+# 3 x 160 + 24 registers a thread fill the register file.
+THREE_WG = Config(compute_wgs=3, block_kv=128, compute_registers=160, memory_registers=24)
 
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -118,7 +129,7 @@ def _max(a, b):
 
 
 def _schedule(barrier):
-  """A rendezvous of the two compute warpgroups (ping-pong scheduling)."""
+  """A rendezvous of the two backward compute warpgroups."""
   plgpu.barrier_arrive(barrier)
   plgpu.barrier_wait(barrier)
 
@@ -133,7 +144,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
   b_sz, tp, n_heads, d = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   group = n_heads // kv_heads
-  bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.num_stages
+  bq, bkv, stages, cw = cfg.block_q, cfg.block_kv, cfg.num_stages, cfg.compute_wgs
   n_qt, n_kv = tp // cfg.fwd_q_tile, sp // bkv
   dtype = q.dtype
   has_seg = q_seg is not None
@@ -174,10 +185,15 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
     def kv_block(i):
       return i if dense else idx_ref[lb, qt, i]
 
-    @pl.when(wg < 2)
+    @pl.when(wg < cw)
     def _compute():
       plgpu.set_max_registers(cfg.compute_registers, action="increase")
       row0 = qt * cfg.fwd_q_tile + wg * bq
+      # Round-robin tensor-core schedule (ping-pong for two warpgroups): warpgroup ``w``
+      # issues its next ``P V`` and ``Q K^T`` only after warpgroup ``w - 1`` issued
+      # theirs, so each warpgroup's softmax runs while the others' matmuls do.
+      my_turn = s["sched"].at[wg]
+      next_turn = s["sched"].at[lax.rem(wg + 1, cw)]
       q_smem = s["qo"].at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem, s["q_bar"].at[wg])
       if has_seg:
@@ -193,7 +209,8 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
 
       _when(n_total > 0, lambda: plgpu.barrier_wait(s["k_bar"].at[0]))
 
-      pl.when(wg == 1)(lambda: _schedule(s["sched"]))
+      pl.when(wg == 0)(lambda: plgpu.barrier_arrive(s["sched"].at[0]))
+      plgpu.barrier_wait(my_turn)
 
       def step(i, carry, *, masked: bool):
         acc, m_i, l_i = carry
@@ -203,7 +220,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
 
         def compute_qk(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, s["k"].at[slot].transpose((1, 0)))
-          _schedule(s["sched"])
+          plgpu.barrier_arrive(next_turn)
           return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
@@ -240,9 +257,8 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
         p16 = p.astype(dtype)
         l_i = l_i + p.sum(axis=1)
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(s["sched"])  # softmax done
         plgpu.barrier_wait(s["v_bar"].at[slot])
-        plgpu.barrier_wait(s["sched"])  # the other warpgroup's matmuls are issued
+        plgpu.barrier_wait(my_turn)  # the other warpgroups' matmuls are issued
 
         def wait_next_k():
           nxt = i + 1
@@ -274,7 +290,8 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
       acc, m_i, l_i = carry
-      pl.when(wg == 0)(lambda: _schedule(s["sched"]))
+      plgpu.barrier_arrive(next_turn)
+      pl.when(wg == 0)(lambda: plgpu.barrier_wait(s["sched"].at[0]))  # balance the phases
 
       empty = l_i == 0.0
       l_safe = jnp.where(empty, 1.0, l_i)
@@ -289,7 +306,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == cw)
     def _memory():
       plgpu.set_max_registers(cfg.memory_registers, action="decrease")
       kv_head = lax.div(h, group)
@@ -321,23 +338,23 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
         plgpu.barrier_wait(s["v_cons"].at[lax.rem(i, stages)])
 
   scratch = {
-      "qo": _tiled((2, bq, d), dtype),
+      "qo": _tiled((cw, bq, d), dtype),
       "k": _tiled((stages, bkv, d), dtype),
       "v": _tiled((stages, bkv, d), dtype),
-      "lse": plgpu.SMEM((2, bq), jnp.float32),
-      "q_bar": plgpu.Barrier(num_barriers=2),
+      "lse": plgpu.SMEM((cw, bq), jnp.float32),
+      "q_bar": plgpu.Barrier(num_barriers=cw),
       "k_bar": plgpu.Barrier(num_barriers=stages),
       "v_bar": plgpu.Barrier(num_barriers=stages),
-      "k_cons": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      "v_cons": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      "sched": plgpu.Barrier(num_arrivals=2),
+      "k_cons": plgpu.Barrier(num_arrivals=cw, num_barriers=stages),
+      "v_cons": plgpu.Barrier(num_arrivals=cw, num_barriers=stages),
+      "sched": plgpu.Barrier(num_barriers=cw),
   }
   if has_seg:
     scratch.update(
-        qseg=plgpu.SMEM((2, bq), jnp.int32), kvseg=plgpu.SMEM((stages, bkv), jnp.int32),
-        qseg_bar=plgpu.Barrier(num_barriers=2), seg_bar=plgpu.Barrier(num_barriers=stages))
+        qseg=plgpu.SMEM((cw, bq), jnp.int32), kvseg=plgpu.SMEM((stages, bkv), jnp.int32),
+        qseg_bar=plgpu.Barrier(num_barriers=cw), seg_bar=plgpu.Barrier(num_barriers=stages))
   if interpret:
-    scratch["p"] = _tiled((2, bq, bkv), dtype)
+    scratch["p"] = _tiled((cw, bq, bkv), dtype)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
@@ -345,7 +362,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       scratch_types=(scratch,),
       grid=(n_heads, n_qt, b_sz),
       grid_names=("heads", "q_tiles", "batch"),
-      num_threads=3,
+      num_threads=cw + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -431,6 +448,8 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
       plgpu.barrier_wait(s["kv_bar2"])
       k_rows = s["k"].at[pl.ds(wg * bkv, bkv)]
       v_rows = s["v"].at[pl.ds(wg * bkv, bkv)]
+      if cfg.bwd_kv_in_registers and not interpret:
+        k_rows, v_rows = k_rows[...], v_rows[...]  # register A operands from here on
       k_cols = s["k"].at[:, pl.ds(wg * half, half)]
 
       def step(i, carry, *, hg, masked: bool):
