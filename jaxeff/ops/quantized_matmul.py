@@ -1,0 +1,551 @@
+"""Quantized matmul: weight-only int4 / int8, W8A8 int8 and fp8 (per-tensor / per-row /
+block scales), plus an fp8 linear-layer product with a ``custom_vjp`` for fp8 training.
+
+``quantized_matmul(x, w)`` computes ``x @ dequant(w)`` for a weight ``w: [K, N]`` quantized
+along K (a ``jaxeff.quant.QArray`` or a :class:`PackedWeight` from :func:`prepack`):
+
+* ``x`` bfloat16 / float16 / float32: weight-only (int4 packed two per byte, int8; any
+  format ``QArray.dequantize`` knows through the reference); GPTQ/AWQ-style serving.
+* ``x`` int8 with ``x_scale [..., 1]`` and a symmetric per-channel (or per-tensor) int8
+  weight: W8A8 (SmoothQuant, Xiao et al. 2023): ``(x_q @ w_q) * x_scale * w_scale``
+  with int32 accumulation.
+* ``x`` float8 with ``x_scale [..., 1]`` (per token), ``[]`` (per tensor) or
+  ``[..., K // 128]`` (1 x 128 tiles) and an fp8 weight with per-tensor, per-channel or
+  128-row block scales (``[K // 128, N // 128]``: DeepGEMM's 128 x 128 tiles): fp8 matmul.
+
+:func:`quantize_activations` makes ``(x_q, x_scale)`` per token (or per 1 x 128 tile).
+:func:`fp8_dot` is ``x @ w`` for float ``x, w`` computed in fp8 forward and backward
+(both operands of each of the three products quantized on the fly; DeepSeek-V3 / COAT).
+
+Implementations (``implementation=``), fastest first:
+
+* ``"mosaic_gpu"``: :mod:`kernels_pallas.matmul.mosaic_gpu`, Hopper ``wgmma`` with the
+  scales fused (W8A8 and fp8; 8-bit operands must be K-major, so a QArray weight is
+  transposed per call: :func:`prepack` does it once).
+* ``"triton"``: :mod:`kernels_pallas.matmul.triton`, weight-only int4 / int8 with the
+  dequantisation fused and split-K for skinny ``x`` (any CUDA GPU).
+* ``"xla"``: the reference below: dequantize, then one dot in float32.
+
+Shapes that are not whole tiles are padded with zeros by this module (zero activations
+make padded weights irrelevant); formats or layouts a kernel cannot serve fall back to
+the next implementation (``supports`` gives the reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxeff.ops import _registry
+from kernels_pallas.matmul import mosaic_gpu as _mosaic_gpu
+from kernels_pallas.matmul import triton as _triton
+
+FLOAT_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+FP8_FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+WEIGHT_FORMATS = ("int8", "int6", "int4", "int3", "int2", "fp8_e4m3", "fp8_e5m2")
+BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
+SCALINGS = ("tensor", "row", "block")
+_EPS = 1e-12
+
+
+# ------------------------------------------------------------------------- containers
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+  """An 8-bit weight ``[K, N]`` laid out for the tensor-core kernels (from :func:`prepack`).
+
+  Fields:
+    values: ``[N, K]`` int8 / float8, K-major (``values.T`` is the quantized ``w``).
+    scales: float32 ``[G, N]``: row block ``g`` of K (``K // G`` rows) of column ``n`` has
+      scale ``scales[g, n]`` (``G = 1``: per channel / per tensor broadcast).
+    fmt: ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+    shape: logical ``(K, N)``.
+  """
+
+  values: jax.Array
+  scales: jax.Array
+  fmt: str
+  shape: tuple[int, int]
+
+  @property
+  def group_size(self) -> int | None:
+    g = self.scales.shape[0]
+    return None if g == 1 else self.shape[0] // g
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """``[K, N]`` in ``dtype``: ``values.T * scales`` (scales repeated over K's blocks)."""
+    k, _ = self.shape
+    s = jnp.repeat(self.scales, k // self.scales.shape[0], axis=0)
+    return (self.values.T.astype(jnp.float32) * s).astype(dtype)
+
+
+jax.tree_util.register_dataclass(PackedWeight, data_fields=["values", "scales"],
+                                 meta_fields=["fmt", "shape"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+  """Static facts of a weight, validated once (``w`` a QArray or a PackedWeight)."""
+
+  fmt: str
+  k: int
+  n: int
+  groups: int  # scale rows along K
+  symmetric: bool
+  packed: bool  # a PackedWeight (K-major)
+
+
+def _weight_info(w: Any) -> _Weight:
+  if isinstance(w, PackedWeight):
+    k, n = w.shape
+    if w.fmt not in ("int8", *FP8_FORMATS):
+      raise ValueError(f"quantized_matmul: w.fmt must be int8 or fp8 for a PackedWeight, got {w.fmt!r}")
+    if w.values.shape != (n, k) or w.scales.ndim != 2 or w.scales.shape[1] != n or k % w.scales.shape[0]:
+      raise ValueError(f"quantized_matmul: PackedWeight of shape {(k, n)} needs values [N, K] = "
+                       f"{(n, k)} and scales [G, N] with G dividing K, got values "
+                       f"{w.values.shape} and scales {w.scales.shape}")
+    return _Weight(w.fmt, k, n, w.scales.shape[0], True, True)
+  needed = ("values", "scales", "zeros", "fmt", "shape", "axis", "group_size", "symmetric")
+  if not all(hasattr(w, a) for a in needed):
+    raise TypeError(f"quantized_matmul: w must be a jaxeff.quant.QArray or a PackedWeight, got "
+                    f"{type(w).__name__}")
+  if w.fmt not in WEIGHT_FORMATS:
+    raise ValueError(f"quantized_matmul: w.fmt must be one of {WEIGHT_FORMATS}, got {w.fmt!r}")
+  if len(w.shape) != 2:
+    raise ValueError(f"quantized_matmul: w must be a 2-D weight [K, N], got logical shape {w.shape}")
+  k, n = w.shape
+  s = tuple(w.scales.shape)
+  if len(s) != 2 or k % s[0] or n % s[1]:
+    raise ValueError(f"quantized_matmul: w.scales shape {s} must be [K // group, N // block] "
+                     f"dividing w.shape {(k, n)}")
+  if w.axis != 0 and s != (1, 1):
+    raise ValueError(f"quantized_matmul: w.axis must be 0 (groups along K), got {w.axis}")
+  return _Weight(w.fmt, k, n, s[0], bool(w.symmetric), False)
+
+
+def _column_scales(scales: jax.Array, n: int) -> jax.Array:
+  """``[G, N // b]`` scales -> ``[G, N]`` float32 (per-tensor and 128 x 128 blocks too)."""
+  scales = scales.astype(jnp.float32)
+  return jnp.repeat(scales, n // scales.shape[1], axis=1) if scales.shape[1] != n else scales
+
+
+def prepack(w: Any) -> PackedWeight:
+  """Lays an 8-bit QArray weight out K-major for the tensor-core kernels (once, offline).
+
+  Args:
+    w: a ``QArray`` ``[K, N]``, format ``int8`` (symmetric) or ``fp8_e4m3`` / ``fp8_e5m2``.
+
+  Returns:
+    A :class:`PackedWeight` (``values [N, K]``, ``scales [G, N]`` float32).
+  """
+  info = _weight_info(w)
+  if info.packed:
+    return w
+  if info.fmt not in ("int8", *FP8_FORMATS) or not info.symmetric:
+    raise ValueError(f"prepack: w must be a symmetric int8 or an fp8 QArray, got fmt={info.fmt!r} "
+                     f"symmetric={info.symmetric} (int4 weights are used as they are)")
+  return PackedWeight(w.values.T, _column_scales(w.scales, info.n), info.fmt, (info.k, info.n))
+
+
+# ------------------------------------------------------------------- activation quantization
+
+
+def quantize_activations(x: jax.Array, fmt: str = "int8", *, block_size: int | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Symmetric per-token (or per ``1 x block_size`` tile) quantization of activations.
+
+  Args:
+    x: ``[..., K]`` float.
+    fmt: ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+    block_size: None for one scale per token; else a divisor of K (fp8 block scaling: 128).
+
+  Returns:
+    ``(x_q [..., K] int8 / float8, x_scale [..., 1] or [..., K // block_size] float32)``
+    with ``x ~= x_q * x_scale`` (scale repeated over each block).
+  """
+  if fmt not in QMAX:
+    raise ValueError(f"quantize_activations: fmt must be one of {sorted(QMAX)}, got {fmt!r}")
+  if not hasattr(x, "dtype") or x.dtype not in FLOAT_X_DTYPES or x.ndim < 1:
+    raise TypeError(f"quantize_activations: x must be a float array [..., K], got "
+                    f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+  k = x.shape[-1]
+  bs = k if block_size is None else block_size
+  if bs < 1 or k % bs:
+    raise ValueError(f"quantize_activations: block_size={block_size} must divide K={k}")
+  xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (k // bs, bs))
+  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+  scale = jnp.maximum(amax, _EPS) / QMAX[fmt]
+  q = xf / scale
+  if fmt == "int8":
+    q = jnp.clip(jnp.round(q), -127, 127).astype(jnp.int8)
+  else:
+    q = q.astype(FP8_FORMATS[fmt])
+  return q.reshape(x.shape), scale[..., 0]
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def _dequantize_x(x2, x_scale2):
+  xf = x2.astype(jnp.float32)
+  if x_scale2 is None:
+    return xf
+  k = x2.shape[-1]
+  return xf * jnp.repeat(x_scale2.astype(jnp.float32), k // x_scale2.shape[-1], axis=-1)
+
+
+def quantized_matmul_reference(x2: jax.Array, w: Any, x_scale2: jax.Array | None, *,
+                               out_dtype) -> jax.Array:
+  """Dequantize then dot: ``x2 [M, K]`` (with ``x_scale2 [M, 1 | K // 128]``) -> ``[M, N]``.
+
+  Weight-only calls dequantize ``w`` to ``x.dtype`` (as a user would before a plain dot);
+  quantized activations are dequantized to float32.
+  """
+  if x_scale2 is None and x2.dtype in FLOAT_X_DTYPES:
+    wd = w.dequantize(jnp.float32).astype(x2.dtype)
+    return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(out_dtype)
+  xd = _dequantize_x(x2, x_scale2)
+  return jnp.dot(xd, w.dequantize(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+def _pad2(a: jax.Array, rows: int, cols: int, value=0) -> jax.Array:
+  pr, pc = -a.shape[0] % rows, -a.shape[1] % cols
+  if pr or pc:
+    a = jnp.pad(a, ((0, pr), (0, pc)), constant_values=value)
+  return a
+
+
+def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax.Array, *,
+                     scale_mode: str, out_dtype, interpret: bool = False,
+                     config: _mosaic_gpu.MatmulConfig | None = None) -> jax.Array:
+  """Mosaic GPU scaled matmul of K-major operands, padded to whole tiles.
+
+  ``a: [M, K]``, ``b_t: [N, K]``; ``"outer"``: ``a_scale [M]``, ``b_scale [N]``;
+  ``"block"``: ``a_scale [K // 128, M]``, ``b_scale [K // 128, N]``. Returns ``[M, N]``.
+  """
+  m, k = a.shape
+  n = b_t.shape[0]
+  cfg = config or _mosaic_gpu.default_config(m, n, k, a.dtype, scale_mode=scale_mode,
+                                             out_dtype=out_dtype)
+  tm, tn, tk = _mosaic_gpu.tile_multiples(cfg)
+  if scale_mode == "block":
+    tk = math.lcm(tk, BLOCK)
+  a_p, b_p = _pad2(a, tm, tk), _pad2(b_t, tn, tk)
+  if scale_mode == "outer":
+    sa, sb = jnp.pad(a_scale, (0, -m % tm)), jnp.pad(b_scale, (0, -n % tn))
+  else:
+    steps = a_p.shape[1] // cfg.block_k
+    rep = BLOCK // cfg.block_k
+    sa = _pad2(jnp.repeat(a_scale, rep, axis=0), 1, tm)
+    sb = _pad2(jnp.repeat(b_scale, rep, axis=0), 1, tn)
+    sa = jnp.pad(sa, ((0, steps - sa.shape[0]), (0, 0)), constant_values=1.0)
+    sb = jnp.pad(sb, ((0, steps - sb.shape[0]), (0, 0)), constant_values=1.0)
+  out = _mosaic_gpu.scaled_matmul(a_p, b_p, sa, sb, scale_mode=scale_mode, out_dtype=out_dtype,
+                                  config=cfg, interpret=interpret)
+  return out[:m, :n]
+
+
+def _mode(x2, x_scale2) -> str:
+  if x_scale2 is None:
+    return "weight_only"
+  return "w8a8" if x2.dtype == jnp.int8 else "fp8"
+
+
+def _mosaic_supports(x2, w, x_scale2, *, out_dtype):
+  info = _weight_info(w)
+  mode = _mode(x2, x_scale2)
+  if mode == "weight_only":
+    return "mosaic_gpu serves 8-bit activations (W8A8 int8, fp8); use triton for weight-only"
+  if mode == "w8a8" and info.groups != 1:
+    return f"W8A8 needs per-channel weight scales, got {info.groups} groups along K"
+  group = info.k // info.groups
+  if info.groups != 1 and group != BLOCK:
+    return f"fp8 weight block scales must span {BLOCK} rows of K, got {group}"
+  if jnp.dtype(out_dtype) not in FLOAT_X_DTYPES:
+    return f"out_dtype {out_dtype} is not a float type"
+  return None
+
+
+def _mosaic_fn(x2, w, x_scale2, *, out_dtype, interpret):
+  info = _weight_info(w)
+  pw = prepack(w)
+  xs = x_scale2.astype(jnp.float32)
+  block = info.groups != 1 or xs.shape[-1] != 1
+  if not block:
+    return scaled_matmul_nt(x2, pw.values, xs[:, 0], pw.scales[0], scale_mode="outer",
+                            out_dtype=out_dtype, interpret=interpret)
+  kb = -(-info.k // BLOCK)
+  sa = jnp.broadcast_to(xs.T, (kb, x2.shape[0])) if xs.shape[-1] == 1 else xs.T
+  sb = jnp.broadcast_to(pw.scales, (kb, info.n))
+  return scaled_matmul_nt(x2, pw.values, sa, sb, scale_mode="block", out_dtype=out_dtype,
+                          interpret=interpret)
+
+
+def _triton_supports(x2, w, x_scale2, *, out_dtype):
+  del out_dtype
+  info = _weight_info(w)
+  if x_scale2 is not None:
+    return "triton serves weight-only calls (float x); use mosaic_gpu for W8A8 / fp8"
+  if x2.dtype == jnp.float32:
+    return "triton weight-only needs bfloat16 / float16 x, got float32"
+  if info.fmt not in ("int4", "int8"):
+    return f"triton serves int4 / int8 weights, got {info.fmt}"
+  bits = 4 if info.fmt == "int4" else 8
+  group = None if info.groups == 1 else info.k // info.groups
+  return _triton.unsupported(bits=bits, group_size=group, k=info.k)
+
+
+def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
+  del x_scale2
+  info = _weight_info(w)
+  bits = 4 if info.fmt == "int4" else 8
+  group = None if info.groups == 1 else info.k // info.groups
+  m = x2.shape[0]
+  if info.packed:  # K-major int8 back to [K, N] (prepack is for the W8A8 kernel)
+    values, scales, zeros = w.values.T, w.scales, None
+  else:
+    values, zeros = w.values, w.zeros
+    scales = _column_scales(w.scales, info.n)
+    zeros = None if zeros is None else _column_scales(zeros, info.n)
+  cfg = _triton.default_config(m, info.n, info.k, bits=bits, group_size=group)
+  tm, tn, tk = _triton.tile_multiples(cfg)
+  kp = info.k + (-info.k % tk)
+  xp = _pad2(x2, tm, tk)
+  rows = kp // 2 if bits == 4 else kp
+  values = _pad2(values, rows, tn)
+  scales = _pad2(scales, 1, tn, 1.0)
+  zeros = None if zeros is None else _pad2(zeros, 1, tn)
+  out = _triton.weight_only_matmul(xp, values, scales, zeros, bits=bits, group_size=group,
+                                   signed=info.symmetric, config=cfg, interpret=interpret)
+  return out[:m, :info.n].astype(out_dtype)
+
+
+def _xla_fn(x2, w, x_scale2, *, out_dtype):
+  return quantized_matmul_reference(x2, w, x_scale2, out_dtype=out_dtype)
+
+
+QUANTIZED_MATMUL_IMPLS: list[_registry.Implementation] = [
+    _registry.Implementation("mosaic_gpu", _mosaic_fn, platforms=("gpu",),
+                             supports=_mosaic_supports, interpretable=True,
+                             device_kinds=_registry.HOPPER_KINDS),
+    _registry.Implementation("triton", _triton_fn, platforms=("gpu",),
+                             supports=_triton_supports, interpretable=True),
+    _registry.Implementation("xla", _xla_fn),
+]
+
+
+def _validate(x, w, x_scale, out_dtype) -> tuple[_Weight, str]:
+  info = _weight_info(w)
+  if not hasattr(x, "dtype") or not hasattr(x, "shape") or x.ndim < 1:
+    raise TypeError(f"quantized_matmul: x must be an array [..., K], got {type(x).__name__}")
+  if x.shape[-1] != info.k:
+    raise ValueError(f"quantized_matmul: x.shape[-1] = {x.shape[-1]} must equal K = {info.k} "
+                     f"of w.shape {(info.k, info.n)}")
+  if x.dtype in FLOAT_X_DTYPES:
+    if x_scale is not None:
+      raise ValueError("quantized_matmul: x_scale is only for int8 / float8 x, got float "
+                       f"x ({x.dtype}) with x_scale")
+    mode = "weight_only"
+  elif x.dtype == jnp.int8 or x.dtype in FP8_DTYPES:
+    mode = "w8a8" if x.dtype == jnp.int8 else "fp8"
+    if mode == "w8a8" and (info.fmt != "int8" or not info.symmetric):
+      raise ValueError(f"quantized_matmul: int8 x (W8A8) needs a symmetric int8 w, got "
+                       f"fmt={info.fmt!r} symmetric={info.symmetric}")
+    if mode == "fp8" and info.fmt not in FP8_FORMATS:
+      raise ValueError(f"quantized_matmul: float8 x needs an fp8 w, got fmt={info.fmt!r}")
+    if x_scale is None:
+      raise ValueError(f"quantized_matmul: {x.dtype} x needs x_scale ([..., 1] per token)")
+    ok = (x_scale.shape == () or x_scale.shape == x.shape[:-1] + (1,)
+          or (mode == "fp8" and info.k % BLOCK == 0
+              and x_scale.shape == x.shape[:-1] + (info.k // BLOCK,)))
+    if not ok:
+      raise ValueError(f"quantized_matmul: x_scale shape {x_scale.shape} must be [] or "
+                       f"{x.shape[:-1] + (1,)}" + (f" or {x.shape[:-1] + (info.k // BLOCK,)}"
+                                                  if mode == "fp8" else ""))
+    if not jnp.issubdtype(x_scale.dtype, jnp.floating):
+      raise TypeError(f"quantized_matmul: x_scale must be float, got {x_scale.dtype}")
+  else:
+    raise TypeError(f"quantized_matmul: x.dtype must be bfloat16/float16/float32 (weight-only), "
+                    f"int8 (W8A8) or float8 (fp8), got {x.dtype}")
+  if out_dtype is not None and jnp.dtype(out_dtype) not in FLOAT_X_DTYPES:
+    raise TypeError(f"quantized_matmul: out_dtype must be bfloat16, float16 or float32, got "
+                    f"{out_dtype}")
+  return info, mode
+
+
+def quantized_matmul(x: jax.Array, w: Any, *, x_scale: jax.Array | None = None,
+                     out_dtype=None,
+                     implementation: str | Sequence[str] | None = None) -> jax.Array:
+  """``x @ dequant(w)`` with the dequantisation (or the scales) fused into the kernel.
+
+  Args:
+    x: ``[..., K]``: bfloat16 / float16 / float32 (weight-only), int8 (W8A8) or float8.
+    w: a ``jaxeff.quant.QArray`` ``[K, N]`` quantized along K (axis 0), or a
+      :class:`PackedWeight` from :func:`prepack`.
+    x_scale: float32 ``[..., 1]`` (per token) or ``[]`` (per tensor) for int8 / float8
+      ``x``; fp8 also ``[..., K // 128]`` (1 x 128 tiles). None for float ``x``.
+    out_dtype: output dtype; default ``x.dtype`` for float ``x``, bfloat16 otherwise.
+    implementation: None (fastest available), a name or a sequence of names
+      (``"mosaic_gpu"``, ``"triton"``, ``"xla"``; ``":interpret"`` suffix for kernels).
+
+  Returns:
+    ``[..., N]`` in ``out_dtype``.
+  """
+  info, mode = _validate(x, w, x_scale, out_dtype)
+  if out_dtype is None:
+    out_dtype = x.dtype if mode == "weight_only" else jnp.bfloat16
+  out_dtype = jnp.dtype(out_dtype)
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, info.k)
+  xs2 = None
+  if x_scale is not None:
+    xs2 = jnp.broadcast_to(x_scale.astype(jnp.float32).reshape(-1, x_scale.shape[-1])
+                           if x_scale.ndim else x_scale.astype(jnp.float32).reshape(1, 1),
+                           (x2.shape[0], x_scale.shape[-1] if x_scale.ndim else 1))
+  out = _registry.dispatch("quantized_matmul", QUANTIZED_MATMUL_IMPLS, implementation, x2, w,
+                           xs2, out_dtype=out_dtype)
+  return out.reshape(lead + (info.n,))
+
+
+# ---------------------------------------------------------------------------- fp8 training
+
+
+def _quantize_rows(a: jax.Array, scaling: str, fmt: str, *, weight_blocks: bool = False):
+  """Quantize ``a [R, C]`` (C = the contraction axis) to fp8 for :func:`scaled_matmul_nt`.
+
+  Returns ``(q [R, C], scale)`` with scale ``[R]`` (tensor / row) or ``[C // 128, R]``
+  (block: 1 x 128 tiles, or 128 x 128 tiles when ``weight_blocks``).
+  """
+  r, c = a.shape
+  af = a.astype(jnp.float32)
+  qmax = QMAX[fmt]
+  if scaling == "tensor":
+    s = jnp.broadcast_to(jnp.maximum(jnp.max(jnp.abs(af)), _EPS) / qmax, (r,))
+    q = af / s[:, None]
+  elif scaling == "row":
+    s = jnp.maximum(jnp.max(jnp.abs(af), axis=1), _EPS) / qmax
+    q = af / s[:, None]
+  else:
+    ap = _pad2(af, BLOCK if weight_blocks else 1, BLOCK)
+    rp, cp = ap.shape
+    blocks = jnp.abs(ap).reshape(rp, cp // BLOCK, BLOCK).max(axis=2)  # [Rp, C/128]
+    if weight_blocks:
+      blocks = blocks.reshape(rp // BLOCK, BLOCK, -1).max(axis=1)
+      blocks = jnp.repeat(blocks, BLOCK, axis=0)
+    s_full = (jnp.maximum(blocks, _EPS) / qmax)[:r]  # [R, C/128]
+    q = (ap[:r].reshape(r, cp // BLOCK, BLOCK) / s_full[:, :, None]).reshape(r, cp)[:, :c]
+    s = s_full.T
+  return q.astype(FP8_FORMATS[fmt]), s
+
+
+def _scaled_xla(a, b_t, sa, sb, *, scale_mode, out_dtype):
+  """The XLA twin of :func:`scaled_matmul_nt` (same quantized inputs, float32 math)."""
+  af, bf = a.astype(jnp.float32), b_t.astype(jnp.float32)
+  if scale_mode == "outer":
+    out = jnp.dot(af, bf.T, precision=jax.lax.Precision.HIGHEST) * sa[:, None] * sb[None, :]
+  else:
+    k = a.shape[1]
+    af = af * jnp.repeat(sa.T, BLOCK, axis=1)[:, :k]
+    bf = bf * jnp.repeat(sb.T, BLOCK, axis=1)[:, :k]
+    out = jnp.dot(af, bf.T, precision=jax.lax.Precision.HIGHEST)
+  return out.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fp8Call:
+  scaling: str
+  backend: str  # "mosaic_gpu" or "xla"
+  interpret: bool
+
+
+def _fp8_product(a, b_t, call: _Fp8Call, out_dtype, *, b_is_weight: bool = False):
+  """``a [R, C] @ b_t [S, C]^T`` with both operands quantized to fp8 e4m3 on the fly."""
+  qa, sa = _quantize_rows(a, call.scaling, "fp8_e4m3")
+  qb, sb = _quantize_rows(b_t, call.scaling, "fp8_e4m3", weight_blocks=b_is_weight)
+  mode = "block" if call.scaling == "block" else "outer"
+  if call.backend == "xla":
+    return _scaled_xla(qa, qb, sa, sb, scale_mode=mode, out_dtype=out_dtype)
+  return scaled_matmul_nt(qa, qb, sa, sb, scale_mode=mode, out_dtype=out_dtype,
+                          interpret=call.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_dot(x2, w, call: _Fp8Call):
+  return _fp8_product(x2, w.T, call, x2.dtype, b_is_weight=True)
+
+
+def _fp8_dot_fwd(x2, w, call):
+  return _fp8_dot(x2, w, call), (x2, w)
+
+
+def _fp8_dot_bwd(call, res, dy):
+  x2, w = res
+  dx = _fp8_product(dy, w, call, x2.dtype, b_is_weight=True)  # [M, N] @ [K, N]^T
+  dw = _fp8_product(x2.T, dy.T, call, w.dtype)  # [K, M] @ [N, M]^T
+  return dx, dw
+
+
+_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
+def _fp8_dot_impl(backend: str):
+  def fn(x2, w, *, scaling, interpret=False):
+    return _fp8_dot(x2, w, _Fp8Call(scaling, backend, bool(interpret)))
+  return fn
+
+
+FP8_DOT_IMPLS: list[_registry.Implementation] = [
+    _registry.Implementation("mosaic_gpu", _fp8_dot_impl("mosaic_gpu"), platforms=("gpu",),
+                             interpretable=True, device_kinds=_registry.HOPPER_KINDS),
+    _registry.Implementation("xla", _fp8_dot_impl("xla")),
+]
+
+
+def fp8_dot(x: jax.Array, w: jax.Array, *, scaling: str = "row",
+            implementation: str | Sequence[str] | None = None) -> jax.Array:
+  """``x @ w`` computed in fp8 e4m3 forward and backward (fp8 training of a linear layer).
+
+  Each of the three products (``y = x w``, ``dx = dy w^T``, ``dw = x^T dy``) quantizes
+  both operands along its contraction axis: one scale per tensor (``"tensor"``), per row
+  (``"row"``), or per 1 x 128 tile with 128 x 128 tiles for ``w`` (``"block"``,
+  DeepSeek-V3's recipe). The ``"xla"`` implementation does the same quantization with an
+  XLA dot (the reference for the kernel's gradients).
+
+  Args:
+    x: ``[..., K]`` bfloat16 / float16 / float32.
+    w: ``[K, N]`` float (master weights).
+    scaling: ``"tensor"``, ``"row"`` or ``"block"``.
+    implementation: None, ``"mosaic_gpu"`` (``":interpret"``) or ``"xla"``.
+
+  Returns:
+    ``[..., N]`` in ``x.dtype``; differentiable in ``x`` and ``w``.
+  """
+  if scaling not in SCALINGS:
+    raise ValueError(f"fp8_dot: scaling must be one of {SCALINGS}, got {scaling!r}")
+  for name, a in (("x", x), ("w", w)):
+    if not hasattr(a, "dtype") or a.dtype not in FLOAT_X_DTYPES:
+      raise TypeError(f"fp8_dot: {name} must be bfloat16/float16/float32, got "
+                      f"{getattr(a, 'dtype', type(a).__name__)}")
+  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"fp8_dot: x [..., K] and w [K, N] must share K, got x.shape {x.shape} "
+                     f"and w.shape {w.shape}")
+  x2 = x.reshape(-1, x.shape[-1])
+  out = _registry.dispatch("fp8_dot", FP8_DOT_IMPLS, implementation, x2, w, scaling=scaling)
+  return out.reshape(x.shape[:-1] + (w.shape[1],))
+
+
+__all__ = ["PackedWeight", "fp8_dot", "prepack", "quantize_activations", "quantized_matmul",
+           "quantized_matmul_reference"]

@@ -1,0 +1,328 @@
+"""Scaled 8-bit / 16-bit matmul for NVIDIA Hopper in Pallas Mosaic GPU (W8A8 int8, fp8).
+
+Computes ``out[m, n] = sum_k a[m, k] * b_t[n, k]`` with the scales fused:
+
+* ``scale_mode="outer"`` (W8A8 int8, fp8 per-tensor / per-row): one accumulator over all
+  of K (int32 for int8, float32 otherwise), multiplied in the epilogue by
+  ``a_scale[m] * b_scale[n]`` (per-token activation scale x per-channel weight scale).
+* ``scale_mode="block"`` (DeepGEMM-style fp8, Liu et al. 2024 "DeepSeek-V3"): K is cut
+  into ``block_k``-wide blocks; each block's partial product is read out of the tensor
+  cores and added to a float32 register accumulator times
+  ``a_scale[kb, m] * b_scale[kb, n]`` ("promotion" every K block), so scales may change
+  along K (1 x 128 activation tiles, 128 x 128 or 128 x 1 weight tiles).
+
+Both operands are K-major (``a: [M, K]``, ``b_t: [N, K]``), the only form Hopper's
+``wgmma`` takes for 8-bit inputs; the op layer transposes (once, offline, for weights).
+
+Structure (FlashAttention-3 / the Pallas Hopper matmul): each CTA owns a
+``[2 * block_m, block_n]`` output tile and runs three warpgroups. The memory warpgroup
+streams ``[2 * block_m, block_k]`` A tiles and ``[block_n, block_k]`` B tiles (plus the
+block scales) with TMA into a ``num_stages``-deep ring guarded by "loaded" / "consumed"
+mbarriers and gives its registers to the others (``setmaxnreg``). Each of the two compute
+warpgroups issues ``wgmma`` on its ``block_m`` rows of A against the shared B tile,
+keeping one wgmma in flight (a slot is released once the next step's wgmma is issued
+and the previous one has retired), then scales, converts and stores its tile through
+shared memory with a TMA store.
+
+Limits: ``M % (2 * block_m) == 0``, ``N % block_n == 0``, ``K % block_k == 0`` (the op
+pads), ``block_k * itemsize == 128`` (one 128-byte swizzle row), ``block_m % 64 == 0``,
+``block_n <= 256``. :func:`unsupported` says why a call is refused.
+Interpret mode (``interpret=True``) runs the same kernel on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+SWIZZLE = 128  # bytes: one swizzled row of every operand tile
+SMEM_BUDGET_BYTES = 220 * 1024
+OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2),
+                  jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SCALE_MODES = ("outer", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+  """Tile sizes. A CTA computes ``[2 * block_m, block_n]`` of the output (``block_m`` rows
+  per compute warpgroup) and streams ``block_k`` of K per pipeline step."""
+
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 128
+  num_stages: int = 4
+  compute_registers: int = 232
+  memory_registers: int = 40
+
+  def __post_init__(self):
+    if self.block_m % 64 or self.block_m < 64:
+      raise ValueError(f"MatmulConfig.block_m must be a multiple of 64, got {self.block_m}")
+    if self.block_n % 64 or not 64 <= self.block_n <= 256:
+      raise ValueError(f"MatmulConfig.block_n must be 64, 128, 192 or 256, got {self.block_n}")
+    if self.num_stages < 2:
+      raise ValueError(f"MatmulConfig.num_stages must be >= 2, got {self.num_stages}")
+
+
+def smem_bytes(cfg: MatmulConfig, itemsize: int, out_itemsize: int, scale_mode: str) -> int:
+  stage = (2 * cfg.block_m + cfg.block_n) * cfg.block_k * itemsize
+  if scale_mode == "block":
+    stage += (2 * cfg.block_m + cfg.block_n) * 4
+  out = 2 * cfg.block_m * cfg.block_n * out_itemsize
+  return cfg.num_stages * stage + out + 2 * (cfg.block_m + cfg.block_n) * 4
+
+
+def default_config(m: int, n: int, k: int, dtype, *, scale_mode: str = "outer",
+                   out_dtype=jnp.bfloat16) -> MatmulConfig:
+  """Tiles by operand width: 128 bytes of K per step; block scaling keeps two float32
+  accumulators live, so it halves ``block_m`` to stay inside the register file."""
+  del k
+  itemsize = jnp.dtype(dtype).itemsize
+  block_k = SWIZZLE // itemsize
+  block_m = 64 if scale_mode == "block" or m <= 128 else 128
+  block_n = 128 if n % 256 else 256
+  if scale_mode == "block" or itemsize == 2:
+    block_n = 128
+  cfg = MatmulConfig(block_m=block_m, block_n=block_n, block_k=block_k)
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  while cfg.num_stages > 2 and smem_bytes(cfg, itemsize, out_itemsize, scale_mode) > SMEM_BUDGET_BYTES:
+    cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+  return cfg
+
+
+def tile_multiples(cfg: MatmulConfig) -> tuple[int, int, int]:
+  """``(M, N, K)`` multiples the operands must be padded to."""
+  return 2 * cfg.block_m, cfg.block_n, cfg.block_k
+
+
+def unsupported(m: int, n: int, k: int, dtype, *, scale_mode: str,
+                cfg: MatmulConfig | None = None, out_dtype=jnp.bfloat16) -> str | None:
+  """None when :func:`scaled_matmul` serves padded shapes of this call, else why not."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in OPERAND_DTYPES:
+    return f"operand dtype {dtype} is not one of {[str(d) for d in OPERAND_DTYPES]}"
+  if scale_mode not in SCALE_MODES:
+    return f"scale_mode {scale_mode!r} is not one of {SCALE_MODES}"
+  cfg = cfg or default_config(m, n, k, dtype, scale_mode=scale_mode, out_dtype=out_dtype)
+  if cfg.block_k * dtype.itemsize != SWIZZLE:
+    return f"block_k={cfg.block_k} x {dtype.itemsize} bytes is not one {SWIZZLE}-byte row"
+  if scale_mode == "block" and k % cfg.block_k:
+    return f"block scales need K={k} to be a multiple of block_k={cfg.block_k}"
+  need = smem_bytes(cfg, dtype.itemsize, jnp.dtype(out_dtype).itemsize, scale_mode)
+  if need > SMEM_BUDGET_BYTES:
+    return f"{cfg} needs {need} bytes of shared memory > {SMEM_BUDGET_BYTES}"
+  return None
+
+
+def _tiled(shape, dtype):
+  elems = SWIZZLE // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                              plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def _out_tiled(shape, dtype):
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = min(SWIZZLE, shape[-1] * itemsize)
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
+                                              plgpu.SwizzleTransform(swizzle)))
+
+
+def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scale_mode: str,
+            acc_dtype, k_steps: int):
+  bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
+  block = scale_mode == "block"
+  wg = lax.axis_index("wg")
+  row0 = lax.axis_index("m_tiles") * (2 * bm)
+  col0 = lax.axis_index("n_tiles") * bn
+  layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+  def row_bcast(v):
+    return lax.broadcast_in_dim(v, (bm, bn), [0])
+
+  def col_bcast(v):
+    return lax.broadcast_in_dim(v, (bm, bn), [1])
+
+  @pl.when(wg < 2)
+  def _compute():
+    plgpu.set_max_registers(cfg.compute_registers, action="increase")
+    rows = pl.ds(row0 + wg * bm, bm)
+    if not block:  # epilogue scales of this warpgroup's rows and the CTA's columns
+      plgpu.copy_gmem_to_smem(as_ref.at[rows], s["a_scale"].at[wg], s["scale_bar"].at[wg])
+      plgpu.copy_gmem_to_smem(bs_ref.at[pl.ds(col0, bn)], s["b_scale"].at[wg],
+                              s["scale_bar"].at[2 + wg])
+
+    def a_tile(slot):
+      return s["a"].at[slot].at[pl.ds(wg * bm, bm)]
+
+    def b_tile(slot):
+      return s["b"].at[slot].transpose((1, 0))
+
+    def wait_loaded(slot):
+      plgpu.barrier_wait(s["a_bar"].at[slot])
+      plgpu.barrier_wait(s["b_bar"].at[slot])
+      if block:
+        plgpu.barrier_wait(s["as_bar"].at[slot])
+        plgpu.barrier_wait(s["bs_bar"].at[slot])
+
+    if block:
+      def step(i, acc):
+        slot = lax.rem(i, stages)
+        wait_loaded(slot)
+
+        def partial(acc_ref):
+          plgpu.wgmma(acc_ref, a_tile(slot), b_tile(slot))
+          return acc_ref[...]
+
+        part = pl.run_scoped(partial, plgpu.ACC((bm, bn), jnp.float32))
+        sa = plgpu.load(s["as"].at[slot, pl.ds(wg * bm, bm)], layout=row_layout)
+        sb = plgpu.load(s["bs"].at[slot], layout=col_layout)
+        plgpu.barrier_arrive(s["consumed"].at[slot])
+        return acc + part * row_bcast(sa) * col_bcast(sb)
+
+      acc = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), layout)
+      acc = lax.fori_loop(0, k_steps, step, acc)
+      out = acc
+    else:
+      def run(acc_ref):
+        def step(i, carry):
+          slot = lax.rem(i, stages)
+          wait_loaded(slot)
+          plgpu.wgmma(acc_ref, a_tile(slot), b_tile(slot))
+          plgpu.wgmma_wait(1)  # the previous step's wgmma has retired: release its slot
+
+          @pl.when(i > 0)
+          def _():
+            plgpu.barrier_arrive(s["consumed"].at[lax.rem(i + stages - 1, stages)])
+
+          return carry
+
+        lax.fori_loop(0, k_steps, step, None)
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(s["consumed"].at[(k_steps - 1) % stages])
+        return acc_ref[...]
+
+      acc = pl.run_scoped(run, plgpu.ACC((bm, bn), acc_dtype))
+      plgpu.barrier_wait(s["scale_bar"].at[wg])
+      plgpu.barrier_wait(s["scale_bar"].at[2 + wg])
+      sa = plgpu.load(s["a_scale"].at[wg], layout=row_layout)
+      sb = plgpu.load(s["b_scale"].at[wg], layout=col_layout)
+      out = acc.astype(jnp.float32) * row_bcast(sa) * col_bcast(sb)
+
+    o_smem = s["out"].at[wg]
+    o_smem[...] = out.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[rows, pl.ds(col0, bn)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _memory():
+    plgpu.set_max_registers(cfg.memory_registers, action="decrease")
+
+    def issue(i, slot, wait):
+      if wait:
+        plgpu.barrier_wait(s["consumed"].at[slot])
+      ks = pl.ds(i * bk, bk)
+      plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(row0, 2 * bm), ks], s["a"].at[slot],
+                              s["a_bar"].at[slot])
+      plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(col0, bn), ks], s["b"].at[slot],
+                              s["b_bar"].at[slot])
+      if block:
+        plgpu.copy_gmem_to_smem(as_ref.at[i, pl.ds(row0, 2 * bm)], s["as"].at[slot],
+                                s["as_bar"].at[slot])
+        plgpu.copy_gmem_to_smem(bs_ref.at[i, pl.ds(col0, bn)], s["bs"].at[slot],
+                                s["bs_bar"].at[slot])
+
+    for i in range(min(stages, k_steps)):
+      issue(i, i, False)
+
+    @pl.loop(stages, max(k_steps, stages))
+    def _(i):
+      issue(i, lax.rem(i, stages), True)
+
+    # Observe the last consumptions too, so every barrier phase is waited on.
+    @pl.loop(max(k_steps - stages, 0), k_steps)
+    def _(i):
+      plgpu.barrier_wait(s["consumed"].at[lax.rem(i, stages)])
+
+
+def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax.Array, *,
+                  scale_mode: str = "outer", out_dtype=jnp.bfloat16,
+                  config: MatmulConfig | None = None, interpret: bool = False) -> jax.Array:
+  """Scaled matmul of K-major operands on Hopper tensor cores.
+
+  Args:
+    a: ``[M, K]`` int8 / float8 / bfloat16 / float16 (activations).
+    b_t: ``[N, K]`` same dtype as ``a`` (fp8 may mix e4m3 / e5m2): the transposed weight.
+    a_scale: float32; ``"outer"``: ``[M]`` per row; ``"block"``: ``[K // block_k, M]``.
+    b_scale: float32; ``"outer"``: ``[N]`` per column; ``"block"``: ``[K // block_k, N]``.
+    scale_mode: ``"outer"`` or ``"block"`` (module docstring).
+    out_dtype: output dtype (bfloat16, float16 or float32).
+    config: tile sizes; None picks :func:`default_config`.
+    interpret: run in Pallas Mosaic GPU interpret mode (any platform).
+
+  Returns:
+    ``[M, N]`` in ``out_dtype``. Shapes must be whole tiles (:func:`tile_multiples`).
+  """
+  m, k = a.shape
+  n, k2 = b_t.shape
+  if k != k2:
+    raise ValueError(f"scaled_matmul: a.shape {a.shape} and b_t.shape {b_t.shape} differ in K")
+  cfg = config or default_config(m, n, k, a.dtype, scale_mode=scale_mode, out_dtype=out_dtype)
+  why = unsupported(m, n, k, a.dtype, scale_mode=scale_mode, cfg=cfg, out_dtype=out_dtype)
+  if why:
+    raise ValueError(f"scaled_matmul: {why}")
+  tm, tn, tk = tile_multiples(cfg)
+  if m % tm or n % tn or k % tk:
+    raise ValueError(f"scaled_matmul: shape (M, N, K) = {(m, n, k)} is not a multiple of the "
+                     f"tile {(tm, tn, tk)}; pad the operands")
+  k_steps = k // cfg.block_k
+  if scale_mode == "outer":
+    if a_scale.shape != (m,) or b_scale.shape != (n,):
+      raise ValueError(f"scaled_matmul: outer scales must be [M]={m} and [N]={n}, got "
+                       f"{a_scale.shape} and {b_scale.shape}")
+  elif a_scale.shape != (k_steps, m) or b_scale.shape != (k_steps, n):
+    raise ValueError(f"scaled_matmul: block scales must be [K/block_k, M]={(k_steps, m)} and "
+                     f"[K/block_k, N]={(k_steps, n)}, got {a_scale.shape} and {b_scale.shape}")
+  bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
+  acc_dtype = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
+  scratch = {
+      "a": _tiled((stages, 2 * bm, bk), a.dtype),
+      "b": _tiled((stages, bn, bk), b_t.dtype),
+      "out": _out_tiled((2, bm, bn), out_dtype),
+      "a_bar": plgpu.Barrier(num_barriers=stages),
+      "b_bar": plgpu.Barrier(num_barriers=stages),
+      "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+  }
+  if scale_mode == "block":
+    scratch["as"] = plgpu.SMEM((stages, 2 * bm), jnp.float32)
+    scratch["bs"] = plgpu.SMEM((stages, bn), jnp.float32)
+    scratch["as_bar"] = plgpu.Barrier(num_barriers=stages)
+    scratch["bs_bar"] = plgpu.Barrier(num_barriers=stages)
+  else:
+    scratch["a_scale"] = plgpu.SMEM((2, bm), jnp.float32)
+    scratch["b_scale"] = plgpu.SMEM((2, bn), jnp.float32)
+    scratch["scale_bar"] = plgpu.Barrier(num_barriers=4)
+  kernel = functools.partial(_kernel, cfg=cfg, scale_mode=scale_mode, acc_dtype=acc_dtype,
+                             k_steps=k_steps)
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      scratch_types=(scratch,),
+      grid=(n // bn, m // (2 * bm)),
+      grid_names=("n_tiles", "m_tiles"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      kernel_name=f"scaled_matmul_{scale_mode}",
+  )(a, b_t, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32))
+
+
+__all__ = ["MatmulConfig", "default_config", "scaled_matmul", "tile_multiples", "unsupported"]

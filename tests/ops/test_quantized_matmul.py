@@ -1,0 +1,253 @@
+"""quantized_matmul / fp8_dot: every kernel vs the dequantize-then-dot reference.
+
+One test body per case, run by the reference, each kernel in interpret mode (CPU) and each
+kernel for real under the ``gpu`` marker (tiny shapes on CPU, real sizes on GPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxeff.ops import quantized_matmul as qm
+from jaxeff.quant.formats import quantize_tensor
+from tests.helpers import assert_close, rel_err
+
+INTERPRET = ["triton:interpret", "mosaic_gpu:interpret"]
+
+
+def _weight(key, k, n, fmt, group_size=None, symmetric=True, per_tensor=False):
+  w = jax.random.normal(key, (k, n), jnp.float32)
+  return quantize_tensor(w, fmt, group_size=group_size, symmetric=symmetric,
+                         per_tensor=per_tensor)
+
+
+def _expected(x, w, x_scale=None):
+  """Float32 reference: dequantized operands, one exact dot."""
+  xd = qm._dequantize_x(x.reshape(-1, x.shape[-1]),
+                        None if x_scale is None else jnp.broadcast_to(
+                            x_scale.reshape(-1, x_scale.shape[-1]) if x_scale.ndim
+                            else x_scale.reshape(1, 1),
+                            (x.reshape(-1, x.shape[-1]).shape[0],
+                             x_scale.shape[-1] if x_scale.ndim else 1)))
+  out = jnp.dot(xd, w.dequantize(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(x.shape[:-1] + (w.shape[1],))
+
+
+# ------------------------------------------------------------------------ weight-only
+
+WEIGHT_ONLY_CASES = [
+    # (m, k, n, fmt, group_size, symmetric)
+    (3, 256, 72, "int4", 128, True),
+    (1, 200, 130, "int4", None, False),
+    (16, 192, 64, "int4", 64, False),
+    (5, 130, 96, "int8", None, True),
+    (2, 256, 40, "int8", 128, False),
+]
+
+
+@pytest.mark.parametrize("case", WEIGHT_ONLY_CASES, ids=str)
+@pytest.mark.parametrize("implementation", ["triton:interpret", "xla"])
+def test_weight_only(case, implementation, key):
+  m, k, n, fmt, group, sym = case
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, k, n, fmt, group, sym)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  out = qm.quantized_matmul(x, w, implementation=implementation)
+  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+  assert_close(out, _expected(x, w).astype(jnp.bfloat16))
+
+
+def test_weight_only_batched_float16_and_other_formats(key):
+  kx, kw = jax.random.split(key)
+  x = jax.random.normal(kx, (2, 3, 64), jnp.float32).astype(jnp.float16)
+  w = _weight(kw, 64, 48, "int4", 32)
+  out = qm.quantized_matmul(x, w, implementation="triton:interpret", out_dtype=jnp.float32)
+  assert out.shape == (2, 3, 48) and out.dtype == jnp.float32
+  assert_close(out, _expected(x, w), rtol=4e-3)
+  for fmt in ("int2", "int3", "int6", "fp8_e4m3"):  # reference-only formats fall back
+    w = _weight(kw, 96, 24, fmt, 32 if fmt != "fp8_e4m3" else None)
+    x32 = jax.random.normal(kx, (4, 96), jnp.float32)
+    assert_close(qm.quantized_matmul(x32, w), _expected(x32, w), rtol=1e-5)
+
+
+def test_weight_only_picks_triton_interpreted_and_rejects_mosaic(key):
+  w = _weight(key, 128, 64, "int4", 128)
+  x = jnp.ones((2, 128), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="mosaic_gpu serves 8-bit activations"):
+    qm.quantized_matmul(x, w, implementation="mosaic_gpu:interpret")
+
+
+# ------------------------------------------------------------------------ W8A8 and fp8
+
+
+@pytest.mark.parametrize("implementation", ["mosaic_gpu:interpret", "xla"])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_w8a8_int8(implementation, per_tensor, key):
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, 200, 136, "int8", per_tensor=per_tensor)
+  x = jax.random.normal(kx, (7, 200), jnp.float32).astype(jnp.bfloat16)
+  xq, xs = qm.quantize_activations(x, "int8")
+  assert xq.dtype == jnp.int8 and xs.shape == (7, 1)
+  out = qm.quantized_matmul(xq, w, x_scale=xs, implementation=implementation)
+  assert out.dtype == jnp.bfloat16
+  assert_close(out, _expected(xq, w, xs).astype(jnp.bfloat16))
+  # the quantized product stays close to the float one
+  assert rel_err(out, x.astype(jnp.float32) @ w.dequantize()) < 2e-2
+
+
+@pytest.mark.parametrize("scales", ["tensor", "row", "block"])
+def test_fp8(scales, key):
+  kx, kw = jax.random.split(key)
+  m, k, n = 9, 256, 200
+  x = jax.random.normal(kx, (m, k), jnp.float32)
+  if scales == "block":  # 1 x 128 activation tiles, 128 x 128 weight tiles
+    wf = jax.random.normal(kw, (k, n), jnp.float32)
+    from jaxeff.quant.formats import quantize_with_scales
+    wpad = jnp.pad(jnp.abs(wf), ((0, 0), (0, -n % 128)))
+    amax = wpad.reshape(k // 128, 128, -1, 128).max(axis=(1, 3))
+    s = jnp.repeat(amax / 448.0, 128, axis=1)[:, :n]
+    w = quantize_with_scales(wf, s, None, "fp8_e4m3", group_size=128)
+    xq, xs = qm.quantize_activations(x, "fp8_e4m3", block_size=128)
+  else:
+    w = _weight(kw, k, n, "fp8_e4m3", per_tensor=scales == "tensor")
+    xq, xs = qm.quantize_activations(x, "fp8_e4m3")
+    if scales == "tensor":
+      xs = jnp.max(xs)
+      xq = (x / xs).astype(jnp.float8_e4m3fn)
+  expected = _expected(xq, w, xs)
+  for implementation in ("mosaic_gpu:interpret", "xla"):
+    out = qm.quantized_matmul(xq, w, x_scale=xs, out_dtype=jnp.float32,
+                              implementation=implementation)
+    assert_close(out, expected, rtol=1e-5)
+  assert rel_err(expected, x @ w.dequantize()) < 8e-2
+
+
+def test_prepack_matches_qarray(key):
+  w = _weight(key, 128, 64, "int8")
+  pw = qm.prepack(w)
+  assert pw.values.shape == (64, 128) and pw.scales.shape == (1, 64)
+  assert_close(pw.dequantize(), w.dequantize(), rtol=0)
+  x = jax.random.normal(key, (3, 128), jnp.float32)
+  xq, xs = qm.quantize_activations(x)
+  out = qm.quantized_matmul(xq, pw, x_scale=xs, implementation="mosaic_gpu:interpret")
+  assert_close(out, _expected(xq, w, xs).astype(jnp.bfloat16))
+  assert jax.tree.leaves(pw)  # a pytree: jit-able
+  jax.jit(lambda p: qm.quantized_matmul(xq, p, x_scale=xs))(pw)
+
+
+# ------------------------------------------------------------------------ fp8 training
+
+
+@pytest.mark.parametrize("scaling", ["row", "block"])
+def test_fp8_dot_gradients(scaling, key):
+  kx, kw, kd = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (2, 5, 130), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (130, 70), jnp.float32) / 10).astype(jnp.bfloat16)
+  dy = jax.random.normal(kd, (2, 5, 70), jnp.float32).astype(jnp.bfloat16)
+
+  def vjp(impl):
+    y, f = jax.vjp(lambda a, b: qm.fp8_dot(a, b, scaling=scaling, implementation=impl), x, w)
+    return (y, *f(dy))
+
+  got, twin = vjp("mosaic_gpu:interpret"), vjp("xla")
+  _, f_exact = jax.vjp(lambda a, b: a.astype(jnp.float32) @ b.astype(jnp.float32), x, w)
+  exact = (x.astype(jnp.float32) @ w.astype(jnp.float32), *f_exact(dy.astype(jnp.float32)))
+  for name, g, t, e in zip(("y", "dx", "dw"), got, twin, exact):
+    assert g.dtype == jnp.bfloat16, name
+    assert_close(g, t, name=name)  # same quantization, kernel vs XLA dot
+    assert rel_err(g, e) < 8e-2, name  # fp8 vs exact
+
+
+def test_fp8_dot_tensor_scaling_xla(key):
+  x = jax.random.normal(key, (4, 64), jnp.float32)
+  w = jax.random.normal(key, (64, 8), jnp.float32)
+  g = jax.grad(lambda w: qm.fp8_dot(x, w, scaling="tensor").sum())(w)
+  assert rel_err(g, jax.grad(lambda w: (x @ w).sum())(w)) < 8e-2
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_inputs(key):
+  w4 = _weight(key, 128, 64, "int4", 128)
+  w8 = _weight(key, 128, 64, "int8")
+  x = jnp.ones((2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"x.shape\[-1\] = 100 must equal K = 128"):
+    qm.quantized_matmul(jnp.ones((2, 100), jnp.bfloat16), w4)
+  with pytest.raises(TypeError, match="w must be a jaxeff.quant.QArray or a PackedWeight"):
+    qm.quantized_matmul(x, jnp.ones((128, 64)))
+  with pytest.raises(TypeError, match="x.dtype must be"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.int32), w8)
+  with pytest.raises(ValueError, match="needs x_scale"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.int8), w8)
+  with pytest.raises(ValueError, match="x_scale is only for int8 / float8 x"):
+    qm.quantized_matmul(x, w8, x_scale=jnp.ones((2, 1)))
+  with pytest.raises(ValueError, match="x_scale shape"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.int8), w8, x_scale=jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match="int8 x \\(W8A8\\) needs a symmetric int8 w"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.int8), w4, x_scale=jnp.ones((2, 1)))
+  with pytest.raises(ValueError, match="float8 x needs an fp8 w"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.float8_e4m3fn), w8, x_scale=jnp.ones((2, 1)))
+  with pytest.raises(TypeError, match="out_dtype must be"):
+    qm.quantized_matmul(x, w4, out_dtype=jnp.int32)
+  with pytest.raises(NotImplementedError, match="triton serves weight-only calls"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.int8), w8, x_scale=jnp.ones((2, 1)),
+                        implementation="triton:interpret")
+  with pytest.raises(NotImplementedError, match="W8A8 needs per-channel weight scales"):
+    qm.quantized_matmul(jnp.ones((2, 128), jnp.int8), _weight(key, 128, 64, "int8", 64),
+                        x_scale=jnp.ones((2, 1)), implementation="mosaic_gpu:interpret")
+  with pytest.raises(ValueError, match="prepack: w must be a symmetric int8 or an fp8"):
+    qm.prepack(w4)
+  with pytest.raises(ValueError, match="fmt must be one of"):
+    qm.quantize_activations(x, "int4")
+  with pytest.raises(ValueError, match="block_size=100 must divide K=128"):
+    qm.quantize_activations(x, "fp8_e4m3", block_size=100)
+  with pytest.raises(ValueError, match="scaling must be one of"):
+    qm.fp8_dot(x, jnp.ones((128, 4)), scaling="col")
+  with pytest.raises(ValueError, match="must share K"):
+    qm.fp8_dot(x, jnp.ones((100, 4)))
+
+
+# ------------------------------------------------------------------------ GPU, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128])
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", None), ("int8", None)])
+def test_weight_only_gpu(m, fmt, group, key):
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, 4096, 2048 + 64, fmt, group)
+  x = jax.random.normal(kx, (m, 4096), jnp.float32).astype(jnp.bfloat16)
+  out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation="triton"))(x, w)
+  assert_close(out, _expected(x, w).astype(jnp.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 1000])
+def test_w8a8_gpu(m, key):
+  kx, kw = jax.random.split(key)
+  w = qm.prepack(_weight(kw, 2048 + 128, 1024 + 64, "int8"))
+  x = jax.random.normal(kx, (m, 2048 + 128), jnp.float32).astype(jnp.bfloat16)
+  xq, xs = qm.quantize_activations(x)
+  out = jax.jit(lambda a, s, w: qm.quantized_matmul(a, w, x_scale=s,
+                                                    implementation="mosaic_gpu"))(xq, xs, w)
+  assert_close(out, qm.quantized_matmul(xq, w, x_scale=xs, implementation="xla"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["row", "block"])
+def test_fp8_dot_gpu(scaling, key):
+  kx, kw, kd = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (1000, 1024), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (1024, 768), jnp.float32) / 30).astype(jnp.bfloat16)
+  dy = jax.random.normal(kd, (1000, 768), jnp.float32).astype(jnp.bfloat16)
+
+  def vjp(impl):
+    y, f = jax.vjp(lambda a, b: qm.fp8_dot(a, b, scaling=scaling, implementation=impl), x, w)
+    return (y, *f(dy))
+
+  for name, g, t in zip(("y", "dx", "dw"), jax.jit(lambda: vjp("mosaic_gpu"))(),
+                        jax.jit(lambda: vjp("xla"))()):
+    assert_close(g, t, name=name)
