@@ -85,9 +85,7 @@ def default_config(m: int, n: int, k: int, dtype, *, scale_mode: str = "outer",
   itemsize = jnp.dtype(dtype).itemsize
   block_k = SWIZZLE // itemsize
   block_m = 64 if scale_mode == "block" or m <= 128 else 128
-  block_n = 128 if n % 256 else 256
-  if scale_mode == "block" or itemsize == 2:
-    block_n = 128
+  block_n = 128
   cfg = MatmulConfig(block_m=block_m, block_n=block_n, block_k=block_k)
   out_itemsize = jnp.dtype(out_dtype).itemsize
   while cfg.num_stages > 2 and smem_bytes(cfg, itemsize, out_itemsize, scale_mode) > SMEM_BUDGET_BYTES:
