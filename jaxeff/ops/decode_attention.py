@@ -332,25 +332,13 @@ def _supports(mod):
   return supports
 
 
-def _mosaic_gpu_supports(query, key_cache, value_cache, lengths, page_table, k_scale, v_scale,
-                         *, spec, return_lse):
-  # Measured on an H100 (notes/decode.md, 2026-11-25): the quantized-cache variants pass in
-  # interpret mode but fault on the device (CUDA_ERROR_MISALIGNED_ADDRESS), so a real run
-  # refuses them rather than crash; interpret mode (CPU) still exercises them.
-  if spec.fmt != "none" and jax.default_backend() == "gpu":
-    return (f"mosaic_gpu {spec.fmt} caches fault on the GPU (misaligned address); "
-            "use 'triton'")
-  return _supports(_mosaic_gpu_kernels)(query, key_cache, value_cache, lengths, page_table,
-                                        k_scale, v_scale, spec=spec, return_lse=return_lse)
-
-
 # Order by measured speed on an H100 (experiments/results/nvidia-h100-80gb-hbm3/decode.json):
 # the Triton kernel read the bf16 GQA cache at 1.67 TB/s, the Mosaic GPU one at 1.33 TB/s.
 DECODE_ATTENTION_IMPLS: list[_registry.Implementation] = [
     _registry.Implementation("triton", _kernel_impl("triton"), platforms=("gpu",),
                              supports=_supports(_triton_kernels), interpretable=True),
     _registry.Implementation("mosaic_gpu", _kernel_impl("mosaic_gpu"), platforms=("gpu",),
-                             supports=_mosaic_gpu_supports, interpretable=True,
+                             supports=_supports(_mosaic_gpu_kernels), interpretable=True,
                              device_kinds=_registry.HOPPER_KINDS),
     _registry.Implementation("xla", _xla),
 ]

@@ -248,23 +248,35 @@ def make_plan(lengths: jax.Array, *, kv_heads: int, q_len: int, block_kv: int,
   seq = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), kv_heads)
   head = jnp.tile(jnp.arange(kv_heads, dtype=jnp.int32), batch)
   counts = n_blocks[seq]
-  order = jnp.argsort(counts == 0, stable=True)  # nonempty items first, in order
-  counts = counts[order]
-  seq, head = seq[order], head[order]
+  # Nonempty items first, in order (a stable compaction by prefix sums: no sort, a few
+  # fused kernels on a GPU; the plan runs on every call).
+  nonempty = counts > 0
+  n_used = jnp.sum(nonempty, dtype=jnp.int32)
+  dest = jnp.where(nonempty, jnp.cumsum(nonempty, dtype=jnp.int32) - 1,
+                   n_used + jnp.cumsum(~nonempty, dtype=jnp.int32) - 1)
+  counts = jnp.zeros_like(counts).at[dest].set(counts, unique_indices=True)
+  seq = jnp.zeros_like(seq).at[dest].set(seq, unique_indices=True)
+  head = jnp.zeros_like(head).at[dest].set(head, unique_indices=True)
   item_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
   total = item_start[-1]
   k = jnp.maximum((total + num_workers - 1) // num_workers, 1)
   worker_first = jnp.arange(num_workers, dtype=jnp.int32) * k
-  worker_item = jnp.searchsorted(item_start[1:], worker_first, side="right").astype(jnp.int32)
+  worker_item = _count_le(item_start[1:], worker_first)
   worker_item = jnp.minimum(worker_item, max(batch * kv_heads - 1, 0))
   worker_end = jnp.minimum(worker_first + k, total)
-  worker_last = jnp.searchsorted(item_start[1:], worker_end - 1, side="right").astype(jnp.int32)
+  worker_last = _count_le(item_start[1:], worker_end - 1)
   worker_last = jnp.where(worker_end > worker_first, worker_last, worker_item - 1)
   return Plan(item_start=item_start, item_seq=seq, item_head=head,
               item_block=first_block[seq].astype(jnp.int32), worker_item=worker_item,
               worker_last=worker_last,
               blocks_per_worker=k.astype(jnp.int32), total=total.astype(jnp.int32),
-              num_items=jnp.sum(counts > 0).astype(jnp.int32))
+              num_items=n_used)
+
+
+def _count_le(sorted_vals, x):
+  """``searchsorted(sorted_vals, x, side="right")`` as one compare-and-count fusion
+  (the default binary-search loop costs a kernel launch per step on a GPU)."""
+  return jnp.sum(sorted_vals[None, :] <= x[:, None], axis=1, dtype=jnp.int32)
 
 
 def worker_range(plan_k, plan_total, w):
@@ -286,7 +298,7 @@ def slot_items(plan: Plan) -> jax.Array:
   # by the last slot index (empty items sort past every used slot).
   last_sorted = jnp.where(nonempty, last, jnp.iinfo(jnp.int32).max)
   s = jnp.arange(plan.num_slots, dtype=jnp.int32)
-  item = jnp.searchsorted(last_sorted, s, side="left").astype(jnp.int32)
+  item = jnp.sum(last_sorted[None, :] < s[:, None], axis=1, dtype=jnp.int32)  # side="left"
   item_c = jnp.minimum(item, plan.max_items - 1)
   valid = (item < plan.max_items) & (s >= first[item_c]) & nonempty[item_c]
   return jnp.where(valid, item, plan.max_items)

@@ -52,6 +52,12 @@ ROWS = 64  # query rows per wgmma tile
 INTERPRET_BLOCK_KV = 64  # interpret mode's default block (smaller tiles interpret faster)
 SUPPORTED_HEAD_DIMS = (64, 128)
 _MIN_PAGE = 8  # TMA copies whole 8-row tiles into the swizzled ring
+# A TMA (cp.async.bulk.tensor) copy must start on a 128-byte boundary of shared memory
+# (PTX ISA; not checked by the interpreter). A block of small pages lands its per-page
+# float32 scale rows at offsets of page_size * 4 bytes: page size 16 faults on the GPU
+# with CUDA_ERROR_MISALIGNED_ADDRESS, so quantized caches need pages of >= 32 tokens.
+_TMA_SMEM_ALIGN = 128
+_SCALE_BYTES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +110,10 @@ def supports(*, head_dim: int, dtype, fmt: str, int4_groups: int, page_size: int
       return (f"mosaic_gpu needs a page size (or, for a contiguous cache, the largest "
               f"power-of-two divisor of the capacity up to 256) that is >= {_MIN_PAGE} and "
               f"divides or is a multiple of {bk}, got {page_size}")
+    if fmt != "none" and page_size < bk and page_size * _SCALE_BYTES % _TMA_SMEM_ALIGN:
+      return (f"mosaic_gpu {fmt} caches need pages of >= {_TMA_SMEM_ALIGN // _SCALE_BYTES} "
+              f"tokens (each page's scale row is one TMA copy into shared memory, which must "
+              f"start on a {_TMA_SMEM_ALIGN}-byte boundary), got page size {page_size}")
   if fmt == "int4" and int4_groups not in (1, 2):
     return f"mosaic_gpu int4 needs 1 or 2 scale groups per head, got {int4_groups}"
   return None
@@ -376,7 +386,7 @@ def head_major_scales(scale: jax.Array) -> jax.Array:
 def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None, v_scale=None,
                      *, fmt: str, window: tuple[int, int] | None, scale: float,
                      soft_cap: float | None, config: Config | None = None,
-                     interpret: bool = False):
+                     interpret: bool = False, plan: common.Plan | None = None):
   """Split-KV decode attention over a paged cache (see ``triton.decode_attention``).
 
   Returns ``(out [batch, q_len, q_heads, head_dim], lse [batch, q_heads, q_len])``.
@@ -392,9 +402,10 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
   capacity = page_table.shape[1] * page_size
   dtype = query.dtype
   out_rows = common.round_up(t * group, 8)
-  plan = common.make_plan(lengths, kv_heads=kv_heads, q_len=t, block_kv=bk,
-                          capacity=capacity, window=window,
-                          num_workers=_num_workers(cfg, interpret))
+  if plan is None:  # a caller may pass one built ahead (same block_kv and workers)
+    plan = common.make_plan(lengths, kv_heads=kv_heads, q_len=t, block_kv=bk,
+                            capacity=capacity, window=window,
+                            num_workers=_num_workers(cfg, interpret))
   table = common.padded_page_table(page_table, num_pages, ppb)
   q_rows = common.query_rows(query, kv_heads, ROWS)
   meta = jnp.stack([plan.blocks_per_worker, plan.total]).astype(jnp.int32)
@@ -465,7 +476,7 @@ def self_check(fmt: str, seed: int = 0) -> float:
   """Runs the kernel on a small paged cache of format ``fmt`` (several CTAs, pieces that
   cross items, lengths 0, 1 and the capacity) on the current device; returns the relative
   error against a float32 jnp computation (inf when the output is not finite)."""
-  b, n, kh, d, ps, per_seq = 5, 8, 2, 128, 16, 24
+  b, n, kh, d, ps, per_seq = 5, 8, 2, 128, 32, 12
   keys = jax.random.split(jax.random.key(seed), 5)
   q = jax.random.normal(keys[0], (b, 1, n, d), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(keys[1], (b, per_seq * ps, kh, d), jnp.float32)

@@ -2,9 +2,11 @@
 
 Algorithm: FlashDecoding (Dao et al., 2023) with the Lean Attention / stream-K partition
 of ``common.make_plan``: a persistent grid of ``num_workers`` programs; program ``w``
-walks its equal share of all KV blocks of all (sequence, KV head) items, runs the online
-softmax (log2 domain) over them, and whenever it reaches the end of an item or of its
-share, writes the piece's normalised partial output and log-sum-exp to slot ``item + w``.
+walks its equal share of all KV blocks of all (sequence, KV head) items, one *piece*
+(the part of one item inside the share) at a time: an inner loop runs the online softmax
+(log2 domain) over the piece's blocks, then the piece's normalised partial output and
+log-sum-exp go to slot ``item + w``. The inner loop's K/V addresses depend only on its
+induction variable, so Triton software-pipelines the loads ``num_stages`` deep.
 ``common.merge_partials`` combines the pieces. The ``q_len * group`` query rows of one KV
 head form one tile (GQA: K/V are read once per KV head), zero-padded to a power of two
 >= 16 (Triton's smallest dot).
@@ -110,9 +112,9 @@ def _parts(fmt: str, head_dim: int, groups: int) -> list[_Part]:
   return parts
 
 
-def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, witem_ref, len_ref, table_ref,
-            q_ref, k_ref, v_ref, *refs, fmt, parts, q_len, group, page_size, block_kv,
-            window, scale, soft_cap, precision):
+def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_ref, len_ref,
+            table_ref, q_ref, k_ref, v_ref, *refs, fmt, parts, q_len, group, page_size,
+            block_kv, window, scale, soft_cap, precision):
   if fmt == "none":
     ks_ref = vs_ref = None
     o_ref, lse_ref = refs
@@ -140,64 +142,65 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, witem_ref, len_ref,
       x = lo_half if part.nibble == "lo" else hi_half
     return x.astype(cdtype)
 
-  def body(p, carry):
-    i, accs, m_i, l_i = carry
-    i = jnp.where(p >= start_ref[i + 1], i + 1, i)  # items are nonempty: one step at most
-    item_lo, item_hi = start_ref[i], start_ref[i + 1]
+  def piece(j, _):
+    # Item i's blocks [p0, p1) in this worker's share. The inner loop's addresses depend
+    # only on its induction variable and these piece constants, so Triton's software
+    # pipeliner keeps ``num_stages`` K/V blocks in flight.
+    i = wfirst_ref[w] + j
+    item_lo = start_ref[i]
+    p0 = jnp.maximum(lo, item_lo)
+    p1 = jnp.minimum(hi, start_ref[i + 1])
     b, h = seq_ref[i], head_ref[i]
-    first = (p == lo) | (p == item_lo)
-    accs = tuple(jnp.where(first, 0.0, a) for a in accs)
-    m_i = jnp.where(first, -jnp.inf, m_i)
-    l_i = jnp.where(first, 0.0, l_i)
     length = len_ref[b]
-    tok0 = (blk_ref[i] + p - item_lo) * block_kv
-    pages = table_ref[b, pl.ds(tok0 // page_size, ppb)]
-    row0 = tok0 % page_size if ppb == 1 else 0
-
-    logits = None
-    for part in parts:
-      q = q_ref[b, h, :, pl.ds(part.q_col, part.width)]
-      s = pltriton.dot(q, tile(k_ref, pages, row0, h, part), trans_b=True,
-                       precision=precision)
-      if ks_ref is not None:
-        s = s * token_scale(ks_ref, pages, row0, h, part)
-      logits = s if logits is None else logits + s
-    if soft_cap is None:
-      x = logits * (scale * common.LOG2E)
-    else:
-      x = jnp.tanh(logits * (scale / soft_cap)) * (soft_cap * common.LOG2E)
+    tok_base = (blk_ref[i] - item_lo) * block_kv
     q_pos = common.query_position(lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0),
                                   length, q_len, group)
-    kv_pos = tok0 + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
-    x = jnp.where(common.allowed(q_pos, kv_pos, length, window), x, -jnp.inf)
-    m_new = jnp.maximum(m_i, x.max(axis=1))
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet
-    alpha = jnp.exp2(m_i - m_use)
-    prob = jnp.exp2(x - m_use[:, None])
-    l_i = l_i * alpha + prob.sum(axis=1)
-    new_accs = []
-    for part, acc in zip(parts, accs):
-      pv = prob if vs_ref is None else prob * token_scale(vs_ref, pages, row0, h, part)
-      acc = acc * alpha[:, None] + pltriton.dot(
-          pv.astype(cdtype), tile(v_ref, pages, row0, h, part), precision=precision)
-      new_accs.append(acc)
-    accs = tuple(new_accs)
+    qs = [q_ref[b, h, :, pl.ds(part.q_col, part.width)] for part in parts]
 
-    @pl.when((p == hi - 1) | (p == item_hi - 1))
-    def _flush():
-      slot = i + w
-      empty = l_i == 0.0
-      l_safe = jnp.where(empty, 1.0, l_i)
+    def body(p, carry):
+      accs, m_i, l_i = carry
+      tok0 = tok_base + p * block_kv
+      pages = table_ref[b, pl.ds(tok0 // page_size, ppb)]
+      row0 = tok0 % page_size if ppb == 1 else 0
+      logits = None
+      for part, q in zip(parts, qs):
+        s = pltriton.dot(q, tile(k_ref, pages, row0, h, part), trans_b=True,
+                         precision=precision)
+        if ks_ref is not None:
+          s = s * token_scale(ks_ref, pages, row0, h, part)
+        logits = s if logits is None else logits + s
+      if soft_cap is None:
+        x = logits * (scale * common.LOG2E)
+      else:
+        x = jnp.tanh(logits * (scale / soft_cap)) * (soft_cap * common.LOG2E)
+      kv_pos = tok0 + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
+      x = jnp.where(common.allowed(q_pos, kv_pos, length, window), x, -jnp.inf)
+      m_new = jnp.maximum(m_i, x.max(axis=1))
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet
+      alpha = jnp.exp2(m_i - m_use)
+      prob = jnp.exp2(x - m_use[:, None])
+      l_i = l_i * alpha + prob.sum(axis=1)
+      new_accs = []
       for part, acc in zip(parts, accs):
-        o_ref[slot, :, pl.ds(part.q_col, part.width)] = acc / l_safe[:, None]
-      lse_ref[slot, :] = jnp.where(empty, -jnp.inf, (m_new + jnp.log2(l_safe)) * common.LN2)
+        pv = prob if vs_ref is None else prob * token_scale(vs_ref, pages, row0, h, part)
+        acc = acc * alpha[:, None] + pltriton.dot(
+            pv.astype(cdtype), tile(v_ref, pages, row0, h, part), precision=precision)
+        new_accs.append(acc)
+      return tuple(new_accs), m_new, l_i
 
-    return i, accs, m_new, l_i
+    accs = tuple(jnp.zeros((rows, part.width), jnp.float32) for part in parts)
+    carry = (accs, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    accs, m_i, l_i = lax.fori_loop(p0, p1, body, carry)
+    # The piece's normalised partial output and log-sum-exp go to slot i + w.
+    slot = i + w
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i)
+    for part, acc in zip(parts, accs):
+      o_ref[slot, :, pl.ds(part.q_col, part.width)] = acc / l_safe[:, None]
+    lse_ref[slot, :] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
+    return 0
 
-  accs = tuple(jnp.zeros((rows, part.width), jnp.float32) for part in parts)
-  carry = (witem_ref[w], accs, jnp.full((rows,), -jnp.inf, jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
-  lax.fori_loop(lo, hi, body, carry)
+  lax.fori_loop(0, jnp.maximum(wlast_ref[w] - wfirst_ref[w] + 1, 0), piece, 0)
 
 
 def _num_workers(cfg: Config, interpret: bool) -> int:
@@ -207,7 +210,7 @@ def _num_workers(cfg: Config, interpret: bool) -> int:
 def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None, v_scale=None,
                      *, fmt: str, window: tuple[int, int] | None, scale: float,
                      soft_cap: float | None, config: Config | None = None,
-                     interpret: bool = False):
+                     interpret: bool = False, plan: common.Plan | None = None):
   """Split-KV decode attention over a paged cache.
 
   Args:
@@ -230,14 +233,16 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
   groups = k_scale.shape[-1] if fmt == "int4" else 0
   parts = _parts(fmt, d, groups)
 
-  plan = common.make_plan(lengths, kv_heads=kv_heads, q_len=t, block_kv=bk,
-                          capacity=capacity, window=window,
-                          num_workers=_num_workers(cfg, interpret))
+  if plan is None:  # a caller may pass one built ahead (same block_kv and workers)
+    plan = common.make_plan(lengths, kv_heads=kv_heads, q_len=t, block_kv=bk,
+                            capacity=capacity, window=window,
+                            num_workers=_num_workers(cfg, interpret))
   table = common.padded_page_table(page_table, num_pages, ppb)
   q_rows = common.query_rows(query, kv_heads, rows)
   meta = jnp.stack([plan.blocks_per_worker, plan.total]).astype(jnp.int32)
   args = [meta, plan.item_start, plan.item_seq, plan.item_head, plan.item_block,
-          plan.worker_item, jnp.clip(lengths, 0, capacity), table, q_rows, k_pages, v_pages]
+          plan.worker_item, plan.worker_last, jnp.clip(lengths, 0, capacity), table, q_rows,
+          k_pages, v_pages]
   if fmt != "none":
     args += [k_scale, v_scale]
   precision = lax.Precision.HIGHEST if query.dtype == jnp.float32 else None

@@ -269,11 +269,14 @@ CASES = {
     "paged64_mha_int8": Case(2, 1, 4, 4, 64, 192, (192, 65), page_size=64, fmt="int8"),
     # Contiguous fp8, GQA 4, a window longer than the cache.
     "contiguous_fp8_window": Case(2, 2, 8, 2, 64, 128, (128, 50), fmt="fp8", window=(500, 3)),
-    # Paged (16) int4 with two scale groups (one per half of head_dim).
-    "paged16_int4": Case(2, 1, 8, 2, 64, 128, (100, 128), page_size=16, fmt="int4",
+    # Paged (32: the smallest page Mosaic GPU takes for quantized caches) int4 with two
+    # scale groups (one per half of head_dim).
+    "paged32_int4": Case(2, 1, 8, 2, 64, 128, (100, 128), page_size=32, fmt="int4",
                          int4_groups=2),
 }
 TRITON_ONLY_CASES = {
+    # Quantized pages of 16 tokens (Mosaic GPU needs >= 32 for quantized caches).
+    "paged16_int8_gqa4": Case(2, 1, 8, 2, 64, 64, (64, 33), page_size=16, fmt="int8"),
     # float32 queries and int4 with 4 scale groups (Mosaic GPU serves neither).
     "float32_int4_groups4": Case(2, 1, 8, 2, 64, 64, (64, 9), page_size=16, fmt="int4",
                                  int4_groups=4, dtype="float32"),
@@ -311,6 +314,12 @@ def test_unsupported_calls_name_the_reason(key):
   query, k, v, kw = make_inputs(Case(2, 1, 4, 2, 48, 32, (32, 3)), key)
   with pytest.raises(NotImplementedError, match="power-of-two head_dim"):
     ops.decode_attention(query, k, v, implementation="triton:interpret", **kw)
+  # Quantized pages of 16 tokens: each page's scale row would land off a 128-byte TMA
+  # boundary in shared memory (the cause of the misaligned-address fault seen on H100).
+  query, k, v, kw = make_inputs(Case(2, 1, 8, 2, 64, 64, (64, 3), page_size=16, fmt="int8"),
+                                key)
+  with pytest.raises(NotImplementedError, match="need pages of >= 32 tokens"):
+    ops.decode_attention(query, k, v, implementation="mosaic_gpu:interpret", **kw)
 
 
 # --- bad inputs ---------------------------------------------------------------------------
@@ -434,12 +443,12 @@ def test_triton_gpu_extra(name, key):
 
 REAL_CASES = {
     "gqa_contiguous_bf16": Case(8, 1, 32, 8, 128, 4096, (4096, 1, 4000, 2500, 17, 3333, 64, 999)),
-    "gqa_paged16_int8": Case(8, 1, 32, 8, 128, 4096, (4096, 1, 4000, 2500, 17, 3333, 64, 999),
-                             page_size=16, fmt="int8"),
+    "gqa_paged32_int8": Case(8, 1, 32, 8, 128, 4096, (4096, 1, 4000, 2500, 17, 3333, 64, 999),
+                             page_size=32, fmt="int8"),
     "gqa_paged64_fp8": Case(8, 1, 32, 8, 128, 4096, (4096, 1, 4000, 2500, 17, 3333, 64, 999),
                             page_size=64, fmt="fp8"),
-    "gqa_paged16_int4": Case(8, 1, 32, 8, 128, 4096, (4096, 1, 4000, 2500, 17, 3333, 64, 999),
-                             page_size=16, fmt="int4"),
+    "gqa_contiguous_int4": Case(8, 1, 32, 8, 128, 4096,
+                                (4096, 1, 4000, 2500, 17, 3333, 64, 999), fmt="int4"),
     "mha_spec4_window": Case(4, 4, 16, 16, 128, 2048, (2048, 1500, 4, 700), page_size=32,
                              window=(1023, 0), soft_cap=30.0),
     "ragged_long_short": Case(8, 1, 32, 8, 64, 32768, (32768, 128, 128, 256, 128, 512, 128, 1),
