@@ -259,6 +259,25 @@ def run_wg_variants():
     timed("cudnn", cud, b, s, h, h, d, causal, mode)
 
 
+def run_fwd_variants():
+  """Forward register split 240/24 against 232/40 (3 K/V stages at head_dim 128 exceed
+  shared memory by 128 bytes), seq 4096."""
+  import dataclasses
+  s, h = 4096, 16
+  b = 16384 // s
+  for d, causal, variants in [(128, False, ("regs240",)), (128, True, ("regs240",)),
+                              (64, False, ("regs240",))]:
+    base = mg.default_config(d, causal)
+    timed("jaxeff", _config_attn(base, causal, d), b, s, h, h, d, causal, "fwd")
+    for vname in variants:
+      cfg = {"regs240": dataclasses.replace(base, compute_registers=240, memory_registers=24),
+             "stages3": dataclasses.replace(base, num_stages=3)}[vname]
+      timed(f"jaxeff:{vname}", _config_attn(cfg, causal, d), b, s, h, h, d, causal, "fwd")
+    cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="cudnn")
+    timed("cudnn", cud, b, s, h, h, d, causal, "fwd")
+
+
 def run_bwd_breakdown():
   """XLA-side work around the backward kernel at d128 s4096 (delta, dQ zeroing, dQ cast)."""
   b, s, h, d = 4, 4096, 16, 128
@@ -327,6 +346,8 @@ def main(argv=None):
       run_bwd_variants()
     if "wgvariants" in args.what:
       run_wg_variants()
+    if "fwdvariants" in args.what:
+      run_fwd_variants()
     if "breakdown" in args.what:
       run_bwd_breakdown()
     if "profile" in args.what:

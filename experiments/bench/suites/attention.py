@@ -39,14 +39,14 @@ def _our_impl() -> str:
   return "triton"
 
 
-def _implementations(causal: bool, seq: int, segments: bool):
+def _implementations(causal: bool, seq: int, segments: bool, skip=()):
   ours = _our_impl()
   impls = {"jaxeff": lambda q, k, v, ids: dot_product_attention(
       q, k, v, is_causal=causal, segment_ids=ids, implementation=ours)}
   if not segments:
     impls["cudnn"] = lambda q, k, v, ids: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
-  if seq <= XLA_MAX_SEQ:
+  if seq <= XLA_MAX_SEQ and "xla" not in skip:
     impls["xla"] = lambda q, k, v, ids: dot_product_attention(
         q, k, v, is_causal=causal, segment_ids=ids, implementation="xla")
   try:
@@ -78,7 +78,7 @@ def _cases(quick: bool):
   return cases
 
 
-def _jobs(case):
+def _jobs(case, skip=()):
   """(case name, params, implementation, jitted fn, make_args, FLOPs) for one shape."""
   seq, heads, kv_heads, d = case["seq"], case["heads"], case["kv_heads"], case["head_dim"]
   causal, segments = case["causal"], case.get("segments", False)
@@ -99,7 +99,7 @@ def _jobs(case):
               "causal": causal, "segments": segments, "mode": mode}
     name = (f"attn d{d} h{heads}/{kv_heads} s{seq} "
             f"{'causal' if causal else 'full'}{' packed' if segments else ''} {mode}")
-    for impl, fn in _implementations(causal, seq, segments).items():
+    for impl, fn in _implementations(causal, seq, segments, skip).items():
       if mode == "fwd":
         f = jax.jit(lambda q, k, v, do, ids, fn=fn: fn(q, k, v, ids))
       else:
@@ -110,7 +110,7 @@ def _jobs(case):
 
 
 def _previous_rows(keep) -> list[harness.Row]:
-  """Rows of an earlier partial run on this device (``JAXEFF_ATTN_BENCH_PART``)."""
+  """Rows of an earlier run on this device kept by a partial run (see :func:`run`)."""
   path = harness.RESULTS_DIR / harness.device_name() / "attention.json"
   if not path.exists():
     return []
@@ -119,7 +119,7 @@ def _previous_rows(keep) -> list[harness.Row]:
     return []
   rows = []
   for r in data["rows"]:
-    if keep(r["params"]):
+    if keep(r):
       nan = float("nan")  # failed timings are stored as null
       rows.append(harness.Row(r["case"], r["params"], r["implementation"],
                               nan if r["median_s"] is None else r["median_s"],
@@ -127,14 +127,28 @@ def _previous_rows(keep) -> list[harness.Row]:
   return rows
 
 
+def _selected(cases, head_dim: str, min_seq: str, skip):
+  if head_dim:
+    cases = [c for c in cases if c["head_dim"] == int(head_dim)]
+  if min_seq:
+    cases = [c for c in cases if c["seq"] >= int(min_seq)]
+  if "packed" in skip:
+    cases = [c for c in cases if not c.get("segments", False)]
+  return cases
+
+
 def run(quick: bool = False) -> list[harness.Row]:
   """Times every case in order.
 
-  Environment: ``JAXEFF_BENCH_DEADLINE_S`` stops early and keeps what is done (the full
-  suite compiles ~140 programs and takes ~7 minutes on an H100);
-  ``JAXEFF_ATTN_BENCH_PART=1`` runs the head_dim-128 cases (with GQA and packed),
-  ``=2`` the head_dim-64 ones and keeps the head_dim-128 rows of an earlier part-1 run
-  in this device's ``attention.json``, so the suite fits two shorter device calls.
+  Environment (the full suite compiles ~140 programs and takes ~7 minutes on an H100):
+
+  * ``JAXEFF_BENCH_DEADLINE_S``: stop early and keep what is done;
+  * partial runs: ``JAXEFF_ATTN_BENCH_HEAD_DIM=64|128`` and ``JAXEFF_ATTN_BENCH_MIN_SEQ=N``
+    select cases, ``JAXEFF_ATTN_BENCH_SKIP=xla,packed`` drops the XLA baseline and the
+    packed-segments case. A partial run keeps, from this device's committed
+    ``attention.json``, every row of the cases it does not time (a case is always timed
+    whole, so rows compared with each other come from one run);
+    ``JAXEFF_ATTN_BENCH_PART=1`` is ``HEAD_DIM=128`` and ``=2`` is ``HEAD_DIM=64``.
   """
   rows: list[harness.Row] = []
   if jax.default_backend() != "gpu":
@@ -142,13 +156,15 @@ def run(quick: bool = False) -> list[harness.Row]:
     return rows
   deadline = time.perf_counter() + float(os.environ.get("JAXEFF_BENCH_DEADLINE_S", "inf"))
   part = os.environ.get("JAXEFF_ATTN_BENCH_PART", "")
-  cases = _cases(quick)
-  if part == "1":
-    cases = [c for c in cases if c["head_dim"] == 128]
-  elif part == "2":
-    cases = [c for c in cases if c["head_dim"] == 64]
-    rows += _previous_rows(lambda p: p.get("head_dim") == 128)
-  jobs = [job for case in cases for job in _jobs(case)]
+  head_dim = {"1": "128", "2": "64"}.get(part, os.environ.get("JAXEFF_ATTN_BENCH_HEAD_DIM", ""))
+  min_seq = os.environ.get("JAXEFF_ATTN_BENCH_MIN_SEQ", "")
+  skip = tuple(x for x in os.environ.get("JAXEFF_ATTN_BENCH_SKIP", "").split(",") if x)
+  all_cases = _cases(quick)
+  cases = _selected(all_cases, head_dim, min_seq, skip)
+  jobs = [job for case in cases for job in _jobs(case, skip)]
+  if len(cases) < len(all_cases):
+    timed_now = {name for name, *_ in jobs}
+    rows += _previous_rows(lambda r: r["case"] not in timed_now)
   for i, (name, params, impl, f, make, flops) in enumerate(jobs):
     if time.perf_counter() > deadline:
       print(f"attention suite: deadline reached, {len(jobs) - i} timings skipped")
