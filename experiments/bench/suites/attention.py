@@ -162,9 +162,6 @@ def run(quick: bool = False) -> list[harness.Row]:
   all_cases = _cases(quick)
   cases = _selected(all_cases, head_dim, min_seq, skip)
   jobs = [job for case in cases for job in _jobs(case, skip)]
-  if len(cases) < len(all_cases):
-    timed_now = {name for name, *_ in jobs}
-    rows += _previous_rows(lambda r: r["case"] not in timed_now)
   for i, (name, params, impl, f, make, flops) in enumerate(jobs):
     if time.perf_counter() > deadline:
       print(f"attention suite: deadline reached, {len(jobs) - i} timings skipped")
@@ -173,4 +170,7 @@ def run(quick: bool = False) -> list[harness.Row]:
     rows.append(harness.Row(name, dict(params), impl, t, flops / t / 1e12, "TFLOP/s"))
     print(f"  {name:<48} {impl:<8} {harness.fmt_time(t):>11} {rows[-1].throughput:7.1f}",
           flush=True)
+  if len(cases) < len(all_cases) or len(rows) < len(jobs):
+    timed_now = {r.case for r in rows}
+    rows = _previous_rows(lambda r: r["case"] not in timed_now) + rows
   return rows
