@@ -651,6 +651,13 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
   return dq_ref_in[...], dk, dv
 
 
+def _check_block_classes(block_classes, batch: int, rows: int, cols: int, fn: str):
+  shape = getattr(block_classes, "shape", None)
+  if shape is None or len(shape) != 3 or shape[0] not in (1, batch) or shape[1:] != (rows, cols):
+    raise ValueError(f"{fn}: block_classes must have shape [batch or 1, {rows}, {cols}] (the "
+                     f"kernel's tiling of the padded problem), got {shape}")
+
+
 def forward(q, k, v, q_seg=None, kv_seg=None, *, is_causal: bool = False,
             window: tuple[int, int] | None = None, scale: float, soft_cap: float | None = None,
             config: Config | None = None, block_classes=None, interpret: bool = False):
@@ -677,6 +684,8 @@ def forward(q, k, v, q_seg=None, kv_seg=None, *, is_causal: bool = False,
   ks = common.pad_axis(kv_seg, 1, sp)
   classes = common.block_classes(mask, tp, sp, cfg.fwd_q_tile, cfg.block_kv, qs, ks)
   if block_classes is not None:
+    _check_block_classes(block_classes, q.shape[0], tp // cfg.fwd_q_tile, sp // cfg.block_kv,
+                         "forward")
     classes = jnp.minimum(jnp.asarray(classes), block_classes)
   sparsity = common.sparsity_from_classes(classes)
   out, lse = _fwd_call(qp, kp, vp, qs, ks, sparsity, mask=mask, scale=scale,
@@ -722,6 +731,8 @@ def backward(q, k, v, out, lse, d_out, q_seg=None, kv_seg=None, d_lse=None, *, i
   classes = common.block_classes(mask, tp, sp, cfg.bwd_block_q, cfg.bwd_kv_tile, qs, ks)
   classes = common.transpose_classes(classes)
   if block_classes is not None:
+    _check_block_classes(block_classes, q.shape[0], sp // cfg.bwd_kv_tile, tp // cfg.bwd_block_q,
+                         "backward")
     classes = jnp.minimum(jnp.asarray(classes), block_classes)
   sparsity = common.sparsity_from_classes(classes)
   partials = deterministic or interpret
