@@ -142,7 +142,7 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
       x = lo_half if part.nibble == "lo" else hi_half
     return x.astype(cdtype)
 
-  def piece(j, _):
+  def piece(j, done):
     # Item i's blocks [p0, p1) in this worker's share. The inner loop's addresses depend
     # only on its induction variable and these piece constants, so Triton's software
     # pipeliner keeps ``num_stages`` K/V blocks in flight.
@@ -198,9 +198,9 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
     for part, acc in zip(parts, accs):
       o_ref[slot, :, pl.ds(part.q_col, part.width)] = acc / l_safe[:, None]
     lse_ref[slot, :] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
-    return 0
+    return done
 
-  lax.fori_loop(0, jnp.maximum(wlast_ref[w] - wfirst_ref[w] + 1, 0), piece, 0)
+  lax.fori_loop(0, jnp.maximum(wlast_ref[w] - wfirst_ref[w] + 1, 0), piece, ())
 
 
 def _num_workers(cfg: Config, interpret: bool) -> int:
