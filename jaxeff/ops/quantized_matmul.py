@@ -43,6 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.ops import _registry
+from kernels_pallas.matmul import dequantize_values as _dequantize_values
+from kernels_pallas.matmul import int4_high as _int4_high
+from kernels_pallas.matmul import int4_low as _int4_low
 from kernels_pallas.matmul import mosaic_gpu as _mosaic_gpu
 from kernels_pallas.matmul import triton as _triton
 
@@ -51,6 +54,8 @@ FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 FP8_FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 WEIGHT_FORMATS = ("int8", "int6", "int4", "int3", "int2", "fp8_e4m3", "fp8_e5m2")
+PACKED_FORMATS = ("int4", "int8", "fp8_e4m3", "fp8_e5m2")
+TRITON_MAX_M = 256  # measured: the weight-only kernel loses to XLA's bf16 dot beyond this
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
 SCALINGS = ("tensor", "row", "block")
 _EPS = 1e-12
@@ -61,34 +66,50 @@ _EPS = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-  """An 8-bit weight ``[K, N]`` laid out for the tensor-core kernels (from :func:`prepack`).
+  """A quantized weight ``[K, N]`` laid out K-major for the kernels (from :func:`prepack`).
 
   Fields:
-    values: ``[N, K]`` int8 / float8, K-major (``values.T`` is the quantized ``w``).
-    scales: float32 ``[G, N]``: row block ``g`` of K (``K // G`` rows) of column ``n`` has
-      scale ``scales[g, n]`` (``G = 1``: per channel / per tensor broadcast).
-    fmt: ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+    values: ``[N, K]`` int8 / uint8 / float8, or ``[N, K // 2]`` uint8 for int4 (the
+      QArray's bytes transposed: K contiguous, the form ``wgmma`` takes for 8-bit operands
+      and in which a dequantised int4 / int8 tile is the A operand from registers).
+    scales: float32 ``[N, G]``: K rows ``[g * K // G, (g + 1) * K // G)`` of column ``n``
+      have scale ``scales[n, g]`` (``G = 1``: per channel; per tensor is broadcast).
+    zeros: float32 ``[N, G]`` (asymmetric int formats) or None.
+    fmt: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
     shape: logical ``(K, N)``.
   """
 
   values: jax.Array
   scales: jax.Array
+  zeros: jax.Array | None
   fmt: str
   shape: tuple[int, int]
 
   @property
+  def symmetric(self) -> bool:
+    return self.zeros is None
+
+  @property
   def group_size(self) -> int | None:
-    g = self.scales.shape[0]
+    g = self.scales.shape[1]
     return None if g == 1 else self.shape[0] // g
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
-    """``[K, N]`` in ``dtype``: ``values.T * scales`` (scales repeated over K's blocks)."""
+    """``[K, N]`` in ``dtype``: ``(q - zeros) * scales`` (scales repeated over K's groups)."""
     k, _ = self.shape
-    s = jnp.repeat(self.scales, k // self.scales.shape[0], axis=0)
-    return (self.values.T.astype(jnp.float32) * s).astype(dtype)
+    if self.fmt == "int4":
+      q = jnp.stack([_int4_low(self.values, signed=self.symmetric),
+                     _int4_high(self.values, signed=self.symmetric)], axis=-1)
+      q = q.reshape(self.values.shape[0], k)
+    else:
+      q = self.values
+    rep = k // self.scales.shape[1]
+    s = jnp.repeat(self.scales, rep, axis=1)
+    z = None if self.zeros is None else jnp.repeat(self.zeros, rep, axis=1)
+    return _dequantize_values(q, s, z).T.astype(dtype)
 
 
-jax.tree_util.register_dataclass(PackedWeight, data_fields=["values", "scales"],
+jax.tree_util.register_dataclass(PackedWeight, data_fields=["values", "scales", "zeros"],
                                  meta_fields=["fmt", "shape"])
 
 
@@ -107,13 +128,16 @@ class _Weight:
 def _weight_info(w: Any) -> _Weight:
   if isinstance(w, PackedWeight):
     k, n = w.shape
-    if w.fmt not in ("int8", *FP8_FORMATS):
-      raise ValueError(f"quantized_matmul: w.fmt must be int8 or fp8 for a PackedWeight, got {w.fmt!r}")
-    if w.values.shape != (n, k) or w.scales.ndim != 2 or w.scales.shape[1] != n or k % w.scales.shape[0]:
-      raise ValueError(f"quantized_matmul: PackedWeight of shape {(k, n)} needs values [N, K] = "
-                       f"{(n, k)} and scales [G, N] with G dividing K, got values "
+    if w.fmt not in PACKED_FORMATS:
+      raise ValueError(f"quantized_matmul: w.fmt must be one of {PACKED_FORMATS} for a "
+                       f"PackedWeight, got {w.fmt!r}")
+    kv = k // 2 if w.fmt == "int4" else k
+    if (w.values.shape != (n, kv) or w.scales.ndim != 2 or w.scales.shape[0] != n
+        or k % w.scales.shape[1]):
+      raise ValueError(f"quantized_matmul: PackedWeight of shape {(k, n)} needs values "
+                       f"{(n, kv)} and scales [N, G] with G dividing K, got values "
                        f"{w.values.shape} and scales {w.scales.shape}")
-    return _Weight(w.fmt, k, n, w.scales.shape[0], True, True)
+    return _Weight(w.fmt, k, n, w.scales.shape[1], w.symmetric, True)
   needed = ("values", "scales", "zeros", "fmt", "shape", "axis", "group_size", "symmetric")
   if not all(hasattr(w, a) for a in needed):
     raise TypeError(f"quantized_matmul: w must be a jaxeff.quant.QArray or a PackedWeight, got "
@@ -139,21 +163,22 @@ def _column_scales(scales: jax.Array, n: int) -> jax.Array:
 
 
 def prepack(w: Any) -> PackedWeight:
-  """Lays an 8-bit QArray weight out K-major for the tensor-core kernels (once, offline).
+  """Lays a QArray weight out K-major for the kernels (once, offline).
 
   Args:
-    w: a ``QArray`` ``[K, N]``, format ``int8`` (symmetric) or ``fp8_e4m3`` / ``fp8_e5m2``.
+    w: a ``QArray`` ``[K, N]`` quantized along K, format int4, int8 or fp8.
 
   Returns:
-    A :class:`PackedWeight` (``values [N, K]``, ``scales [G, N]`` float32).
+    A :class:`PackedWeight` (``values`` transposed, scales / zeros ``[N, G]`` float32).
   """
   info = _weight_info(w)
   if info.packed:
     return w
-  if info.fmt not in ("int8", *FP8_FORMATS) or not info.symmetric:
-    raise ValueError(f"prepack: w must be a symmetric int8 or an fp8 QArray, got fmt={info.fmt!r} "
-                     f"symmetric={info.symmetric} (int4 weights are used as they are)")
-  return PackedWeight(w.values.T, _column_scales(w.scales, info.n), info.fmt, (info.k, info.n))
+  if info.fmt not in PACKED_FORMATS:
+    raise ValueError(f"prepack: w.fmt must be one of {PACKED_FORMATS}, got {info.fmt!r}")
+  zeros = None if w.zeros is None else _column_scales(w.zeros, info.n).T
+  return PackedWeight(w.values.T, _column_scales(w.scales, info.n).T, zeros, info.fmt,
+                      (info.k, info.n))
 
 
 # ------------------------------------------------------------------- activation quantization
@@ -285,11 +310,11 @@ def _mosaic_fn(x2, w, x_scale2, *, out_dtype, interpret):
   xs = x_scale2.astype(jnp.float32)
   block = info.groups != 1 or xs.shape[-1] != 1
   if not block:
-    return scaled_matmul_nt(x2, pw.values, xs[:, 0], pw.scales[0], scale_mode="outer",
+    return scaled_matmul_nt(x2, pw.values, xs[:, 0], pw.scales[:, 0], scale_mode="outer",
                             out_dtype=out_dtype, interpret=interpret)
   kb = -(-info.k // BLOCK)
   sa = jnp.broadcast_to(xs.T, (kb, x2.shape[0])) if xs.shape[-1] == 1 else xs.T
-  sb = jnp.broadcast_to(pw.scales, (kb, info.n))
+  sb = jnp.broadcast_to(pw.scales.T, (kb, info.n))
   return scaled_matmul_nt(x2, pw.values, sa, sb, scale_mode="block", out_dtype=out_dtype,
                           interpret=interpret)
 
@@ -303,6 +328,9 @@ def _triton_supports(x2, w, x_scale2, *, out_dtype):
     return "triton weight-only needs bfloat16 / float16 x, got float32"
   if info.fmt not in ("int4", "int8"):
     return f"triton serves int4 / int8 weights, got {info.fmt}"
+  if x2.shape[0] > TRITON_MAX_M:
+    return (f"m={x2.shape[0]} > {TRITON_MAX_M}: dequantize-then-dot (XLA) is faster for wide x "
+            f"(notes/quant_matmul.md)")
   bits = 4 if info.fmt == "int4" else 8
   group = None if info.groups == 1 else info.k // info.groups
   return _triton.unsupported(bits=bits, group_size=group, k=info.k)
@@ -314,22 +342,28 @@ def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
   bits = 4 if info.fmt == "int4" else 8
   group = None if info.groups == 1 else info.k // info.groups
   m = x2.shape[0]
-  if info.packed:  # K-major int8 back to [K, N] (prepack is for the W8A8 kernel)
-    values, scales, zeros = w.values.T, w.scales, None
+  values, zeros = w.values, w.zeros
+  if info.packed:  # K-major: values [N, K'], scales / zeros [N, G]
+    scales = w.scales
   else:
-    values, zeros = w.values, w.zeros
     scales = _column_scales(w.scales, info.n)
     zeros = None if zeros is None else _column_scales(zeros, info.n)
   cfg = _triton.default_config(m, info.n, info.k, bits=bits, group_size=group)
   tm, tn, tk = _triton.tile_multiples(cfg)
   kp = info.k + (-info.k % tk)
   xp = _pad2(x2, tm, tk)
-  rows = kp // 2 if bits == 4 else kp
-  values = _pad2(values, rows, tn)
-  scales = _pad2(scales, 1, tn, 1.0)
-  zeros = None if zeros is None else _pad2(zeros, 1, tn)
+  kv = kp // 2 if bits == 4 else kp
+  if info.packed:
+    values = _pad2(values, tn, kv)
+    scales = _pad2(scales, tn, 1, 1.0)
+    zeros = None if zeros is None else _pad2(zeros, tn, 1)
+  else:
+    values = _pad2(values, kv, tn)
+    scales = _pad2(scales, 1, tn, 1.0)
+    zeros = None if zeros is None else _pad2(zeros, 1, tn)
   out = _triton.weight_only_matmul(xp, values, scales, zeros, bits=bits, group_size=group,
-                                   signed=info.symmetric, config=cfg, interpret=interpret)
+                                   signed=info.symmetric, k_major=info.packed, config=cfg,
+                                   interpret=interpret)
   return out[:m, :info.n].astype(out_dtype)
 
 

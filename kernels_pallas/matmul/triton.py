@@ -115,7 +115,7 @@ def unsupported(*, bits: int, group_size: int | None, k: int,
 
 
 def _kernel(*refs, bits: int, group_size: int, num_groups: int, steps: int, signed: bool,
-            asymmetric: bool, cfg: WeightOnlyConfig):
+            asymmetric: bool, k_major: bool, cfg: WeightOnlyConfig):
   if bits == 4:
     xe_ref, xo_ref, w_ref, s_ref, *rest = refs
   else:
@@ -134,30 +134,50 @@ def _kernel(*refs, bits: int, group_size: int, num_groups: int, steps: int, sign
       return dequantize_values(q, scale, zero).astype(cdtype), None
     return q.astype(jnp.float32).astype(cdtype), scale
 
+  def load_w(k0, width):
+    if k_major:  # w_ref: [N, K'] -> tile [block_n, width]
+      return w_ref[cols, pl.ds(k0, width)]
+    return w_ref[pl.ds(k0, width), cols]
+
+  def load_scale(ref, g):
+    return ref[cols, pl.ds(g, 1)] if k_major else ref[pl.ds(g, 1), cols]
+
+  def dot(x_tile, w_tile):
+    # k-major: out^T [block_n, block_m] = w^T x^T, the dequantised weight is the A operand
+    # straight from registers; else out [block_m, block_n] = x w.
+    if k_major:
+      return pltriton.dot(w_tile, x_tile, trans_b=True)
+    return pltriton.dot(x_tile, w_tile)
+
   def step(i, acc):
     # invariant: acc = sum over this split's first i K blocks of x_blk @ dequant(w_blk)
     k0 = (split * steps + i) * bk
     g = jnp.minimum(k0 // group_size, num_groups - 1)
-    scale = s_ref[pl.ds(g, 1), cols]
-    zero = z_ref[pl.ds(g, 1), cols] if asymmetric else None
+    scale = load_scale(s_ref, g)
+    zero = load_scale(z_ref, g) if asymmetric else None
     if bits == 8:
-      w, post = weights(w_ref[pl.ds(k0, bk), cols], scale, zero)
-      part = pltriton.dot(x_ref[rows, pl.ds(k0, bk)], w)
+      w, post = weights(load_w(k0, bk), scale, zero)
+      part = dot(x_ref[rows, pl.ds(k0, bk)], w)
     else:
-      packed = w_ref[pl.ds(k0 // 2, bk // 2), cols]
+      packed = load_w(k0 // 2, bk // 2)
       lo, post = weights(int4_low(packed, signed=signed), scale, zero)
       hi, _ = weights(int4_high(packed, signed=signed), scale, zero)
       half = pl.ds(k0 // 2, bk // 2)
-      part = pltriton.dot(xe_ref[rows, half], lo) + pltriton.dot(xo_ref[rows, half], hi)
+      part = dot(xe_ref[rows, half], lo) + dot(xo_ref[rows, half], hi)
     return acc + (part if post is None else part * post)
 
-  acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-  o_ref[split, rows, cols] = acc
+  shape = (bn, bm) if k_major else (bm, bn)
+  acc = lax.fori_loop(0, steps, step, jnp.zeros(shape, jnp.float32))
+  if k_major:
+    o_ref[split, cols, rows] = acc
+  else:
+    o_ref[split, rows, cols] = acc
 
 
 def weight_only_matmul(x: jax.Array, values: jax.Array, scales: jax.Array,
                        zeros: jax.Array | None, *, bits: int, group_size: int | None,
-                       signed: bool, config: WeightOnlyConfig | None = None,
+                       signed: bool, k_major: bool = False,
+                       config: WeightOnlyConfig | None = None,
                        interpret: bool = False) -> jax.Array:
   """``x @ dequant(w)`` with the dequantisation fused.
 
@@ -170,6 +190,9 @@ def weight_only_matmul(x: jax.Array, values: jax.Array, scales: jax.Array,
     bits: 4 or 8.
     group_size: K rows per scale row, None for per-channel.
     signed: int4 nibbles are two's complement (symmetric) rather than 0..15.
+    k_major: the weight is stored transposed: ``values [N, K]`` / ``[N, K // 2]`` (the
+      same bytes, K contiguous), ``scales`` / ``zeros`` ``[N, K // group_size]``; the
+      dequantised tile is then the ``wgmma`` A operand straight from registers.
     config: block sizes; None picks :func:`default_config`.
     interpret: run in Pallas interpret mode (any platform).
 
@@ -177,7 +200,7 @@ def weight_only_matmul(x: jax.Array, values: jax.Array, scales: jax.Array,
     ``[M, N]`` float32.
   """
   m, k = x.shape
-  n = values.shape[1]
+  n = values.shape[0] if k_major else values.shape[1]
   cfg = config or default_config(m, n, k, bits=bits, group_size=group_size)
   why = unsupported(bits=bits, group_size=group_size, k=k, cfg=cfg)
   if why:
@@ -187,24 +210,26 @@ def weight_only_matmul(x: jax.Array, values: jax.Array, scales: jax.Array,
     raise ValueError(f"weight_only_matmul: (M, N, K) = {(m, n, k)} is not a multiple of the "
                      f"tile {(tm, tn, tk)}; pad the operands")
   steps = k // tk
-  num_groups = scales.shape[0]
+  num_groups = scales.shape[1] if k_major else scales.shape[0]
   args = [x[:, 0::2], x[:, 1::2]] if bits == 4 else [x]
   args += [values, scales.astype(jnp.float32)]
   if zeros is not None:
     args.append(zeros.astype(jnp.float32))
   kernel = functools.partial(
       _kernel, bits=bits, group_size=group_size or k, num_groups=num_groups, steps=steps,
-      signed=signed, asymmetric=zeros is not None, cfg=cfg)
+      signed=signed, asymmetric=zeros is not None, k_major=k_major, cfg=cfg)
   partial = pl.pallas_call(
       kernel,
       grid=(n // cfg.block_n, cfg.split_k, m // cfg.block_m),
-      out_shape=jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((cfg.split_k, n, m) if k_major else (cfg.split_k, m, n),
+                                     jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages),
       interpret=interpret,
       name=f"int{bits}_weight_only_matmul",
   )(*args)
-  return partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
+  out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
+  return out.T if k_major else out
 
 
 __all__ = ["WeightOnlyConfig", "default_config", "tile_multiples", "unsupported",

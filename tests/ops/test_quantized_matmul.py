@@ -66,7 +66,7 @@ def test_weight_only_batched_float16_and_other_formats(key):
   out = qm.quantized_matmul(x, w, implementation="triton:interpret", out_dtype=jnp.float32)
   assert out.shape == (2, 3, 48) and out.dtype == jnp.float32
   assert_close(out, _expected(x, w), rtol=4e-3)
-  for fmt in ("int2", "int3", "int6", "fp8_e4m3"):  # reference-only formats fall back
+  for fmt in ("int3", "fp8_e4m3"):  # reference-only formats fall back
     w = _weight(kw, 96, 24, fmt, 32 if fmt != "fp8_e4m3" else None)
     x32 = jax.random.normal(kx, (4, 96), jnp.float32)
     assert_close(qm.quantized_matmul(x32, w), _expected(x32, w), rtol=1e-5)
@@ -124,10 +124,23 @@ def test_fp8(scales, key):
   assert rel_err(expected, x @ w.dequantize()) < 8e-2
 
 
+@pytest.mark.parametrize("fmt,group,sym", [("int4", 64, False), ("int8", None, True)])
+def test_prepacked_weight_only(fmt, group, sym, key):
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, 192, 80, fmt, group, sym)
+  pw = qm.prepack(w)
+  assert pw.values.shape == (80, 96 if fmt == "int4" else 192)
+  assert pw.scales.shape == (80, 192 // (group or 192))
+  assert_close(pw.dequantize(), w.dequantize(), rtol=0)
+  x = jax.random.normal(kx, (5, 192), jnp.float32).astype(jnp.bfloat16)
+  out = qm.quantized_matmul(x, pw, implementation="triton:interpret")
+  assert_close(out, _expected(x, w).astype(jnp.bfloat16))
+
+
 def test_prepack_matches_qarray(key):
   w = _weight(key, 128, 64, "int8")
   pw = qm.prepack(w)
-  assert pw.values.shape == (64, 128) and pw.scales.shape == (1, 64)
+  assert pw.values.shape == (64, 128) and pw.scales.shape == (64, 1)
   assert_close(pw.dequantize(), w.dequantize(), rtol=0)
   x = jax.random.normal(key, (3, 128), jnp.float32)
   xq, xs = qm.quantize_activations(x)
@@ -198,8 +211,10 @@ def test_bad_inputs(key):
   with pytest.raises(NotImplementedError, match="W8A8 needs per-channel weight scales"):
     qm.quantized_matmul(jnp.ones((2, 128), jnp.int8), _weight(key, 128, 64, "int8", 64),
                         x_scale=jnp.ones((2, 1)), implementation="mosaic_gpu:interpret")
-  with pytest.raises(ValueError, match="prepack: w must be a symmetric int8 or an fp8"):
-    qm.prepack(w4)
+  with pytest.raises(ValueError, match="prepack: w.fmt must be one of"):
+    qm.prepack(_weight(key, 128, 64, "int2", 32))
+  with pytest.raises(NotImplementedError, match="m=300 > 256: dequantize-then-dot"):
+    qm.quantized_matmul(jnp.ones((300, 128), jnp.bfloat16), w4, implementation="triton:interpret")
   with pytest.raises(ValueError, match="fmt must be one of"):
     qm.quantize_activations(x, "int4")
   with pytest.raises(ValueError, match="block_size=100 must divide K=128"):
@@ -220,8 +235,10 @@ def test_weight_only_gpu(m, fmt, group, key):
   kx, kw = jax.random.split(key)
   w = _weight(kw, 4096, 2048 + 64, fmt, group)
   x = jax.random.normal(kx, (m, 4096), jnp.float32).astype(jnp.bfloat16)
-  out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation="triton"))(x, w)
-  assert_close(out, _expected(x, w).astype(jnp.bfloat16))
+  expected = _expected(x, w).astype(jnp.bfloat16)
+  for weight in (w, qm.prepack(w)):
+    out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation="triton"))(x, weight)
+    assert_close(out, expected)
 
 
 @pytest.mark.gpu

@@ -72,11 +72,14 @@ def _weight_only_rows(m, k, n, fmt_name, bf16, rounds, implementation=None):
   quant = _quantizer(fmt, group)
   make = lambda i: (_x(m, k, i), quant(_wf(k, n, i)))
   w0 = make(0)[1]
-  wbytes = w0.nbytes
+  wbytes = harness.tree_bytes(w0)
   ours = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation=implementation))
   deq = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation="xla"))
+  make_packed = lambda i: (_x(m, k, i), qm.prepack(quant(_wf(k, n, i))))
   rows = [_row(case, params, "jaxeff", harness.safe_time(ours, make, rounds=rounds), m, k, n,
                wbytes),
+          _row(case, params, "jaxeff:prepacked", harness.safe_time(ours, make_packed,
+                                                                   rounds=rounds), m, k, n, wbytes),
           _row(case, params, "xla:dequant", harness.safe_time(deq, make, rounds=rounds), m, k, n,
                wbytes),
           _row(case, params, "xla:bf16", bf16[0], m, k, n, bf16[1])]
@@ -175,7 +178,7 @@ def run(quick: bool) -> list[harness.Row]:
   k, n = SQUARE
   for m in ((1, 128, 4096) if quick else SQUARE_M):
     bf16 = _bf16_time(m, k, n, rounds)
-    for fmt_name in (("int4_g128",) if quick else WEIGHT_ONLY):
+    for fmt_name in (("int4_g128",) if quick or m > 256 else WEIGHT_ONLY):
       rows += _weight_only_rows(m, k, n, fmt_name, bf16, rounds)
     if m in ACT_M:
       rows += _w8a8_rows(m, k, n, bf16, rounds)
@@ -194,7 +197,7 @@ def run(quick: bool) -> list[harness.Row]:
 # ------------------------------------------------------------------ kernel config sweeps
 
 
-def _sweep_weight_only(m, k, n, fmt_name, configs, rounds):
+def _sweep_weight_only(m, k, n, fmt_name, configs, rounds, k_major=False):
   from kernels_pallas.matmul import triton as tr
   fmt, group = WEIGHT_ONLY[fmt_name]
   quant = _quantizer(fmt, group)
@@ -202,14 +205,22 @@ def _sweep_weight_only(m, k, n, fmt_name, configs, rounds):
   rows = []
   for cfg in configs:
     def f(x, w, cfg=cfg):
+      x = jnp.pad(x, ((0, -x.shape[0] % cfg.block_m), (0, 0)))
+      if k_major:
+        return tr.weight_only_matmul(x, w.values, w.scales, w.zeros, bits=bits,
+                                     group_size=group, signed=True, k_major=True,
+                                     config=cfg)[:m].astype(jnp.bfloat16)
       return tr.weight_only_matmul(x, w.values, w.scales, w.zeros, bits=bits, group_size=group,
-                                   signed=True, config=cfg).astype(jnp.bfloat16)
-    make = lambda i: (_x(m, k, i), quant(_wf(k, n, i)))
+                                   signed=True, config=cfg)[:m].astype(jnp.bfloat16)
+    if k_major:
+      make = lambda i: (_x(m, k, i), qm.prepack(quant(_wf(k, n, i))))
+    else:
+      make = lambda i: (_x(m, k, i), quant(_wf(k, n, i)))
     t = harness.safe_time(jax.jit(f), make, rounds=rounds)
-    rows.append(_row(f"sweep {fmt_name} m={m} k={k} n={n}", {"m": m, "config": str(cfg)},
-                     f"jaxeff:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/s{cfg.split_k}"
+    rows.append(_row(f"sweep {fmt_name}{' k_major' if k_major else ''} m={m} k={k} n={n}",
+                     {"m": m, "config": str(cfg)}, f"jaxeff:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/s{cfg.split_k}"
                      f"/w{cfg.num_warps}/st{cfg.num_stages}", t, m, k, n,
-                     make(0)[1].nbytes))
+                     harness.tree_bytes(make(0)[1])))
   return rows
 
 
@@ -233,34 +244,20 @@ def _sweep_scaled(m, k, n, dtype, configs, rounds):
 
 
 def dev_sweep(rounds: int = 10) -> list[harness.Row]:
-  """Block-size sweeps of both kernels at K = N = 8192 (notes/quant_matmul.md)."""
-  from kernels_pallas.matmul import mosaic_gpu as mg
+  """Block-size sweeps of the Triton weight-only kernel, both layouts, K = N = 8192."""
   from kernels_pallas.matmul import triton as tr
   k, n = SQUARE
   rows = []
   C = tr.WeightOnlyConfig
+  skinny = [C(16, 128, 128, 8, 4, 4), C(16, 128, 256, 4, 4, 3), C(16, 64, 256, 8, 4, 3),
+            C(16, 128, 128, 8, 8, 4), C(16, 256, 128, 4, 8, 3), C(16, 128, 128, 4, 4, 2)]
   for m in (1, 16):
     print(f"  bf16 m={m}: {harness.fmt_time(_bf16_time(m, k, n, rounds)[0])}", flush=True)
-    skinny = [tr.default_config(m, n, k, bits=4, group_size=128)]
-    skinny += [C(16, bn, 128, s, 4, st) for bn, s, st in
-               ((128, 4, 4), (128, 8, 4), (256, 4, 3), (64, 8, 4), (128, 4, 2), (128, 16, 4))]
-    rows += _sweep_weight_only(m, k, n, "int4_g128", skinny, rounds)
-  rows += _sweep_weight_only(16, k, n, "int8", [tr.default_config(16, n, k, bits=8, group_size=None),
-                                                C(16, 128, 64, 4, 4, 4), C(16, 128, 128, 8, 4, 4),
-                                                C(16, 256, 64, 4, 4, 3)], rounds)
+    rows += _sweep_weight_only(m, k, n, "int4_g128", skinny, rounds, k_major=True)
+  rows += _sweep_weight_only(1, k, n, "int4_g128", skinny[:1], rounds)
+  rows += _sweep_weight_only(16, k, n, "int8", skinny[:2] + skinny[3:4], rounds, k_major=True)
   print(f"  bf16 m=128: {harness.fmt_time(_bf16_time(128, k, n, rounds)[0])}", flush=True)
-  rows += _sweep_weight_only(128, k, n, "int4_g128",
-                             [tr.default_config(128, n, k, bits=4, group_size=128),
-                              C(64, 128, 64, 1, 4, 3), C(128, 128, 64, 1, 8, 3),
-                              C(128, 128, 128, 1, 8, 3), C(64, 128, 128, 2, 4, 4),
-                              C(32, 128, 128, 2, 4, 4)], rounds)
-  print(f"  bf16 m=4096: {harness.fmt_time(_bf16_time(4096, k, n, rounds)[0])}", flush=True)
-  rows += _sweep_weight_only(4096, k, n, "int4_g128", [C(128, 128, 64, 1, 8, 3),
-                                                       C(128, 256, 64, 1, 8, 3)], rounds)
-  M = mg.MatmulConfig
-  for dtype in (jnp.int8, jnp.float8_e4m3fn):
-    rows += _sweep_scaled(4096, k, n, dtype, [M(128, 128, 128, 3), M(64, 256, 128, 3),
-                                              M(64, 128, 128, 4), M(64, 128, 128, 6),
-                                              M(128, 64, 128, 4)], rounds)
-  rows += _sweep_scaled(4096, k, n, jnp.bfloat16, [M(128, 128, 64, 3)], rounds)
+  wide = [C(128, 128, 64, 1, 8, 3), C(128, 128, 128, 2, 8, 3), C(128, 64, 128, 2, 4, 3),
+          C(64, 128, 128, 2, 4, 4), C(128, 128, 128, 4, 4, 3)]
+  rows += _sweep_weight_only(128, k, n, "int4_g128", wide, rounds, k_major=True)
   return rows
