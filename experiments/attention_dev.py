@@ -278,6 +278,36 @@ def run_fwd_variants():
     timed("cudnn", cud, b, s, h, h, d, causal, "fwd")
 
 
+def run_dq_alternate():
+  """Backward with the two warpgroups taking turns on a whole-width dQ (``bwd_dq_alternate``):
+  gradients against the reference first, then fwd+bwd against the default and cuDNN."""
+  import dataclasses
+  for d, causal, t, s_len, h, kvh in [(128, True, 1000, 1000, 8, 2), (64, False, 777, 1500, 4, 4)]:
+    cfg = dataclasses.replace(mg.default_config(d, causal), bwd_dq_alternate=True)
+    q, k, v, do, _ = inputs(jax.random.key(7 + d), 1, t, s_len, h, kvh, d)
+    got = jax.jit(lambda q, k, v, do: jax.vjp(_config_attn(cfg, causal, d), q, k, v)[1](do))(
+        q, k, v, do)
+    up = lambda x: x.astype(jnp.float32)
+    want = jax.vjp(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=causal,
+                                                           implementation="xla"),
+                   up(q), up(k), up(v))[1](up(do))
+    errs = [rel(g, w) for g, w in zip(got, want)]
+    ok = all(e < 2e-2 for e in errs)
+    RESULTS["check"].append({"case": f"dq_alternate d{d} causal={causal}", "ok": ok, "errs": errs})
+    print(f"{'PASS' if ok else 'FAIL'} dq_alternate d{d} causal={causal} t{t} s{s_len}: "
+          + " ".join(f"{e:.1e}" for e in errs), flush=True)
+  s, h = 4096, 16
+  b = 16384 // s
+  for d, causal in [(128, False), (128, True), (64, False)]:
+    base = mg.default_config(d, causal)
+    timed("jaxeff", _config_attn(base, causal, d), b, s, h, h, d, causal, "fwd_bwd")
+    timed("jaxeff:dqalt", _config_attn(dataclasses.replace(base, bwd_dq_alternate=True),
+                                       causal, d), b, s, h, h, d, causal, "fwd_bwd")
+    cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="cudnn")
+    timed("cudnn", cud, b, s, h, h, d, causal, "fwd_bwd")
+
+
 def run_bwd_breakdown():
   """XLA-side work around the backward kernel at d128 s4096 (delta, dQ zeroing, dQ cast)."""
   b, s, h, d = 4, 4096, 16, 128
@@ -346,6 +376,8 @@ def main(argv=None):
       run_bwd_variants()
     if "wgvariants" in args.what:
       run_wg_variants()
+    if "dqalt" in args.what:
+      run_dq_alternate()
     if "fwdvariants" in args.what:
       run_fwd_variants()
     if "breakdown" in args.what:

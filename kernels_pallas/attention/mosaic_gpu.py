@@ -61,7 +61,10 @@ class Config:
   ``2 * bwd_block_kv`` keys and streams ``bwd_block_q`` queries per step.
   ``bwd_kv_in_registers`` keeps each backward warpgroup's K and V rows in registers, so
   ``S^T = K Q^T`` and ``dP^T = V dO^T`` read only one operand from shared memory (fits the
-  register budget at head_dim 64 only)."""
+  register budget at head_dim 64 only). ``bwd_dq_alternate``: the two backward warpgroups
+  take turns computing a step's whole ``dQ = dS K`` (N = head_dim) instead of half of
+  its columns each (N = head_dim / 2), and only the one whose turn it is waits for the
+  other's half of ``dS``."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -75,6 +78,7 @@ class Config:
   bwd_compute_registers: int = 240
   bwd_memory_registers: int = 24
   bwd_kv_in_registers: bool = False
+  bwd_dq_alternate: bool = False
 
   @property
   def fwd_q_tile(self) -> int:
@@ -389,7 +393,11 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
   bq, bkv, stages = cfg.bwd_block_q, cfg.bwd_block_kv, cfg.bwd_num_stages
   tile = cfg.bwd_kv_tile
   n_kt = sp // tile
-  half = d // 2
+  has_seg = q_seg is not None
+  # Alternating needs a whole-width float32 dQ buffer per warpgroup; with segment ids
+  # at head_dim 128 that is 1 KB over the shared memory.
+  alternate = cfg.bwd_dq_alternate and not (has_seg and d > 64)
+  half = d if alternate else d // 2  # dQ columns one warpgroup computes in one step
   dtype = q.dtype
   has_seg = q_seg is not None
   dense = sparsity.dense
@@ -452,7 +460,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
       v_rows = s["v"].at[pl.ds(wg * bkv, bkv)]
       if cfg.bwd_kv_in_registers and not interpret:
         k_rows, v_rows = k_rows[...], v_rows[...]  # register A operands from here on
-      k_cols = s["k"].at[:, pl.ds(wg * half, half)]
+      k_cols = s["k"] if alternate else s["k"].at[:, pl.ds(wg * half, half)]
 
       def step(i, carry, *, hg, masked: bool):
         dk_acc, dv_acc = carry
@@ -510,28 +518,37 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
           ds_rows[...] = dst16
           return dst16
 
+        def compute_dq(acc_ref):
+          plgpu.wgmma(acc_ref, s["ds"].at[parity].transpose((1, 0)), k_cols)
+          dq = acc_ref[...]  # also waits for this step's dV and dK matmuls
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          s["dq"].at[wg][...] = dq
+          plgpu.commit_smem()
+          cols = pl.ds(0 if alternate else wg * half, half)
+          if dq_partials:
+            plgpu.copy_smem_to_gmem(s["dq"].at[wg],
+                                    dq_ref.at[kt, b, pl.ds(qb * bq, bq), head, cols])
+          else:
+            plgpu.copy_smem_to_gmem(s["dq"].at[wg],
+                                    dq_ref.at[b, pl.ds(qb * bq, bq), head, cols],
+                                    reduction_op="add")
+
         def d_query():
           """Once both halves of dS^T are in shared memory: dQ[:, half] = dS K[:, half],
-          added into the float32 dQ accumulator in HBM by a TMA reduction."""
+          added into the float32 dQ accumulator in HBM by a TMA reduction. Alternating:
+          the warpgroup whose turn it is computes all of dQ = dS K; the other one only
+          signals that its half of dS^T is written and goes on to the next step."""
           plgpu.commit_smem()
-          _schedule(s["ds_bar"])
+          if not alternate:
+            _schedule(s["ds_bar"])
+            pl.run_scoped(compute_dq, plgpu.ACC((bq, half), jnp.float32))
+            return
+          plgpu.barrier_arrive(s["ds_bar"].at[parity])
 
-          def compute_dq(acc_ref):
-            plgpu.wgmma(acc_ref, s["ds"].at[parity].transpose((1, 0)), k_cols)
-            dq = acc_ref[...]  # also waits for this step's dV and dK matmuls
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            s["dq"].at[wg][...] = dq
-            plgpu.commit_smem()
-            cols = pl.ds(wg * half, half)
-            if dq_partials:
-              plgpu.copy_smem_to_gmem(s["dq"].at[wg],
-                                      dq_ref.at[kt, b, pl.ds(qb * bq, bq), head, cols])
-            else:
-              plgpu.copy_smem_to_gmem(s["dq"].at[wg],
-                                      dq_ref.at[b, pl.ds(qb * bq, bq), head, cols],
-                                      reduction_op="add")
-
-          pl.run_scoped(compute_dq, plgpu.ACC((bq, half), jnp.float32))
+          @pl.when(wg == parity)
+          def _():
+            plgpu.barrier_wait(s["ds_bar"].at[parity])
+            pl.run_scoped(compute_dq, plgpu.ACC((bq, half), jnp.float32))
 
         if interpret:
           s["pt"].at[wg][...] = pt16
@@ -566,7 +583,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
 
       acc0 = plgpu.layout_cast(jnp.full((bkv, d), 0.0, jnp.float32), layout)
       dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (acc0, acc0))
-      _schedule(s["ds_bar"])  # the other warpgroup is done reading K
+      _schedule(s["end_bar"])  # the other warpgroup is done reading K
       s["k"].at[pl.ds(wg * bkv, bkv)][...] = (dk_acc * scale).astype(dtype)
       s["v"].at[pl.ds(wg * bkv, bkv)][...] = dv_acc.astype(dtype)
       plgpu.commit_smem()
@@ -628,7 +645,8 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
       "lse_bar": plgpu.Barrier(num_barriers=stages),
       "do_bar": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       "q_cons": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      "ds_bar": plgpu.Barrier(num_arrivals=2),
+      "ds_bar": plgpu.Barrier(num_arrivals=2, num_barriers=2 if alternate else ()),
+      "end_bar": plgpu.Barrier(num_arrivals=2),
   }
   if has_seg:
     scratch.update(
