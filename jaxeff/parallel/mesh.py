@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -256,3 +257,42 @@ def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
 
 def sharding(mesh: Mesh, spec: P) -> NamedSharding:
   return NamedSharding(mesh, spec)
+
+
+# ----------------------------------------------------------------------------- inside shard_map
+
+
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+  t = jax.typeof(x)
+  vma = getattr(t, "vma", None)
+  if vma is None:
+    mat = getattr(t, "manual_axis_type", None)
+    vma = getattr(mat, "varying", ()) if mat is not None else ()
+  return frozenset(vma)
+
+
+def _pvary(x, axes) -> jax.Array:
+  missing = tuple(a for a in axes if a not in varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def pvary_like(ref, x) -> jax.Array:
+  """``x`` made varying over the manual axes ``ref`` varies over (no-op at run time).
+
+  ``lax.cond`` / ``lax.switch`` branches and ``scan`` carries must agree on these types.
+  """
+  return _pvary(x, varying_axes(ref))
+
+
+def pvary_to(tree, axes) -> Any:
+  """Every leaf of ``tree`` made varying over ``axes`` (no-op at run time)."""
+  return jax.tree.map(lambda a: _pvary(a, tuple(axes)), tree)
+
+
+def union_varying_axes(*trees) -> frozenset:
+  """The manual axes any leaf of ``trees`` varies over."""
+  out = frozenset()
+  for a in jax.tree.leaves(trees):
+    out |= varying_axes(a)
+  return out

@@ -44,6 +44,7 @@ import numpy as np
 from jax import lax
 
 from jaxeff.ops.attention import dot_product_attention, dot_product_attention_with_lse
+from jaxeff.parallel.mesh import pvary_like
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -122,27 +123,12 @@ def _merge(o, lse, o_j, lse_j):
   return o * w + o_j.astype(jnp.float32) * w_j, new
 
 
-def _varying_like(ref, x):
-  """``x`` with the manual-axis variance of ``ref`` (for equal ``lax.switch`` branch types)."""
-  return lax.pcast(x, tuple(varying_axes(ref)), to="varying") if varying_axes(ref) else x
-
-
-def varying_axes(x) -> frozenset:
-  """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
-  t = jax.typeof(x)
-  vma = getattr(t, "vma", None)
-  if vma is None:
-    mat = getattr(t, "manual_axis_type", None)
-    vma = getattr(mat, "varying", ()) if mat is not None else ()
-  return frozenset(vma)
-
-
 def _block_fwd(branch, q, k, v, q_ids, kv_ids, st):
   """Partial (o float32 [b, t, n, h], lse [b, n, t]) of the local queries on one kv block."""
   b, t, n, h = q.shape
   if branch is None:
-    return (_varying_like(q, jnp.zeros((b, t, n, h), jnp.float32)),
-            _varying_like(q, jnp.full((b, n, t), -jnp.inf, jnp.float32)))
+    return (pvary_like(q, jnp.zeros((b, t, n, h), jnp.float32)),
+            pvary_like(q, jnp.full((b, n, t), -jnp.inf, jnp.float32)))
   qp, kp, causal = branch
   o, lse = _attn(_halves(q, 1, qp), _halves(k, 1, kp), _halves(v, 1, kp),
                  None if q_ids is None else _halves(q_ids, 1, qp),
