@@ -332,14 +332,14 @@ def _supports(mod):
   return supports
 
 
-# Order by measured speed on an H100 (experiments/results/nvidia-h100-80gb-hbm3/decode.json):
-# the Triton kernel read the bf16 GQA cache at 1.67 TB/s, the Mosaic GPU one at 1.33 TB/s.
+# Order by measured speed on an H100 (notes/decode.md, session 2 sweep): the Mosaic GPU
+# kernel reads the bf16 GQA cache at 2.55 TB/s; it serves Hopper only, Triton the rest.
 DECODE_ATTENTION_IMPLS: list[_registry.Implementation] = [
-    _registry.Implementation("triton", _kernel_impl("triton"), platforms=("gpu",),
-                             supports=_supports(_triton_kernels), interpretable=True),
     _registry.Implementation("mosaic_gpu", _kernel_impl("mosaic_gpu"), platforms=("gpu",),
                              supports=_supports(_mosaic_gpu_kernels), interpretable=True,
                              device_kinds=_registry.HOPPER_KINDS),
+    _registry.Implementation("triton", _kernel_impl("triton"), platforms=("gpu",),
+                             supports=_supports(_triton_kernels), interpretable=True),
     _registry.Implementation("xla", _xla),
 ]
 
