@@ -513,3 +513,28 @@ def dequantize(qa: QArray, dtype=jnp.float32) -> jax.Array:
     raise TypeError(f"qa: expected a QArray, got {type(qa).__name__}")
   check_qarray(qa)
   return dequantize_codes(unpack_codes(qa), qa.scales, qa.zeros, dtype)
+
+
+# ---------------------------------------------------------- activation treatment (W8A8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+  """How a quantized linear layer treats its input ``x [..., K]`` (a params-tree leaf stored
+  next to the layer's ``kernel``).
+
+  Fields:
+    input_scale: float32 ``[K]`` multiplying ``x`` before the matmul (the inverse of the
+      AWQ / SmoothQuant per-channel smoothing factors folded into the weight), or None.
+    fmt: dynamic per-token activation quantization format (``"int8"``, ``"fp8_e4m3"``;
+      W8A8, through :func:`jaxeff.ops.quantized_matmul.quantize_activations`), or None for
+      weight-only layers. Static, so it is part of the tree structure
+      (jit traces differ between weight-only and W8A8 params).
+  """
+
+  input_scale: jax.Array | None = None
+  fmt: str | None = None
+
+
+jax.tree_util.register_dataclass(ActQuant, data_fields=["input_scale"], meta_fields=["fmt"])
+
