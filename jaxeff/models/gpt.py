@@ -52,6 +52,9 @@ class GPTConfig:
     attention_implementation: passed to :func:`jaxeff.ops.dot_product_attention`.
     decode_implementation: passed to :func:`jaxeff.ops.decode_attention` (paged decode) and
       to the masked attention of contiguous-cache calls; None = fastest available.
+    norm_implementation: passed to :func:`jaxeff.ops.rms_norm`; None = fastest available.
+    fused_projections: one fused QKV projection and one fused gate/up projection per block
+      (wider matmuls; a different parameter tree, see :class:`jaxeff.nn.MultiHeadAttention`).
     logits_soft_cap: attention logit soft cap, or None.
     local_window_size: sliding-window size to the left, or None for full causal attention.
     init_std: standard deviation of the weight initialisation.
@@ -73,12 +76,14 @@ class GPTConfig:
   scan_layers: bool = False
   attention_implementation: str | None = None
   decode_implementation: str | None = None
+  norm_implementation: str | None = None
+  fused_projections: bool = False
   logits_soft_cap: float | None = None
   local_window_size: int | None = None
   init_std: float = 0.02
 
   def __post_init__(self):
-    for name in ("tie_embeddings", "remat", "scan_layers"):
+    for name in ("tie_embeddings", "remat", "scan_layers", "fused_projections"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"GPTConfig: {name} must be a bool, got {getattr(self, name)!r}")
     positive = ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_hidden", "max_seq_len")
@@ -193,8 +198,9 @@ class Block(nn.Module):
         is_causal=True, rope_base=c.rope_base, local_window_size=c.local_window_size,
         logits_soft_cap=c.logits_soft_cap, dtype=c.compute_dtype, kernel_init=init,
         out_init=out_init, implementation=c.attention_implementation,
-        decode_implementation=c.decode_implementation, name="attn")
-    h = RMSNorm(eps=c.norm_eps, name="attn_norm")(x)
+        decode_implementation=c.decode_implementation, fused_qkv=c.fused_projections,
+        name="attn")
+    h = RMSNorm(eps=c.norm_eps, implementation=c.norm_implementation, name="attn_norm")(x)
     if paged_cache is not None:
       h, new_cache = attn(h, positions=positions, paged_cache=paged_cache, layer=layer,
                           num_new=num_new)
@@ -203,9 +209,9 @@ class Block(nn.Module):
     else:
       h, new_cache = attn(h, positions=positions, kv_cache=kv_cache)
     x = x + h
-    h = RMSNorm(eps=c.norm_eps, name="mlp_norm")(x)
+    h = RMSNorm(eps=c.norm_eps, implementation=c.norm_implementation, name="mlp_norm")(x)
     x = x + SwiGLU(c.mlp_hidden, dtype=c.compute_dtype, kernel_init=init, out_init=out_init,
-                   name="mlp")(h)
+                   fused=c.fused_projections, name="mlp")(h)
     return x, new_cache
 
 
@@ -283,7 +289,7 @@ class GPT(nn.Module):
             x, positions, segment_ids, None if kv_caches is None else kv_caches[i])
         new_caches.append(cache)
       new_caches = tuple(new_caches)
-    x = RMSNorm(eps=c.norm_eps, name="final_norm")(x)
+    x = RMSNorm(eps=c.norm_eps, implementation=c.norm_implementation, name="final_norm")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:

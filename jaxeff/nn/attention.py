@@ -99,6 +99,9 @@ class MultiHeadAttention(nn.Module):
       without a cache).
     decode_implementation: the same, for calls with a contiguous KV cache (which pass a
       mask); with a paged cache it is passed to :func:`jaxeff.ops.decode_attention`.
+    fused_qkv: one ``qkv_proj`` of ``[features, heads + 2 * kv_heads, head_dim]`` instead of
+      separate ``q_proj`` / ``k_proj`` / ``v_proj`` (one wider matmul; a different
+      parameter tree).
   """
 
   num_heads: int
@@ -117,6 +120,7 @@ class MultiHeadAttention(nn.Module):
   out_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
   implementation: str | Sequence[str] | None = None
   decode_implementation: str | Sequence[str] | None = None
+  fused_qkv: bool = False
 
   @property
   def kv_heads(self) -> int:
@@ -217,9 +221,13 @@ class MultiHeadAttention(nn.Module):
     dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
         (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
-    q = dense(self.num_heads, "q_proj")(x)  # [b, t, n, h]
-    k = dense(self.kv_heads, "k_proj")(x)   # [b, t, k, h]
-    v = dense(self.kv_heads, "v_proj")(x)
+    if self.fused_qkv:
+      qkv = dense(self.num_heads + 2 * self.kv_heads, "qkv_proj")(x)  # [b, t, n + 2k, h]
+      q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.kv_heads], axis=2)
+    else:
+      q = dense(self.num_heads, "q_proj")(x)  # [b, t, n, h]
+      k = dense(self.kv_heads, "k_proj")(x)   # [b, t, k, h]
+      v = dense(self.kv_heads, "v_proj")(x)
     if positions is None:
       positions = jnp.arange(t, dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))

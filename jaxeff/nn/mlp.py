@@ -20,6 +20,8 @@ class SwiGLU(nn.Module):
     param_dtype: dtype of the weights.
     kernel_init: initializer of ``gate_proj`` and ``up_proj``.
     out_init: initializer of ``down_proj`` (GPT-2 scales it by ``1/sqrt(2 * layers)``).
+    fused: one ``gate_up_proj`` of ``[features, 2 * hidden_dim]`` (gate then up) instead of
+      separate ``gate_proj`` / ``up_proj`` (one wider matmul; a different parameter tree).
   """
 
   hidden_dim: int
@@ -27,6 +29,7 @@ class SwiGLU(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
   out_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -35,6 +38,9 @@ class SwiGLU(nn.Module):
     dense = lambda n, init, name: nn.Dense(n, use_bias=False, dtype=self.dtype,  # noqa: E731
                                            param_dtype=self.param_dtype, kernel_init=init,
                                            name=name)
-    gate = dense(self.hidden_dim, self.kernel_init, "gate_proj")(x)
-    up = dense(self.hidden_dim, self.kernel_init, "up_proj")(x)
+    if self.fused:
+      gate, up = jnp.split(dense(2 * self.hidden_dim, self.kernel_init, "gate_up_proj")(x), 2, -1)
+    else:
+      gate = dense(self.hidden_dim, self.kernel_init, "gate_proj")(x)
+      up = dense(self.hidden_dim, self.kernel_init, "up_proj")(x)
     return dense(x.shape[-1], self.out_init, "down_proj")(nn.silu(gate) * up)

@@ -225,6 +225,35 @@ def test_scan_layers_matches_unrolled_and_decodes_with_a_stacked_cache(key, tiny
                 kv_caches=gpt.init_kv_caches(config, 2, 16))
 
 
+def _fuse_projections(params, num_layers):
+  """The unfused tree rewritten as the fused one (QKV along heads, gate|up along features)."""
+  params = jax.tree.map(lambda x: x, params)
+  for i in range(num_layers):
+    blk = dict(params[f"block_{i}"])
+    attn, mlp = dict(blk["attn"]), dict(blk["mlp"])
+    qkv = jnp.concatenate([attn.pop(f"{n}_proj")["kernel"] for n in "qkv"], axis=1)
+    attn["qkv_proj"] = {"kernel": qkv}
+    gate_up = jnp.concatenate([mlp.pop("gate_proj")["kernel"], mlp.pop("up_proj")["kernel"]], -1)
+    mlp["gate_up_proj"] = {"kernel": gate_up}
+    blk["attn"], blk["mlp"] = attn, mlp
+    params[f"block_{i}"] = blk
+  return params
+
+
+def test_fused_projections_equal_separate_ones(key, tiny_params):
+  fused_cfg = TINY.replace(fused_projections=True, norm_implementation="xla")
+  fused = _fuse_projections(dict(tiny_params), TINY.num_layers)
+  shapes = jax.eval_shape(lambda: gpt.init_params(fused_cfg, key))
+  assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, fused)
+  assert gpt.num_params(fused_cfg) == sum(x.size for x in jax.tree.leaves(fused))
+  tokens = jax.random.randint(key, (2, 9), 0, 256)
+  want = jax.jit(gpt.GPT(TINY).apply)({"params": tiny_params}, tokens)
+  got = jax.jit(gpt.GPT(fused_cfg).apply)({"params": fused}, tokens)
+  assert_close(got, want)
+  with pytest.raises(ValueError, match="fused_projections must be a bool"):
+    TINY.replace(fused_projections=1)
+
+
 def test_bf16_and_remat_and_untied_head(key):
   config = TINY.replace(tie_embeddings=False, num_layers=1)
   params = _init(config, key)
