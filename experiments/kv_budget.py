@@ -63,6 +63,7 @@ _da = importlib.import_module("jaxeff.ops.decode_attention")  # the module, not 
 IMPL_NAME = "kv_budget_sim"
 POLICIES = ("window+sinks", "h2o", "scissorhands", "zipvl-int4")
 NUM_SINKS = 4
+PAGE_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,7 @@ class _BudgetAttention:
     keys = _da.logical_cache(key_cache, page_table).astype(jnp.float32)  # [b, cap, kh, d]
     values = _da.logical_cache(value_cache, page_table).astype(jnp.float32)
     cap = keys.shape[1]
-    keep = self.keep[layer][..., :cap]  # [b, kh, cap]
+    keep = self.keep[layer]  # [b, kh, cap]
     cached = jnp.arange(cap)[None, None, :] < lengths[:, None, None]
     if self.mode == "evict":
       allowed = cached & keep
@@ -186,17 +187,19 @@ def _evaluate(model_cfg, params, inputs, *, prefill: int, policy, mode: str,
   budget = policy.budget
   model = gpt.GPT(dataclasses.replace(model_cfg, decode_implementation=IMPL_NAME))
 
+  cap = -(-seq // PAGE_SIZE) * PAGE_SIZE  # the cache's capacity per sequence
+
   def keep_mask(positions):
-    """[rows, budget] positions -> [layers, b, kh, seq] kept positions."""
-    idx = jnp.where(positions >= 0, positions, seq)  # -1: dropped
-    m = jnp.zeros((rows, seq), jnp.bool_).at[jnp.arange(rows)[:, None], idx].set(
+    """[rows, budget] positions -> [layers, b, kh, cap] kept positions."""
+    idx = jnp.where(positions >= 0, positions, cap)  # -1: dropped
+    m = jnp.zeros((rows, cap), jnp.bool_).at[jnp.arange(rows)[:, None], idx].set(
         True, mode="drop")
     if not exact_tokens:
       m = jnp.zeros_like(m)
-    return jnp.transpose(m.reshape(b, layers, kh, seq), (1, 0, 2, 3))
+    return jnp.transpose(m.reshape(b, layers, kh, cap), (1, 0, 2, 3))
 
   def run(params, inputs):
-    cache = gpt.init_paged_cache(model_cfg, b, seq, page_size=16)
+    cache = gpt.init_paged_cache(model_cfg, b, seq, page_size=PAGE_SIZE)
     lengths = jnp.full((b,), prefill, jnp.int32)
     cache, _ = paged.reserve(cache, lengths)
     pos = jnp.broadcast_to(jnp.arange(prefill, dtype=jnp.int32), (b, prefill))
