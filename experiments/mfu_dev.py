@@ -162,11 +162,53 @@ def run_variant(spec: str) -> dict:
     jax.block_until_ready((state, loss))
     times.append((time.perf_counter() - t0) / 5)
   med = statistics.median(times)
+  profile = None
+  if os.environ.get("MFU_DEV_PROFILE"):
+    profile = _profile(fn, state, batches, os.environ["MFU_DEV_PROFILE"], spec)
+    state = profile.pop("state")
   fpt = gpt.flops_per_token(base, seq)
   frac = {"train": 1.0, "grad": 1.0, "fwd": 1 / 3}[mode]
   mfu = fpt * frac * batch * seq / med / 989e12
   return dict(variant=spec, ms=med * 1e3, tokens_per_s=batch * seq / med, mfu=mfu,
-              compile_s=compile_s, loss=float(loss), device=jax.devices()[0].device_kind)
+              compile_s=compile_s, loss=float(loss), device=jax.devices()[0].device_kind,
+              profile=profile)
+
+
+def _profile(fn, state, batches, root: str, spec: str, steps: int = 3) -> dict:
+  """Traces ``steps`` steps and sums device-event time by name (per profiler line).
+
+  Returns ``{"lines": {line: total_ms}, "top": [[line, name, ms_per_step, count], ...]}``
+  for the device planes (``/device:GPU:*``; the host plane on CPU).
+  """
+  import collections
+  import glob
+  import re
+
+  import jax
+  from jax._src.lib import _profile_data
+
+  d = os.path.join(root, re.sub(r"[^A-Za-z0-9_.=-]", "_", spec))
+  with jax.profiler.trace(d):
+    for i in range(steps):
+      state, loss = fn(state, batches[i % len(batches)])
+    jax.block_until_ready((state, loss))
+  files = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))
+  data = _profile_data.ProfileData.from_file(files[-1])
+  totals, lines = collections.Counter(), collections.Counter()
+  counts = collections.Counter()
+  planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+  if not planes:
+    planes = [p for p in data.planes if "host" in p.name.lower()][:1]
+  for plane in planes:
+    for line in plane.lines:
+      for ev in line.events:
+        key = (line.name, ev.name)
+        totals[key] += ev.duration_ns
+        counts[key] += 1
+        lines[line.name] += ev.duration_ns
+  top = [[ln, name[:120], ns / 1e6 / steps, counts[(ln, name)] // steps]
+         for (ln, name), ns in totals.most_common(80)]
+  return {"state": state, "lines": {k: v / 1e6 / steps for k, v in lines.items()}, "top": top}
 
 
 def main(argv=None) -> int:
