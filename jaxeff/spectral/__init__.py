@@ -1,0 +1,1 @@
+"""Spectral algorithms that are not kernels: Monarch FFT plans, rfft/irfft."""

@@ -1,0 +1,1 @@
+"""Fused FFT convolution kernels (FlashFFTConv-style Monarch decomposition)."""
