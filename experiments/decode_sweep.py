@@ -60,40 +60,45 @@ def _t(**kw):
 
 
 VARIANTS = [
-    # bf16 contiguous, Triton: programs per SM sized to what shared memory lets reside.
+    # bf16 contiguous, Mosaic GPU (the glue after the dense merge) and Triton configs:
+    # programs per SM sized to what shared memory lets reside.
+    Variant("M bk128 s2", "mosaic_gpu"),
+    Variant("M bk128 s2 plan-ahead", "mosaic_gpu", plan_ahead=True),
     Variant("T bk64 w4 s2 x3", "triton", config=_t(block_kv=64, num_stages=2, programs_per_sm=3)),
     Variant("T bk64 w4 s3 x2", "triton", config=_t(block_kv=64, num_stages=3, programs_per_sm=2)),
     Variant("T bk128 w4 s2 x1", "triton", config=_t(block_kv=128, num_stages=2, programs_per_sm=1)),
     Variant("T bk128 w8 s3 x1", "triton",
             config=_t(block_kv=128, num_stages=3, num_warps=8, programs_per_sm=1)),
     Variant("T bk32 w4 s4 x3", "triton", config=_t(block_kv=32, num_stages=4, programs_per_sm=3)),
-    Variant("T bk64 w4 s2 x4 (old)", "triton", config=_t(block_kv=64, num_stages=2, programs_per_sm=4)),
-    # bf16 contiguous, Mosaic GPU.
-    Variant("M bk128 s2", "mosaic_gpu"),
-    Variant("M bk128 s2 plan-ahead", "mosaic_gpu", plan_ahead=True),
-    Variant("M bk64 s4", "mosaic_gpu", config=_t(block_kv=64, num_stages=4)),
-    Variant("M bk64 s3", "mosaic_gpu", config=_t(block_kv=64, num_stages=3)),
-    # bf16 paged 64 and the ragged batch.
-    Variant("M paged64", "mosaic_gpu", layout="paged64"),
-    Variant("T paged64 bk64 s2 x3", "triton", layout="paged64",
-            config=_t(block_kv=64, num_stages=2, programs_per_sm=3)),
+    Variant("T bk64 w4 s2 x4", "triton", config=_t(block_kv=64, num_stages=2, programs_per_sm=4)),
+    # The ragged batch (a quarter of the tokens).
     Variant("M ragged paged64", "mosaic_gpu", layout="paged64", ragged=True),
-    Variant("T ragged paged64 bk64 s2 x3", "triton", layout="paged64", ragged=True,
-            config=_t(block_kv=64, num_stages=2, programs_per_sm=3)),
-    # Quantized, Triton.
+    Variant("T ragged paged64 bk64 s3 x2", "triton", layout="paged64", ragged=True,
+            config=_t(block_kv=64, num_stages=3, programs_per_sm=2)),
+    # Quantized, Triton (conversion in registers, mma.sync: no 64-row padding).
     Variant("T int8 bk64 s3 x2", "triton", fmt="int8",
             config=_t(block_kv=64, num_stages=3, programs_per_sm=2)),
     Variant("T int8 bk128 s3 x2", "triton", fmt="int8",
             config=_t(block_kv=128, num_stages=3, programs_per_sm=2)),
+    Variant("T int8 bk128 w8 s4 x1", "triton", fmt="int8",
+            config=_t(block_kv=128, num_stages=4, num_warps=8, programs_per_sm=1)),
+    Variant("T int8 bk64 s4 x3", "triton", fmt="int8",
+            config=_t(block_kv=64, num_stages=4, programs_per_sm=3)),
+    Variant("T fp8 bk128 s3 x2", "triton", fmt="fp8",
+            config=_t(block_kv=128, num_stages=3, programs_per_sm=2)),
     Variant("T int4 bk128 s3 x2", "triton", fmt="int4",
             config=_t(block_kv=128, num_stages=3, programs_per_sm=2)),
-    # Quantized, Mosaic GPU (last: a fault would end the process).
+    Variant("T int4 bk128 s4 x3", "triton", fmt="int4",
+            config=_t(block_kv=128, num_stages=4, programs_per_sm=3)),
+    Variant("T int4 bk256 s3 x2", "triton", fmt="int4",
+            config=_t(block_kv=256, num_stages=3, programs_per_sm=2)),
+    Variant("T int8 paged64 bk64 s3 x2", "triton", fmt="int8", layout="paged64",
+            config=_t(block_kv=64, num_stages=3, programs_per_sm=2)),
+    # Quantized, Mosaic GPU.
     Variant("M int8", "mosaic_gpu", fmt="int8"),
-    Variant("M fp8", "mosaic_gpu", fmt="fp8"),
     Variant("M int4", "mosaic_gpu", fmt="int4"),
-    Variant("M int8 paged32", "mosaic_gpu", fmt="int8", layout="paged32"),
-    Variant("M int8 1cta bk128 s2", "mosaic_gpu", fmt="int8",
-            config=_t(block_kv=128, num_stages=2, ctas_per_sm=1, alias_output=True)),
+    Variant("M int4 bk128 s3", "mosaic_gpu", fmt="int4",
+            config=_t(block_kv=128, num_stages=3)),
 ]
 
 
