@@ -463,27 +463,32 @@ def test_kernel_gpu_real_sizes(implementation, name, key):
   _gpu_check(implementation, REAL_CASES[name], key)
 
 
-# --- cross-lowering: the Triton kernel lowers for CUDA on a CPU-only machine -------------
+# --- cross-lowering: the kernels lower for CUDA on a CPU-only machine --------------------
 
 
-@pytest.mark.parametrize("fmt", ["none", "int8", "int4"])
-def test_triton_lowers_for_cuda(fmt):
-  # Interpret mode never builds Triton IR; this does (it caught a loop whose carry was a
-  # literal, which interprets fine and fails to lower). The H100 is an abstract device.
-  b, s, kh, d, n, ps = 2, 512, 2, 64, 8, 256
+@pytest.mark.parametrize("backend,fmt", [("triton", "none"), ("triton", "int8"),
+                                         ("triton", "int4"), ("mosaic_gpu", "none")])
+def test_kernels_lower_for_cuda(backend, fmt):
+  # Interpret mode never builds Triton IR or a Mosaic GPU module; this does (it caught a
+  # Triton loop whose carry was a literal, which interprets fine and fails to lower). The
+  # H100 is an abstract device. (What only the hardware checks, e.g. TMA alignment, it
+  # cannot see: see mosaic_gpu.supports and the gpu-marked tests.)
+  b, s, kh, d, n, ps = 2, 512, 2, 128, 8, 256
   dc = d // 2 if fmt == "int4" else d
   cdtype = {"none": jnp.bfloat16, "int8": jnp.int8, "int4": jnp.uint8}[fmt]
   sds = jax.ShapeDtypeStruct
   kv = sds((b * s // ps, ps, kh, dc), cdtype)
   scale = None if fmt == "none" else sds((b * s // ps, ps, kh) + ((1,) if fmt == "int4" else ()),
                                          jnp.float32)
-  fn = jax.jit(lambda q, k, v, t, l, ks, vs: triton_kernels.decode_attention(
-      q, k, v, t, l, ks, vs, fmt=fmt, window=None, scale=0.1, soft_cap=None,
-      config=triton_kernels.Config(num_workers=4)))
+  mod = triton_kernels if backend == "triton" else mgpu_kernels
+  cfg = dataclasses.replace(mod.Config(), num_workers=4)
+  fn = jax.jit(lambda q, k, v, t, l, ks, vs: mod.decode_attention(
+      q, k, v, t, l, ks, vs, fmt=fmt, window=None, scale=0.1, soft_cap=None, config=cfg))
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="cuda")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                 abstract_device=device)):
     lowered = fn.trace(sds((b, 1, n, d), jnp.bfloat16), kv, kv, sds((b, s // ps), jnp.int32),
                        sds((b,), jnp.int32), scale, scale).lower(lowering_platforms=("cuda",))
-  assert "xla.gpu.triton" in lowered.as_text()
+  text = lowered.as_text()
+  assert ("xla.gpu.triton" in text) if backend == "triton" else ("mosaic_gpu" in text)
