@@ -5,7 +5,15 @@
 The loop follows MaxText: one pure ``train_step(state, batch) -> (state, metrics)`` jitted
 once with explicit ``in_shardings``/``out_shardings`` over a data-parallel mesh of all local
 devices (axis ``"data"``: parameters and optimizer state replicated, batches split along
-the batch axis) and the state donated. AdamW (Loshchilov & Hutter, 2019) with linear
+the batch axis) and the state donated.
+
+``--mesh data=2,tensor=2,sequence=2`` (any of ``data``, ``fsdp``, ``pipeline``, ``expert``,
+``sequence``, ``tensor``; ``-1`` = the rest) trains the same model (same parameter tree,
+same seed, the same loss curve to float tolerance) through :mod:`jaxeff.parallel.gpt`: a
+``shard_map`` with FSDP, Megatron tensor, ring-attention sequence and GPipe pipeline
+parallelism, parameters and optimizer state sharded by the logical-axis rules of
+:mod:`jaxeff.parallel.mesh` (``--sequence-parallel``, ``--collective-matmul``,
+``--context ring|ulysses``, ``--microbatches N`` tune it). AdamW (Loshchilov & Hutter, 2019) with linear
 warm-up and cosine decay and global-norm gradient clipping; bf16 compute optional.
 
 A run folder (``--out``, default ``runs/<preset>-<time>``) receives ``config.json``,
@@ -47,6 +55,8 @@ from experiments import checkpoint as ckpt
 from experiments import data as data_lib
 from experiments import generate as gen
 from jaxeff.models import gpt
+from jaxeff.parallel import gpt as pgpt
+from jaxeff.parallel import mesh as pmesh
 
 DATA_AXIS = "data"
 
@@ -91,6 +101,20 @@ class TrainConfig:
   sample_prompt: str = "def "
   sample_tokens: int = 200
   sample_temperature: float = 0.8
+  mesh: str | None = None  # "data=2,tensor=2,...": the shard_map path (None: data parallel)
+  sequence_parallel: bool = False
+  collective_matmul: bool = False
+  context: str = "ring"
+  microbatches: int = 0
+
+  def parallel_options(self) -> pgpt.ParallelOptions:
+    """The :class:`jaxeff.parallel.gpt.ParallelOptions` of a ``--mesh`` run."""
+    try:
+      return pgpt.ParallelOptions(sequence_parallel=self.sequence_parallel,
+                                  collective_matmul=self.collective_matmul,
+                                  context=self.context, microbatches=self.microbatches)
+    except ValueError as e:
+      raise ConfigError(f"--mesh options: {e}") from None
 
   def model_config(self) -> gpt.GPTConfig:
     """The model preset with this run's overrides applied."""
@@ -159,7 +183,7 @@ def validate(cfg: TrainConfig, model_cfg: gpt.GPTConfig, num_devices: int) -> No
        "a number >= 0 (0 = greedy)")
   need(model_cfg.vocab_size >= data_lib.VOCAB_SIZE, "--model vocab_size", model_cfg.vocab_size,
        f">= {data_lib.VOCAB_SIZE} for byte tokens")
-  if cfg.batch_size % num_devices:
+  if cfg.mesh is None and cfg.batch_size % num_devices:
     raise ConfigError(f"--batch-size: {cfg.batch_size} is not divisible by the number of devices "
                       f"({num_devices}) of the data-parallel mesh; use a multiple of "
                       f"{num_devices}")
@@ -192,6 +216,27 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
   return tx, schedule
 
 
+def validate_mesh(cfg: TrainConfig, model_cfg: gpt.GPTConfig, mesh: Mesh) -> None:
+  """Raises ConfigError when the ``--mesh`` run cannot split the model or the batch."""
+  try:
+    pgpt.check_shapes(model_cfg, mesh, cfg.parallel_options(), cfg.batch_size, cfg.seq_len)
+    shapes = jax.eval_shape(lambda: gpt.GPT(model_cfg).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    pgpt.param_specs(shapes, mesh, cfg.parallel_options())
+  except ValueError as e:
+    raise ConfigError(f"--mesh {cfg.mesh}: {e}") from None
+
+
+def build_mesh(cfg: TrainConfig) -> Mesh:
+  """The run's mesh: data parallel over all devices, or ``--mesh`` (jaxeff.parallel)."""
+  if cfg.mesh is None:
+    return make_mesh()
+  try:
+    return pmesh.make_mesh(cfg.mesh)
+  except ValueError as e:
+    raise ConfigError(f"--mesh: {e}") from None
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D data-parallel mesh over ``devices`` (default: every device of every process;
   with one process, all local devices)."""
@@ -221,12 +266,27 @@ def _init_tree(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_state(model: gpt.GPT, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """Shapes, dtypes and (replicated) shardings of a fresh :class:`TrainState`."""
+def abstract_state(model: gpt.GPT, tx: optax.GradientTransformation, mesh: Mesh,
+                   shardings: TrainState | None = None) -> TrainState:
+  """Shapes, dtypes and shardings (default: replicated) of a fresh :class:`TrainState`."""
   replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(lambda: _init_tree(model, tx, jax.random.key(0)))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      shapes)
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: replicated, shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def state_shardings(model: gpt.GPT, tx: optax.GradientTransformation, mesh: Mesh,
+                    options: pgpt.ParallelOptions) -> TrainState:
+  """Shardings of a :class:`TrainState` on a ``--mesh``: parameters by the logical-axis
+  rules, each optimizer-state tree like its parameters (ZeRO), the rest replicated."""
+  replicated = NamedSharding(mesh, P())
+  shapes = jax.eval_shape(lambda: _init_tree(model, tx, jax.random.key(0)))
+  params = pgpt.param_shardings(shapes.params, mesh, options)
+  opt = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, params,
+                              transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt)
 
 
 def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -280,6 +340,8 @@ class Programs:
   init: Any        # key -> TrainState (replicated)
   train_step: Any  # (state, batch) -> (state, metrics)
   eval_step: Any   # (params, batch) -> loss
+  state_shardings: Any = None     # TrainState of NamedShardings (None: replicated)
+  batch_sharding: Any = None      # NamedSharding of a batch (None: split over "data")
 
 
 def programs(model_cfg: gpt.GPTConfig, cfg: TrainConfig, mesh: Mesh) -> Programs:
@@ -288,7 +350,49 @@ def programs(model_cfg: gpt.GPTConfig, cfg: TrainConfig, mesh: Mesh) -> Programs
   Reusing the same jitted functions lets JAX reuse their compilations when a process
   trains the same setting again (a resumed run, tests).
   """
-  return _programs(model_cfg, tuple(getattr(cfg, f) for f in OPTIMIZER_FIELDS), mesh)
+  opt_values = tuple(getattr(cfg, f) for f in OPTIMIZER_FIELDS)
+  if cfg.mesh is not None:
+    return _parallel_programs(model_cfg, opt_values, mesh, cfg.parallel_options())
+  return _programs(model_cfg, opt_values, mesh)
+
+
+def _loss_and_grads(loss_fn, params, batch):
+  return jax.value_and_grad(loss_fn)(params, batch["inputs"], batch["targets"])
+
+
+@functools.lru_cache(maxsize=8)
+def _parallel_programs(model_cfg: gpt.GPTConfig, opt_values: tuple, mesh: Mesh,
+                       options: pgpt.ParallelOptions) -> Programs:
+  """Programs of a ``--mesh`` run: the loss of :func:`jaxeff.parallel.gpt.make_loss_fn`."""
+  model = gpt.GPT(model_cfg)
+  train_cfg = TrainConfig(**dict(zip(OPTIMIZER_FIELDS, opt_values)))
+  tx, schedule = make_optimizer(train_cfg)
+  loss_fn = pgpt.make_loss_fn(model_cfg, mesh, options)
+  shardings = state_shardings(model, tx, mesh, options)
+  replicated = NamedSharding(mesh, P())
+  batch_axes = tuple(a for a in ("data", "fsdp", "expert") if pmesh.axis_size(mesh, a) > 1)
+  batch_sharding = NamedSharding(mesh, P(batch_axes or None))
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    loss, grads = _loss_and_grads(loss_fn, state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree.leaves(grads)))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def eval_step(params, batch):
+    return loss_fn(params, batch["inputs"], batch["targets"])
+
+  init = jax.jit(lambda key: _init_tree(model, tx, key), out_shardings=shardings)
+  return Programs(
+      model=model, tx=tx, init=init,
+      train_step=jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, replicated), donate_argnums=(0,)),
+      eval_step=jax.jit(eval_step, in_shardings=(shardings.params, batch_sharding),
+                        out_shardings=replicated),
+      state_shardings=shardings, batch_sharding=batch_sharding)
 
 
 @functools.lru_cache(maxsize=8)
@@ -352,8 +456,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   """Runs training as configured and returns the summary (also written to summary.json)."""
   t_start = time.perf_counter()
   model_cfg = cfg.model_config()
-  mesh = make_mesh()
+  mesh = build_mesh(cfg)
   validate(cfg, model_cfg, mesh.size)
+  if cfg.mesh is not None:
+    validate_mesh(cfg, model_cfg, mesh)
 
   start_step, resume_dir = 0, None
   if cfg.resume is not None:
@@ -381,10 +487,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   progs = programs(model_cfg, cfg, mesh)
   model, tx = progs.model, progs.tx
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  batch_sharding = progs.batch_sharding or NamedSharding(mesh, P(DATA_AXIS))
 
   if cfg.resume is not None:
-    target = abstract_state(model, tx, mesh)
+    target = abstract_state(model, tx, mesh, progs.state_shardings)
     params, opt_state, _ = ckpt.restore(cfg.resume, abstract_params=target.params,
                                         abstract_opt_state=target.opt_state, step=start_step)
     state = TrainState(step=jax.device_put(jnp.int32(start_step), replicated), params=params,
@@ -400,6 +506,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
               "data": {"description": dataset.description, "fingerprint": dataset.fingerprint,
                        "train_bytes": len(dataset.train), "val_bytes": len(dataset.val)},
               "device": device.device_kind, "num_devices": mesh.size,
+              "mesh": pmesh.mesh_sizes(mesh) if cfg.mesh is not None else None,
               "jax_version": jax.__version__, "params": n_params,
               "params_non_embedding": gpt.num_params(model_cfg, non_embedding=True),
               "flops_per_token": fpt}
@@ -418,8 +525,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       f"{model_cfg.kv_heads} kv of {model_cfg.dim_per_head}), {model_cfg.dtype}")
   log(f"  data: {dataset.description}: {len(dataset.train):,} train / {len(dataset.val):,} "
       f"val bytes")
+  mesh_text = "" if cfg.mesh is None else " (mesh " + ",".join(
+      f"{a}={n}" for a, n in pmesh.mesh_sizes(mesh).items() if n > 1) + ")"
   log(f"  {cfg.steps} steps x batch {cfg.batch_size} x seq {cfg.seq_len} on {mesh.size} x "
-      f"{device.device_kind}; run folder {out}"
+      f"{device.device_kind}{mesh_text}; run folder {out}"
       + (f"; resuming at step {start_step}" if start_step else ""))
 
   eval_step = progs.eval_step
@@ -518,7 +627,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
 
   if finished and cfg.sample_tokens > 0:
     prompt = list(cfg.sample_prompt.encode())
-    res = gen.generate(model_cfg, state.params, [prompt], gen.SamplingConfig(
+    sample_params = state.params
+    if cfg.mesh is not None:  # generation runs unsharded: gather the parameters
+      sample_params = jax.jit(lambda p: p, out_shardings=replicated)(state.params)
+    res = gen.generate(model_cfg, sample_params, [prompt], gen.SamplingConfig(
         max_new_tokens=cfg.sample_tokens, temperature=cfg.sample_temperature, seed=cfg.seed))
     text = cfg.sample_prompt + gen.decode_bytes(res.tokens[0])
     (out / "sample.txt").write_text(text + "\n")
@@ -576,6 +688,10 @@ _FLAGS = {  # dest: (type, help)
     "sample_prompt": (str, "prompt for the sample generated at the end"),
     "sample_tokens": (int, "tokens to generate at the end (0: none)"),
     "sample_temperature": (float, "sampling temperature (0: greedy)"),
+    "mesh": (str, "parallel mesh, e.g. data=2,tensor=2,sequence=2 (axes data, fsdp, "
+                  "pipeline, expert, sequence, tensor; -1 = the rest): jaxeff.parallel"),
+    "context": (str, "with --mesh: sequence-parallel attention, ring or ulysses"),
+    "microbatches": (int, "with --mesh: pipeline microbatches (default: pipeline size)"),
 }
 
 
@@ -608,6 +724,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=typ, default=None, help=help_)
   p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                  help="recompute block activations in the backward pass")
+  p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                 help="with --mesh: Megatron sequence parallelism over the tensor axis")
+  p.add_argument("--collective-matmul", action=argparse.BooleanOptionalAction, default=None,
+                 help="with --mesh --sequence-parallel: overlap collectives with matmuls")
   p.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
                  help="override a model config field (repeatable), e.g. --model num_layers=2")
   p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
