@@ -9,8 +9,8 @@ Throughput is *effective KV bandwidth*: the bytes of K and V the call must read 
 sequence's ``lengths[b]`` tokens, every KV head, scales included) over the median time.
 The query, the output and the page table are < 0.1% of it and are not counted.
 
-Implementations: ``jaxeff`` (``implementation="mosaic_gpu"`` on Hopper, else the Triton
-kernel), ``jaxeff:triton`` (the portable kernel), ``xla`` (the op's pure-jnp reference,
+Implementations: ``jaxeff`` (the op's default: the Mosaic GPU kernel on Hopper where it
+serves the case, else the Triton kernel), ``jaxeff:triton`` (the portable kernel), ``xla`` (the op's pure-jnp reference,
 jitted), ``cudnn`` (``jax.nn.dot_product_attention(implementation="cudnn")`` on the
 contiguous bf16 cache, ``key_value_seq_lengths`` for ragged lengths) and ``pallas.ops``
 (the deprecated ``jax.experimental.pallas.ops.gpu.decode_attention.gqa``, contiguous bf16)
@@ -68,19 +68,21 @@ def ragged_lengths(batch: int, total: int, lo: int = 128, hi: int = 32768, seed:
   return np.clip(x, lo, hi).astype(np.int32)
 
 
-@functools.cache
-def _our_impl(fmt: str) -> str:
-  """The Mosaic GPU kernel on Hopper once its self-check for ``fmt`` passed in a
-  subprocess (a broken build then cannot hang the suite), else the Triton kernel."""
+def _hopper() -> bool:
   kind = jax.devices()[0].device_kind
-  hopper = any(k in kind for k in ("H100", "H200", "H800", "H20"))
-  if not (jax.default_backend() == "gpu" and hopper):
-    return "triton"
+  return jax.default_backend() == "gpu" and any(k in kind for k in ("H100", "H200", "H800", "H20"))
+
+
+@functools.cache
+def _mosaic_ok(fmt: str) -> bool:
+  """Whether the Mosaic GPU kernel passed its self-check for ``fmt`` in a subprocess (a
+  broken build then cannot hang or crash the suite)."""
+  if not _hopper():
+    return False
   why = mosaic_gpu.canary()[fmt]
   if why is not None:
-    print(f"  ! jaxeff ({fmt} KV) uses the Triton kernel: {why}")
-    return "triton"
-  return "mosaic_gpu"
+    print(f"  ! Mosaic GPU ({fmt} KV) is left out: {why}")
+  return why is None
 
 
 def _bytes(case: Case, lengths: np.ndarray) -> float:
@@ -115,6 +117,9 @@ def _make(key, case: Case):
 
 
 def _implementations(case: Case, lengths: jax.Array):
+  """``jaxeff``: what ``implementation=None`` picks (the Mosaic GPU kernel on Hopper where
+  it serves the case, else Triton); ``jaxeff:triton`` / ``jaxeff:mosaic_gpu``: each kernel
+  by name where it serves the case and is not already the ``jaxeff`` row."""
   impls = {}
 
   def ours(name):
@@ -122,9 +127,15 @@ def _implementations(case: Case, lengths: jax.Array):
       return ops.decode_attention(q, kc, vc, lengths=lengths, implementation=name, **kw)
     return fn
 
-  impls["jaxeff"] = ours(_our_impl(case.fmt))
-  if _our_impl(case.fmt) != "triton":
+  page = case.page_size or mosaic_gpu.contiguous_page_size(case.seq)
+  mosaic_serves = _mosaic_ok(case.fmt) and mosaic_gpu.supports(
+      head_dim=case.head_dim, dtype=jnp.bfloat16, fmt=case.fmt, int4_groups=1,
+      page_size=page, rows=case.heads // case.kv_heads) is None
+  if mosaic_serves:
+    impls["jaxeff"] = ours(None)
     impls["jaxeff:triton"] = ours("triton")
+  else:  # the default would try Mosaic GPU first where the self-check failed
+    impls["jaxeff"] = ours("triton")
   impls["xla"] = ours("xla")
   if case.fmt == "none" and not case.page_size:
     lens = lengths if case.ragged else None
@@ -149,14 +160,15 @@ def _implementations(case: Case, lengths: jax.Array):
 def _cases(quick: bool) -> list[Case]:
   gqa = functools.partial(Case, batch=32, heads=32, kv_heads=8)
   if quick:
-    return [gqa(seq=8192), gqa(seq=8192, fmt="int8", page_size=16),
-            gqa(seq=32768, ragged=True, page_size=64)]
+    return [gqa(seq=8192), gqa(seq=8192, fmt="int8"), gqa(seq=8192, fmt="int4"),
+            gqa(seq=8192, page_size=64), gqa(seq=32768, ragged=True, page_size=64)]
   return [
       gqa(seq=2048), gqa(seq=8192), gqa(seq=16384),
       gqa(seq=8192, page_size=16), gqa(seq=8192, page_size=64),
-      gqa(seq=8192, fmt="int8", page_size=16), gqa(seq=8192, fmt="fp8", page_size=16),
-      gqa(seq=8192, fmt="int4", page_size=16), gqa(seq=8192, fmt="int8"),
+      gqa(seq=8192, fmt="int8"), gqa(seq=8192, fmt="fp8"), gqa(seq=8192, fmt="int4"),
+      gqa(seq=8192, fmt="int8", page_size=64), gqa(seq=8192, fmt="int8", page_size=16),
       Case(batch=32, seq=8192, heads=32, kv_heads=32),
+      # Same total tokens as the uniform s8192 paged64 case, lengths 128 .. 32768.
       gqa(seq=32768, ragged=True, page_size=64),
   ]
 
