@@ -20,10 +20,12 @@ along K (a ``jaxeff.quant.QArray`` or a :class:`PackedWeight` from :func:`prepac
 Implementations (``implementation=``), fastest first:
 
 * ``"mosaic_gpu"``: :mod:`kernels_pallas.matmul.mosaic_gpu`, Hopper ``wgmma`` with the
-  scales fused (W8A8 and fp8; 8-bit operands must be K-major, so a QArray weight is
-  transposed per call: :func:`prepack` does it once).
+  scales fused (W8A8 and fp8 with per-tensor / per-row scales; 8-bit operands must be
+  K-major, so a QArray weight is transposed per call: :func:`prepack` does it once).
+  Scales that vary along K (fp8 block scaling) are refused: the kernel's block mode gave a
+  2.7e-2 error on H100 (notes/quant_matmul.md), so the reference serves them.
 * ``"triton"``: :mod:`kernels_pallas.matmul.triton`, weight-only int4 / int8 with the
-  dequantisation fused and split-K for skinny ``x`` (any CUDA GPU).
+  dequantisation fused and split-K for skinny ``x`` (any CUDA GPU), for ``m <= 64``.
 * ``"xla"``: the reference below: dequantize, then one dot in float32.
 
 Shapes that are not whole tiles are padded with zeros by this module (zero activations

@@ -28,6 +28,11 @@ Limits: ``M % (2 * block_m) == 0``, ``N % block_n == 0``, ``K % block_k == 0`` (
 pads), ``block_k * itemsize == 128`` (one 128-byte swizzle row), ``block_m % 64 == 0``,
 ``block_n <= 256``. :func:`unsupported` says why a call is refused.
 Interpret mode (``interpret=True``) runs the same kernel on CPU.
+
+Measured on an H100 (notes/quant_matmul.md), 4096 x 8192 x 8192: int8 1394 TOP/s and fp8
+1305 TFLOP/s ("outer", 1.95x / 1.83x XLA's bf16 dot). ``"block"`` mode is correct in
+interpret mode but gave a 2.7e-2 relative error on the H100 and ran at 0.97x bf16; the op
+does not dispatch to it.
 """
 
 from __future__ import annotations
