@@ -147,26 +147,8 @@ def run_variants():
     base = mg.default_config(d)
     cfg = {"bkv256": dataclasses.replace(base, block_kv=256),
            "bwd3stage": dataclasses.replace(base, bwd_num_stages=3)}[vname]
-    if True:
-
-      def fwd(q, k, v, cfg=cfg, c=causal):
-        return mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)[0]
-
-      @jax.custom_vjp
-      def attn(q, k, v):
-        return fwd(q, k, v)
-
-      def attn_fwd(q, k, v, cfg=cfg, c=causal):
-        o, l = mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)
-        return o, (q, k, v, o, l)
-
-      def attn_bwd(res, do, cfg=cfg, c=causal):
-        q, k, v, o, l = res
-        return mg.backward(q, k, v, o, l, do, is_causal=c, scale=d ** -0.5, config=cfg)
-
-      attn.defvjp(attn_fwd, attn_bwd)
-      for mode in modes:
-        timed(f"jaxeff:{vname}", attn, b, s, 16, 16, d, causal, mode)
+    for mode in modes:
+      timed(f"jaxeff:{vname}", _config_attn(cfg, causal, d), b, s, 16, 16, d, causal, mode)
 
 
 def run_extra():
@@ -183,28 +165,15 @@ def run_extra():
 
 
 def run_bwd_variants():
-  """Backward register split variants at seq 4096 (default vs 232/40)."""
+  """Backward register split variants at seq 4096 (default vs 240/24)."""
   import dataclasses
   for d, s, causal in [(128, 4096, False), (128, 4096, True), (64, 4096, False)]:
     b = 16384 // s
     base = mg.default_config(d, causal)
     for vname, cfg in {"default": base,
-                       "regs232": dataclasses.replace(base, bwd_compute_registers=232,
-                                                      bwd_memory_registers=40)}.items():
-      @jax.custom_vjp
-      def attn(q, k, v, cfg=cfg, c=causal):
-        return mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)[0]
-
-      def attn_fwd(q, k, v, cfg=cfg, c=causal):
-        o, l = mg.forward(q, k, v, is_causal=c, scale=d ** -0.5, config=cfg)
-        return o, (q, k, v, o, l)
-
-      def attn_bwd(res, do, cfg=cfg, c=causal):
-        q, k, v, o, l = res
-        return mg.backward(q, k, v, o, l, do, is_causal=c, scale=d ** -0.5, config=cfg)
-
-      attn.defvjp(attn_fwd, attn_bwd)
-      timed(f"jaxeff:{vname}", attn, b, s, 16, 16, d, causal, "fwd_bwd")
+                       "regs240": dataclasses.replace(base, bwd_compute_registers=240,
+                                                      bwd_memory_registers=24)}.items():
+      timed(f"jaxeff:{vname}", _config_attn(cfg, causal, d), b, s, 16, 16, d, causal, "fwd_bwd")
     cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=c, implementation="cudnn")
     timed("cudnn", cud, b, s, 16, 16, d, causal, "fwd_bwd")

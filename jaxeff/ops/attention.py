@@ -71,6 +71,7 @@ class AttentionSpec:
   has_bias: bool
   has_mask: bool
   has_segment_ids: bool
+  deterministic: bool = False
 
 
 def _as_segment_ids(segment_ids, b, t, s):
@@ -104,7 +105,7 @@ def _broadcastable(shape, target) -> bool:
 
 
 def validate(query, key, value, *, bias, mask, is_causal, segment_ids, local_window_size,
-             logits_soft_cap, scale):
+             logits_soft_cap, scale, deterministic=False):
   """Checks shapes/dtypes; returns (spec, q_segment_ids, kv_segment_ids, window)."""
   op = "dot_product_attention"
   for name, a in (("query", query), ("key", key), ("value", value)):
@@ -160,12 +161,15 @@ def validate(query, key, value, *, bias, mask, is_causal, segment_ids, local_win
     scale = h ** -0.5
   elif not isinstance(scale, (int, float)):
     raise TypeError(f"{op}: scale must be a Python number (static), got {type(scale)}")
+  if not isinstance(deterministic, bool):
+    raise TypeError(f"{op}: deterministic must be a Python bool (static), got "
+                    f"{type(deterministic)}")
   spec = AttentionSpec(
       batch=b, q_len=t, kv_len=s, q_heads=n, kv_heads=k, head_dim=h, dtype=query.dtype,
       is_causal=bool(is_causal), local_window_size=window,
       logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
       scale=float(scale), has_bias=bias is not None, has_mask=mask is not None,
-      has_segment_ids=q_ids is not None)
+      has_segment_ids=q_ids is not None, deterministic=deterministic)
   return spec, q_ids, kv_ids
 
 
@@ -228,6 +232,8 @@ def _xla(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
 def _cudnn_supports(query, key, value, bias, mask, q_ids, kv_ids, *, spec, return_lse):
   if return_lse:
     return "cudnn does not return the log-sum-exp"
+  if spec.deterministic:
+    return "cudnn's backward adds dQ with atomics (not deterministic)"
   if spec.dtype not in _KERNEL_DTYPES:
     return f"cudnn needs bfloat16/float16 inputs, got {spec.dtype}"
   if spec.has_segment_ids:
@@ -265,6 +271,7 @@ class _FlashStatic:
   scale: float
   soft_cap: float | None
   interpret: bool
+  deterministic: bool = False
 
   def kernel_kwargs(self):
     return dict(is_causal=self.is_causal, window=self.window, scale=self.scale,
@@ -295,8 +302,11 @@ def _flash_bwd(st: _FlashStatic, res, cotangents):
   query, key, value, q_ids, kv_ids, out, lse = res
   d_out, d_lse = cotangents
   mod = _backward_module(st, query.shape[-1])
+  kw = st.kernel_kwargs()
+  if mod is _mosaic_gpu_kernels:  # the other backward kernels are always deterministic
+    kw["deterministic"] = st.deterministic
   dq, dk, dv = mod.backward(query, key, value, out, lse, d_out.astype(query.dtype), q_ids,
-                            kv_ids, d_lse, **st.kernel_kwargs())
+                            kv_ids, d_lse, **kw)
   return dq, dk, dv, None, None
 
 
@@ -338,7 +348,8 @@ def _flash_impl(backend: str):
     del bias, mask
     st = _FlashStatic(backend=backend, is_causal=spec.is_causal,
                       window=spec.local_window_size, scale=spec.scale,
-                      soft_cap=spec.logits_soft_cap, interpret=interpret)
+                      soft_cap=spec.logits_soft_cap, interpret=interpret,
+                      deterministic=spec.deterministic)
     if q_ids is not None:
       q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
     out, lse = _flash(query, key, value, q_ids, kv_ids, st)
@@ -362,10 +373,11 @@ ATTENTION_IMPLS: list[_registry.Implementation] = [
 
 
 def _attention(query, key, value, *, bias, mask, is_causal, segment_ids, local_window_size,
-               logits_soft_cap, scale, implementation, return_lse):
+               logits_soft_cap, scale, deterministic, implementation, return_lse):
   spec, q_ids, kv_ids = validate(
       query, key, value, bias=bias, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
-      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap, scale=scale)
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap, scale=scale,
+      deterministic=deterministic)
   return _registry.dispatch("dot_product_attention", ATTENTION_IMPLS, implementation, query,
                             key, value, bias, mask, q_ids, kv_ids, spec=spec,
                             return_lse=return_lse)
@@ -377,6 +389,7 @@ def dot_product_attention(
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None, scale: float | None = None,
+    deterministic: bool = False,
     implementation: str | Sequence[str] | None = None) -> jax.Array:
   """Multi-head (grouped-query) scaled dot-product attention.
 
@@ -393,6 +406,10 @@ def dot_product_attention(
       ``[pos - left, pos + right]`` of the query's (end-aligned) position.
     logits_soft_cap: ``cap`` for ``cap * tanh(logits / cap)``, applied after scale and bias.
     scale: logits scale; default ``head_dim ** -0.5``.
+    deterministic: bitwise-reproducible gradients. The Mosaic GPU backward then writes
+      per-key-tile dQ partial sums and adds them in a fixed order (``kv_len / 128`` times
+      the float32 size of dQ in temporary memory) instead of reducing them with atomic
+      adds; cuDNN is skipped; the Triton, Mosaic TPU and XLA backwards always are.
     implementation: None (fastest available), a name or a sequence of names.
 
   Returns:
@@ -401,7 +418,7 @@ def dot_product_attention(
   return _attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                     segment_ids=segment_ids, local_window_size=local_window_size,
                     logits_soft_cap=logits_soft_cap, scale=scale,
-                    implementation=implementation, return_lse=False)
+                    deterministic=deterministic, implementation=implementation, return_lse=False)
 
 
 def dot_product_attention_with_lse(
@@ -410,6 +427,7 @@ def dot_product_attention_with_lse(
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None, scale: float | None = None,
+    deterministic: bool = False,
     implementation: str | Sequence[str] | None = None) -> tuple[jax.Array, jax.Array]:
   """Like :func:`dot_product_attention`, also returning the log-sum-exp of the logits.
 
@@ -421,4 +439,4 @@ def dot_product_attention_with_lse(
   return _attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                     segment_ids=segment_ids, local_window_size=local_window_size,
                     logits_soft_cap=logits_soft_cap, scale=scale,
-                    implementation=implementation, return_lse=True)
+                    deterministic=deterministic, implementation=implementation, return_lse=True)

@@ -1,5 +1,4 @@
-"""Mosaic GPU flash attention driven by a general block-sparse mask (``block_classes``),
-and its deterministic backward.
+"""Mosaic GPU flash attention driven by a general block-sparse mask (``block_classes``).
 
 A block mask ``[batch or 1, q_blocks, kv_blocks]`` of ``common.EMPTY/PARTIAL/FULL`` is
 given at a granularity that both kernel tilings refine (query blocks of 128 rows, key
@@ -8,8 +7,7 @@ backward tiling (key tiles x query blocks, transposed). The kernels must then eq
 reference with the same mask as a dense boolean ``mask`` (EMPTY blocks masked out, the
 rest attended), forward, log-sum-exp and all gradients, including query rows whose
 every block is EMPTY (zeros, ``lse = -inf``, zero gradients). Runs in Mosaic GPU
-interpret mode on CPU (whose backward always adds its dQ partial sums in a fixed order,
-i.e. the deterministic path) and for real under the ``gpu`` marker.
+interpret mode on CPU and for real under the ``gpu`` marker.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ def _expand(user_classes, rows: int, cols: int):
   return np.repeat(np.repeat(user_classes, rows // nq, axis=1), cols // nk, axis=2)
 
 
-def _sparse_attention(user_classes, *, is_causal, interpret, deterministic=False):
+def _sparse_attention(user_classes, *, is_causal, interpret):
   """custom_vjp around the Mosaic GPU kernels with a block-sparse mask."""
   def layouts(q, k):
     cfg = mosaic_gpu.default_config(q.shape[-1], is_causal)
@@ -60,7 +58,7 @@ def _sparse_attention(user_classes, *, is_causal, interpret, deterministic=False
     q, k, v, out, lse = res
     d_out, d_lse = cts
     return mosaic_gpu.backward(q, k, v, out, lse, d_out, d_lse=d_lse, scale=q.shape[-1] ** -0.5,
-                               block_classes=layouts(q, k)[1], deterministic=deterministic, **kw)
+                               block_classes=layouts(q, k)[1], **kw)
 
   attn.defvjp(fwd_rule, bwd_rule)
   return attn
@@ -118,7 +116,7 @@ def test_block_sparse_mask_interpret(key):
   # Two query blocks of 128 x two key blocks of 256 per batch row; GQA 2; a per-batch
   # layout (batch 2) with an odd key length (the padded tail is masked on top).
   classes = _user_classes(0, 2, 2, 2)
-  _check_block_sparse(key, b=2, t=256, s=500, n=2, kh=1, d=64, is_causal=False,
+  _check_block_sparse(key, b=2, t=256, s=300, n=2, kh=1, d=64, is_causal=False,
                       interpret=True, user_classes=classes)
 
 
@@ -135,25 +133,3 @@ def test_gpu_block_sparse_mask(key, is_causal):
   classes = _user_classes(1, 1, 8, 4)
   _check_block_sparse(key, b=1, t=1024, s=1000, n=4, kh=2, d=128, is_causal=is_causal,
                       interpret=False, user_classes=classes)
-
-
-@pytest.mark.gpu
-def test_gpu_deterministic_backward_is_bitwise_reproducible(key):
-  ks = jax.random.split(key, 4)
-  q, k, v, d_out = (jax.random.normal(kk, (1, 1000, 4, 128), jnp.float32).astype(jnp.bfloat16)
-                    for kk in ks)
-
-  def grads(deterministic):
-    def attn(q, k, v):
-      out, lse = mosaic_gpu.forward(q, k, v, is_causal=True, scale=128 ** -0.5)
-      return out, lse
-
-    out, lse = attn(q, k, v)
-    return mosaic_gpu.backward(q, k, v, out, lse, d_out, is_causal=True, scale=128 ** -0.5,
-                               deterministic=deterministic)
-
-  run = jax.jit(grads, static_argnums=0)
-  first, second, fast = run(True), run(True), run(False)
-  for a, b_, c in zip(first, second, fast):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b_, np.float32))
-    assert_close(a, c.astype(a.dtype), name="deterministic vs reduce-add")
