@@ -1,6 +1,8 @@
 """Device check for the flash-attention kernels: correctness on random odd shapes, then speed.
 
-``PYTHONPATH=. python3 experiments/attention_dev.py [check] [time] [triton] [--out DIR]``
+``PYTHONPATH=. python3 experiments/attention_dev.py [step ...] [--out DIR]`` (steps: check,
+quickcheck, triton, time, extra, variants, bwdvariants, wgvariants, dqalt, fwdvariants,
+breakdown, profile; default check time)
 prints one line per case and a summary table last, and writes ``attention_dev.json``.
 """
 
@@ -329,30 +331,21 @@ def main(argv=None):
   args = p.parse_args(argv)
   print(jax.devices()[0].device_kind, jax.__version__, flush=True)
   try:
-    if "check" in args.what:
-      run_checks("mosaic_gpu")
-    if "quickcheck" in args.what:
-      run_checks("mosaic_gpu", quick=True)
-    if "triton" in args.what:
-      run_checks("triton")
-    if "time" in args.what:
-      run_times()
-    if "extra" in args.what:
-      run_extra()
-    if "variants" in args.what:
-      run_variants()
-    if "bwdvariants" in args.what:
-      run_bwd_variants()
-    if "wgvariants" in args.what:
-      run_wg_variants()
-    if "dqalt" in args.what:
-      run_dq_alternate()
-    if "fwdvariants" in args.what:
-      run_fwd_variants()
-    if "breakdown" in args.what:
-      run_bwd_breakdown()
-    if "profile" in args.what:
-      run_profile_once()
+    steps = {
+        "check": lambda: run_checks("mosaic_gpu"),
+        "quickcheck": lambda: run_checks("mosaic_gpu", quick=True),
+        "triton": lambda: run_checks("triton"),
+        "time": run_times, "extra": run_extra, "variants": run_variants,
+        "bwdvariants": run_bwd_variants, "wgvariants": run_wg_variants,
+        "dqalt": run_dq_alternate, "fwdvariants": run_fwd_variants,
+        "breakdown": run_bwd_breakdown, "profile": run_profile_once,
+    }
+    unknown = [w for w in args.what if w not in steps]
+    if unknown:
+      p.error(f"unknown step(s) {unknown}; choose from {sorted(steps)}")
+    for name, step in steps.items():
+      if name in args.what:
+        step()
   finally:
     summary()
     if args.out:
