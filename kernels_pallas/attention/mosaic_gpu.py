@@ -75,8 +75,8 @@ class Config:
   bwd_num_stages: int = 2
   compute_registers: int = 232
   memory_registers: int = 40
-  bwd_compute_registers: int = 232
-  bwd_memory_registers: int = 40
+  bwd_compute_registers: int = 240
+  bwd_memory_registers: int = 24
   bwd_kv_in_registers: bool = False
   bwd_dq_alternate: bool = False
 
@@ -94,16 +94,14 @@ def default_config(head_dim: int, is_causal: bool = False) -> Config:
 
   head_dim 64 without a causal mask streams 256 keys per step (measured on H100 at seq
   4096: 436 vs 413 TFLOP/s with 128; with a causal mask 128 is as fast and masks less).
-  Backward options measured faster on H100 at seq 4096 but not yet checked for
-  correctness on GPU (``tests/ops/test_attention_options.py`` does; make them the
-  default once it passes): ``bwd_compute_registers=240, bwd_memory_registers=24``
-  (fwd+bwd +6% at head_dim 128) and ``bwd_kv_in_registers`` at head_dim 64 (+4%).
-  ``bwd_dq_alternate`` is not measured yet.
+  Backward: 240/24 registers a thread (compute/memory warpgroups; fwd+bwd +6% at
+  head_dim 128 on H100, seq 4096) and, at head_dim 64, K/V kept in registers (+4%).
+  ``bwd_dq_alternate`` is an option (notes/attention.md).
   """
   if head_dim > 128:
     return Config(block_kv=64)
-  if head_dim <= 64 and not is_causal:
-    return Config(block_kv=256)
+  if head_dim <= 64:
+    return Config(block_kv=128 if is_causal else 256, bwd_kv_in_registers=True)
   return Config()
 
 
