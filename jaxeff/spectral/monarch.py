@@ -65,7 +65,8 @@ def _prime_factors(n: int) -> list[int]:
 
 def factorize(n: int, max_factor: int = MAX_FACTOR, max_levels: int = MAX_LEVELS
               ) -> tuple[int, ...] | None:
-  """Splits ``n`` into at most ``max_levels`` balanced factors, each <= ``max_factor``.
+  """Splits ``n`` into at most ``max_levels`` balanced factors, each <= ``max_factor``
+  (``2 * max_factor`` when ``n > max_factor ** max_levels``).
 
   A single prime factor above ``max_factor`` (up to ``MAX_PRIME_FACTOR``) becomes its own
   dense level. Returns None when no such split exists (e.g. ``n`` = a large prime).
@@ -77,19 +78,17 @@ def factorize(n: int, max_factor: int = MAX_FACTOR, max_levels: int = MAX_LEVELS
   primes = _prime_factors(n)
   if any(p > MAX_PRIME_FACTOR for p in primes):
     return None
-  limit = max(max_factor, max(primes))
-  for levels in range(1, max_levels + 1):
+  base = max(max_factor, max(primes))
+  # Past max_factor ** max_levels the levels grow to 2 * max_factor (n up to 2**24).
+  for limit, levels in [(base, lv) for lv in range(1, max_levels + 1)] + [(2 * base, max_levels)]:
     if n > limit ** levels:
       continue
     # Greedy balanced packing: largest primes first into the currently smallest bin.
     bins = [1] * levels
-    ok = True
     for p in sorted(primes, reverse=True):
       i = min(range(levels), key=lambda j: bins[j])
       bins[i] *= p
-    if any(b > limit for b in bins):
-      ok = False
-    if ok:
+    if all(b <= limit for b in bins):
       return tuple(sorted(bins, reverse=True))
   return None
 

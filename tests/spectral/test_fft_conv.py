@@ -1,0 +1,196 @@
+"""fft_conv (every implementation) vs a float64 NumPy FFT reference; gradients; errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.ops.fft_conv import fft_conv, fft_size, frequency_band
+from jaxeff.spectral import monarch
+from tests.helpers import assert_close, rel_err
+
+BF16_BOUND = 1e-2  # bf16 operands, fp32 accumulation: measured 3e-3 .. 5e-3 here
+
+
+def numpy_conv(u, k, x=None, v=None, *, causal=True, band=None, n=None):
+  """float64 direct-from-definition FFT convolution (independent of jnp.fft)."""
+  u = np.asarray(u, np.float64)
+  k = np.asarray(k, np.float64)
+  if x is not None:
+    u = u * np.asarray(x, np.float64)
+  seq, filter_len = u.shape[-1], k.shape[-1]
+  if n is None:
+    n = seq + filter_len - 1 if causal else seq
+  spec = np.fft.rfft(u, n) * np.fft.rfft(k, n)
+  if band is not None:
+    spec[..., band:] = 0
+  y = np.fft.irfft(spec, n)[..., :seq]
+  if v is not None:
+    y = y * np.asarray(v, np.float64)
+  return y
+
+
+def inputs(key, batch, channels, seq, filter_len, dtype=jnp.float32, gated=False):
+  ks = jax.random.split(key, 4)
+  u = jax.random.normal(ks[0], (batch, channels, seq), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (channels, filter_len), jnp.float32) / np.sqrt(filter_len)
+  gate = None
+  if gated:
+    gate = tuple(jax.random.normal(kk, u.shape, jnp.float32).astype(dtype) for kk in ks[2:])
+  return u, k, gate
+
+
+CASES = [  # batch, channels, seq, filter_len, causal, gated
+    (3, 5, 37, 37, True, True),  # odd everything, odd batch (packing pads a row), gated
+    (2, 3, 100, 20, False, False),  # circular, non-power-of-two period, short filter
+    (1, 2, 300, 300, True, False),  # batch 1, transform 1024 = 32 x 32
+    (2, 4, 96, 41, False, True),  # circular 96 = 12 x 8, gated
+    (2, 1, 1, 1, True, False),  # length 1
+]
+
+
+def conv_fn(impl, causal=True, frequency_keep=None):
+  """Jitted ``(u, k, x, v) -> fft_conv`` (x / v None: no gate)."""
+  return jax.jit(lambda u, k, x=None, v=None: fft_conv(
+      u, k, causal=causal, gate=(x, v), frequency_keep=frequency_keep, implementation=impl))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_monarch_matches_float64(case, key):
+  batch, channels, seq, filter_len, causal, gated = case
+  u, k, gate = inputs(key, batch, channels, seq, filter_len, gated=gated)
+  y = conv_fn("monarch_xla", causal)(u, k, *(gate or ()))
+  x, v = gate or (None, None)
+  assert y.shape == u.shape and y.dtype == u.dtype
+  assert rel_err(y, numpy_conv(u, k, x, v, causal=causal)) < 2e-6
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_reference_matches_float64(case, key):
+  batch, channels, seq, filter_len, causal, gated = case
+  u, k, gate = inputs(key, batch, channels, seq, filter_len, gated=gated)
+  y = fft_conv(u, k, causal=causal, gate=gate, implementation="xla")
+  assert rel_err(y, numpy_conv(u, k, *(gate or (None, None)), causal=causal)) < 2e-6
+
+
+def test_bfloat16_within_bound(key):
+  u, k, gate = inputs(key, 3, 4, 200, 150, jnp.bfloat16, gated=True)
+  y = conv_fn("monarch_xla")(u, k, *gate)
+  assert y.dtype == jnp.bfloat16
+  err = rel_err(y, numpy_conv(u, k, *gate))
+  assert err < BF16_BOUND, err
+
+
+def test_plans_for_long_lengths():
+  """Two levels up to 128 x 128, then three (4M causal -> n = 2**23 = 256 x 256 x 128)."""
+  assert monarch.make_plan(fft_size(4096, 4096, causal=True)).factors == (128, 64)
+  assert monarch.make_plan(fft_size(9000, 8000, causal=True)).factors == (32, 32, 32)
+  assert monarch.make_plan(fft_size(2 ** 22, 2 ** 22, causal=True)).factors == (256, 256, 128)
+
+
+@pytest.mark.parametrize("causal,gated", [(True, True), (False, False)])
+def test_gradients_match_reference(causal, gated, key):
+  u, k, gate = inputs(key, 3, 2, 40, 13, gated=gated)
+  dy = jax.random.normal(jax.random.fold_in(key, 9), u.shape)
+  args = (u, k, *(gate or ()))
+
+  def grads(impl):
+    return jax.jit(lambda dy, *a: jax.vjp(conv_fn(impl, causal), *a)[1](dy))(dy, *args)
+
+  for g, r, name in zip(grads("monarch_xla"), grads("xla"), ("u", "k", "x", "v")):
+    assert_close(g, r, rtol=2e-6, name=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_frequency_sparse(causal, key):
+  seq = 128
+  u, k, _ = inputs(key, 2, 3, seq, seq)
+  band = frequency_band(seq, seq, causal=causal, frequency_keep=0.25)
+  n = fft_size(seq, seq, causal=causal)
+  assert band is not None and band < n // 2
+  y = conv_fn("monarch_xla", causal, 0.25)(u, k)
+  ref = numpy_conv(u, k, causal=causal, band=band, n=n)
+  assert rel_err(y, ref) < 2e-6
+  assert rel_err(y, numpy_conv(u, k, causal=causal)) > 0.1  # the band really cut something
+  if causal:
+    dy = jax.random.normal(key, u.shape)
+    f = lambda impl: jax.jit(lambda dy, u, k: jax.vjp(conv_fn(impl, causal, 0.25), u, k)[1](dy))
+    for g, r in zip(f("monarch_xla")(dy, u, k), f("xla")(dy, u, k)):
+      assert_close(g, r, rtol=2e-6)
+
+
+def test_triton_interpret_forward_and_grad(key):
+  """The fused kernel in interpret mode: n = 256 = 16 x 16, gated, bf16, a padded pair."""
+  u, k, gate = inputs(key, 1, 2, 128, 100, jnp.bfloat16, gated=True)
+  y, vjp = jax.vjp(conv_fn("triton:interpret"), u, k, *gate)
+  assert y.dtype == jnp.bfloat16
+  assert rel_err(y, numpy_conv(u, k, *gate)) < BF16_BOUND
+  dy = jax.random.normal(jax.random.fold_in(key, 3), u.shape, jnp.float32)
+  up = lambda a: a.astype(jnp.float32)
+  ref = jax.vjp(conv_fn("xla"), up(u), k, up(gate[0]), up(gate[1]))[1](dy)
+  for g, r in zip(vjp(dy.astype(jnp.bfloat16)), ref):
+    assert rel_err(g, r) < BF16_BOUND
+
+
+def test_dispatch_reasons(key):
+  u, k, _ = inputs(key, 2, 2, 64, 64)
+  with pytest.raises(NotImplementedError, match="bfloat16/float16 inputs"):
+    fft_conv(u, k, implementation="triton:interpret")
+  with pytest.raises(NotImplementedError, match="prime factor"):
+    fft_conv(*inputs(key, 1, 1, 1031, 5)[:2], causal=False, implementation="monarch_xla")
+  # default dispatch on CPU takes monarch_xla; a prime period falls back to the reference
+  y = fft_conv(*inputs(key, 1, 1, 1031, 5)[:2], causal=False)
+  assert y.shape == (1, 1, 1031)
+
+
+def test_bad_inputs(key):
+  u, k, _ = inputs(key, 2, 3, 16, 8)
+  with pytest.raises(ValueError, match=r"filter_len = k.shape\[1\] = 17 must be in \[1, seq=16\]"):
+    fft_conv(u, jnp.ones((3, 17)))
+  with pytest.raises(ValueError, match=r"k must have shape \[channels=3, filter_len\]"):
+    fft_conv(u, jnp.ones((4, 8)))
+  with pytest.raises(TypeError, match="u.dtype must be float32, bfloat16 or float16, got int32"):
+    fft_conv(u.astype(jnp.int32), k)
+  with pytest.raises(TypeError, match="k.dtype must be"):
+    fft_conv(u, k.astype(jnp.complex64))
+  with pytest.raises(ValueError, match=r"u must be \[batch, channels, seq\]"):
+    fft_conv(u[0], k)
+  with pytest.raises(ValueError, match=r"gate\[1\] \(v\) must have u's shape"):
+    fft_conv(u, k, gate=(None, u[:, :, :5]))
+  with pytest.raises(TypeError, match="gate must be None or a pair"):
+    fft_conv(u, k, gate=u)
+  with pytest.raises(ValueError, match="frequency_keep must be None or a number in"):
+    fft_conv(u, k, frequency_keep=1.5)
+  with pytest.raises(ValueError, match="unknown implementation"):
+    fft_conv(u, k, implementation="cufft")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "monarch_xla"])
+@pytest.mark.parametrize("seq", [1024, 4096])
+def test_gpu_real_sizes(impl, seq, key):
+  u, k, gate = inputs(key, 8, 256, seq, seq, jnp.bfloat16, gated=True)
+  y = jax.jit(lambda *a: fft_conv(a[0], a[1], gate=a[2:], implementation=impl))(u, k, *gate)
+  assert rel_err(y, numpy_conv(u, k, *gate)) < BF16_BOUND
+  dy = jax.random.normal(key, u.shape, jnp.float32).astype(jnp.bfloat16)
+  f = lambda impl: jax.jit(lambda *a: jax.vjp(
+      lambda u, k, x, v: fft_conv(u, k, gate=(x, v), implementation=impl), *a)[1](dy))
+  up = lambda a: a.astype(jnp.float32)
+  for g, r in zip(f(impl)(u, k, *gate), f("xla")(up(u), k, up(gate[0]), up(gate[1]))):
+    assert rel_err(g, r) < BF16_BOUND
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq,causal", [(65536, True), (2 ** 20, True), (3000, False)])
+def test_gpu_long_monarch(seq, causal, key):
+  u, k, _ = inputs(key, 1, 16, seq, seq, jnp.bfloat16)
+  y = jax.jit(lambda u, k: fft_conv(u, k, causal=causal, implementation="monarch_xla"))(u, k)
+  assert rel_err(y, numpy_conv(u, k, causal=causal)) < BF16_BOUND
+  u32 = u.astype(jnp.float32)
+  y32 = jax.jit(lambda u, k: fft_conv(u, k, causal=causal, implementation="monarch_xla"))(u32, k)
+  assert rel_err(y32, numpy_conv(u32, k, causal=causal)) < 1e-5
