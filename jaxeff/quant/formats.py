@@ -40,6 +40,7 @@ codes are sign-extended on unpacking. Symmetric scales are ``amax / qmax`` (``qm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -432,6 +433,8 @@ def dequantize_codes(q: jax.Array, scales: jax.Array, zeros: jax.Array | None,
   return (x * _expand(scales, q.shape)).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "axis", "group_size", "symmetric",
+                                             "per_tensor"))
 def fake_quantize(w: jax.Array, fmt: str, *, axis: int = 0, group_size: int | None = None,
                   symmetric: bool = True, per_tensor: bool = False,
                   clip_ratio: float | jax.Array = 1.0) -> jax.Array:
@@ -465,11 +468,15 @@ def quantize_with_scales(w: jax.Array, scales: jax.Array, zeros: jax.Array | Non
   axis = _normalize_axis(axis, w.ndim)
   scales = jnp.asarray(scales, jnp.float32)
   zeros = None if zeros is None else jnp.asarray(zeros, jnp.float32)
-  q = quantize_codes(w, scales, zeros, fmt)
-  qa = QArray(pack_codes(q, fmt, zeros is None), scales, zeros, fmt, tuple(w.shape), axis,
-              group_size, zeros is None)
+  qa = QArray(jax.ShapeDtypeStruct(packed_shape(w.shape, fmt), _storage_dtype(fmt, zeros is None)),
+              scales, zeros, fmt, tuple(w.shape), axis, group_size, zeros is None)
   check_qarray(qa)
-  return qa
+  return dataclasses.replace(qa, values=_quantize_pack(w, scales, zeros, fmt))
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _quantize_pack(w, scales, zeros, fmt):
+  return pack_codes(quantize_codes(w, scales, zeros, fmt), fmt, zeros is None)
 
 
 def quantize_tensor(w: jax.Array, fmt: str, *, axis: int = 0, group_size: int | None = None,
@@ -502,9 +509,15 @@ def quantize_tensor(w: jax.Array, fmt: str, *, axis: int = 0, group_size: int | 
                      f"factor {spec.codes_per_word} of {fmt}")
   if per_tensor and group_size is not None:
     raise ValueError(f"group_size: must be None with per_tensor=True, got {group_size}")
-  scales, zeros = compute_scales(w, fmt, axis=axis, group_size=group_size, symmetric=symmetric,
-                                 per_tensor=per_tensor, clip_ratio=clip_ratio)
+  scales, zeros = _rtn_scales(w, jnp.asarray(clip_ratio, jnp.float32), fmt, axis, group_size,
+                              symmetric, per_tensor)
   return quantize_with_scales(w, scales, zeros, fmt, axis=axis, group_size=group_size)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _rtn_scales(w, clip_ratio, fmt, axis, group_size, symmetric, per_tensor):
+  return compute_scales(w, fmt, axis=axis, group_size=group_size, symmetric=symmetric,
+                        per_tensor=per_tensor, clip_ratio=clip_ratio)
 
 
 def dequantize(qa: QArray, dtype=jnp.float32) -> jax.Array:
@@ -512,6 +525,11 @@ def dequantize(qa: QArray, dtype=jnp.float32) -> jax.Array:
   if not isinstance(qa, QArray):
     raise TypeError(f"qa: expected a QArray, got {type(qa).__name__}")
   check_qarray(qa)
+  return _dequantize(qa, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize(qa, dtype):
   return dequantize_codes(unpack_codes(qa), qa.scales, qa.zeros, dtype)
 
 
