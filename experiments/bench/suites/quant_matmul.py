@@ -20,13 +20,16 @@ bytes (values + scales + zeros) over the time, the figure that matters when m is
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
 from experiments.bench import harness
-from jaxeff.ops import quantized_matmul as qm
 from jaxeff.quant.formats import quantize_tensor
+
+# The module (jaxeff.ops exports the function of the same name).
+qm = importlib.import_module("jaxeff.ops.quantized_matmul")
 
 PLOT_X = "m"
 SQUARE = (8192, 8192)
