@@ -5,7 +5,9 @@ group order). Cutting the rows into ``block_m`` tiles, a tile that straddles a g
 boundary is visited once per group it holds; an empty group has no visit. So there are at
 most ``cdiv(m, block_m) + groups - 1`` visits ("work items"), each described by
 
-* ``item_group[t]``: the group whose weights the visit multiplies by,
+* ``item_group[t]``: the group whose weights the visit multiplies by, or ``groups`` for
+  the rows past ``sum(group_sizes)`` (the "tail", stored as zeros as in
+  ``lax.ragged_dot``),
 * ``item_block[t]``: the ``block_m`` row tile it reads and writes,
 * ``item_lo[t]``, ``item_size[t]``: the rows ``[block * block_m + lo, ... + lo + size)``
   of that tile that belong to the group (``size == 0`` for padding items past the real
@@ -35,9 +37,12 @@ class WorkItems:
     return self.group.shape[0]
 
 
+jax.tree_util.register_dataclass(WorkItems, data_fields=["group", "block", "lo", "size"],
+                                 meta_fields=[])
+
 def num_items(m: int, groups: int, block_m: int) -> int:
-  """Static upper bound on the visits: ``cdiv(m, block_m) + groups - 1``."""
-  return max(1, -(-m // block_m) + groups - 1)
+  """Static upper bound on the visits: ``cdiv(m, block_m) + groups`` (tail included)."""
+  return -(-m // block_m) + groups
 
 
 def group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -47,17 +52,25 @@ def group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def work_items(group_sizes: jax.Array, m: int, block_m: int) -> WorkItems:
-  """The visits of ``block_m`` row tiles by group (module docstring), in row order."""
+  """The visits of ``block_m`` row tiles by group (module docstring), in row order.
+
+  Group ends are clipped to ``m``; the tail ``[sum(group_sizes), m)`` is group ``groups``.
+  """
   groups = group_sizes.shape[0]
-  starts, ends = group_bounds(group_sizes)
+  sizes = group_sizes.astype(jnp.int32)
+  sizes = jnp.concatenate([sizes, jnp.maximum(m - jnp.sum(sizes), 0)[None]])
+  ends = jnp.minimum(jnp.cumsum(sizes), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  sizes = ends - starts
+  groups_ = groups + 1
   first = starts // block_m
   last = (ends - 1) // block_m
-  tiles = jnp.where(group_sizes > 0, last - first + 1, 0)
+  tiles = jnp.where(sizes > 0, last - first + 1, 0)
   tile_ends = jnp.cumsum(tiles)
   total = tile_ends[-1]
   t = jnp.arange(num_items(m, groups, block_m), dtype=jnp.int32)
   # The group of item t: the first group whose cumulative tile count exceeds t.
-  g = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), groups - 1).astype(jnp.int32)
+  g = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), groups_ - 1).astype(jnp.int32)
   block = first[g] + t - (tile_ends[g] - tiles[g])
   row0 = block * block_m
   lo = jnp.maximum(starts[g], row0)

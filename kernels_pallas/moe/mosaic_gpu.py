@@ -122,7 +122,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, m:
       ``k`` a multiple of ``block_k``.
     rhs: ``[groups, k, n]`` (``[groups, n, k]`` with ``transpose_rhs``), ``n`` a multiple of
       ``block_n``; same dtype as ``lhs``.
-    group_sizes: int32 ``[groups]`` summing to ``m`` (not checked here).
+    group_sizes: int32 ``[groups]``; rows past their sum (up to ``m``) are stored as zeros.
     m: the number of real rows.
     out_dtype: output dtype (default ``lhs.dtype``); accumulation is float32.
 
@@ -158,18 +158,21 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, m:
         group, block, lo = group_ref[ti], block_ref[ti], lo_ref[ti]
 
         def acc_scope(acc_ref):
-          plgpu.emit_pipeline(
-              lambda _, l_smem, r_smem: plgpu.wgmma(
-                  acc_ref, l_smem, r_smem.transpose((1, 0)) if transpose_rhs else r_smem),
-              grid=(k // bk,),
-              in_specs=[
-                  plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), delay_release=1),
-                  plgpu.BlockSpec((bn, bk) if transpose_rhs else (bk, bn),
-                                  (lambda kk: (ni, kk)) if transpose_rhs else (lambda kk: (kk, ni)),
-                                  delay_release=1),
-              ],
-              max_concurrent_steps=cfg.max_concurrent_steps,
-          )(lhs_gmem, rhs_gmem.at[group])
+          @pl.when(group < groups)  # the tail (rows past the groups) stores zeros
+          def _():
+            plgpu.emit_pipeline(
+                lambda _, l_smem, r_smem: plgpu.wgmma(
+                    acc_ref, l_smem, r_smem.transpose((1, 0)) if transpose_rhs else r_smem),
+                grid=(k // bk,),
+                in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), delay_release=1),
+                    plgpu.BlockSpec((bn, bk) if transpose_rhs else (bk, bn),
+                                    (lambda kk: (ni, kk)) if transpose_rhs
+                                    else (lambda kk: (kk, ni)),
+                                    delay_release=1),
+                ],
+                max_concurrent_steps=cfg.max_concurrent_steps,
+            )(lhs_gmem, rhs_gmem.at[group])
           return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
