@@ -299,6 +299,8 @@ def _block_fn(plan: _Plan, dims: Any, offset: int):
 
   def col(h, kernels):
     """One column-parallel matmul for several kernels [d, ...] (one gather of ``h``)."""
+    if not sp:  # nothing to share: separate matmuls, no concatenated weight copy
+      return [tp.column_parallel_dense(h, w, dtype=dtype) for w in kernels]
     flat = [w.reshape(w.shape[0], -1) for w in kernels]
     y = tp.column_parallel_dense(h, jnp.concatenate(flat, axis=1) if len(flat) > 1 else flat[0],
                                  sequence_parallel=sp, collective_matmul=cm, dtype=dtype)

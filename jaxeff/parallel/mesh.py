@@ -133,7 +133,7 @@ class MeshConfig:
     if rest:
       if num_devices % fixed:
         raise ValueError(
-            f"mesh: the fixed axis sizes {self._fmt(sizes)} (product {fixed}) do not divide "
+            f"mesh: the fixed axis sizes {self._fmt({a: v for a, v in sizes.items() if v != -1})} (product {fixed}) do not divide "
             f"the number of devices ({num_devices}), so '{rest[0]}=-1' cannot take the rest")
       sizes[rest[0]] = num_devices // fixed
     elif fixed != num_devices:

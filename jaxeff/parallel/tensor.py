@@ -191,6 +191,8 @@ def vocab_parallel_embed(tokens: jax.Array, table: jax.Array, *, axis_name: str 
   """
   if dtype is not None:
     table = table.astype(dtype)
+  if _axis_size(axis_name) == 1:  # no masking work on an unsplit table
+    return jnp.take(table, tokens, axis=0)
   rows = table.shape[0]
   local = tokens - lax.axis_index(axis_name) * rows
   inside = (local >= 0) & (local < rows)
@@ -215,6 +217,9 @@ def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array, *,
     formed on one device.
   """
   logits = logits.astype(jnp.float32)
+  if _axis_size(axis_name) == 1:
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
   v = logits.shape[-1]
   m = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), axis_name)
   sum_exp = lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), axis_name)
