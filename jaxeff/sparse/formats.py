@@ -365,6 +365,14 @@ def bsr_dense(blocks: jax.Array, w: BlockSparse) -> jax.Array:
 
 def decompress(w: Any) -> jax.Array:
   """Dense ``[K, N]`` of any sparse format (exact)."""
+  if not is_sparse(w):
+    raise TypeError(f"decompress: w must be TiledSparse, NMSparse or BlockSparse, got "
+                    f"{type(w).__name__}")
+  return _decompress(w)
+
+
+@jax.jit
+def _decompress(w: Any) -> jax.Array:
   if isinstance(w, TiledSparse):
     k, n = w.shape
     return expand_tiles(w)[:k, :n]
@@ -372,12 +380,31 @@ def decompress(w: Any) -> jax.Array:
     planes = expand_nm([w.values[s] for s in range(w.n)], w.meta, w.n, w.m)
     k, n = w.shape
     return jnp.stack(planes, axis=1).reshape(k, n)
-  if isinstance(w, BlockSparse):
-    return bsr_dense(w.blocks, w)
-  raise TypeError(f"decompress: w must be TiledSparse, NMSparse or BlockSparse, got "
-                  f"{type(w).__name__}")
+  return bsr_dense(w.blocks, w)
 
 
 __all__ = ["BlockSparse", "NMSparse", "TiledSparse", "bsr_dense", "bsr_from_block_mask",
            "compress", "compress_bsr", "compress_nm", "decompress", "expand_nm",
-           "expand_tiles", "is_sparse", "nm_slot_offsets", "parse_nm", "unpack_bitmap"]
+           "expand_tiles", "is_sparse", "nm_slot_offsets", "parse_nm", "sparsify", "unpack_bitmap"]
+
+
+def sparsify(w: Any, *, fmt: str = "tiled", min_sparsity: float = 0.5, **kwargs) -> Any:
+  """The serving form of a pruned ``w``: compressed when its sparsity reaches
+  ``min_sparsity`` (the break-even), else ``w`` itself (the dense fallback, taken once).
+
+  Args:
+    w: ``[K, N]`` pruned weight (concrete).
+    fmt: ``"tiled"`` (:func:`compress`), ``"nm"`` (:func:`compress_nm`, ``pattern=``) or
+      ``"bsr"`` (:func:`compress_bsr`, ``block=``).
+    min_sparsity: in ``[0, 1]``.
+    **kwargs: passed to the compressor.
+  """
+  builders = {"tiled": compress, "nm": compress_nm, "bsr": compress_bsr}
+  if fmt not in builders:
+    raise ValueError(f"sparsify: fmt must be one of {sorted(builders)}, got {fmt!r}")
+  if not 0.0 <= min_sparsity <= 1.0:
+    raise ValueError(f"sparsify: min_sparsity must be in [0, 1], got {min_sparsity}")
+  a = _as_matrix(w, "sparsify")
+  if fmt != "nm" and 1.0 - np.count_nonzero(a) / max(a.size, 1) < min_sparsity:
+    return w
+  return builders[fmt](w, **kwargs)

@@ -1,0 +1,118 @@
+"""Sparse formats: exact round trips, storage invariants, validation errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.sparse import formats as F
+from jaxeff.sparse.pruning import nm_mask
+
+
+def _sparse(key, shape, sparsity, dtype=jnp.float32):
+  kw, km = jax.random.split(key)
+  w = jax.random.normal(kw, shape, jnp.float32)
+  return jnp.where(jax.random.uniform(km, shape) < sparsity, 0.0, w).astype(dtype)
+
+
+@pytest.mark.parametrize("shape,tile,sparsity", [((100, 70), (32, 32), 0.8),
+                                                 ((64, 64), (64, 64), 0.5),
+                                                 ((17, 33), (16, 32), 0.95)])
+def test_tiled_round_trip_exact(shape, tile, sparsity, key):
+  w = _sparse(key, shape, sparsity)
+  ts = F.compress(w, tile=tile)
+  np.testing.assert_array_equal(np.asarray(F.decompress(ts)), np.asarray(w))
+  assert ts.nnz == int(jnp.sum(w != 0))
+  assert ts.sparsity == pytest.approx(1 - ts.nnz / w.size)
+  kp, np_ = ts.padded_shape
+  assert kp % tile[0] == 0 and np_ % tile[1] == 0 and kp >= shape[0] and np_ >= shape[1]
+  assert ts.values.shape[0] > ts.nnz  # at least one trailing zero
+
+
+def test_tiled_bf16_and_pytree(key):
+  w = _sparse(key, (64, 64), 0.7, jnp.bfloat16)
+  ts = F.compress(w)
+  assert ts.values.dtype == jnp.bfloat16
+  leaves, tree = jax.tree.flatten(ts)
+  assert len(leaves) == 3
+  back = jax.tree.unflatten(tree, leaves)
+  np.testing.assert_array_equal(np.asarray(jax.jit(F.decompress)(back), np.float32),
+                                np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8"])
+def test_nm_round_trip_exact(pattern, key):
+  w = jax.random.normal(key, (64, 40), jnp.float32)
+  w = jnp.where(nm_mask(jnp.abs(w), pattern), w, 0)
+  c = F.compress_nm(w, pattern)
+  n, m = F.parse_nm(pattern)
+  assert c.values.shape == (n, 64 // m, 40) and c.meta.shape == (64 // m, 40)
+  assert c.meta.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(F.decompress(c)), np.asarray(w))
+
+
+def test_nm_group_with_fewer_nonzeros(key):
+  w = jax.random.normal(key, (8, 4), jnp.float32)
+  w = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0).at[:4, 0].set(0.0)  # an all-zero group
+  np.testing.assert_array_equal(np.asarray(F.decompress(F.compress_nm(w, "2:4"))), np.asarray(w))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 64)])
+def test_bsr_round_trip_exact(block, key):
+  bk, bn = block
+  kb, nb = 4, 3
+  kw, km = jax.random.split(key)
+  keep = np.array(jax.random.uniform(km, (kb, nb)) < 0.5)
+  keep[:, 0] = False  # an empty block column
+  w = jax.random.normal(kw, (kb * bk, nb * bn)) * np.kron(keep, np.ones(block))
+  b = F.compress_bsr(w, block=block)
+  assert b.num_blocks == keep.sum()
+  np.testing.assert_array_equal(np.asarray(F.decompress(b)), np.asarray(w))
+  assert int(b.t_counts.sum()) == b.num_blocks
+
+
+def test_bsr_from_block_mask_keeps_zero_blocks(key):
+  w = jax.random.normal(key, (32, 32))
+  mask = np.array([[True, False], [True, True]])
+  b = F.bsr_from_block_mask(w, mask, block=(16, 16))
+  assert b.num_blocks == 3
+  np.testing.assert_array_equal(np.asarray(F.decompress(b)),
+                                np.asarray(w) * np.kron(mask, np.ones((16, 16))))
+
+
+def test_sparsify_dense_fallback(key):
+  w = _sparse(key, (64, 64), 0.3)
+  assert F.sparsify(w, min_sparsity=0.5) is w
+  assert isinstance(F.sparsify(_sparse(key, (64, 64), 0.8), min_sparsity=0.5), F.TiledSparse)
+
+
+def test_format_errors(key):
+  w = jax.random.normal(key, (30, 32))
+  with pytest.raises(ValueError, match="must be divisible by M = 4"):
+    F.compress_nm(w[:, :], "2:4")
+  with pytest.raises(ValueError, match="not 2:4 sparse along K"):
+    F.compress_nm(jax.random.normal(key, (32, 8)), "2:4")
+  with pytest.raises(ValueError, match="N:M pattern must be one of"):
+    F.compress_nm(jax.random.normal(key, (32, 8)), "3:4")
+  with pytest.raises(ValueError, match="must look like '2:4'"):
+    F.parse_nm("two:four")
+  with pytest.raises(ValueError, match="tile_n must be a multiple of 32"):
+    F.compress(w, tile=(16, 16))
+  with pytest.raises(ValueError, match="tile_k must be a power of two >= 16"):
+    F.compress(w, tile=(24, 32))
+  with pytest.raises(ValueError, match=r"w must be 2-D \[K, N\], got shape \(2, 3, 4\)"):
+    F.compress(jnp.ones((2, 3, 4)))
+  with pytest.raises(TypeError, match="w must be a float array"):
+    F.compress(jnp.ones((32, 32), jnp.int32))
+  with pytest.raises(TypeError, match="outside jit"):
+    jax.jit(F.compress)(w)
+  with pytest.raises(ValueError, match="block_k must be one of"):
+    F.compress_bsr(jnp.ones((24, 32)), block=(24, 32))
+  with pytest.raises(ValueError, match="must be divisible by the block"):
+    F.compress_bsr(jnp.ones((40, 32)), block=(32, 32))
+  with pytest.raises(TypeError, match="decompress: w must be TiledSparse"):
+    F.decompress(w)
+  with pytest.raises(ValueError, match="sparsify: fmt must be one of"):
+    F.sparsify(w, fmt="csr")
