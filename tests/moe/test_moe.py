@@ -92,7 +92,7 @@ def test_dropless_layer_matches_reference(key, score, normalize):
               out_init=nn.initializers.normal(0.3))
   x = jax.random.normal(key, (3, 7, 10))
   params = layer.init(jax.random.fold_in(key, 1), x)
-  (y, aux), state = layer.apply(params, x, mutable=["intermediates"])
+  (y, aux), state = jax.jit(lambda p, x: layer.apply(p, x, mutable=["intermediates"]))(params, x)
   assert_close(y.reshape(-1, 10), _reference_moe(params, x.reshape(-1, 10), 2, score=score,
                                                  normalize=normalize), rtol=1e-5)
   assert set(aux) == {"load_balancing_loss", "router_z_loss"}
@@ -105,7 +105,7 @@ def test_capacity_mode_drops_later_tokens(key):
               kernel_init=nn.initializers.normal(0.5), out_init=nn.initializers.normal(0.5))
   x = jax.random.normal(key, (t, 6))
   params = layer.init(jax.random.fold_in(key, 1), x)
-  y, _ = layer.apply(params, x)
+  y, _ = jax.jit(layer.apply)(params, x)
   cap = moe.expert_capacity(t, k, e, 0.5)
   assert cap == 4
   expected = _reference_moe(params, x, k, capacity=cap)
@@ -124,7 +124,7 @@ def test_shared_expert_and_gradients(key):
     y, aux = layer.apply(params, x)
     return jnp.sum(y ** 2) + 0.01 * aux["load_balancing_loss"] + 0.001 * aux["router_z_loss"]
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) > 0, path
 
