@@ -25,6 +25,7 @@ calibration statistics from :func:`collect_input_norms`; :func:`prune_mlp_channe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -194,25 +195,40 @@ def collect_input_norms(model, params, batches: Sequence[Any], pattern: str = ".
 
   from jaxeff.quant.model import dense_layout
 
-  sums: dict[str, jax.Array] = {}
+  def batch_sums(params, b):
+    sums: dict[str, jax.Array] = {}
 
-  def interceptor(next_fun, args, kwargs, context):
-    m = context.module
-    if (context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.DenseGeneral))
-        and m.has_variable("params", "kernel")):
-      path = "/".join(m.path) + "/kernel"
-      if re.search(pattern, path):
-        x = args[0] if args else kwargs["inputs"]
-        in_dims, _ = dense_layout(m, x)
-        k = int(np.prod(x.shape[x.ndim - in_dims:]))
-        sq = jnp.sum(jnp.square(x.astype(jnp.float32).reshape(-1, k)), axis=0)
-        sums[path] = sums.get(path, 0.0) + sq
-    return next_fun(*args, **kwargs)
+    def interceptor(next_fun, args, kwargs, context):
+      m = context.module
+      if (context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.DenseGeneral))
+          and m.has_variable("params", "kernel")):
+        path = "/".join(m.path) + "/kernel"
+        if re.search(pattern, path):
+          x = args[0] if args else kwargs["inputs"]
+          in_dims, _ = dense_layout(m, x)
+          k = int(np.prod(x.shape[x.ndim - in_dims:]))
+          sq = jnp.sum(jnp.square(x.astype(jnp.float32).reshape(-1, k)), axis=0)
+          sums[path] = sums.get(path, 0.0) + sq
+      return next_fun(*args, **kwargs)
 
-  for b in batches:
     with nn.intercept_methods(interceptor):
       model.apply({"params": params}, b)
+    return sums
+
+  step = jax.jit(batch_sums)
+  sums: dict[str, jax.Array] = {}
+  for b in batches:
+    for k, v in step(params, b).items():
+      sums[k] = sums.get(k, 0.0) + v
   return {k: jnp.sqrt(v) for k, v in sums.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("method", "sparsity", "nm", "per_output"))
+def _rule_mask(w2, norm, *, method, sparsity, nm, per_output):
+  s = scores(w2, method, norm)
+  if nm:
+    return nm_mask(s, nm)
+  return unstructured_mask(s, sparsity, per_output=per_output)
 
 
 def prune(params, rules: Sequence[PruneRule], input_norms: dict[str, jax.Array] | None = None
@@ -242,12 +258,9 @@ def prune(params, rules: Sequence[PruneRule], input_norms: dict[str, jax.Array] 
         raise ValueError(f"prune: Wanda rule {rule.pattern!r} needs input norms for {path!r} "
                          "(collect_input_norms)")
       norm = input_norms[path]
-    s = scores(w2, rule.method, norm)
-    if rule.nm:
-      mask = nm_mask(s, rule.nm)
-    else:
-      per_output = rule.method == "wanda" if rule.per_output is None else rule.per_output
-      mask = unstructured_mask(s, rule.sparsity, per_output=per_output)
+    per_output = rule.method == "wanda" if rule.per_output is None else rule.per_output
+    mask = _rule_mask(w2, norm, method=rule.method, sparsity=rule.sparsity, nm=rule.nm,
+                      per_output=per_output)
     flat[path] = jnp.where(mask, w2, 0).astype(w.dtype).reshape(w.shape)
     report[path] = float(1.0 - jnp.mean(mask))
   return _unflatten(flat), report
@@ -326,7 +339,7 @@ def sparsity_of(params, pattern: str = r"kernel$") -> float:
   zeros = total = 0
   for path, w in flat.items():
     if re.search(pattern, path) and hasattr(w, "size"):
-      zeros += int(jnp.sum(w == 0))
+      zeros += int(np.count_nonzero(np.asarray(w) == 0))
       total += int(w.size)
   return zeros / max(total, 1)
 
