@@ -242,15 +242,15 @@ def transposed_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.A
       def acc_scope(acc_ref):
         def step(idx, l_smem, r_smem):
           i = idx[0]
-          rows = lax.broadcasted_iota(jnp.int32, (bm, bk), 0) + (first + i) * bm
 
           # Rows of the neighbouring groups in the first / last block contribute zero:
           # the lhs tile is masked in shared memory before the wgmma reads it.
           @pl.when((i == 0) | (i == nblocks - 1))
           def _():
+            rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (bm, bk), 0),
+                                     plgpu.Layout.WGMMA) + (first + i) * bm
             mask = (rows >= start_ref[g]) & (rows < end_ref[g])
-            l_smem[...] = jnp.where(plgpu.layout_cast(mask, plgpu.Layout.WGMMA),
-                                    l_smem[...], jnp.zeros_like(l_smem[...]))
+            l_smem[...] = l_smem[...] * mask.astype(l_smem.dtype)
             plgpu.commit_smem()
 
           plgpu.wgmma(acc_ref, l_smem.transpose((1, 0)), r_smem)
