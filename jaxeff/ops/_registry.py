@@ -19,6 +19,7 @@ CPU. Interpret mode is never picked automatically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,3 +129,20 @@ def dispatch(op: str, registry: Sequence[Implementation],
 
 def names(registry: Sequence[Implementation]) -> list[str]:
   return [impl.name for impl in registry]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn: Callable, static: tuple) -> Callable:
+  return jax.jit(functools.partial(fn, **dict(static)))
+
+
+def lower_once(fn: Callable, *args, **static):
+  """``fn(*args, **static)`` through a ``jax.jit`` cached on ``(fn, static)``.
+
+  A kernel called at many sites of one program (the unrolled layers of a model) is then
+  lowered once: JAX lowers a nested jitted function once per distinct signature and calls
+  it from every site, where inlining each ``pallas_call`` would trace and lower the kernel
+  anew at every site (~1 s each for the flash-attention kernels, so minutes for a deep
+  unrolled model). ``static`` values must be hashable; ``args`` are arrays or None.
+  """
+  return _jitted(fn, tuple(sorted(static.items())))(*args)

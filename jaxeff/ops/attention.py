@@ -294,7 +294,8 @@ def _flash(query, key, value, q_ids, kv_ids, st: _FlashStatic):
 def _flash_fwd(query, key, value, q_ids, kv_ids, st: _FlashStatic):
   mod = {"mosaic_gpu": _mosaic_gpu_kernels, "mosaic_tpu": _mosaic_tpu_kernels}.get(
       st.backend, _triton_kernels)
-  out, lse = mod.forward(query, key, value, q_ids, kv_ids, **st.kernel_kwargs())
+  out, lse = _registry.lower_once(mod.forward, query, key, value, q_ids, kv_ids,
+                                  **st.kernel_kwargs())
   return (out, lse), (query, key, value, q_ids, kv_ids, out, lse)
 
 
@@ -305,8 +306,8 @@ def _flash_bwd(st: _FlashStatic, res, cotangents):
   kw = st.kernel_kwargs()
   if mod is _mosaic_gpu_kernels:  # the other backward kernels are always deterministic
     kw["deterministic"] = st.deterministic
-  dq, dk, dv = mod.backward(query, key, value, out, lse, d_out.astype(query.dtype), q_ids,
-                            kv_ids, d_lse, **kw)
+  dq, dk, dv = _registry.lower_once(mod.backward, query, key, value, out, lse,
+                                    d_out.astype(query.dtype), q_ids, kv_ids, d_lse, **kw)
   return dq, dk, dv, None, None
 
 

@@ -101,15 +101,17 @@ def _fused_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None,
 
 
 def _fused_norm_fwd(x, weight, bias, call: _KernelCall):
-  y, mean, rstd = _KERNEL_BACKENDS[call.backend].norm_forward(
-      x, weight, bias, eps=call.eps, subtract_mean=call.subtract_mean, interpret=call.interpret)
+  y, mean, rstd = _registry.lower_once(
+      _KERNEL_BACKENDS[call.backend].norm_forward, x, weight, bias, eps=call.eps,
+      subtract_mean=call.subtract_mean, interpret=call.interpret)
   return y, (x, weight, bias, mean, rstd)
 
 
 def _fused_norm_bwd(call: _KernelCall, residuals, dy):
   x, weight, bias, mean, rstd = residuals
-  dx, dw_partial, db_partial = _KERNEL_BACKENDS[call.backend].norm_backward(
-      dy, x, weight, mean, rstd, has_bias=bias is not None, interpret=call.interpret)
+  dx, dw_partial, db_partial = _registry.lower_once(
+      _KERNEL_BACKENDS[call.backend].norm_backward, dy, x, weight, mean, rstd,
+      has_bias=bias is not None, interpret=call.interpret)
   dw = None if weight is None else jnp.sum(dw_partial, axis=0).astype(weight.dtype)
   db = None if bias is None else jnp.sum(db_partial, axis=0).astype(bias.dtype)
   return dx, dw, db
