@@ -64,24 +64,23 @@ def test_aux_losses_match_formulas(key):
 
 
 def _reference_moe(params, x, k, capacity=None, score="softmax", normalize=True):
-  """Per-token loop: y_t = sum over kept slots of w * SwiGLU_e(x_t)."""
-  p = params["params"]
-  e = p["router"].shape[1]
-  r = moe.route(x @ p["router"], k, score=score, normalize=normalize)
-  h = p["w_down"].shape[1]
+  """Per-token loop in float64: y_t = sum over kept slots of w * SwiGLU_e(x_t)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  xf = np.asarray(x, np.float64)
+  e, h = p["router"].shape[1], p["w_down"].shape[1]
+  r = moe.route(x @ params["params"]["router"], k, score=score, normalize=normalize)
+  ex, w = np.asarray(r.experts), np.asarray(r.weights, np.float64)
   used = np.zeros(e, int)
-  y = np.zeros(x.shape, np.float64)
-  ex, w = np.asarray(r.experts), np.asarray(r.weights)
-  for t in range(x.shape[0]):
+  y = np.zeros(xf.shape)
+  for t in range(xf.shape[0]):
     for s in range(k):
       ei = ex[t, s]
       used[ei] += 1
       if capacity is not None and used[ei] > capacity:
         continue
-      gu = np.asarray(x[t], np.float64) @ np.asarray(p["w_gate_up"][ei], np.float64)
+      gu = xf[t] @ p["w_gate_up"][ei]
       g, u = gu[:h], gu[h:]
-      a = g / (1 + np.exp(-g)) * u
-      y[t] += w[t, s] * (a @ np.asarray(p["w_down"][ei], np.float64))
+      y[t] += w[t, s] * ((g / (1 + np.exp(-g)) * u) @ p["w_down"][ei])
   return jnp.asarray(y, jnp.float32)
 
 

@@ -22,7 +22,7 @@ def _mesh(shape, names):
 @pytest.mark.parametrize("shape,names", [((8,), ("expert",)), ((2, 4), ("data", "expert"))])
 def test_expert_parallel_equals_single_device(key, shape, names):
   mesh = _mesh(shape, names)
-  kw = dict(num_experts=8, experts_per_token=2, hidden_dim=8, shared_hidden_dim=4,
+  kw = dict(num_experts=8, experts_per_token=2, hidden_dim=8,
             kernel_init=nn.initializers.normal(0.3), out_init=nn.initializers.normal(0.3))
   single, parallel = MoE(**kw), MoE(**kw, mesh=mesh)
   x = jax.random.normal(key, (4, 8, 6))  # 32 tokens: 4 per device
