@@ -4,6 +4,10 @@ from jaxeff.nn.attention import KVCache, MultiHeadAttention
 from jaxeff.nn.mlp import SwiGLU
 from jaxeff.nn.normalization import LayerNorm, RMSNorm
 from jaxeff.nn.rope import apply_rope, rope_frequencies
+from jaxeff.nn.spectral import (AdaptiveFrequencyFilter, FFTConv, GlobalFilter, HyenaOperator,
+                                SpectralDense, sst_mask_gradients, sst_reorthogonalize)
 
 __all__ = ["KVCache", "LayerNorm", "MultiHeadAttention", "RMSNorm", "SwiGLU", "apply_rope",
            "rope_frequencies"]
+__all__ += ["AdaptiveFrequencyFilter", "FFTConv", "GlobalFilter", "HyenaOperator", "SpectralDense",
+            "sst_mask_gradients", "sst_reorthogonalize"]
