@@ -21,12 +21,14 @@ After training, :func:`sparse_kernel` gives the pruned dense kernel to compress
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeff.ops.sparse_matmul import cats_mlp
 from jaxeff.sparse import training
@@ -122,6 +124,65 @@ def update_masks(params, masks, sparsity) -> Any:
   return jax.tree_util.tree_map_with_path(visit, masks)
 
 
+def sparse_dense_interceptor(next_fun, args, kwargs, context,
+                             implementation: str | Sequence[str] | None = None):
+  """``flax.linen.intercept_methods`` interceptor: Dense / DenseGeneral layers whose
+  ``kernel`` param is a sparse format (2-D ``[K, N]`` over the flattened input and output
+  axes) run :func:`jaxeff.ops.sparse_matmul.sparse_matmul`."""
+  from jaxeff.ops.sparse_matmul import sparse_matmul
+  from jaxeff.quant.model import dense_layout
+  from jaxeff.sparse.formats import is_sparse
+
+  m = context.module
+  if (context.method_name != "__call__" or not isinstance(m, (nn.Dense, nn.DenseGeneral))
+      or not m.has_variable("params", "kernel")):
+    return next_fun(*args, **kwargs)
+  kernel = m.get_variable("params", "kernel")
+  if not is_sparse(kernel):
+    return next_fun(*args, **kwargs)
+  x = args[0] if args else kwargs["inputs"]
+  in_dims, features = dense_layout(m, x)
+  lead = x.shape[:x.ndim - in_dims]
+  dtype = m.dtype or x.dtype
+  y = sparse_matmul(x.reshape(lead + (kernel.shape[0],)).astype(dtype), kernel,
+                    implementation=implementation)
+  y = y.reshape(lead + tuple(features))
+  if m.use_bias:
+    y = y + m.get_variable("params", "bias").astype(y.dtype)
+  return y
+
+
+@contextlib.contextmanager
+def sparse_inference(implementation: str | Sequence[str] | None = None):
+  """Context in which stock Dense / DenseGeneral layers run on sparse-format kernels:
+  ``with sparse_inference(): model.apply({"params": sparse_params}, tokens)``."""
+  def interceptor(next_fun, args, kwargs, context):
+    return sparse_dense_interceptor(next_fun, args, kwargs, context,
+                                    implementation=implementation)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def compress_params(params, pattern: str = r"(attn|mlp)/[^/]+_proj/kernel$", *,
+                    fmt: str = "tiled", min_sparsity: float = 0.5, dtype=None, **kwargs):
+  """Replaces matching (pruned) kernels by their serving form
+  (:func:`jaxeff.sparse.sparsify` of the 2-D ``[K, N]`` view; dense below the break-even)."""
+  import re
+
+  from jaxeff.sparse.formats import sparsify
+  from jaxeff.sparse.pruning import _flatten, _unflatten, kernel_in_dims
+
+  flat = _flatten(params)
+  for path, w in flat.items():
+    if re.search(pattern, path) and hasattr(w, "ndim") and w.ndim >= 2:
+      k = int(np.prod(w.shape[:kernel_in_dims(path, w)]))
+      w2 = w.reshape(k, -1).astype(dtype or w.dtype)
+      out = sparsify(w2, fmt=fmt, min_sparsity=min_sparsity, dtype=dtype, **kwargs)
+      flat[path] = w if out is w2 else out
+  return _unflatten(flat)
+
+
 class CatsSwiGLU(nn.Module):
   """SwiGLU ``[..., D] -> [..., D]`` with CATS thresholded activations.
 
@@ -151,5 +212,5 @@ class CatsSwiGLU(nn.Module):
                     implementation=self.implementation)
 
 
-__all__ = ["CatsSwiGLU", "SparseDense", "magnitude_mask_traced", "sparse_kernel",
-           "update_masks"]
+__all__ = ["CatsSwiGLU", "SparseDense", "compress_params", "magnitude_mask_traced",
+           "sparse_dense_interceptor", "sparse_inference", "sparse_kernel", "update_masks"]

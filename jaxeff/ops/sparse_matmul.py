@@ -82,8 +82,8 @@ def _tiled_fn(x2, w: TiledSparse, *, out_dtype, min_sparsity, interpret):
   cfg = _triton.default_config(m, np_, kp // tk, tn)
   xp = _pad_to(x2, (_round_up(m, cfg.block_m), kp))
   out = _triton.tiled_sparse_matmul(xp, w.values, w.bitmap, w.row_ptr, tile=w.tile,
-                                    config=cfg, interpret=interpret)
-  return out[:m, :w.shape[1]].astype(out_dtype)
+                                    m_real=m, config=cfg, interpret=interpret)
+  return out[:, :w.shape[1]].astype(out_dtype)
 
 
 def _nm_fn(x2, w: NMSparse, *, out_dtype, min_sparsity, interpret):
@@ -99,9 +99,9 @@ def _nm_fn(x2, w: NMSparse, *, out_dtype, min_sparsity, interpret):
   planes = _pad_to(planes, (w.m, mp, gp))
   values = _pad_to(w.values, (w.n, gp, np_))
   meta = _pad_to(w.meta, (gp, np_))
-  out = _triton.nm_sparse_matmul(planes, values, meta, n=w.n, m=w.m, config=cfg, block_n=bn,
-                                 interpret=interpret)
-  return out[:m, :n].astype(out_dtype)
+  out = _triton.nm_sparse_matmul(planes, values, meta, n=w.n, m=w.m, m_real=m, config=cfg,
+                                 block_n=bn, interpret=interpret)
+  return out[:, :n].astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -147,8 +147,6 @@ def _triton_supports(x2, w, *, out_dtype, min_sparsity):
   del out_dtype
   if not is_sparse(w):
     return "a dense w is multiplied densely (xla)"
-  if _registry.current_platform() == "gpu" and x2.dtype == jnp.float32:
-    return "the Triton kernels take bfloat16 / float16 x on GPU, got float32"
   if isinstance(w, (TiledSparse, NMSparse)):
     if x2.shape[0] > SKINNY_MAX_M:
       return (f"m={x2.shape[0]} > {SKINNY_MAX_M}: the tiled / N:M kernels are skinny "
@@ -255,8 +253,9 @@ def _cats_triton(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtyp
   up_t = w_up if up_transposed else w_up.T
   xp = _pad_to(x2, (_round_up(m, cfg.block_m), d))
   ap = _pad_to(a.astype(x2.dtype), (xp.shape[0], h))
-  out = _triton.cats_mlp(xp, ap, active, up_t, w_down, config=cfg, interpret=interpret)
-  return out[:m].astype(out_dtype)
+  out = _triton.cats_mlp(xp, ap, active, up_t, w_down, m_real=m, config=cfg,
+                         interpret=interpret)
+  return out.astype(out_dtype)
 
 
 def _cats_supports(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtype):
@@ -269,8 +268,6 @@ def _cats_supports(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dt
   if d % cfg.block_d or h % (cfg.block_h * cfg.blocks_per_program):
     return (f"the kernel needs D % {cfg.block_d} == 0 and H % "
             f"{cfg.block_h * cfg.blocks_per_program} == 0, got D={d}, H={h}")
-  if _registry.current_platform() == "gpu" and x2.dtype == jnp.float32:
-    return "the Triton kernel takes bfloat16 / float16 x on GPU, got float32"
   return None
 
 

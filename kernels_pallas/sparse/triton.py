@@ -83,6 +83,12 @@ def default_config(m: int, n: int, k_steps: int, block_n: int,
                             num_warps=4 if block_m <= 32 else 8, num_stages=3)
 
 
+def _dot(a, b, **kwargs):
+  """Tensor-core dot, float32 accumulation; float32 operands in full precision (no tf32)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return pltriton.dot(a, b, precision=precision, **kwargs)
+
+
 def _compiler_params(cfg):
   return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -93,11 +99,18 @@ def _check_tiles(name: str, m: int, k: int, n: int, tm: int, tk: int, tn: int):
                      f"{(tm, tk, tn)}; pad the operands")
 
 
+def _row_mask(row_block, bm: int, m_real: int, width: int) -> jax.Array:
+  """``[bm, width]`` True on rows below ``m_real``: padded rows of ``x`` are never stored
+  (for ``m = 1`` the partial products cost ``split_k * N`` floats, not ``16x`` that)."""
+  r = row_block * bm + lax.broadcasted_iota(jnp.int32, (bm, width), 0)
+  return r < m_real
+
+
 # ----------------------------------------------------------------- tiled bitmap (unstructured)
 
 
 def _tiled_kernel(x_ref, v_ref, bm_ref, rp_ref, o_ref, *, tile_k: int, tile_n: int,
-                  steps: int, cfg: SparseMatmulConfig):
+                  steps: int, m_real: int, cfg: SparseMatmulConfig):
   bm = cfg.block_m
   col_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(row_block * bm, bm)
@@ -115,14 +128,15 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, rp_ref, o_ref, *, tile_k: int, tile_n: i
     base = rp_ref[pl.ds(k0, tile_k), pl.ds(col_block, 1)]  # [tile_k, 1]
     idx = jnp.minimum(base + tile_ranks(bits, axis=1), last)
     w = jnp.where(bits == 1, v_ref[idx], 0).astype(x_ref.dtype)
-    return acc + pltriton.dot(x_ref[rows, pl.ds(k0, tile_k)], w)
+    return acc + _dot(x_ref[rows, pl.ds(k0, tile_k)], w)
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, tile_n), jnp.float32))
-  o_ref[split, rows, pl.ds(col_block * tile_n, tile_n)] = acc
+  pltriton.store(o_ref.at[split, rows, pl.ds(col_block * tile_n, tile_n)], acc,
+                 mask=_row_mask(row_block, bm, m_real, tile_n))
 
 
 def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
-                        row_ptr: jax.Array, *, tile: tuple[int, int],
+                        row_ptr: jax.Array, *, tile: tuple[int, int], m_real: int | None = None,
                         config: SparseMatmulConfig | None = None,
                         interpret: bool = False) -> jax.Array:
   """``x @ w`` for a tiled-bitmap ``w`` (fields of ``jaxeff.sparse.TiledSparse``).
@@ -133,11 +147,12 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
     values: ``[nnz_padded]`` packed non-zeros; bitmap: uint32 ``[Kp, Np / 32]``;
       row_ptr: int32 ``[Kp, Np / tile_n]``.
     tile: ``(tile_k, tile_n)`` of the format.
+    m_real: rows of ``x`` that are not padding (default M); only those are computed out.
     config: launch; None picks :func:`default_config`.
     interpret: Pallas interpret mode (any platform).
 
   Returns:
-    ``[M, Np]`` float32.
+    ``[m_real, Np]`` float32.
   """
   tk, tn = tile
   m, k = x.shape
@@ -147,7 +162,9 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
   cfg = config or default_config(m, n, k // tk, tn)
   _check_tiles("tiled_sparse_matmul", m, k, n, cfg.block_m, tk * cfg.split_k, tn)
   steps = k // (tk * cfg.split_k)
-  kernel = functools.partial(_tiled_kernel, tile_k=tk, tile_n=tn, steps=steps, cfg=cfg)
+  m_real = m if m_real is None else m_real
+  kernel = functools.partial(_tiled_kernel, tile_k=tk, tile_n=tn, steps=steps, m_real=m_real,
+                             cfg=cfg)
   partial = pl.pallas_call(
       kernel,
       grid=(n // tn, cfg.split_k, m // cfg.block_m),
@@ -156,14 +173,14 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
       interpret=interpret,
       name="tiled_sparse_matmul",
   )(x, values, bitmap, row_ptr)
-  return partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
+  return jnp.sum(partial[:, :m_real], axis=0)
 
 
 # ------------------------------------------------------------------------------- N:M
 
 
 def _nm_kernel(x_ref, v_ref, meta_ref, o_ref, *, n: int, m: int, block_g: int,
-               block_n: int, steps: int, cfg: SparseMatmulConfig):
+               block_n: int, steps: int, m_real: int, cfg: SparseMatmulConfig):
   bm = cfg.block_m
   col_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(row_block * bm, bm)
@@ -176,11 +193,12 @@ def _nm_kernel(x_ref, v_ref, meta_ref, o_ref, *, n: int, m: int, block_g: int,
     vals = [v_ref[s, groups, cols] for s in range(n)]
     planes = expand_nm(vals, meta_ref[groups, cols], n, m)
     for j in range(m):  # dense rows g * m + j of the tile against x[:, j::m]
-      acc = acc + pltriton.dot(x_ref[j, rows, groups], planes[j].astype(x_ref.dtype))
+      acc = acc + _dot(x_ref[j, rows, groups], planes[j].astype(x_ref.dtype))
     return acc
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, block_n), jnp.float32))
-  o_ref[split, rows, cols] = acc
+  pltriton.store(o_ref.at[split, rows, cols], acc,
+                 mask=_row_mask(row_block, bm, m_real, block_n))
 
 
 def nm_block_sizes(m: int) -> tuple[int, int]:
@@ -190,7 +208,8 @@ def nm_block_sizes(m: int) -> tuple[int, int]:
 
 
 def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *, n: int,
-                     m: int, config: SparseMatmulConfig | None = None,
+                     m: int, m_real: int | None = None,
+                     config: SparseMatmulConfig | None = None,
                      block_n: int | None = None, interpret: bool = False) -> jax.Array:
   """``x @ w`` for an N:M ``w`` (fields of ``jaxeff.sparse.NMSparse``).
 
@@ -199,9 +218,10 @@ def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *,
       ``block_m``, ``K / m`` of ``16 * split_k``; pad with zeros).
     values: ``[n, K / m, N]``; meta: uint8 ``[K / m, N]`` (N a multiple of ``block_n``).
     n, m: the pattern.
+    m_real: rows that are not padding (default M).
 
   Returns:
-    ``[M, N]`` float32.
+    ``[m_real, N]`` float32.
   """
   _, rows, g = x_planes.shape
   cols = values.shape[2]
@@ -210,8 +230,9 @@ def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *,
   cfg = config or default_config(rows, cols, g // block_g, bn)
   _check_tiles("nm_sparse_matmul", rows, g, cols, cfg.block_m, block_g * cfg.split_k, bn)
   steps = g // (block_g * cfg.split_k)
+  m_real = rows if m_real is None else m_real
   kernel = functools.partial(_nm_kernel, n=n, m=m, block_g=block_g, block_n=bn, steps=steps,
-                             cfg=cfg)
+                             m_real=m_real, cfg=cfg)
   partial = pl.pallas_call(
       kernel,
       grid=(cols // bn, cfg.split_k, rows // cfg.block_m),
@@ -220,7 +241,7 @@ def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *,
       interpret=interpret,
       name=f"nm{n}_{m}_sparse_matmul",
   )(x_planes, values, meta)
-  return partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
+  return jnp.sum(partial[:, :m_real], axis=0)
 
 
 # ------------------------------------------------------------------------------- BSR
@@ -240,7 +261,7 @@ def _bsr_fwd_kernel(x_ref, b_ref, rows_ref, counts_ref, o_ref, *, bk: int, bn: i
   def body(r, acc):
     # invariant: acc = x[rows] @ (block column `col`, its first r stored blocks)
     kb = rows_ref[col, r]
-    return acc + pltriton.dot(x_ref[rows, pl.ds(kb * bk, bk)], b_ref[col, r].astype(x_ref.dtype))
+    return acc + _dot(x_ref[rows, pl.ds(kb * bk, bk)], b_ref[col, r].astype(x_ref.dtype))
 
   acc = lax.fori_loop(0, counts_ref[col], body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[rows, pl.ds(col * bn, bn)] = acc.astype(o_ref.dtype)
@@ -272,7 +293,7 @@ def _bsr_t_kernel(dy_ref, b_ref, tcols_ref, tslots_ref, tcounts_ref, o_ref, *, b
     # invariant: acc = dy[rows] @ (first t blocks of block row `row`)^T
     c, slot = tcols_ref[row, t], tslots_ref[row, t]
     wb = b_ref[c, slot].astype(dy_ref.dtype)  # [bk, bn]
-    return acc + pltriton.dot(dy_ref[rows, pl.ds(c * bn, bn)], wb, trans_b=True)
+    return acc + _dot(dy_ref[rows, pl.ds(c * bn, bn)], wb, trans_b=True)
 
   acc = lax.fori_loop(0, tcounts_ref[row], body, jnp.zeros((bm, bk), jnp.float32))
   o_ref[rows, pl.ds(row * bk, bk)] = acc.astype(o_ref.dtype)
@@ -303,7 +324,7 @@ def _bsr_dw_kernel(x_ref, dy_ref, rows_ref, counts_ref, o_ref, *, bk: int, bn: i
   def body(i, acc):
     # invariant: acc = x[:i*bm, block rows]^T @ dy[:i*bm, block cols]
     mrows = pl.ds(i * bm, bm)
-    return acc + pltriton.dot(x_ref[mrows, pl.ds(kb * bk, bk)], dy_ref[mrows, pl.ds(col * bn, bn)],
+    return acc + _dot(x_ref[mrows, pl.ds(kb * bk, bk)], dy_ref[mrows, pl.ds(col * bn, bn)],
                         trans_a=True)
 
   acc = lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), jnp.float32))
@@ -355,12 +376,14 @@ def cats_default_config(m: int, d: int, h: int, num_sms: int = DEFAULT_NUM_SMS) 
 
 
 def _cats_kernel(x_ref, a_ref, act_ref, up_ref, down_ref, o_ref, *, cfg: CatsConfig,
-                 d_steps: int):
+                 d_steps: int, m_real: int):
   bm, bh, bd = cfg.block_m, cfg.block_h, cfg.block_d
   prog, row_block = pl.program_id(0), pl.program_id(1)
   rows = pl.ds(row_block * bm, bm)
+  real = _row_mask(row_block, bm, m_real, bd)  # padded rows are never stored
   for j in range(d_steps):  # the partial output starts at zero
-    o_ref[prog, rows, pl.ds(j * bd, bd)] = jnp.zeros((bm, bd), jnp.float32)
+    pltriton.store(o_ref.at[prog, rows, pl.ds(j * bd, bd)], jnp.zeros((bm, bd), jnp.float32),
+                   mask=real)
 
   def hidden_block(b, carry):
     h0 = (prog * cfg.blocks_per_program + b) * bh
@@ -370,7 +393,7 @@ def _cats_kernel(x_ref, a_ref, act_ref, up_ref, down_ref, o_ref, *, cfg: CatsCon
     def up_step(j, u):
       # invariant: u = x[rows, :j*bd] @ up[:j*bd, active neurons of the block]
       wt = pltriton.load(up_ref.at[hs, pl.ds(j * bd, bd)], mask=active, other=0.0)
-      return u + pltriton.dot(x_ref[rows, pl.ds(j * bd, bd)], wt.astype(x_ref.dtype), trans_b=True)
+      return u + _dot(x_ref[rows, pl.ds(j * bd, bd)], wt.astype(x_ref.dtype), trans_b=True)
 
     u = lax.fori_loop(0, d_steps, up_step, jnp.zeros((bm, bh), jnp.float32))
     hid = (a_ref[rows, hs].astype(jnp.float32) * u).astype(x_ref.dtype)  # zero if inactive
@@ -378,7 +401,7 @@ def _cats_kernel(x_ref, a_ref, act_ref, up_ref, down_ref, o_ref, *, cfg: CatsCon
     def down_step(j, c):
       ds = pl.ds(j * bd, bd)
       wd = pltriton.load(down_ref.at[hs, ds], mask=active, other=0.0)
-      o_ref[prog, rows, ds] = o_ref[prog, rows, ds] + pltriton.dot(hid, wd.astype(x_ref.dtype))
+      o_ref[prog, rows, ds] = o_ref[prog, rows, ds] + _dot(hid, wd.astype(x_ref.dtype))
       return c
 
     return lax.fori_loop(0, d_steps, down_step, carry)
@@ -387,8 +410,8 @@ def _cats_kernel(x_ref, a_ref, act_ref, up_ref, down_ref, o_ref, *, cfg: CatsCon
 
 
 def cats_mlp(x: jax.Array, a: jax.Array, active: jax.Array, up_t: jax.Array,
-             down: jax.Array, *, config: CatsConfig | None = None,
-             interpret: bool = False) -> jax.Array:
+             down: jax.Array, *, m_real: int | None = None,
+             config: CatsConfig | None = None, interpret: bool = False) -> jax.Array:
   """``(a * (x @ up)) @ down`` loading only active neurons' rows of ``up^T`` and ``down``.
 
   Args:
@@ -396,9 +419,10 @@ def cats_mlp(x: jax.Array, a: jax.Array, active: jax.Array, up_t: jax.Array,
     a: ``[M, H]`` thresholded ``silu(x @ w_gate)`` (zero where inactive).
     active: int32 ``[H]``: 1 where any row of ``a`` is non-zero.
     up_t: ``[H, D]`` (the up projection transposed); down: ``[H, D]``.
+    m_real: rows that are not padding (default M).
 
   Returns:
-    ``[M, D]`` float32.
+    ``[m_real, D]`` float32.
   """
   m, d = x.shape
   h = up_t.shape[0]
@@ -406,13 +430,14 @@ def cats_mlp(x: jax.Array, a: jax.Array, active: jax.Array, up_t: jax.Array,
   per_prog = cfg.block_h * cfg.blocks_per_program
   _check_tiles("cats_mlp", m, h, d, cfg.block_m, per_prog, cfg.block_d)
   programs = h // per_prog
-  kernel = functools.partial(_cats_kernel, cfg=cfg, d_steps=d // cfg.block_d)
+  m_real = m if m_real is None else m_real
+  kernel = functools.partial(_cats_kernel, cfg=cfg, d_steps=d // cfg.block_d, m_real=m_real)
   partial = pl.pallas_call(
       kernel, grid=(programs, m // cfg.block_m),
       out_shape=jax.ShapeDtypeStruct((programs, m, d), jnp.float32),
       compiler_params=_compiler_params(cfg), interpret=interpret, name="cats_mlp",
   )(x, a, active, up_t, down)
-  return jnp.sum(partial, axis=0)
+  return jnp.sum(partial[:, :m_real], axis=0)
 
 
 __all__ = ["BsrConfig", "CatsConfig", "SparseMatmulConfig", "bsr_matmul", "bsr_matmul_t",
