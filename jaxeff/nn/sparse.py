@@ -164,9 +164,9 @@ def sparse_inference(implementation: str | Sequence[str] | None = None):
     yield
 
 
-def compress_params(params, pattern: str = r"(attn|mlp)/[^/]+_proj/kernel$", *,
+def compress_params(params, path_regex: str = r"(attn|mlp)/[^/]+_proj/kernel$", *,
                     fmt: str = "tiled", min_sparsity: float = 0.5, dtype=None, **kwargs):
-  """Replaces matching (pruned) kernels by their serving form
+  """Replaces (pruned) kernels whose path matches ``path_regex`` by their serving form
   (:func:`jaxeff.sparse.sparsify` of the 2-D ``[K, N]`` view; dense below the break-even)."""
   import re
 
@@ -175,7 +175,7 @@ def compress_params(params, pattern: str = r"(attn|mlp)/[^/]+_proj/kernel$", *,
 
   flat = _flatten(params)
   for path, w in flat.items():
-    if re.search(pattern, path) and hasattr(w, "ndim") and w.ndim >= 2:
+    if re.search(path_regex, path) and hasattr(w, "ndim") and w.ndim >= 2:
       k = int(np.prod(w.shape[:kernel_in_dims(path, w)]))
       w2 = w.reshape(k, -1).astype(dtype or w.dtype)
       out = sparsify(w2, fmt=fmt, min_sparsity=min_sparsity, dtype=dtype, **kwargs)

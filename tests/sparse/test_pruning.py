@@ -181,3 +181,26 @@ def test_cats_threshold_calibration(key):
     assert abs(float(activation_sparsity(g, t)) - target) < 0.01
   with pytest.raises(ValueError, match=r"target_sparsity must be in \[0, 1\)"):
     calibrate_cats_threshold(g, 1.0)
+
+
+def test_sparse_inference_matches_pruned_dense(tiny_gpt, key):
+  from jaxeff.nn.sparse import compress_params, sparse_inference
+  from jaxeff.sparse.formats import NMSparse, TiledSparse
+
+  model, params = tiny_gpt
+  tokens = jax.random.randint(key, (2, 8), 0, 256)
+  attn, mlp = r"attn/[^/]+_proj/kernel$", r"mlp/[^/]+_proj/kernel$"
+  pruned, _ = P.prune(params, [P.PruneRule(attn, sparsity=0.8), P.PruneRule(mlp, nm="2:4")])
+  served = compress_params(compress_params(pruned, attn, fmt="tiled"), mlp, fmt="nm",
+                           pattern="2:4")
+  assert isinstance(served["block_0"]["attn"]["o_proj"]["kernel"], TiledSparse)
+  assert isinstance(served["block_1"]["mlp"]["down_proj"]["kernel"], NMSparse)
+
+  @jax.jit
+  def logits(p, t):
+    with sparse_inference():
+      return model.apply({"params": p}, t)
+
+  expected = jax.jit(model.apply)({"params": pruned}, tokens)
+  np.testing.assert_allclose(np.asarray(logits(served, tokens)), np.asarray(expected),
+                             rtol=2e-4, atol=2e-4)
