@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxeff import kv_cache as paged
 from jaxeff.nn import KVCache, MultiHeadAttention, RMSNorm, SwiGLU
+from jaxeff.nn.moe import MoE
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,6 +56,12 @@ class GPTConfig:
     norm_implementation: passed to :func:`jaxeff.ops.rms_norm`; None = fastest available.
     fused_projections: one fused QKV projection and one fused gate/up projection per block
       (wider matmuls; a different parameter tree, see :class:`jaxeff.nn.MultiHeadAttention`).
+    num_experts: 0 for dense SwiGLU MLPs; otherwise every ``moe_every``-th block's MLP is a
+      :class:`jaxeff.nn.MoE` of ``num_experts`` SwiGLU experts (width ``moe_hidden``,
+      default ``mlp_hidden``), ``experts_per_token`` routed per token, an optional shared
+      expert of width ``moe_shared_hidden``, dropless unless ``moe_capacity_factor``; its
+      load-balancing and router z-losses are sown into ``"intermediates"``.
+    moe_implementation: passed to :func:`jaxeff.ops.grouped_matmul`.
     logits_soft_cap: attention logit soft cap, or None.
     local_window_size: sliding-window size to the left, or None for full causal attention.
     init_std: standard deviation of the weight initialisation.
@@ -78,6 +85,13 @@ class GPTConfig:
   decode_implementation: str | None = None
   norm_implementation: str | None = None
   fused_projections: bool = False
+  num_experts: int = 0
+  experts_per_token: int = 2
+  moe_hidden: int | None = None
+  moe_every: int = 1
+  moe_shared_hidden: int = 0
+  moe_capacity_factor: float | None = None
+  moe_implementation: str | None = None
   logits_soft_cap: float | None = None
   local_window_size: int | None = None
   init_std: float = 0.02
@@ -99,6 +113,13 @@ class GPTConfig:
                        f"({self.num_heads}) when head_dim is not given")
     if self.dim_per_head % 8:
       raise ValueError(f"GPTConfig: head_dim must be a multiple of 8, got {self.dim_per_head}")
+    if self.num_experts < 0 or (self.num_experts and not 1 <= self.experts_per_token
+                                 <= self.num_experts):
+      raise ValueError(f"GPTConfig: experts_per_token ({self.experts_per_token}) must be in "
+                       f"[1, num_experts ({self.num_experts})], and num_experts >= 0")
+    if self.moe_every < 1 or (self.num_experts and self.scan_layers and self.moe_every != 1):
+      raise ValueError(f"GPTConfig: moe_every must be >= 1 (and 1 with scan_layers), got "
+                       f"{self.moe_every}")
     if self.dtype not in DTYPES:
       raise ValueError(f"GPTConfig: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.local_window_size is not None and self.local_window_size < 0:
@@ -116,6 +137,10 @@ class GPTConfig:
   @property
   def dim_per_head(self) -> int:
     return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether block ``i`` has an MoE MLP."""
+    return self.num_experts > 0 and i % self.moe_every == self.moe_every - 1
 
   @property
   def compute_dtype(self):
@@ -143,6 +168,12 @@ PRESETS: dict[str, GPTConfig] = {
     # The default CPU experiment (`make run`): trains in a few minutes on 2 cores.
     "cpu-small": GPTConfig(vocab_size=256, num_layers=4, d_model=128, num_heads=4,
                            num_kv_heads=2, mlp_hidden=384, max_seq_len=256),
+    # Mixture of experts: 8 experts, 2 per token, every block (tests / CPU experiment).
+    "moe-tiny": GPTConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                          mlp_hidden=160, max_seq_len=128, num_experts=4, moe_hidden=80),
+    "moe-cpu-small": GPTConfig(vocab_size=256, num_layers=4, d_model=128, num_heads=4,
+                               num_kv_heads=2, mlp_hidden=384, max_seq_len=256, num_experts=8,
+                               moe_hidden=192),
     # GPU sizes (vocab 32000 as in the project's end-to-end baseline; byte data uses 256 of it).
     # Unrolled layers: on H100 the scanned step of gpt-350m spent ~25% of its time copying
     # per-layer slices out of the stacked parameters and residuals (notes/experiments.md);
@@ -163,14 +194,20 @@ def get_config(name: str, **overrides) -> GPTConfig:
   return PRESETS[name].replace(**overrides)
 
 
-def num_params(config: GPTConfig, *, non_embedding: bool = False) -> int:
-  """Parameter count; ``non_embedding`` leaves out the token embedding and output head."""
+def num_params(config: GPTConfig, *, non_embedding: bool = False, active: bool = False) -> int:
+  """Parameter count; ``non_embedding`` leaves out the token embedding and output head;
+  ``active`` counts only the ``experts_per_token`` experts a token uses (MoE)."""
   c = config
   h, n, k = c.dim_per_head, c.num_heads, c.kv_heads
   attn = c.d_model * h * (n + 2 * k) + n * h * c.d_model
-  mlp = 3 * c.d_model * c.mlp_hidden
-  per_layer = attn + mlp + 2 * c.d_model  # two RMSNorm scales
-  body = c.num_layers * per_layer + c.d_model  # final norm
+  dense_mlp = 3 * c.d_model * c.mlp_hidden
+  moe_layers = sum(map(c.is_moe_layer, range(c.num_layers)))
+  experts = c.experts_per_token if active else c.num_experts
+  moe_mlp = (c.d_model * c.num_experts + experts * 3 * c.d_model * (c.moe_hidden or c.mlp_hidden)
+             + 3 * c.d_model * c.moe_shared_hidden)
+  per_layer = attn + 2 * c.d_model  # two RMSNorm scales
+  body = (c.num_layers * per_layer + (c.num_layers - moe_layers) * dense_mlp
+          + moe_layers * moe_mlp + c.d_model)  # final norm
   if non_embedding:
     return body
   embed = c.vocab_size * c.d_model
@@ -179,7 +216,7 @@ def num_params(config: GPTConfig, *, non_embedding: bool = False) -> int:
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
   """Training FLOPs per token: ``6 * N + 12 * L * d_attn * S`` (module docstring)."""
-  return 6.0 * num_params(config, non_embedding=True) + 12.0 * config.num_layers * (
+  return 6.0 * num_params(config, non_embedding=True, active=True) + 12.0 * config.num_layers * (
       config.num_heads * config.dim_per_head) * seq_len
 
 
@@ -187,6 +224,7 @@ class Block(nn.Module):
   """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
   config: GPTConfig
+  moe: bool = False  # an MoE MLP (jaxeff.nn.MoE) instead of the dense SwiGLU
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None,
@@ -213,8 +251,15 @@ class Block(nn.Module):
       h, new_cache = attn(h, positions=positions, kv_cache=kv_cache)
     x = x + h
     h = RMSNorm(eps=c.norm_eps, implementation=c.norm_implementation, name="mlp_norm")(x)
-    x = x + SwiGLU(c.mlp_hidden, dtype=c.compute_dtype, kernel_init=init, out_init=out_init,
-                   fused=c.fused_projections, name="mlp")(h)
+    if self.moe:
+      y, _ = MoE(c.num_experts, c.experts_per_token, c.moe_hidden or c.mlp_hidden,
+                 shared_hidden_dim=c.moe_shared_hidden, capacity_factor=c.moe_capacity_factor,
+                 dtype=c.compute_dtype, kernel_init=init, out_init=out_init,
+                 implementation=c.moe_implementation, name="moe")(h)
+      x = x + y
+    else:
+      x = x + SwiGLU(c.mlp_hidden, dtype=c.compute_dtype, kernel_init=init, out_init=out_init,
+                     fused=c.fused_projections, name="mlp")(h)
     return x, new_cache
 
 
@@ -280,15 +325,16 @@ class GPT(nn.Module):
     if c.scan_layers:
       blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers)
-      x, new_caches = blocks(c, name="blocks")(x, positions, segment_ids, kv_caches)
+      x, new_caches = blocks(c, c.num_experts > 0, name="blocks")(x, positions, segment_ids,
+                                                                  kv_caches)
     else:
       new_caches = []
       for i in range(c.num_layers):
         if paged_cache is not None:
-          x, paged_cache = block(c, name=f"block_{i}")(
+          x, paged_cache = block(c, c.is_moe_layer(i), name=f"block_{i}")(
               x, positions, segment_ids, None, paged_cache, i, num_new)
           continue
-        x, cache = block(c, name=f"block_{i}")(
+        x, cache = block(c, c.is_moe_layer(i), name=f"block_{i}")(
             x, positions, segment_ids, None if kv_caches is None else kv_caches[i])
         new_caches.append(cache)
       new_caches = tuple(new_caches)

@@ -2,6 +2,7 @@
 
 from jaxeff.nn.attention import KVCache, MultiHeadAttention
 from jaxeff.nn.mlp import SwiGLU
+from jaxeff.nn.moe import MoE
 from jaxeff.nn.normalization import LayerNorm, RMSNorm
 from jaxeff.nn.rope import apply_rope, rope_frequencies
 from jaxeff.nn.spectral import (AdaptiveFrequencyFilter, FFTConv, GlobalFilter, HyenaOperator,
@@ -11,3 +12,4 @@ __all__ = ["KVCache", "LayerNorm", "MultiHeadAttention", "RMSNorm", "SwiGLU", "a
            "rope_frequencies"]
 __all__ += ["AdaptiveFrequencyFilter", "FFTConv", "GlobalFilter", "HyenaOperator", "SpectralDense",
             "sst_mask_gradients", "sst_reorthogonalize"]
+__all__ += ["MoE"]

@@ -293,10 +293,32 @@ def test_config_round_trip_and_presets():
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(local_window_size=-1), "local_window_size must be >= 0"),
     (dict(scan_layers="yes"), "scan_layers must be a bool"),
+    (dict(num_experts=4, experts_per_token=5), "experts_per_token"),
+    (dict(num_experts=4, moe_every=2, scan_layers=True), "moe_every must be"),
 ])
 def test_config_errors(changes, match):
   with pytest.raises(ValueError, match=match):
     TINY.replace(**changes)
+
+
+def test_moe_model_sows_aux_losses_is_causal_and_counts_active_params(key):
+  config = gpt.PRESETS["moe-tiny"].replace(moe_every=2)  # block 0 dense, block 1 MoE
+  params = _init(config, key)
+  assert "mlp" in params["block_0"] and "moe" in params["block_1"]
+  tokens = jax.random.randint(key, (2, 12), 0, 256)
+  model = gpt.GPT(config)
+  logits, state = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"]))(
+      params, tokens)
+  losses = state["intermediates"]["block_1"]["moe"]
+  assert set(losses) == {"load_balancing_loss", "router_z_loss"}
+  # Load balancing (Switch): E * sum_e f_e P_e >= 1 with equality only when balanced.
+  assert float(losses["load_balancing_loss"][0]) >= 1.0 - 1e-5
+  changed = tokens.at[:, 8].set((tokens[:, 8] + 1) % 256)
+  logits2 = jax.jit(model.apply)({"params": params}, changed)
+  assert_close(logits2[:, :8], logits[:, :8])
+  assert rel_err(logits2[:, 8:], logits[:, 8:]) > 1e-4
+  d, h, e, k = config.d_model, config.moe_hidden, config.num_experts, config.experts_per_token
+  assert gpt.num_params(config) - gpt.num_params(config, active=True) == (e - k) * 3 * d * h
 
 
 def test_model_input_errors(tiny_params):
