@@ -9,9 +9,10 @@ All compute ``y = x @ w`` for ``x: [M, K]`` and a sparse ``w: [K, N]`` (formats 
   slices of K and ``block_m`` rows of ``x``. Each step loads one tile's bitmap words and
   row pointers, forms the bit matrix ``[tile_k, tile_n]``, ranks the set bits with an
   in-register prefix sum (Triton ``scan``), gathers the packed values at
-  ``row_ptr + rank`` (the tile's values are contiguous, so the gather touches only its
-  own cache lines) and feeds the expanded tile to a tensor-core dot. Partial products of
-  the ``split_k`` slices are summed by the caller (split-K keeps every SM busy at
+  ``row_ptr + rank`` (a masked load: only set bits load; a tile's values are contiguous,
+  so the gather touches only its own cache lines) and feeds the expanded tile to a
+  tensor-core dot. Partial products of the ``split_k`` slices (real rows of ``x`` only)
+  are summed by the caller (split-K keeps every SM busy at
   ``M <= 64``, as in :mod:`kernels_pallas.matmul.triton`).
 * :func:`nm_sparse_matmul`: the same partition; a step loads ``n`` value planes and one
   metadata byte a group for ``block_k / m`` groups, rebuilds the ``m`` dense row planes
@@ -114,21 +115,21 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, rp_ref, o_ref, *, tile_k: int, tile_n: i
   bm = cfg.block_m
   col_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(row_block * bm, bm)
-  c = lax.broadcasted_iota(jnp.int32, (1, tile_n), 1)
-  word_col = col_block * (tile_n // WORD_BITS) + c // WORD_BITS  # [1, tile_n]
-  shift = (c % WORD_BITS).astype(jnp.uint32)
-  r = lax.broadcasted_iota(jnp.int32, (tile_k, 1), 0)
-  last = v_ref.shape[0] - 1
+  words_per_row = tile_n // WORD_BITS
+  word_cols = pl.ds(col_block * words_per_row, words_per_row)
+  shift = lax.broadcasted_iota(jnp.uint32, (1, 1, WORD_BITS), 2)
 
   def step(i, acc):
     # invariant: acc = sum over this split's first i K tiles of x_tile @ expand(w_tile)
     k0 = (split * steps + i) * tile_k
-    words = bm_ref[k0 + r, word_col]  # [tile_k, tile_n] (each word read once per bit)
-    bits = ((words >> shift) & jnp.uint32(1)).astype(jnp.int32)
+    words = bm_ref[pl.ds(k0, tile_k), word_cols]  # [tile_k, tile_n / 32], coalesced
+    bits = ((words[:, :, None] >> shift) & jnp.uint32(1)).astype(jnp.int32)
+    bits = bits.reshape(tile_k, tile_n)  # bit c % 32 of word c // 32 -> column c
     base = rp_ref[pl.ds(k0, tile_k), pl.ds(col_block, 1)]  # [tile_k, 1]
-    idx = jnp.minimum(base + tile_ranks(bits, axis=1), last)
-    w = jnp.where(bits == 1, v_ref[idx], 0).astype(x_ref.dtype)
-    return acc + _dot(x_ref[rows, pl.ds(k0, tile_k)], w)
+    nonzero = bits == 1
+    # only set bits load a value: the tile's packed values, gathered at row_ptr + rank
+    vals = pltriton.load(v_ref.at[base + tile_ranks(bits, axis=1)], mask=nonzero, other=0)
+    return acc + _dot(x_ref[rows, pl.ds(k0, tile_k)], vals.astype(x_ref.dtype))
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, tile_n), jnp.float32))
   pltriton.store(o_ref.at[split, rows, pl.ds(col_block * tile_n, tile_n)], acc,
