@@ -8,7 +8,8 @@ Cases (``y = x @ w``, ``x: [m, k]`` bf16, ``w: [k, n]``):
 * one small case (K = N = 2048, m = 16, 80%) with ``jax.experimental.sparse`` BCOO too
   (its matmul is very slow: it is timed at that size only);
 * CATS SwiGLU at decode (D 4096, H 14336, m = 1, 8) at 50% activation sparsity vs the dense
-  SwiGLU.
+  SwiGLU;
+* on GPU (full run), a sweep of the tiled format's tile size at K = N = 8192, m = 16, 80%.
 
 Implementations in each case (same process, same device):
 
@@ -159,6 +160,25 @@ def _cats_rows(m, d, h, rounds):
   return rows
 
 
+SWEEP_TILES = ((32, 64), (64, 64), (64, 128), (128, 128))
+
+
+def _tile_sweep_rows(m, k, n, sparsity, rounds):
+  """Tiled-format tile sizes (the kernel's K and N steps) at one case (GPU, full run)."""
+  case = f"tile sweep {_fmt_name(sparsity)} m={m} k={k} n={n}"
+  rows = []
+  for tile in SWEEP_TILES:
+    w = formats.compress(_pruned(k, n, sparsity, 0), tile=tile)
+    params = {"m": m, "k": k, "n": n, "sparsity": sparsity, "format": "tiled",
+              "tile": f"{tile[0]}x{tile[1]}"}
+    fn = jax.jit(lambda x, w: sm.sparse_matmul(x, w))
+    t = harness.safe_time(fn, lambda i: (_x(m, k, i), w), rounds=rounds, max_sets=2)
+    rows.append(_row(case, params, f"jaxeff:tile{tile[0]}x{tile[1]}", t, m, k, n,
+                     harness.tree_bytes(w)))
+  _pruned.cache_clear()
+  return rows
+
+
 def run(quick: bool) -> list[harness.Row]:
   on_gpu = jax.default_backend() == "gpu"
   rounds = QUICK_ROUNDS if quick else ROUNDS
@@ -173,6 +193,8 @@ def run(quick: bool) -> list[harness.Row]:
         rows += _sparse_rows(m, k, n, fmt, dense, rounds)
     _compressed.cache_clear()  # free this shape's weights
     _pruned.cache_clear()
+  if on_gpu and not quick:
+    rows += _tile_sweep_rows(16, *s["square"], 0.8, rounds)
   rows += _bcoo_rows(*s["bcoo"], rounds)
   d, h = s["cats"]
   for m in s["cats_m"]:
