@@ -64,6 +64,10 @@ class ParallelOptions:
     microbatches: pipeline microbatches per step (the local batch must divide by it);
       0 = as many as pipeline stages.
     rules: logical-axis rules (None: :data:`jaxeff.parallel.mesh.DEFAULT_RULES`).
+    check_vma: ``jax.shard_map``'s varying-axes type checking. None = on for CPU (pure XLA)
+      and off on GPU/TPU, where jaxeff's Pallas kernels run inside the map and their
+      ``pallas_call`` output shapes carry no varying-axes types yet. Off, JAX's transpose
+      psums the gradients of replicated inputs instead (same gradients).
   """
 
   sequence_parallel: bool = False
@@ -72,6 +76,7 @@ class ParallelOptions:
   bidirectional_ring: bool = False
   microbatches: int = 0
   rules: tuple[tuple[str, Any], ...] | None = None
+  check_vma: bool | None = None
 
   def __post_init__(self):
     if self.context not in CONTEXT_KINDS:
@@ -83,6 +88,12 @@ class ParallelOptions:
     if not isinstance(self.microbatches, int) or self.microbatches < 0:
       raise ValueError(f"ParallelOptions: microbatches must be an int >= 0, got "
                        f"{self.microbatches!r}")
+
+  @property
+  def vma(self) -> bool:
+    if self.check_vma is not None:
+      return self.check_vma
+    return jax.default_backend() == "cpu"
 
   @property
   def rule_dict(self) -> dict[str, Any]:
@@ -376,7 +387,7 @@ def _body(plan: _Plan, dims: Any, return_logits: bool):
       return logits
     loss = tp.vocab_parallel_cross_entropy(logits, targets, axis_name="tensor")
     total = jnp.sum(loss)
-    split = tuple(a for a in plan.batch_axes + ("sequence",) if a in mesh_lib.varying_axes(total))
+    split = plan.batch_axes + (("sequence",) if plan.size("sequence") > 1 else ())
     return lax.psum(total, split) if split else total
 
   return body
@@ -415,7 +426,8 @@ def _build(config: GPTConfig, mesh: Mesh, options: ParallelOptions, return_logit
       out_specs = P(ba, seq_axis, "tensor" if plan.size("tensor") > 1 else None)
     else:
       out_specs = P()
-    f = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    f = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                      check_vma=options.vma)
     out = f(cparams, tokens, tgt, positions, seg)
     if return_logits:
       return out if identity else jnp.take(out, jnp.asarray(np.argsort(perm)), axis=1)

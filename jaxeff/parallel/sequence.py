@@ -10,10 +10,14 @@ next block's transfer is issued before the current block's compute so the two ov
 Forward and backward are one ``jax.custom_vjp``: the residuals are the local q/k/v, the
 merged output and log-sum-exp only (no per-step activations), and the backward rings the
 key/value blocks again together with their gradient accumulators, which return to their
-owners after the last hop. Each backward block step recomputes its block's partial output
-and log-sum-exp and pulls the block gradient out of the op's own VJP with the cotangents
-of the merge (``do_j = w_j do``, ``dlse_j = w_j <do, o_j - o>``, ``w_j = e^{lse_j - lse}``),
-so it works with every implementation of the op.
+owners after the last hop. With a flash kernel named (``implementation="mosaic_gpu"``,
+``"triton"``, ...) each backward block step runs the kernel's backward on the merged output
+and log-sum-exp directly (FlashAttention-2's ``dS = P (dP - rowsum(dO o))`` with
+``P = exp(S - lse)`` is exactly the block's share). Otherwise (``None``, ``"xla"``) the
+block's partial output is recomputed and its gradient pulled out of the op's own VJP with
+the merge's cotangents (``do_j = w_j do``, ``dlse_j = w_j <do, o_j - o>``,
+``w_j = e^{lse_j - lse}``), which works with every implementation at the cost of one
+block forward more.
 
 Causal load balancing: with the sequence cut into ``n`` contiguous blocks the last device
 does ``n`` block products and the first one. The **zig-zag** layout (Brandon et al.'s
@@ -136,23 +140,53 @@ def _block_fwd(branch, q, k, v, q_ids, kv_ids, st):
   return (_pad_half(o.astype(jnp.float32), 1, qp, 0.0), _pad_half(lse, 2, qp, -jnp.inf))
 
 
+_KERNEL_BACKENDS = ("mosaic_gpu", "triton", "mosaic_tpu")
+
+
+def _kernel_backend(implementation) -> tuple[str, bool] | None:
+  """``(backend, interpret)`` when one flash kernel is named explicitly, else None."""
+  if not isinstance(implementation, str):
+    return None
+  name, _, suffix = implementation.partition(":")
+  if name in _KERNEL_BACKENDS and suffix in ("", "interpret"):
+    return name, suffix == "interpret"
+  return None
+
+
 def _block_bwd(branch, q, k, v, q_ids, kv_ids, out, lse, d_out, st):
-  """(dq, dk, dv) of one block given the merged ``out``/``lse`` and ``d_out``."""
+  """(dq, dk, dv) of one block given the merged ``out``/``lse`` and ``d_out``.
+
+  With a flash kernel named explicitly its backward runs directly on the merged
+  ``(out, lse)`` (FlashAttention's block gradient needs nothing else); otherwise the
+  block's partial output is recomputed and pulled back through the op's VJP with the
+  merge's cotangents (works for every implementation).
+  """
   if branch is None:
     return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
   qp, kp, causal = branch
   qs, ks, vs = _halves(q, 1, qp), _halves(k, 1, kp), _halves(v, 1, kp)
   qi = None if q_ids is None else _halves(q_ids, 1, qp)
   ki = None if kv_ids is None else _halves(kv_ids, 1, kp)
-  (o_j, lse_j), vjp = jax.vjp(lambda a, b_, c: _attn(a, b_, c, qi, ki, causal, st), qs, ks, vs)
   out_s, lse_s, do_s = _halves(out, 1, qp), _halves(lse, 2, qp), _halves(d_out, 1, qp)
-  safe = jnp.where(jnp.isfinite(lse_s), lse_s, 0.0)
-  w = jnp.where(jnp.isfinite(lse_j), jnp.exp(lse_j - safe), 0.0)  # [b, n, t]
-  wt = jnp.moveaxis(w, 1, 2)[..., None]
-  do_j = (do_s * wt).astype(o_j.dtype)
-  inner = jnp.sum(do_s * (o_j.astype(jnp.float32) - out_s), axis=-1)  # [b, t, n]
-  dlse_j = w * jnp.moveaxis(inner, 2, 1)
-  dq, dk, dv = vjp((do_j, dlse_j))
+  kernel = _kernel_backend(st["implementation"])
+  if kernel is not None:
+    from jaxeff.ops import attention as attention_ops  # the kernels' own backward
+    fs = attention_ops._FlashStatic(backend=kernel[0], is_causal=causal, window=None,
+                                    scale=st["scale"], soft_cap=st["soft_cap"],
+                                    interpret=kernel[1])
+    mod = attention_ops._backward_module(fs, q.shape[-1])
+    dq, dk, dv = mod.backward(qs, ks, vs, out_s.astype(q.dtype), lse_s, do_s.astype(q.dtype),
+                              qi, ki, None, **fs.kernel_kwargs())
+  else:
+    (o_j, lse_j), vjp = jax.vjp(lambda a, b_, c: _attn(a, b_, c, qi, ki, causal, st),
+                                qs, ks, vs)
+    safe = jnp.where(jnp.isfinite(lse_s), lse_s, 0.0)
+    w = jnp.where(jnp.isfinite(lse_j), jnp.exp(lse_j - safe), 0.0)  # [b, n, t]
+    wt = jnp.moveaxis(w, 1, 2)[..., None]
+    do_j = (do_s * wt).astype(o_j.dtype)
+    inner = jnp.sum(do_s * (o_j.astype(jnp.float32) - out_s), axis=-1)  # [b, t, n]
+    dlse_j = w * jnp.moveaxis(inner, 2, 1)
+    dq, dk, dv = vjp((do_j, dlse_j))
   return (_pad_half(dq, 1, qp, 0), _pad_half(dk, 1, kp, 0), _pad_half(dv, 1, kp, 0))
 
 

@@ -16,6 +16,7 @@ from jaxeff.parallel import sequence as sq
 from jaxeff.parallel import tensor as tp
 from jaxeff.parallel.mesh import make_mesh
 from tests.helpers import assert_close
+from tests.parallel._compile import jit
 
 
 def _value_and_grads(f, args, ct_key):
@@ -57,14 +58,14 @@ def test_tensor_parallel_mlp_and_vocab_parallel_head(key):
 
   f = jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P(None, "tensor"), P("tensor"),
                                                   P("tensor"), P()), out_specs=P())
-  got, g_got = jax.jit(lambda *a: _value_and_grads(lambda *b: f(*b, tok), a, k[4]))(
+  got, g_got = jit(lambda *a: _value_and_grads(lambda *b: f(*b, tok), a, k[4]))(
       x, w1, w2, table)
   want = ref(x, w1, w2, table)
   ct = jax.random.normal(k[4], got.shape)
   for i in range(2):
     assert_close(got[i], want, name=f"variant {i}")
-  g_want = jax.grad(lambda *a: sum(jnp.sum(ref(*a) * ct[i]) for i in range(2)),
-                    argnums=(0, 1, 2, 3))(x, w1, w2, table)
+  g_want = jit(jax.grad(lambda *a: sum(jnp.sum(ref(*a) * ct[i]) for i in range(2)),
+                        argnums=(0, 1, 2, 3)))(x, w1, w2, table)
   for name, a, e in zip(("x", "w1", "w2", "table"), g_got, g_want):
     assert_close(a, e, name=f"grad {name}")
 
@@ -98,11 +99,39 @@ def test_ring_attention_equals_full_attention(key, causal, layout, bidirectional
     return dot_product_attention(q, kk, v, is_causal=causal, segment_ids=seg,
                                  implementation="xla")
 
-  got, g_got = jax.jit(lambda *a: _value_and_grads(ring, a, k[3]))(q, kk, v)
-  want, g_want = _value_and_grads(full, (q, kk, v), k[3])
+  got, g_got = jit(lambda *a: _value_and_grads(ring, a, k[3]))(q, kk, v)
+  want, g_want = jit(lambda *a: _value_and_grads(full, a, k[3]))(q, kk, v)
   assert_close(got, want)
   for name, a, e in zip("qkv", g_got, g_want):
     assert_close(a, e, name=f"d{name}")
+
+
+def test_ring_attention_with_the_flash_kernel_interpreted(key):
+  """The Pallas-Triton kernel (interpret mode) on each block and its own backward on the
+  merged (out, lse); check_vma=False as on GPU."""
+  mesh = make_mesh("sequence=2,data=4")
+  k = jax.random.split(key, 4)
+  q = jax.random.normal(k[0], (4, 32, 2, 16), jnp.bfloat16)
+  kk, v = (jax.random.normal(k[i], (4, 32, 1, 16), jnp.bfloat16) for i in (1, 2))
+  perm = sq.sequence_permutation(32, 2)
+  inv = np.argsort(perm)
+  spec = P("data", "sequence")
+
+  def ring(q, kk, v):
+    g = jax.shard_map(lambda *a: sq.ring_attention(*a, axis_name="sequence", is_causal=True,
+                                                   implementation="triton:interpret"),
+                      mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    return g(q[:, perm], kk[:, perm], v[:, perm])[:, inv].astype(jnp.float32)
+
+  def full(q, kk, v):
+    return dot_product_attention(q.astype(jnp.float32), kk.astype(jnp.float32),
+                                 v.astype(jnp.float32), is_causal=True, implementation="xla")
+
+  got, g_got = jit(lambda *a: _value_and_grads(ring, a, k[3]))(q, kk, v)
+  want, g_want = jit(lambda *a: _value_and_grads(full, a, k[3]))(q, kk, v)
+  assert_close(got, want, rtol=1.5e-2)
+  for name, a, e in zip("qkv", g_got, g_want):
+    assert_close(a.astype(jnp.float32), e.astype(jnp.float32), rtol=1.5e-2, name=f"d{name}")
 
 
 def test_ulysses_attention_and_errors(key):
@@ -114,10 +143,10 @@ def test_ulysses_attention_and_errors(key):
   f = jax.shard_map(lambda *a: sq.ulysses_attention(*a, axis_name="sequence", is_causal=True,
                                                     implementation="xla"),
                     mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-  got, g_got = jax.jit(lambda *a: _value_and_grads(f, a, k[0]))(q, kk, v)
-  want, g_want = _value_and_grads(
-      lambda *a: dot_product_attention(*a, is_causal=True, implementation="xla"), (q, kk, v),
-      k[0])
+  got, g_got = jit(lambda *a: _value_and_grads(f, a, k[0]))(q, kk, v)
+  want, g_want = jit(lambda *a: _value_and_grads(
+      lambda *b: dot_product_attention(*b, is_causal=True, implementation="xla"), a, k[0]))(
+          q, kk, v)
   assert_close(got, want)
   for a, e in zip(g_got, g_want):
     assert_close(a, e)
@@ -152,7 +181,7 @@ def test_pipeline_schedules_equal_sequential(key):
   def sequential(w):
     return jnp.mean(jax.vmap(lambda x, t: loss_fn(stage(w, x), t))(xs, tg))
 
-  loss, grads = jax.value_and_grad(sequential)(w)
+  loss, grads = jit(jax.value_and_grad(sequential))(w)
 
   def gpipe_loss(w):
     ys = jax.shard_map(lambda w, xs: pl.gpipe(stage, w, xs, axis_name="pipeline"),
@@ -163,8 +192,8 @@ def test_pipeline_schedules_equal_sequential(key):
     l, g = pl.one_f_one_b(stage, loss_fn, w, xs, tg, axis_name="pipeline")
     return l, jax.lax.pmean(g, "data")
 
-  l1, g1 = jax.jit(jax.value_and_grad(gpipe_loss))(w)
-  l2, g2 = jax.jit(jax.shard_map(ofob, mesh=mesh, in_specs=(P("pipeline"), P(), P()),
+  l1, g1 = jit(jax.value_and_grad(gpipe_loss))(w)
+  l2, g2 = jit(jax.shard_map(ofob, mesh=mesh, in_specs=(P("pipeline"), P(), P()),
                                  out_specs=(P(), P("pipeline"))))(w, xs, tg)
   for got_l, got_g in ((l1, g1), (l2, g2)):
     assert_close(got_l, loss)

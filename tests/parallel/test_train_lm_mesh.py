@@ -7,6 +7,7 @@ import numpy as np
 
 from experiments import train_lm
 from jaxeff.models import gpt
+from tests.parallel import _compile
 
 MODEL = gpt.PRESETS["tiny"].replace(num_layers=1, d_model=32, mlp_hidden=48,
                                     attention_implementation="xla")
@@ -21,9 +22,10 @@ def test_mesh_train_steps_equal_single_device_steps(key):
     mesh = train_lm.make_mesh(jax.devices()[:1]) if mesh_text is None else train_lm.build_mesh(cfg)
     progs = train_lm.programs(MODEL, cfg, mesh)
     state = progs.init(jax.random.key(0))
+    step = progs.train_step.lower(state, batch).compile(compiler_options=_compile.options())
     metrics = []
     for _ in range(2):
-      state, m = progs.train_step(state, batch)
+      state, m = step(state, batch)
       metrics.append(jax.device_get(m))
     results.append((jax.device_get(state.params), metrics))
   (p1, m1), (p8, m8) = results
