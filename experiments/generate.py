@@ -363,8 +363,11 @@ def decode_bytes(tokens: Sequence[int]) -> str:
 
 def load_params(checkpoint: str, step: int | None = None):
   """``(config, params, meta)`` from a checkpoint or run folder, on the default device."""
+  import os
+
   from experiments import checkpoint as ckpt
 
+  checkpoint = os.path.abspath(checkpoint)  # Orbax restores from absolute paths only
   meta = ckpt.read_meta(checkpoint, step)
   try:
     config = gpt.GPTConfig.from_dict(meta["model"])

@@ -284,12 +284,28 @@ def run(cfg: Config) -> dict:
   full_ppl = rows[0]["perplexity"]
   for r in rows:
     r["ppl_vs_full"] = r["perplexity"] / full_ppl
+    r["kv_bytes_vs_bf16"] = kv_bytes_ratio(r["policy"], r["budget"], cfg.seq_len,
+                                           model_cfg.dim_per_head)
   return dict(experiment="kv_budget", date=datetime.date.today().isoformat(),
               jax_version=jax.__version__, device=jax.devices()[0].device_kind,
               checkpoint=cfg.checkpoint, model=dataclasses.asdict(model_cfg),
               train_step=meta.get("step"), seq_len=cfg.seq_len, batch=cfg.batch,
               prefill=cfg.prefill, eval_tokens=int(targets.size), num_sinks=NUM_SINKS,
               rows=rows)
+
+
+def kv_bytes_ratio(policy: str, budget: int, seq_len: int, head_dim: int) -> float:
+  """KV bytes held at the end of a ``seq_len`` sequence, over a full bf16 cache."""
+  full = seq_len * common.kv_bytes_per_token(head_dim, "none")
+  if policy == "full":
+    return 1.0
+  if policy.startswith("all-"):
+    return common.kv_bytes_per_token(head_dim, policy[4:]) / common.kv_bytes_per_token(
+        head_dim, "none")
+  kept = min(budget, seq_len) * common.kv_bytes_per_token(head_dim, "none")
+  if policy == "zipvl-int4":
+    kept += (seq_len - min(budget, seq_len)) * common.kv_bytes_per_token(head_dim, "int4")
+  return kept / full
 
 
 def table(result: dict) -> str:
