@@ -95,8 +95,6 @@ def test_prune_gpt_tree_magnitude_wanda_nm(tiny_gpt, key):
   nm, _ = P.prune(params, [P.PruneRule(r"mlp/[^/]+_proj/kernel$", nm="2:4")])
   g = np.asarray(nm["block_1"]["mlp"]["up_proj"]["kernel"]).reshape(16, 4, -1)
   assert ((g != 0).sum(axis=1) == 2).all()
-  logits = jax.jit(model.apply)({"params": pruned}, tokens)
-  assert np.isfinite(np.asarray(logits)).all()
   with pytest.raises(ValueError, match="needs input norms"):
     P.prune(params, [P.PruneRule(linear, "wanda", sparsity=0.5)])
 

@@ -17,8 +17,8 @@ Implementations in each case (same process, same device):
   (the Triton kernels on GPU; on CPU the reference, so CPU rows only smoke-test the suite);
 * ``xla:bf16``: ``jnp.dot`` of bf16 ``x`` and the dense bf16 ``w`` (the baseline the
   targets are against; timed once per shape and m, repeated in each case);
-* ``xla:dense_mlp``: the dense SwiGLU (CATS cases); ``xla:cats``: the CATS reference
-  (thresholded, dense weights);
+* ``xla:dense_mlp``: the dense SwiGLU (CATS cases); ``xla:cats``: the thresholded SwiGLU
+  written in jnp on dense weights (bf16);
 * ``bcoo``: ``jax.experimental.sparse.BCOO`` of the pruned weight, ``x @ w_bcoo``.
 
 Throughput is the dense-equivalent TFLOP/s (``2 m k n`` over the time) so rows of a case
@@ -147,10 +147,15 @@ def _cats_rows(m, d, h, rounds):
   wu_t = jnp.asarray(wu.T)  # [h, d]: the layout the kernel reads
   calib = jax.random.normal(ks[3], (256, d)).astype(jnp.bfloat16) @ wg
   t = float(activation.calibrate_cats_threshold(calib.astype(jnp.float32), 0.5))
-  make = lambda i: (_x(m, d, i),)  # noqa: E731
-  ours = jax.jit(lambda x: sm.cats_mlp(x, wg, wu_t, wd, threshold=t, up_transposed=True))
-  ref = jax.jit(lambda x: sm.cats_mlp(x, wg, wu, wd, threshold=t, implementation="xla"))
-  dense = jax.jit(lambda x: jnp.dot(jax.nn.silu(x @ wg) * (x @ wu), wd))
+  make = lambda i: (_x(m, d, i), wg, wu, wu_t, wd)  # noqa: E731  (weights as arguments)
+  ours = jax.jit(lambda x, wg, wu, wu_t, wd: sm.cats_mlp(x, wg, wu_t, wd, threshold=t,
+                                                         up_transposed=True))
+  def xla_cats(x, wg, wu, wu_t, wd):  # what a user writes: thresholded SwiGLU, dense weights
+    a = jax.nn.silu(x @ wg)
+    return jnp.dot(jnp.where(jnp.abs(a) > t, a, 0) * (x @ wu), wd)
+
+  ref = jax.jit(xla_cats)
+  dense = jax.jit(lambda x, wg, wu, wu_t, wd: jnp.dot(jax.nn.silu(x @ wg) * (x @ wu), wd))
   flops = 2 * m * d * h * 3
   rows = []
   for impl, fn in (("jaxeff", ours), ("xla:cats", ref), ("xla:dense_mlp", dense)):
