@@ -142,7 +142,7 @@ def _linear_bytes(params) -> int:
              if k[-1] in ("kernel", "act_quant") and "embed" not in k and "lm_head" not in k)
 
 
-def run(args, log=print) -> dict:
+def run(args, log=print, partial=None) -> dict:
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
   ckpt = args.checkpoint or train_checkpoint(args.preset, args.train_steps, log)
@@ -152,10 +152,11 @@ def run(args, log=print) -> dict:
   dtype = args.dtype or ("bfloat16" if on_gpu else config.dtype)
   config = config.replace(dtype=dtype)
   seq_len = int(meta.get("train", {}).get("seq_len", 64))
+  batch_size = max(1, min(16, 8192 // seq_len))  # <= 8k tokens a batch (logits memory)
   dataset = data_lib.load_dataset(None)
-  val = data_lib.val_batches(dataset, num_batches=args.eval_batches, batch_size=16,
+  val = data_lib.val_batches(dataset, num_batches=args.eval_batches, batch_size=batch_size,
                              seq_len=seq_len)
-  calib = [data_lib.train_batch(dataset, 100_000 + i, batch_size=16, seq_len=seq_len,
+  calib = [data_lib.train_batch(dataset, 100_000 + i, batch_size=batch_size, seq_len=seq_len,
                                 seed=1)["inputs"] for i in range(args.calib_batches)]
   model = gpt.GPT(config)
   float_params = params
@@ -165,10 +166,22 @@ def run(args, log=print) -> dict:
   prompts = [prompt] * args.batch
   log(f"quantize_lm: {gpt.num_params(config) / 1e6:.2f}M params ({config.num_layers} layers, "
       f"d {config.d_model}), compute {dtype}, {device.device_kind}; ppl over "
-      f"{args.eval_batches}x16x{seq_len} val tokens, decode batch {args.batch} x "
+      f"{args.eval_batches}x{batch_size}x{seq_len} val tokens, decode batch {args.batch} x "
       f"{args.new_tokens} tokens")
   rows = []
-  for m in methods(args.quick):
+  chosen = methods(args.quick)
+  if args.methods:
+    names = [n.strip() for n in args.methods.split(",")]
+    known = {m.name: m for m in methods(False)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+      raise SystemExit(f"quantize_lm: error: --methods: unknown {unknown}; known: {list(known)}")
+    chosen = [known["float"]] + [known[n] for n in names if n != "float"]
+  header = {"suite": "quantize_lm", "device_kind": device.device_kind,
+            "jax_version": jax.__version__, "checkpoint": ckpt, "model": config.to_dict(),
+            "compute_dtype": dtype, "eval_tokens": args.eval_batches * batch_size * seq_len,
+            "decode_batch": args.batch, "new_tokens": args.new_tokens, "quick": args.quick}
+  for m in chosen:
     t0 = time.perf_counter()
     extra = {}
     if m.rules is None and not m.mixed:
@@ -190,6 +203,8 @@ def run(args, log=print) -> dict:
            "linear_bytes": _linear_bytes(p), "decode_tokens_per_s": tps,
            "quantize_s": quant_s, "sample": text[:60], **extra}
     rows.append(row)
+    if partial is not None:
+      partial({**header, "rows": rows})
     log(f"  {m.name:26s} ppl {ppl:8.3f}  bytes {row['model_bytes'] / 1e6:7.2f} MB  "
         f"decode {tps:9.1f} tok/s  ({quant_s:.1f} s)")
   base = rows[0]
@@ -199,12 +214,8 @@ def run(args, log=print) -> dict:
     r["linear_bytes_vs_float"] = r["linear_bytes"] / base["linear_bytes"]
     r["speedup_vs_float"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
   from experiments.bench import harness
-  return {"suite": "quantize_lm", "device": harness.device_name(),
-          "device_kind": device.device_kind, "jax_version": jax.__version__,
-          "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "checkpoint": ckpt, "model": config.to_dict(), "compute_dtype": dtype,
-          "eval_tokens": args.eval_batches * 16 * seq_len, "decode_batch": args.batch,
-          "new_tokens": args.new_tokens, "quick": args.quick, "rows": rows}
+  return {**header, "device": harness.device_name(),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -237,7 +248,10 @@ def parse_args(argv: Sequence[str] | None = None):
   p.add_argument("--checkpoint", default=None, help="trained run/checkpoint folder "
                  "(default: train --preset first)")
   p.add_argument("--preset", default="cpu-small", help="train_lm preset when training")
-  p.add_argument("--train-steps", type=int, default=None, help="override the preset's steps")
+  p.add_argument("--train-steps", type=int, default=None,
+                 help="override the preset's steps (--quick: 100)")
+  p.add_argument("--methods", default=None,
+                 help="comma-separated row names to run (the float baseline always runs)")
   p.add_argument("--quick", action="store_true", help="fewer methods and tokens")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute dtype (default: bfloat16 on GPU, the model's on CPU)")
@@ -251,6 +265,8 @@ def parse_args(argv: Sequence[str] | None = None):
   args = p.parse_args(argv)
   if args.eval_batches is None:
     args.eval_batches = 4 if args.quick else 8
+  if args.quick and args.train_steps is None:
+    args.train_steps = 100
   if args.new_tokens is None:
     args.new_tokens = 64 if args.quick else 128
   return args
@@ -258,12 +274,20 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  result = run(args)
   from experiments.bench import harness
   dirs = [Path(args.out) if args.out else Path("experiments/results") / harness.device_name()]
   if os.environ.get("OUT"):
     dirs.append(Path(os.environ["OUT"]))
+
+  def partial(res):  # rows so far, in case the run is cut short
+    for d in dirs:
+      d.mkdir(parents=True, exist_ok=True)
+      (d / "quantize_lm.partial.json").write_text(json.dumps(res, indent=1) + "\n")
+
+  result = run(args, partial=partial)
   write(result, dirs)
+  for d in dirs:
+    (d / "quantize_lm.partial.json").unlink(missing_ok=True)
   print(markdown(result))
   print("wrote " + ", ".join(str(d / "quantize_lm.json") for d in dirs))
   return 0
