@@ -17,9 +17,15 @@ backward, its input gradient to the previous one) with one ``ppermute``.
   the loss and the parameter gradients itself (a manual VJP per microbatch, recomputing
   the stage forward from the stashed input). Idle slots are skipped with ``lax.cond``.
 
-Bubble (idle) fraction of both: ``(p - 1) / (M + p - 1)`` of the ideal time
-(:func:`bubble_fraction`); with ``v`` interleaved model chunks per device (Megatron's
-interleaved 1F1B) it is ``(p - 1) / (v M + p - 1)`` (reported only; not implemented here).
+* :func:`interleaved` (the circular / interleaved schedule of Narayanan et al., 2021, as
+  in MaxText's ``num_pipeline_repeats``): each device holds ``v`` model chunks (chunk
+  ``r`` of stage ``s`` is layer group ``r p + s``) and every microbatch goes around the ring
+  ``v`` times; a tick runs one chunk, microbatch ``m`` in round ``r`` reaches stage ``s``
+  at tick ``r M + m + s`` (``M >= p``: the wrap-around output waits in a buffer on stage
+  0). Differentiable like :func:`gpipe`.
+
+Bubble (idle) fraction: ``(p - 1) / (M + p - 1)`` of the ideal time for GPipe and 1F1B,
+``(p - 1) / (v M + p - 1)`` for the interleaved schedule (:func:`bubble_fraction`).
 """
 
 from __future__ import annotations
@@ -187,3 +193,57 @@ def one_f_one_b(stage_fn: Callable[[Any, jax.Array], jax.Array],
   carry, _ = lax.scan(tick, init, jnp.arange(m + 2 * p - 2))
   _, _, _, grads, loss_sum = carry
   return lax.psum(loss_sum, axis_name) / m, grads
+
+
+def interleaved(stage_fn: Callable[[Any, jax.Array], jax.Array], chunk_params: Any,
+                microbatches: jax.Array, *, axis_name: str = "pipeline") -> jax.Array:
+  """The interleaved (circular) pipeline schedule (module docstring); differentiable.
+
+  Args:
+    stage_fn: ``(params_of_one_chunk, x [mb, ...]) -> y [mb, ...]``.
+    chunk_params: this device's ``v`` chunks, every leaf with a leading ``[v]`` axis (chunk
+      ``r`` on device ``s`` is the ``r * p + s``-th group of layers).
+    microbatches: ``[M, mb, ...]`` with ``M >= p`` (stage 0 reads it).
+
+  Returns:
+    ``[M, mb, ...]``: the outputs after all ``v * p`` chunks, on every stage.
+  """
+  m, p, s = _check("interleaved", microbatches, axis_name)
+  v = jax.tree.leaves(chunk_params)[0].shape[0]
+  if p > 1 and m < p:
+    raise ValueError(f"interleaved: needs at least as many microbatches ({m}) as pipeline "
+                     f"stages ({p})")
+  nxt = [(j, (j + 1) % p) for j in range(p)]
+  axes = union_varying_axes(chunk_params, microbatches) | {axis_name}
+  pvary_all = lambda tree: pvary_to(tree, axes)  # noqa: E731
+
+  def tick(carry, t):
+    state, loop, outputs = carry
+    # Stage 0 parks what wrapped around from the last stage (microbatch (t - p) mod M).
+    arrived = t - p
+    loop = jnp.where((s == 0) & (arrived >= 0) & (p > 1),
+                     lax.dynamic_update_index_in_dim(loop, state, jnp.maximum(arrived, 0) % m, 0),
+                     loop)
+    fresh = lax.dynamic_index_in_dim(microbatches, jnp.minimum(t, m - 1), 0, keepdims=False)
+    again = lax.dynamic_index_in_dim(loop, t % m, 0, keepdims=False)
+    x = state if p > 1 else jnp.where(t < m, fresh, outputs[t % m])
+    if p > 1:
+      x = jnp.where(s == 0, jnp.where(t < m, fresh, again), state)
+    r = jnp.clip((t - s) // m, 0, v - 1)
+    y = stage_fn(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, 0, keepdims=False),
+                              chunk_params), x)
+    done = t - ((v - 1) * m + p - 1)  # microbatch finishing its last round now
+    put = lax.dynamic_update_index_in_dim(outputs, y, jnp.clip(done, 0, m - 1), 0)
+    if p == 1:
+      outputs = lax.dynamic_update_index_in_dim(outputs, y, t % m, 0)
+    else:
+      outputs = jnp.where((s == p - 1) & (done >= 0), put, outputs)
+      y = lax.ppermute(y, axis_name, nxt)
+    return pvary_all((y, loop, outputs)), None
+
+  init = pvary_all((jnp.zeros_like(microbatches[0]), jnp.zeros_like(microbatches),
+                    jnp.zeros_like(microbatches)))
+  (_, _, outputs), _ = lax.scan(tick, init, jnp.arange(v * m + p - 1))
+  if p == 1:
+    return outputs
+  return lax.psum(jnp.where(s == p - 1, outputs, jnp.zeros_like(outputs)), axis_name)

@@ -165,7 +165,8 @@ def test_ulysses_attention_and_errors(key):
 
 
 def test_pipeline_schedules_equal_sequential(key):
-  """GPipe (jax.grad through the schedule) and 1F1B (manual schedule) over 4 stages."""
+  """GPipe (jax.grad through the schedule), 1F1B (manual schedule) and the interleaved
+  schedule (2 chunks per device) over 4 stages."""
   mesh = make_mesh("pipeline=4,data=2")
   k = jax.random.split(key, 3)
   layers, d, m, mb = 8, 6, 5, 3
@@ -192,10 +193,17 @@ def test_pipeline_schedules_equal_sequential(key):
     l, g = pl.one_f_one_b(stage, loss_fn, w, xs, tg, axis_name="pipeline")
     return l, jax.lax.pmean(g, "data")
 
+  def interleaved_loss(w):
+    chunks = w.reshape(2, 4, layers // 8, d, d)  # chunk r of stage s: layer group 4 r + s
+    ys = jax.shard_map(lambda c, xs: pl.interleaved(stage, c[:, 0], xs, axis_name="pipeline"),
+                       mesh=mesh, in_specs=(P(None, "pipeline"), P()), out_specs=P())(chunks, xs)
+    return jnp.mean(jax.vmap(loss_fn)(ys, tg))
+
+  l3, g3 = jit(jax.value_and_grad(interleaved_loss))(w)
   l1, g1 = jit(jax.value_and_grad(gpipe_loss))(w)
   l2, g2 = jit(jax.shard_map(ofob, mesh=mesh, in_specs=(P("pipeline"), P(), P()),
                                  out_specs=(P(), P("pipeline"))))(w, xs, tg)
-  for got_l, got_g in ((l1, g1), (l2, g2)):
+  for got_l, got_g in ((l1, g1), (l2, g2), (l3, g3)):
     assert_close(got_l, loss)
     assert_close(got_g, grads)
   assert pl.bubble_fraction("1f1b", 4, 5) == pytest.approx(3 / 8)

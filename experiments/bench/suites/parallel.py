@@ -55,6 +55,22 @@ PRESET = "gpt-125m"
 GPU_SHAPE = dict(batch=4, seq=2048)
 CPU_SHAPE = dict(batch=4, seq=64)
 ROUNDS, QUICK_ROUNDS, STEPS_PER_ROUND = 10, 4, 5
+# Per case: (full GPU, --quick GPU, CPU smoke test with fake devices).
+SHAPES = {
+    "collective_matmul": ((8192, 8192, 4 * 8192), (4096, 4096, 4 * 4096), (64, 32, 128)),
+    "ring": ((32768, 16, 128), (8192, 16, 128), (64, 2, 16)),
+    "pipeline": ((4096, 2048, 4), (2048, 1024, 2), (32, 8, 2)),
+    "weak": (dict(batch=4, seq=2048), dict(batch=4, seq=2048), dict(batch=2, seq=32)),
+}
+
+
+def _shape(case: str, quick: bool):
+  full, fast, cpu = SHAPES[case]
+  if jax.default_backend() == "cpu":
+    return cpu
+  return fast if quick else full
+
+
 GPT_1P3B = gpt.GPTConfig(vocab_size=32000, num_layers=24, d_model=2048, num_heads=16,
                          mlp_hidden=5632, max_seq_len=2048, tie_embeddings=False,
                          dtype="bfloat16", scan_layers=True)
@@ -145,12 +161,13 @@ def overhead_rows(quick: bool) -> list[harness.Row]:
 
 def weak_scaling_rows(quick: bool, counts) -> list[harness.Row]:
   rows = []
-  models = [("gpt-350m", gpt.PRESETS["gpt-350m"])]
-  if not quick:
+  on_gpu = jax.default_backend() == "gpu"
+  models = [("gpt-350m", gpt.PRESETS["gpt-350m"])] if on_gpu else [("tiny", gpt.PRESETS["tiny"])]
+  if not quick and on_gpu:
     models.append(("gpt-1.3b", GPT_1P3B))
-  per_device = dict(batch=4, seq=2048)
+  per_device = _shape("weak", quick)
   for name, config in models:
-    if quick:
+    if quick and on_gpu:
       config = config.replace(num_layers=4)
     base, _ = _safe(time_train_step, config, None, jax.devices()[:1], **per_device,
                     rounds=QUICK_ROUNDS if quick else ROUNDS)
@@ -176,7 +193,7 @@ def _time(fn, *args, rounds):
 
 def collective_matmul_rows(quick: bool, counts) -> list[harness.Row]:
   rows = []
-  tokens, d, f = (8192, 8192, 4 * 8192) if not quick else (4096, 4096, 4 * 4096)
+  tokens, d, f = _shape("collective_matmul", quick)
   for n in counts:
     mesh = pmesh.make_mesh(f"tensor={n}", jax.devices()[:n])
     x = jax.device_put(jnp.ones((tokens, d), jnp.bfloat16) * 0.01,
@@ -222,11 +239,12 @@ def collective_matmul_rows(quick: bool, counts) -> list[harness.Row]:
 def ring_attention_rows(quick: bool, counts) -> list[harness.Row]:
   from jaxeff.ops.attention import dot_product_attention
   rows = []
-  local, heads, hd = (32768, 16, 128) if not quick else (8192, 16, 128)
+  local, heads, hd = _shape("ring", quick)
   rounds = 5 if quick else 10
   key = jax.random.key(0)
   one = jax.devices()[0]
-  q1 = jax.device_put(jax.random.normal(key, (1, local, heads, hd), jnp.bfloat16), one)
+  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  q1 = jax.device_put(jax.random.normal(key, (1, local, heads, hd), dtype), one)
 
   def flash_fwd(q):
     return dot_product_attention(q, q, q, is_causal=True)
@@ -242,7 +260,7 @@ def ring_attention_rows(quick: bool, counts) -> list[harness.Row]:
   for n in counts:
     total = local * n
     mesh = pmesh.make_mesh(f"sequence={n}", jax.devices()[:n])
-    qn = jax.device_put(jax.random.normal(key, (1, total, heads, hd), jnp.bfloat16),
+    qn = jax.device_put(jax.random.normal(key, (1, total, heads, hd), dtype),
                         NamedSharding(mesh, P(None, "sequence")))  # already zig-zag ordered
 
     def ring(q):  # check_vma=False: Pallas kernels inside the map (notes/parallel.md)
@@ -259,7 +277,7 @@ def ring_attention_rows(quick: bool, counts) -> list[harness.Row]:
       t = _time(fn, qn, rounds=rounds)
       case = f"ring causal {mode} s{total} h{heads} d{hd} n{n}"
       params = dict(seq=total, seq_per_device=local, heads=heads, head_dim=hd, causal=True,
-                    devices=n, dtype="bfloat16", mode=mode)
+                    devices=n, dtype=jnp.dtype(dtype).name, mode=mode)
       rows.append(harness.Row(case=case, params=params, implementation="flash:1gpu x n",
                               median_s=base[mode] * n, throughput=per_gpu / (base[mode] * n) / 1e12,
                               unit="TFLOP/s/gpu", extra=dict(one_gpu_s=base[mode])))
@@ -273,7 +291,7 @@ def ring_attention_rows(quick: bool, counts) -> list[harness.Row]:
 
 def pipeline_rows(quick: bool, counts) -> list[harness.Row]:
   rows = []
-  d, mb, layers_per_stage = (4096, 2048, 4) if not quick else (2048, 1024, 2)
+  d, mb, layers_per_stage = _shape("pipeline", quick)
   m = 8
   key = jax.random.key(0)
 
@@ -328,8 +346,8 @@ def run(quick: bool = False) -> list[harness.Row]:
   deadline = time.perf_counter() + float(os.environ.get("JAXEFF_BENCH_DEADLINE_S", "inf"))
   rows = overhead_rows(quick)
   count = jax.device_count()
-  if count == 1 or jax.default_backend() != "gpu":
-    print("parallel suite: one device (or CPU): scaling cases need several GPUs; skipped")
+  if count == 1:
+    print("parallel suite: one device: the scaling cases need several; skipped")
     return rows
   counts = [n for n in (2, 4, 8) if n <= count]
   print("parallel suite: expert-parallel MoE scaling is left to the MoE layer (no rows)")
