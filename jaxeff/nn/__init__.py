@@ -4,6 +4,7 @@ from jaxeff.nn.attention import KVCache, MultiHeadAttention
 from jaxeff.nn.mlp import SwiGLU
 from jaxeff.nn.moe import MoE
 from jaxeff.nn.normalization import LayerNorm, RMSNorm
+from jaxeff.nn.quant import QuantDense, prepack_params, quantized_inference
 from jaxeff.nn.rope import apply_rope, rope_frequencies
 from jaxeff.nn.spectral import (AdaptiveFrequencyFilter, FFTConv, GlobalFilter, HyenaOperator,
                                 SpectralDense, sst_mask_gradients, sst_reorthogonalize)
@@ -13,3 +14,4 @@ __all__ = ["KVCache", "LayerNorm", "MultiHeadAttention", "RMSNorm", "SwiGLU", "a
 __all__ += ["AdaptiveFrequencyFilter", "FFTConv", "GlobalFilter", "HyenaOperator", "SpectralDense",
             "sst_mask_gradients", "sst_reorthogonalize"]
 __all__ += ["MoE"]
+__all__ += ["QuantDense", "prepack_params", "quantized_inference"]
