@@ -90,17 +90,18 @@ def _nm_fn(x2, w: NMSparse, *, out_dtype, min_sparsity, interpret):
   del min_sparsity
   m, k = x2.shape
   n = w.shape[1]
-  block_g, _ = _triton.nm_block_sizes(w.m)
   g = k // w.m
+  gs = w.values.shape[1]  # stored groups (>= g when packed)
+  per_step = 2 * w.meta_block if w.meta_block else _triton.nm_block_sizes(w.m)[0]
   bn = next((b for b in _BLOCK_N if n % b == 0), 16)
-  cfg = _triton.default_config(m, _round_up(n, bn), _round_up(g, block_g) // block_g, bn)
-  gp, np_, mp = _round_up(g, block_g * cfg.split_k), _round_up(n, bn), _round_up(m, cfg.block_m)
+  cfg = _triton.default_config(m, _round_up(n, bn), _round_up(gs, per_step) // per_step, bn)
+  gp, np_, mp = _round_up(gs, per_step * cfg.split_k), _round_up(n, bn), _round_up(m, cfg.block_m)
   planes = x2.reshape(m, g, w.m).transpose(2, 0, 1)  # planes[j] = x[:, j::m]
   planes = _pad_to(planes, (w.m, mp, gp))
   values = _pad_to(w.values, (w.n, gp, np_))
-  meta = _pad_to(w.meta, (gp, np_))
-  out = _triton.nm_sparse_matmul(planes, values, meta, n=w.n, m=w.m, m_real=m, config=cfg,
-                                 block_n=bn, interpret=interpret)
+  meta = _pad_to(w.meta, (gp // 2 if w.meta_block else gp, np_))
+  out = _triton.nm_sparse_matmul(planes, values, meta, n=w.n, m=w.m, meta_block=w.meta_block,
+                                 m_real=m, config=cfg, block_n=bn, interpret=interpret)
   return out[:, :n].astype(out_dtype)
 
 

@@ -15,9 +15,12 @@ pytrees (arrays are leaves, shapes and block sizes static), built offline on the
   64-wide tiles: 0.59 bytes vs 2 dense, 3.4x fewer).
 * :class:`NMSparse` -- N:M structured sparsity along K (at most ``n`` non-zeros in each
   group of ``m`` consecutive rows of a column; Mishra et al., 2021 for 2:4). ``values
-  [n, K / m, N]`` holds slot ``s`` of every group; ``meta [K / m, N]`` (uint8) holds the
-  slots' row offsets within the group, ``log2(m)`` bits each (slot ``s`` at bit
-  ``s * log2(m)``). 2:4 bf16: ``(2 * 2 + 1) / (4 * 2)`` = 0.625 of dense.
+  [n, G, N]`` holds slot ``s`` of every group (``G = K / m``, padded with zero groups to
+  whole kernel steps when the metadata is packed); the uint8 metadata holds the slots'
+  row offsets within the group, ``log2(m)`` bits each (slot ``s`` at bit
+  ``s * log2(m)``): two groups a byte when that fits in 4 bits (2:4, 1:4, 1:2;
+  ``meta_block`` > 0, layout in :func:`kernels_pallas.sparse.pack_nm_meta`), else one.
+  2:4 bf16: ``(2 * 2 + 0.5) / (4 * 2)`` = 0.5625 of dense (1.78x fewer bytes).
 * :class:`BlockSparse` -- BSR with ``block_k x block_n`` blocks (16..128), stored per
   block column in ELL form: ``blocks [N / bn, R, bk, bn]``, ``block_rows [N / bn, R]``,
   ``counts [N / bn]`` (R = most blocks in a column; slots past ``counts`` are zero blocks),
@@ -38,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.sparse import WORD_BITS, expand_nm, nm_slot_offsets, tile_ranks
+from kernels_pallas.sparse import (WORD_BITS, expand_nm, nm_slot_offsets, pack_nm_meta,
+                                   tile_ranks, unpack_nm_meta)
 
 NM_PATTERNS = ((2, 4), (1, 4), (2, 8), (1, 2), (4, 8))
 BSR_BLOCKS = (16, 32, 64, 128)
@@ -90,13 +94,20 @@ class TiledSparse:
 
 @dataclasses.dataclass(frozen=True)
 class NMSparse:
-  """N:M sparse ``[K, N]`` weight: ``values [n, K / m, N]``, ``meta`` uint8 ``[K / m, N]``."""
+  """N:M sparse ``[K, N]`` weight: ``values [n, G, N]``; ``meta`` uint8 ``[G, N]``
+  (``meta_block == 0``) or ``[G / 2, N]`` (two groups a byte in runs of ``2 meta_block``
+  groups); ``G >= K / m`` (zero groups pad a packed weight to whole runs)."""
 
   values: jax.Array
   meta: jax.Array
   shape: tuple[int, int]
   n: int
   m: int
+  meta_block: int = 0
+
+  def group_meta(self) -> jax.Array:
+    """One metadata byte a group: ``[G, N]`` uint8."""
+    return unpack_nm_meta(self.meta, self.meta_block) if self.meta_block else self.meta
 
   @property
   def sparsity(self) -> float:
@@ -138,7 +149,7 @@ class BlockSparse:
 
 
 _static(TiledSparse, ["values", "bitmap", "row_ptr"], ["shape", "tile", "nnz"])
-_static(NMSparse, ["values", "meta"], ["shape", "n", "m"])
+_static(NMSparse, ["values", "meta"], ["shape", "n", "m", "meta_block"])
 _static(BlockSparse, ["blocks", "block_rows", "counts", "t_cols", "t_slots", "t_counts"],
         ["shape", "block", "num_blocks"])
 
@@ -248,7 +259,11 @@ def expand_tiles(ts: TiledSparse) -> jax.Array:
 # ------------------------------------------------------------------------------- N:M
 
 
-def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None) -> NMSparse:
+NM_META_BLOCK = 32  # groups per half-run of packed metadata (the kernel's K step / 2)
+
+
+def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None,
+                pack_meta: bool | None = None, meta_block: int = NM_META_BLOCK) -> NMSparse:
   """N:M storage of ``w``, which must already satisfy the pattern along K.
 
   Args:
@@ -256,6 +271,8 @@ def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None) -
       each column (e.g. ``w * nm_mask(w, "2:4")``); K divisible by ``m``.
     pattern: ``"2:4"``, ``"1:4"``, ``"2:8"``, ...
     dtype: storage dtype of the values (default ``w.dtype``).
+    pack_meta: two groups a metadata byte (default: when ``n * log2(m) <= 4``).
+    meta_block: groups per half-run of packed metadata (a power of two >= 16).
 
   Returns:
     :class:`NMSparse`. Groups with fewer than ``n`` non-zeros keep zeros in the spare slots.
@@ -265,6 +282,14 @@ def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None) -
   k, cols = a.shape
   if k % m:
     raise ValueError(f"compress_nm: K = {k} (w.shape {a.shape}) must be divisible by M = {m}")
+  bits = int(math.log2(m))
+  fits = n * bits <= 4
+  pack = fits if pack_meta is None else bool(pack_meta)
+  if pack and not fits:
+    raise ValueError(f"compress_nm: {n}:{m} needs {n * bits} metadata bits a group; "
+                     "pack_meta needs <= 4")
+  if pack and (meta_block < 16 or meta_block & (meta_block - 1)):
+    raise ValueError(f"compress_nm: meta_block must be a power of two >= 16, got {meta_block}")
   g = a.reshape(k // m, m, cols)
   nz = g != 0
   worst = int(nz.sum(axis=1).max()) if a.size else 0
@@ -273,13 +298,18 @@ def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None) -
                      f"non-zeros (prune it first, e.g. w * nm_mask(w, '{n}:{m}'))")
   # Slot order: the non-zero rows first (ascending), then the smallest zero rows.
   order = np.argsort(~nz, axis=1, kind="stable")[:, :n, :]  # [K/m, n, N]
-  vals = np.take_along_axis(g, order, axis=1)  # [K/m, n, N]
-  bits = int(math.log2(m))
+  vals = np.take_along_axis(g, order, axis=1).transpose(1, 0, 2)  # [n, K/m, N]
   meta = np.zeros((k // m, cols), np.int32)
   for s in range(n):
     meta |= order[:, s, :].astype(np.int32) << (s * bits)
-  return NMSparse(jnp.asarray(vals.transpose(1, 0, 2), dtype or w.dtype),
-                  jnp.asarray(meta.astype(np.uint8)), (k, cols), n, m)
+  meta = jnp.asarray(meta.astype(np.uint8))
+  vals = jnp.asarray(vals, dtype or w.dtype)
+  if not pack:
+    return NMSparse(vals, meta, (k, cols), n, m)
+  gp = -(-(k // m) // (2 * meta_block)) * 2 * meta_block
+  vals = jnp.pad(vals, ((0, 0), (0, gp - k // m), (0, 0)))
+  meta = pack_nm_meta(jnp.pad(meta, ((0, gp - k // m), (0, 0))), meta_block)
+  return NMSparse(vals, meta, (k, cols), n, m, meta_block)
 
 
 # ------------------------------------------------------------------------------- BSR
@@ -377,9 +407,9 @@ def _decompress(w: Any) -> jax.Array:
     k, n = w.shape
     return expand_tiles(w)[:k, :n]
   if isinstance(w, NMSparse):
-    planes = expand_nm([w.values[s] for s in range(w.n)], w.meta, w.n, w.m)
+    planes = expand_nm([w.values[s] for s in range(w.n)], w.group_meta(), w.n, w.m)
     k, n = w.shape
-    return jnp.stack(planes, axis=1).reshape(k, n)
+    return jnp.stack(planes, axis=1).reshape(-1, n)[:k]
   return bsr_dense(w.blocks, w)
 
 

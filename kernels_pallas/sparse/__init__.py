@@ -6,9 +6,13 @@ Formats (built by :mod:`jaxeff.sparse.formats`; ``w: [K, N]``, ``y = x @ w``):
   bitmap (uint32 words along N) and a pointer to the row's first packed non-zero; the
   value at column ``c`` is ``values[row_ptr + rank(c)]`` with ``rank(c)`` the set bits left
   of ``c`` (:func:`tile_ranks`).
-* N:M along K: ``values [n, K / m, N]`` (slot-major) and ``meta [K / m, N]`` uint8 with
-  each slot's row offset in its group (``log2(m)`` bits a slot); :func:`expand_nm`
-  rebuilds the ``m`` dense row planes of a tile with selects only (no gather, no reshape).
+* N:M along K: ``values [n, G, N]`` (slot-major, ``G = K / m`` groups) and uint8 metadata
+  with each slot's row offset in its group (``log2(m)`` bits a slot): one byte a group
+  (``meta [G, N]``), or, when the slots fit in 4 bits (2:4, 1:4, 1:2), two groups a byte
+  (``meta [G / 2, N]``, :func:`pack_nm_meta`: in each run of ``2 b`` groups, byte row
+  ``i`` holds group ``i`` in its low nibble and group ``b + i`` in its high nibble, so a
+  kernel step of ``2 b`` groups reads ``b`` byte rows); :func:`expand_nm` rebuilds the
+  ``m`` dense row planes of a tile with selects only (no gather, no reshape).
 * BSR, ELL per block column (``blocks [N / bn, R, bk, bn]``, ``block_rows``, ``counts``).
 
 Kernels: :mod:`kernels_pallas.sparse.triton` (Pallas Triton lowering; interpretable on CPU).
@@ -35,6 +39,25 @@ def nm_slot_offsets(meta: jax.Array, n: int, m: int) -> list[jax.Array]:
   bits = int(math.log2(m))
   q = meta.astype(jnp.int32)
   return [(q >> (s * bits)) & (m - 1) for s in range(n)]
+
+
+NIBBLE = 4
+
+
+def pack_nm_meta(meta: jax.Array, block: int) -> jax.Array:
+  """One byte a group ``[G, N]`` -> two groups a byte ``[G / 2, N]`` (``G`` a multiple of
+  ``2 * block``; every entry < 16)."""
+  g, n = meta.shape
+  t = meta.astype(jnp.uint8).reshape(g // (2 * block), 2, block, n)
+  return (t[:, 0] | (t[:, 1] << NIBBLE)).reshape(g // 2, n)
+
+
+def unpack_nm_meta(packed: jax.Array, block: int) -> jax.Array:
+  """Inverse of :func:`pack_nm_meta`: ``[G / 2, N]`` -> ``[G, N]`` uint8."""
+  h, n = packed.shape
+  t = packed.astype(jnp.uint8).reshape(h // block, 1, block, n)
+  both = jnp.concatenate([t & 0xF, t >> NIBBLE], axis=1)
+  return both.reshape(2 * h, n)
 
 
 def expand_nm(values, meta: jax.Array, n: int, m: int) -> list[jax.Array]:

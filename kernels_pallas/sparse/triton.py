@@ -14,8 +14,9 @@ All compute ``y = x @ w`` for ``x: [M, K]`` and a sparse ``w: [K, N]`` (formats 
   tensor-core dot. Partial products of the ``split_k`` slices (real rows of ``x`` only)
   are summed by the caller (split-K keeps every SM busy at
   ``M <= 64``, as in :mod:`kernels_pallas.matmul.triton`).
-* :func:`nm_sparse_matmul`: the same partition; a step loads ``n`` value planes and one
-  metadata byte a group for ``block_k / m`` groups, rebuilds the ``m`` dense row planes
+* :func:`nm_sparse_matmul`: the same partition; a step loads ``n`` value planes and the
+  metadata of its groups (half a byte a group for 2:4 / 1:4: one byte row serves two runs
+  of ``block_g`` groups), rebuilds the ``m`` dense row planes
   with selects (:func:`kernels_pallas.sparse.expand_nm`) and does ``m`` dots against the
   matching strided columns of ``x`` (``x[:, j::m]``, split by the caller): no gather, no
   reshape in the kernel.
@@ -181,21 +182,28 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
 
 
 def _nm_kernel(x_ref, v_ref, meta_ref, o_ref, *, n: int, m: int, block_g: int,
-               block_n: int, steps: int, m_real: int, cfg: SparseMatmulConfig):
+               block_n: int, steps: int, m_real: int, packed: bool, cfg: SparseMatmulConfig):
   bm = cfg.block_m
   col_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(row_block * bm, bm)
   cols = pl.ds(col_block * block_n, block_n)
 
-  def step(i, acc):
-    # invariant: acc = sum over this split's first i groups-tiles of x @ w (dense rows)
-    g0 = (split * steps + i) * block_g
+  def add_run(acc, g0, meta):
     groups = pl.ds(g0, block_g)
     vals = [v_ref[s, groups, cols] for s in range(n)]
-    planes = expand_nm(vals, meta_ref[groups, cols], n, m)
-    for j in range(m):  # dense rows g * m + j of the tile against x[:, j::m]
-      acc = acc + _dot(x_ref[j, rows, groups], planes[j].astype(x_ref.dtype))
+    for j, plane in enumerate(expand_nm(vals, meta, n, m)):
+      # dense rows g * m + j of the tile against x[:, j::m]
+      acc = acc + _dot(x_ref[j, rows, groups], plane.astype(x_ref.dtype))
     return acc
+
+  def step(i, acc):
+    # invariant: acc = x @ (dense rows of this split's first i steps of groups)
+    t = split * steps + i
+    meta = meta_ref[pl.ds(t * block_g, block_g), cols]
+    if not packed:
+      return add_run(acc, t * block_g, meta)
+    acc = add_run(acc, 2 * t * block_g, meta & 0xF)
+    return add_run(acc, (2 * t + 1) * block_g, meta >> 4)
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, block_n), jnp.float32))
   pltriton.store(o_ref.at[split, rows, cols], acc,
@@ -209,15 +217,18 @@ def nm_block_sizes(m: int) -> tuple[int, int]:
 
 
 def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *, n: int,
-                     m: int, m_real: int | None = None,
+                     m: int, meta_block: int = 0, m_real: int | None = None,
                      config: SparseMatmulConfig | None = None,
                      block_n: int | None = None, interpret: bool = False) -> jax.Array:
   """``x @ w`` for an N:M ``w`` (fields of ``jaxeff.sparse.NMSparse``).
 
   Args:
-    x_planes: ``[m, M, K / m]``: ``x_planes[j] = x[:, j::m]`` (M a multiple of
-      ``block_m``, ``K / m`` of ``16 * split_k``; pad with zeros).
-    values: ``[n, K / m, N]``; meta: uint8 ``[K / m, N]`` (N a multiple of ``block_n``).
+    x_planes: ``[m, M, G]``: ``x_planes[j] = x[:, j::m]`` (M a multiple of ``block_m``;
+      pad with zeros).
+    values: ``[n, G, N]`` (N a multiple of ``block_n``).
+    meta: uint8 ``[G, N]`` one byte a group (``meta_block == 0``; G a multiple of
+      ``block_g * split_k``), or ``[G / 2, N]`` packed two groups a byte in runs of
+      ``2 * meta_block`` groups (G a multiple of ``2 * meta_block * split_k``).
     n, m: the pattern.
     m_real: rows that are not padding (default M).
 
@@ -227,13 +238,16 @@ def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *,
   _, rows, g = x_planes.shape
   cols = values.shape[2]
   block_g, bn = nm_block_sizes(m)
+  packed = meta_block > 0
+  block_g = meta_block if packed else block_g
+  per_step = block_g * (2 if packed else 1)
   bn = block_n or bn
-  cfg = config or default_config(rows, cols, g // block_g, bn)
-  _check_tiles("nm_sparse_matmul", rows, g, cols, cfg.block_m, block_g * cfg.split_k, bn)
-  steps = g // (block_g * cfg.split_k)
+  cfg = config or default_config(rows, cols, g // per_step, bn)
+  _check_tiles("nm_sparse_matmul", rows, g, cols, cfg.block_m, per_step * cfg.split_k, bn)
+  steps = g // (per_step * cfg.split_k)
   m_real = rows if m_real is None else m_real
   kernel = functools.partial(_nm_kernel, n=n, m=m, block_g=block_g, block_n=bn, steps=steps,
-                             m_real=m_real, cfg=cfg)
+                             m_real=m_real, packed=packed, cfg=cfg)
   partial = pl.pallas_call(
       kernel,
       grid=(cols // bn, cfg.split_k, rows // cfg.block_m),

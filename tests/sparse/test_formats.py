@@ -42,14 +42,21 @@ def test_tiled_bf16_and_pytree(key):
                                 np.asarray(w, np.float32))
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8"])
-def test_nm_round_trip_exact(pattern, key):
-  w = jax.random.normal(key, (64, 40), jnp.float32)
+@pytest.mark.parametrize("pattern,pack", [("2:4", None), ("2:4", False), ("1:4", None),
+                                          ("2:8", None)])
+def test_nm_round_trip_exact(pattern, pack, key):
+  w = jax.random.normal(key, (96, 40), jnp.float32)
   w = jnp.where(nm_mask(jnp.abs(w), pattern), w, 0)
-  c = F.compress_nm(w, pattern)
+  c = F.compress_nm(w, pattern, pack_meta=pack, meta_block=16)
   n, m = F.parse_nm(pattern)
-  assert c.values.shape == (n, 64 // m, 40) and c.meta.shape == (64 // m, 40)
-  assert c.meta.dtype == jnp.uint8
+  g = 96 // m
+  packed = pattern != "2:8" and pack is None  # 2:8 needs 6 bits: one byte a group
+  assert c.meta_block == (16 if packed else 0) and c.meta.dtype == jnp.uint8
+  if packed:  # groups padded to whole runs of 2 * 16, half a byte each
+    gp = -(-g // 32) * 32
+    assert c.values.shape == (n, gp, 40) and c.meta.shape == (gp // 2, 40)
+  else:
+    assert c.values.shape == (n, g, 40) and c.meta.shape == (g, 40)
   np.testing.assert_array_equal(np.asarray(F.decompress(c)), np.asarray(w))
 
 
@@ -96,6 +103,8 @@ def test_format_errors(key):
     F.compress_nm(jax.random.normal(key, (32, 8)), "2:4")
   with pytest.raises(ValueError, match="N:M pattern must be one of"):
     F.compress_nm(jax.random.normal(key, (32, 8)), "3:4")
+  with pytest.raises(ValueError, match="2:8 needs 6 metadata bits a group"):
+    F.compress_nm(jnp.zeros((32, 8)), "2:8", pack_meta=True)
   with pytest.raises(ValueError, match="must look like '2:4'"):
     F.parse_nm("two:four")
   with pytest.raises(ValueError, match="tile_n must be a multiple of 32"):

@@ -42,13 +42,15 @@ def test_tiled_kernel_matches_masked_dense(m, k, n, sparsity, tile, key):
   assert_close(out, _dense_ref(x, w))
 
 
-@pytest.mark.parametrize("pattern,m,k,n", [("2:4", 3, 128, 48), ("1:4", 1, 64, 128),
-                                           ("2:8", 20, 128, 40)])
-def test_nm_kernel_matches_masked_dense(pattern, m, k, n, key):
+@pytest.mark.parametrize("pattern,m,k,n,pack", [("2:4", 3, 136, 48, None),
+                                                ("1:4", 1, 64, 128, False),
+                                                ("2:8", 20, 128, 40, None)])
+def test_nm_kernel_matches_masked_dense(pattern, m, k, n, pack, key):
   w = jax.random.normal(key, (k, n))
   w = jnp.where(nm_mask(jnp.abs(w), pattern), w, 0)
   x = _x(key, m, k)
-  out = sparse_matmul(x, F.compress_nm(w, pattern), implementation=INTERPRET)
+  ws = F.compress_nm(w, pattern, pack_meta=pack, meta_block=16)
+  out = sparse_matmul(x, ws, implementation=INTERPRET)
   assert_close(out, _dense_ref(x, w))
 
 
@@ -220,6 +222,8 @@ def test_kernels_lower_for_cuda():
        sds((k, n // 64), i32)),
       (lambda x, v, m: T.nm_sparse_matmul(x, v, m, n=2, m=4), sds((4, 16, k // 4), bf),
        sds((2, k // 4, n), bf), sds((k // 4, n), jnp.uint8)),
+      (lambda x, v, m: T.nm_sparse_matmul(x, v, m, n=2, m=4, meta_block=32),
+       sds((4, 16, k // 4), bf), sds((2, k // 4, n), bf), sds((k // 8, n), jnp.uint8)),
       (lambda x, b, r, c: T.bsr_matmul(x, b, r, c), sds((32, k), bf),
        sds((n // 32, 4, 32, 32), bf), sds((n // 32, 4), i32), sds((n // 32,), i32)),
       (lambda d, b, c, s, t: T.bsr_matmul_t(d, b, c, s, t, k=k), sds((32, n), bf),
