@@ -57,6 +57,7 @@ from experiments import generate as gen
 from jaxeff.models import gpt
 from jaxeff.parallel import gpt as pgpt
 from jaxeff.parallel import mesh as pmesh
+from jaxeff.parallel import pipeline as pipeline_lib
 
 DATA_AXIS = "data"
 
@@ -527,6 +528,14 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       f"val bytes")
   mesh_text = "" if cfg.mesh is None else " (mesh " + ",".join(
       f"{a}={n}" for a, n in pmesh.mesh_sizes(mesh).items() if n > 1) + ")"
+  stages = pmesh.axis_size(mesh, "pipeline") if cfg.mesh is not None else 1
+  if stages > 1:
+    micro = cfg.microbatches or stages
+    bubble = pipeline_lib.bubble_fraction("gpipe", stages, micro)
+    run_info["pipeline"] = {"schedule": "gpipe", "stages": stages, "microbatches": micro,
+                            "bubble_fraction": bubble}
+    _write_json(out / "config.json", run_info)
+    mesh_text += f"; GPipe {stages} stages x {micro} microbatches, bubble {bubble:.1%}"
   log(f"  {cfg.steps} steps x batch {cfg.batch_size} x seq {cfg.seq_len} on {mesh.size} x "
       f"{device.device_kind}{mesh_text}; run folder {out}"
       + (f"; resuming at step {start_step}" if start_step else ""))

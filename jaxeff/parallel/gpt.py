@@ -163,7 +163,7 @@ def _canonical(params: Mapping[str, Any], config: GPTConfig, stack: bool) -> dic
   params = dict(params)
 
   def unfuse(block):
-    block = jax.tree.map(lambda a: a, dict(block))
+    block = dict(block)
     attn, mlp = dict(block["attn"]), dict(block["mlp"])
     if "qkv_proj" in attn:
       n, k = config.num_heads, config.kv_heads
@@ -214,8 +214,6 @@ def _plan(config: GPTConfig, mesh: Mesh, options: ParallelOptions) -> _Plan:
   batch_rule = rules.get("batch")
   batch_axes = tuple(a for a in ((batch_rule,) if isinstance(batch_rule, str) else
                                  tuple(batch_rule or ())) if sizes[a] > 1)
-  if getattr(config, "fused_projections", False) and sizes["tensor"] > 1:
-    pass  # fused kernels are split into q/k/v and gate/up before the map
   if sizes["sequence"] > 1 and config.local_window_size is not None:
     raise ValueError("parallel GPT: local_window_size is not supported with a sequence axis "
                      f"of size {sizes['sequence']} (ring/Ulysses attention attend globally)")
@@ -262,8 +260,6 @@ def check_shapes(config: GPTConfig, mesh: Mesh, options: ParallelOptions, batch:
     if (batch // nb) % m:
       raise ValueError(f"parallel GPT: the per-device batch ({batch // nb}) must be divisible "
                        f"by the number of pipeline microbatches ({m})")
-    if options.sequence_parallel and False:
-      pass
 
 
 # ----------------------------------------------------------------------------- inside the map
