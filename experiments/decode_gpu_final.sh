@@ -4,7 +4,7 @@
 #   PYTHONUNBUFFERED=1 PYTHONPATH=. bash experiments/decode_gpu_final.sh
 # Logs and JSON land in $OUT; copy them to notes/device_logs/ and experiments/results/.
 set -o pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+export PYTHONUNBUFFERED=1 PYTHONPATH=. DECODE_MOSAIC_CANARY_FILE=/tmp/decode_canary.json
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 timeout 100 python3 -m pytest -q -m gpu tests/ops/test_decode_attention.py \
   -k "canary or real_sizes or lower" 2>&1 | grep -v "Warning\|warnings.warn\|return rule" \

@@ -540,11 +540,30 @@ def main(argv=None) -> int:
   return 1 if failed else 0
 
 
+CANARY_CACHE_ENV = "DECODE_MOSAIC_CANARY_FILE"
+
+
 @functools.cache
 def canary(timeout_s: float = 150.0) -> dict[str, str | None]:
   """Runs :func:`main` ``--check`` in a subprocess (a hang or crash cannot take the
   caller with it). Returns, per cache format, None when its check passed, else the reason.
-  Cached per process."""
+  Cached per process, and across processes of one device session when the environment
+  variable ``DECODE_MOSAIC_CANARY_FILE`` names a JSON file (read if present, else
+  written): the tests and the bench suite then compile the self-check once."""
+  import json
+  import os
+  cache_file = os.environ.get(CANARY_CACHE_ENV)
+  if cache_file and os.path.exists(cache_file):
+    with open(cache_file) as f:
+      return json.load(f)
+  result = _run_canary(timeout_s)
+  if cache_file:
+    with open(cache_file, "w") as f:
+      json.dump(result, f)
+  return result
+
+
+def _run_canary(timeout_s: float) -> dict[str, str | None]:
   import os
   import subprocess
   import sys
