@@ -49,7 +49,7 @@ def test_wanda_uses_input_norms_per_output():
   assert (mask.sum(axis=0) == 2).all()  # same count in every output column
 
 
-@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("sparsity", [0.9])
 def test_unstructured_mask_count(sparsity, key):
   s = jax.random.uniform(key, (40, 30))
   mask = P.unstructured_mask(s, sparsity)
