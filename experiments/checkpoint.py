@@ -35,8 +35,9 @@ def _ocp():
 
 
 def resolve_dir(path: str | os.PathLike) -> Path:
-  """``path`` itself, or ``path/checkpoints`` when ``path`` is a run folder."""
-  p = Path(path)
+  """``path`` itself, or ``path/checkpoints`` when ``path`` is a run folder (absolute:
+  Orbax refuses relative paths)."""
+  p = Path(path).absolute()
   if (p / "checkpoints").is_dir():
     return p / "checkpoints"
   return p

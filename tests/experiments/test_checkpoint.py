@@ -54,6 +54,14 @@ def test_round_trip_keep_last_and_every(tmp_path, key):
   assert ckpt.latest_step(tmp_path) == 30
 
 
+def test_relative_paths_restore(tmp_path, key, monkeypatch):
+  saved, _ = _save_steps(tmp_path / "run" / "checkpoints", key, [10])
+  monkeypatch.chdir(tmp_path)
+  params, _, meta = ckpt.restore("run", abstract_params=_abstract(saved[10]))
+  assert meta["step"] == 10 and ckpt.read_meta("run")["step"] == 10
+  np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(saved[10]["w"]))
+
+
 def test_half_written_save_is_ignored(tmp_path, key):
   saved, _ = _save_steps(tmp_path, key, [10])
   # What a crash during the save of step 20 leaves behind: Orbax's temporary folder.
