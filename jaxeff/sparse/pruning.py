@@ -327,8 +327,10 @@ def prune_heads(params, fraction: float) -> Any:
     imp = (jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=(0, 2)))
            * jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)), axis=(1, 2))))
     keep = head_mask(imp, fraction)
-    attn["q_proj"] = {**attn["q_proj"], "kernel": jnp.where(keep[None, :, None], q, 0).astype(q.dtype)}
-    attn["o_proj"] = {**attn["o_proj"], "kernel": jnp.where(keep[:, None, None], o, 0).astype(o.dtype)}
+    q = jnp.where(keep[None, :, None], q, 0).astype(q.dtype)
+    o = jnp.where(keep[:, None, None], o, 0).astype(o.dtype)
+    attn["q_proj"] = {**attn["q_proj"], "kernel": q}
+    attn["o_proj"] = {**attn["o_proj"], "kernel": o}
     params[b] = {**params[b], "attn": attn}
   return params
 

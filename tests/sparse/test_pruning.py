@@ -134,9 +134,12 @@ def test_mask_decay_schedule_and_gradient():
 
 
 def test_gmp_cubic_schedule():
-  s = lambda t: float(T.gmp_sparsity(t, final_sparsity=0.8, begin_step=10, end_step=110,  # noqa: E731
-                                     initial_sparsity=0.0, frequency=10))
-  assert s(0) == 0.0 and s(10) == 0.0 and s(110) == pytest.approx(0.8) and s(1000) == pytest.approx(0.8)
+  def s(t):
+    return float(T.gmp_sparsity(t, final_sparsity=0.8, begin_step=10, end_step=110,
+                                initial_sparsity=0.0, frequency=10))
+
+  assert s(0) == 0.0 and s(10) == 0.0
+  assert s(110) == pytest.approx(0.8) and s(1000) == pytest.approx(0.8)
   assert s(60) == pytest.approx(0.8 + (0.0 - 0.8) * 0.5**3)
   assert s(65) == s(60)  # held between updates
   with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\)"):
@@ -164,10 +167,10 @@ def test_sparse_dense_nm_srste_and_unstructured(key):
   frac = 1 - float(jnp.mean(masks["mask"]))
   assert frac == pytest.approx(round(float(s) * 128) / 128)
   y = ul.apply({"params": uv["params"], "sparsity": masks}, x)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(x @ jnp.where(masks["mask"], uv["params"]["kernel"], 0)),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(magnitude_mask_traced(jnp.array([3.0, -1.0, 2.0]), 1 / 3)),
-                                [True, False, True])
+  masked = jnp.where(masks["mask"], uv["params"]["kernel"], 0)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x @ masked), rtol=1e-5, atol=1e-6)
+  tiny = magnitude_mask_traced(jnp.array([3.0, -1.0, 2.0]), 1 / 3)
+  np.testing.assert_array_equal(np.asarray(tiny), [True, False, True])
   with pytest.raises(ValueError, match="needs step="):
     SparseDense(8, mode="nm", nm_method="mask_decay").init(key, x)
 

@@ -43,7 +43,8 @@ from jaxeff.sparse.pruning import nm_mask
 
 PLOT_X = "sparsity"
 ROUNDS, QUICK_ROUNDS = 10, 5
-MAX_WEIGHT_SETS = 2  # distinct compressed weights per case (L2 rotation; host compression ~1-3 s each at 8192^2)
+# Distinct compressed weights per case (L2 rotation); host compression ~1-3 s each at 8192^2.
+MAX_WEIGHT_SETS = 2
 
 
 def _sizes(on_gpu: bool, quick: bool):
