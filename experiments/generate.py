@@ -307,7 +307,11 @@ def generate(config: gpt.GPTConfig, params, prompts: Sequence[Sequence[int]],
     num_pages = _round_up(need, 16)
   static = (config, batch, prompt_len, max_len, sampling.max_new_tokens, sampling.temperature,
             sampling.top_k, sampling.top_p, kv_cache, kv_quant, page_size, num_pages,
-            stop.shape[0], tuple(str(x.sharding) for x in jax.tree.leaves(params)[:1]))
+            stop.shape[0], tuple(str(x.sharding) for x in jax.tree.leaves(params)[:1]),
+            # The params' structure, shapes and dtypes: quantized or otherwise transformed
+            # trees of the same config must not reuse another tree's executable.
+            jax.tree.structure(params),
+            tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params)))
   prefill, decode = _programs(*static[:12])
   extra = () if kv_cache == "paged" else (lengths_d,)
   compiled = _COMPILED.get(static)
