@@ -30,6 +30,7 @@ for ``jaxeff``) over the time. On CPU the sizes shrink (K = N = 512, LLM shapes 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import jax
@@ -37,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench import harness
-from jaxeff.ops import sparse_matmul as sm
 from jaxeff.sparse import activation, formats
 from jaxeff.sparse.pruning import nm_mask
+
+# The module (jaxeff.ops exports the function of the same name).
+sm = importlib.import_module("jaxeff.ops.sparse_matmul")
 
 PLOT_X = "sparsity"
 ROUNDS, QUICK_ROUNDS = 10, 5
