@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from experiments import checkpoint as ckpt
 from experiments import data as data_lib
 from experiments import generate as gen
-from jaxeff.models import gpt
+from jaxeff.models import gpt, hyena
 from jaxeff.parallel import gpt as pgpt
 from jaxeff.parallel import mesh as pmesh
 from jaxeff.parallel import pipeline as pipeline_lib
@@ -85,6 +85,8 @@ class TrainConfig:
   beta1: float = 0.9
   beta2: float = 0.95
   grad_clip: float = 1.0
+  moe_aux_weight: float = 0.01  # MoE presets: load-balancing loss weight (Switch)
+  moe_z_weight: float = 1e-3  # MoE presets: router z-loss weight (ST-MoE)
   dtype: str | None = None  # overrides the model preset's compute dtype
   remat: bool | None = None
   attention: str | None = None  # attention implementation (None: jaxeff picks)
@@ -119,13 +121,15 @@ class TrainConfig:
 
   def model_config(self) -> gpt.GPTConfig:
     """The model preset with this run's overrides applied."""
-    base = gpt.PRESETS[self.preset]
+    base = family(self.preset).PRESETS[self.preset]
     changes = dict(self.model_overrides)
     if self.dtype is not None:
       changes["dtype"] = self.dtype
     if self.remat is not None:
       changes["remat"] = self.remat
     if self.attention is not None:
+      if isinstance(base, hyena.HyenaConfig):
+        raise ConfigError(f"--attention: preset {self.preset!r} is a Hyena model (no attention)")
       changes["attention_implementation"] = None if self.attention == "auto" else self.attention
     return base.replace(**changes)
 
@@ -141,11 +145,32 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "gpt-350m": dict(steps=2000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=200,
                      eval_every=500, eval_batches=8, log_every=10, checkpoint_every=1000),
 }
+# Mixture-of-experts GPT and Hyena presets train like their dense / GPT counterparts
+# (Hyena has no KV cache for the end-of-run sample).
+TRAIN_PRESETS["moe-tiny"] = dict(TRAIN_PRESETS["tiny"])
+TRAIN_PRESETS["moe-cpu-small"] = dict(TRAIN_PRESETS["cpu-small"])
+TRAIN_PRESETS["hyena-tiny"] = dict(TRAIN_PRESETS["tiny"], sample_tokens=0)
+TRAIN_PRESETS["hyena-cpu-small"] = dict(TRAIN_PRESETS["cpu-small"], sample_tokens=0)
+TRAIN_PRESETS["hyena-160m"] = dict(steps=2000, batch_size=8, seq_len=8192, lr=6e-4,
+                                   warmup_steps=200, eval_every=500, eval_batches=8,
+                                   log_every=10, checkpoint_every=1000, sample_tokens=0)
+
+
+def family(preset: str):
+  """The model module of a preset: :mod:`jaxeff.models.hyena` for ``hyena-*`` presets,
+  :mod:`jaxeff.models.gpt` otherwise (same interface: ``PRESETS``, ``num_params``,
+  ``flops_per_token``, a config with ``to_dict``/``from_dict``/``replace``)."""
+  return hyena if preset.startswith("hyena") else gpt
+
+
+def make_model(model_cfg):
+  """The Flax module of a model config (GPT or Hyena)."""
+  return hyena.HyenaLM(model_cfg) if isinstance(model_cfg, hyena.HyenaConfig) else gpt.GPT(model_cfg)
 
 
 def preset_config(preset: str, **changes) -> TrainConfig:
   """A :class:`TrainConfig` from a preset name and explicit changes."""
-  if preset not in TRAIN_PRESETS or preset not in gpt.PRESETS:
+  if preset not in TRAIN_PRESETS or preset not in family(preset).PRESETS:
     raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of "
                       f"{sorted(TRAIN_PRESETS)}")
   values = {**TRAIN_PRESETS[preset], **changes}
@@ -188,6 +213,9 @@ def validate(cfg: TrainConfig, model_cfg: gpt.GPTConfig, num_devices: int) -> No
     raise ConfigError(f"--batch-size: {cfg.batch_size} is not divisible by the number of devices "
                       f"({num_devices}) of the data-parallel mesh; use a multiple of "
                       f"{num_devices}")
+  if cfg.sample_tokens and not isinstance(model_cfg, gpt.GPTConfig):
+    raise ConfigError("--sample-tokens: Hyena presets have no KV cache to sample with; "
+                      "use --sample-tokens 0")
   if cfg.sample_tokens and not cfg.sample_prompt.encode():
     raise ConfigError("--sample-prompt: must not be empty when --sample-tokens > 0")
 
@@ -220,8 +248,10 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 def validate_mesh(cfg: TrainConfig, model_cfg: gpt.GPTConfig, mesh: Mesh) -> None:
   """Raises ConfigError when the ``--mesh`` run cannot split the model or the batch."""
   try:
+    if not isinstance(model_cfg, gpt.GPTConfig) or model_cfg.num_experts:
+      raise ValueError("--mesh supports dense GPT presets only (not Hyena or MoE models yet)")
     pgpt.check_shapes(model_cfg, mesh, cfg.parallel_options(), cfg.batch_size, cfg.seq_len)
-    shapes = jax.eval_shape(lambda: gpt.GPT(model_cfg).init(
+    shapes = jax.eval_shape(lambda: make_model(model_cfg).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     pgpt.param_specs(shapes, mesh, cfg.parallel_options())
   except ValueError as e:
@@ -290,27 +320,50 @@ def state_shardings(model: gpt.GPT, tx: optax.GradientTransformation, mesh: Mesh
   return TrainState(step=replicated, params=params, opt_state=opt)
 
 
+def moe_losses(intermediates) -> tuple[jax.Array, jax.Array]:
+  """Sums of the MoE layers' sown ``load_balancing_loss`` and ``router_z_loss``."""
+  lb, z = jnp.float32(0), jnp.float32(0)
+  for path, v in jax.tree_util.tree_leaves_with_path(intermediates):
+    name = jax.tree_util.keystr(path)
+    if "load_balancing_loss" in name:
+      lb = lb + v
+    elif "router_z_loss" in name:
+      z = z + v
+  return lb, z
+
+
 def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh):
+                    mesh: Mesh, aux_weights: tuple[float, float] = (0.0, 0.0)):
   """``train_step(state, batch) -> (state, metrics)`` jitted over ``mesh``, state donated.
 
   ``batch``: ``{"inputs", "targets"}`` int32 ``[batch, seq]`` split over the ``data`` axis.
-  ``metrics``: scalar ``loss`` (mean nats/token), ``grad_norm`` (before clipping), ``lr``.
+  ``metrics``: scalar ``loss`` (mean nats/token), ``grad_norm`` (before clipping), ``lr``;
+  for MoE models also the summed ``moe_load_balancing`` and ``moe_router_z`` losses, which
+  enter the optimized loss with ``aux_weights`` (the logged ``loss`` is cross-entropy).
   """
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  is_moe = bool(getattr(model.config, "num_experts", 0))
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     def loss_fn(params):
-      logits = model.apply({"params": params}, batch["inputs"])
-      return cross_entropy(logits, batch["targets"])
+      if not is_moe:
+        logits = model.apply({"params": params}, batch["inputs"])
+        loss = cross_entropy(logits, batch["targets"])
+        return loss, (loss, jnp.float32(0), jnp.float32(0))
+      logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"])
+      ce = cross_entropy(logits, batch["targets"])
+      lb, z = moe_losses(inter)
+      return ce + aux_weights[0] * lb + aux_weights[1] * z, (ce, lb, z)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (_, (loss, lb, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                              for g in jax.tree.leaves(grads)))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+    if is_moe:
+      metrics.update(moe_load_balancing=lb, moe_router_z=z)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(train_step, in_shardings=(replicated, batch_sharding),
@@ -329,7 +382,7 @@ def make_eval_step(model: gpt.GPT, mesh: Mesh):
 
 
 OPTIMIZER_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
-                    "grad_clip")
+                    "grad_clip", "moe_aux_weight", "moe_z_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +418,7 @@ def _loss_and_grads(loss_fn, params, batch):
 def _parallel_programs(model_cfg: gpt.GPTConfig, opt_values: tuple, mesh: Mesh,
                        options: pgpt.ParallelOptions) -> Programs:
   """Programs of a ``--mesh`` run: the loss of :func:`jaxeff.parallel.gpt.make_loss_fn`."""
-  model = gpt.GPT(model_cfg)
+  model = make_model(model_cfg)
   train_cfg = TrainConfig(**dict(zip(OPTIMIZER_FIELDS, opt_values)))
   tx, schedule = make_optimizer(train_cfg)
   loss_fn = pgpt.make_loss_fn(model_cfg, mesh, options)
@@ -398,11 +451,13 @@ def _parallel_programs(model_cfg: gpt.GPTConfig, opt_values: tuple, mesh: Mesh,
 
 @functools.lru_cache(maxsize=8)
 def _programs(model_cfg: gpt.GPTConfig, opt_values: tuple, mesh: Mesh) -> Programs:
-  model = gpt.GPT(model_cfg)
-  tx, schedule = make_optimizer(TrainConfig(**dict(zip(OPTIMIZER_FIELDS, opt_values))))
+  model = make_model(model_cfg)
+  opt = dict(zip(OPTIMIZER_FIELDS, opt_values))
+  tx, schedule = make_optimizer(TrainConfig(**opt))
   init = jax.jit(lambda key: _init_tree(model, tx, key), out_shardings=NamedSharding(mesh, P()))
   return Programs(model=model, tx=tx, init=init,
-                  train_step=make_train_step(model, tx, schedule, mesh),
+                  train_step=make_train_step(model, tx, schedule, mesh, aux_weights=(
+                      opt["moe_aux_weight"], opt["moe_z_weight"])),
                   eval_step=make_eval_step(model, mesh))
 
 
@@ -466,7 +521,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   if cfg.resume is not None:
     resume_dir = ckpt.resolve_dir(cfg.resume)
     meta = ckpt.read_meta(cfg.resume)
-    saved = gpt.GPTConfig.from_dict(meta["model"])
+    saved = type(model_cfg).from_dict(meta["model"])
     if saved != model_cfg:
       diff = [f"{k}: {v} (checkpoint) vs {getattr(model_cfg, k)}"
               for k, v in saved.to_dict().items() if getattr(model_cfg, k) != v]
@@ -500,8 +555,9 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     state = progs.init(jax.random.key(cfg.seed))
 
   device = jax.devices()[0]
-  n_params = gpt.num_params(model_cfg)
-  fpt = gpt.flops_per_token(model_cfg, cfg.seq_len)
+  fam = family(cfg.preset)
+  n_params = fam.num_params(model_cfg)
+  fpt = fam.flops_per_token(model_cfg, cfg.seq_len)
   peak = peak_flops(device)
   run_info = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(),
               "data": {"description": dataset.description, "fingerprint": dataset.fingerprint,
@@ -509,7 +565,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
               "device": device.device_kind, "num_devices": mesh.size,
               "mesh": pmesh.mesh_sizes(mesh) if cfg.mesh is not None else None,
               "jax_version": jax.__version__, "params": n_params,
-              "params_non_embedding": gpt.num_params(model_cfg, non_embedding=True),
+              "params_non_embedding": fam.num_params(model_cfg, non_embedding=True),
               "flops_per_token": fpt}
   _write_json(out / "config.json", run_info)
   metrics_path = out / "metrics.jsonl"
@@ -521,9 +577,14 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   meta = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(cfg),
           "data_fingerprint": dataset.fingerprint}
 
-  log(f"train_lm: preset {cfg.preset}, {n_params / 1e6:.2f}M params "
-      f"({model_cfg.num_layers} layers, d {model_cfg.d_model}, {model_cfg.num_heads} heads / "
-      f"{model_cfg.kv_heads} kv of {model_cfg.dim_per_head}), {model_cfg.dtype}")
+  if isinstance(model_cfg, gpt.GPTConfig):
+    shape = (f"{model_cfg.num_layers} layers, d {model_cfg.d_model}, {model_cfg.num_heads} "
+             f"heads / {model_cfg.kv_heads} kv of {model_cfg.dim_per_head}"
+             + (f", {model_cfg.num_experts} experts top-{model_cfg.experts_per_token}"
+                if model_cfg.num_experts else ""))
+  else:
+    shape = f"Hyena, {model_cfg.num_layers} layers, d {model_cfg.d_model}, order {model_cfg.order}"
+  log(f"train_lm: preset {cfg.preset}, {n_params / 1e6:.2f}M params ({shape}), {model_cfg.dtype}")
   log(f"  data: {dataset.description}: {len(dataset.train):,} train / {len(dataset.val):,} "
       f"val bytes")
   mesh_text = "" if cfg.mesh is None else " (mesh " + ",".join(
@@ -683,6 +744,8 @@ _FLAGS = {  # dest: (type, help)
     "beta1": (float, "AdamW beta1"),
     "beta2": (float, "AdamW beta2"),
     "grad_clip": (float, "global gradient-norm clip"),
+    "moe_aux_weight": (float, "MoE presets: weight of the load-balancing loss"),
+    "moe_z_weight": (float, "MoE presets: weight of the router z-loss"),
     "dtype": (str, "compute dtype: float32 or bfloat16 (default: the preset's)"),
     "attention": (str, "attention implementation: auto, xla, cudnn, ... (default: auto)"),
     "seed": (int, "initialisation and data-order seed"),
@@ -704,11 +767,11 @@ _FLAGS = {  # dest: (type, help)
 }
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def _parse_override(text: str, config_cls: type = gpt.GPTConfig) -> tuple[str, Any]:
   if "=" not in text:
     raise ConfigError(f"--model: expected KEY=VALUE, got {text!r}")
   k, v = text.split("=", 1)
-  fields = {f.name: f for f in dataclasses.fields(gpt.GPTConfig)}
+  fields = {f.name: f for f in dataclasses.fields(config_cls)}
   if k not in fields:
     raise ConfigError(f"--model: unknown model field {k!r}; known: {sorted(fields)}")
   if v.lower() in ("none", "null"):
@@ -750,7 +813,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
   given = {k: v for k, v in vars(args).items()
            if v is not None and k not in ("preset", "model", "resume", "distributed")}
   if args.model is not None:
-    given["model_overrides"] = tuple(_parse_override(t) for t in args.model)
+    config_cls = type(next(iter(family(args.preset or "cpu-small").PRESETS.values())))
+    given["model_overrides"] = tuple(_parse_override(t, config_cls) for t in args.model)
   if args.resume is not None:
     where = args.resume or args.out
     if not where:

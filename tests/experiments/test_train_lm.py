@@ -52,6 +52,32 @@ def test_train_step_reduces_loss_on_a_fixed_batch(key):
   assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["lr"]) > 0
 
 
+def test_moe_and_hyena_presets_train(key):
+  """The MoE GPT (aux losses logged and optimized) and the Hyena LM train through the same
+  step; Hyena has no KV cache, so it refuses an end-of-run sample."""
+  mesh = train_lm.make_mesh(jax.devices()[:1])
+  batch = _batch(key)
+  for preset in ("moe-tiny", "hyena-tiny"):
+    cfg = train_lm.preset_config(preset, warmup_steps=0, lr=3e-3)
+    model_cfg = cfg.model_config()
+    progs = train_lm.programs(model_cfg, cfg, mesh)
+    state = progs.init(jax.random.key(0))
+    losses = []
+    for _ in range(8):
+      state, metrics = progs.train_step(state, batch)
+      losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.3, (preset, losses)
+    if preset == "moe-tiny":
+      assert float(metrics["moe_load_balancing"]) >= 2 * (1.0 - 1e-4)  # 2 MoE layers, each >= 1
+      assert np.isfinite(float(metrics["moe_router_z"]))
+    else:
+      assert "moe_load_balancing" not in metrics
+      with pytest.raises(train_lm.ConfigError, match="Hyena presets have no KV cache"):
+        train_lm.validate(train_lm.preset_config(preset, sample_tokens=8), model_cfg, 1)
+      with pytest.raises(train_lm.ConfigError, match="is a Hyena model"):
+        train_lm.preset_config(preset, attention="xla").model_config()
+
+
 def test_data_parallel_step_equals_single_device_step(key):
   assert len(jax.devices()) == 8
   batch = _batch(key)
