@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -36,9 +35,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import data as data_lib
+from experiments import lm_tools
 from experiments import generate as gen
 from jaxeff import quant
 from jaxeff.models import gpt
@@ -82,50 +81,14 @@ def methods(quick: bool) -> list[Method]:
   return rows
 
 
-def unstack_layers(config: gpt.GPTConfig, params):
-  """Params of a ``scan_layers`` model -> the unrolled model's (``blocks`` -> ``block_i``)."""
-  if not config.scan_layers:
-    return config, params
-  params = dict(params)
-  blocks = params.pop("blocks")
-  for i in range(config.num_layers):
-    params[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
-  return config.replace(scan_layers=False), params
-
-
-def train_checkpoint(preset: str, steps: int | None, log) -> str:
-  """Trains (or reuses) ``runs/quantize_lm-<preset>`` and returns its folder."""
-  from experiments import train_lm
-
-  out = Path("runs") / f"quantize_lm-{preset}"
-  if (out / "summary.json").exists():
-    log(f"quantize_lm: reusing the trained model in {out}")
-    return str(out)
-  changes = {"out": str(out)}
-  if steps:
-    changes["steps"] = steps
-  cfg = train_lm.preset_config(preset, **changes)
-  log(f"quantize_lm: training {preset} for {cfg.steps} steps into {out}")
-  train_lm.train(cfg, log=lambda s: log("  " + s))
-  return str(out)
-
-
 def perplexity(model, params, batches) -> float:
-  @jax.jit
-  def loss(p, inputs, targets):
-    logits = model.apply({"params": p}, inputs)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
+  """Validation perplexity with quantized params served by :func:`quantized_inference`."""
   with quantized_inference():
-    losses = [float(loss(params, b["inputs"], b["targets"])) for b in batches]
-  return float(math.exp(np.mean(losses)))
+    return lm_tools.perplexity(model, params, batches)
 
 
 def decode_speed(config, params, prompts, new_tokens: int, repeats: int) -> tuple[float, str]:
   """Best-of-``repeats`` decode tokens/s of :func:`generate` (greedy) and the first text."""
-  gen._COMPILED.clear()  # compiled programs are keyed by config, not by params structure
-  gen._programs.cache_clear()
   sampling = gen.SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
   best, text = 0.0, ""
   with quantized_inference():
@@ -145,10 +108,11 @@ def _linear_bytes(params) -> int:
 def run(args, log=print, partial=None) -> dict:
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
-  ckpt = args.checkpoint or train_checkpoint(args.preset, args.train_steps, log)
+  ckpt = args.checkpoint or lm_tools.train_checkpoint("quantize_lm", args.preset,
+                                                     args.train_steps, log)
   ckpt = str(Path(ckpt).resolve())  # Orbax wants absolute paths
   config, params, meta = gen.load_params(ckpt)
-  config, params = unstack_layers(config, params)
+  config, params = lm_tools.unstack_layers(config, params)
   dtype = args.dtype or ("bfloat16" if on_gpu else config.dtype)
   config = config.replace(dtype=dtype)
   seq_len = int(meta.get("train", {}).get("seq_len", 64))

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -41,9 +40,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import data as data_lib
+from experiments import lm_tools
 from jaxeff.models import gpt
 from jaxeff.sparse import pruning
 
@@ -74,47 +73,6 @@ def methods(quick: bool, finetune: bool) -> list[Method]:
     rows += [Method("wanda 70% + finetune", "unstructured", "wanda", 0.7, finetune=True),
              Method("wanda 2:4 + finetune", "nm", "wanda", nm="2:4", finetune=True)]
   return rows
-
-
-def unstack_layers(config: gpt.GPTConfig, params):
-  """Params of a ``scan_layers`` model -> the unrolled model's (``blocks`` -> ``block_i``)."""
-  if not config.scan_layers:
-    return config, params
-  params = dict(params)
-  blocks = params.pop("blocks")
-  for i in range(config.num_layers):
-    params[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
-  return config.replace(scan_layers=False), params
-
-
-def train_checkpoint(preset: str, steps: int | None, log) -> str:
-  """Trains (or reuses) ``runs/sparsify_lm-<preset>`` and returns its folder."""
-  from experiments import train_lm
-
-  out = Path("runs") / f"sparsify_lm-{preset}"
-  if (out / "summary.json").exists():
-    log(f"sparsify_lm: reusing the trained model in {out}")
-    return str(out)
-  changes = {"out": str(out)}
-  if steps:
-    changes["steps"] = steps
-  cfg = train_lm.preset_config(preset, **changes)
-  log(f"sparsify_lm: training {preset} for {cfg.steps} steps into {out}")
-  train_lm.train(cfg, log=lambda s: log("  " + s))
-  return str(out)
-
-
-def perplexity(model, params, batches) -> float:
-  @jax.jit
-  def loss(p, inputs, targets):
-    logits = model.apply({"params": p}, inputs)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
-  return float(math.exp(np.mean([float(loss(params, b["inputs"], b["targets"]))
-                                 for b in batches])))
-
-
 def finetune(model, params, dataset, *, steps: int, seq_len: int, lr: float = 3e-4):
   """AdamW on training batches with the zero pattern of ``params`` kept (masked updates)."""
   import optax
@@ -159,8 +117,6 @@ def decode_speed(config, params, prompts, new_tokens: int, repeats: int,
   from experiments import generate as gen
   from jaxeff.nn.sparse import sparse_inference
 
-  gen._COMPILED.clear()  # compiled programs are keyed by config, not by params structure
-  gen._programs.cache_clear()
   sampling = gen.SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
   best = 0.0
   with sparse_inference() if sparse else contextlib.nullcontext():
@@ -175,10 +131,11 @@ def run(args, log=print) -> dict:
 
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
-  ckpt = args.checkpoint or train_checkpoint(args.preset, args.train_steps, log)
+  ckpt = args.checkpoint or lm_tools.train_checkpoint("sparsify_lm", args.preset,
+                                                     args.train_steps, log)
   ckpt = str(Path(ckpt).resolve())  # Orbax wants absolute paths
   config, params, meta = gen.load_params(ckpt)
-  config, params = unstack_layers(config, params)
+  config, params = lm_tools.unstack_layers(config, params)
   dtype = "bfloat16" if on_gpu else config.dtype
   config = config.replace(dtype=dtype)
   seq_len = int(meta.get("train", {}).get("seq_len", 64))
@@ -203,8 +160,8 @@ def run(args, log=print) -> dict:
     prune_s = time.perf_counter() - t0
     row = {"method": m.name, "kind": m.kind, "criterion": m.method, "target": m.sparsity,
            "nm": m.nm, "finetune_steps": args.finetune_steps if m.finetune else 0,
-           "linear_sparsity": pruning.sparsity_of(p, LINEAR), "ppl": perplexity(model, p, val),
-           "prune_s": prune_s, "decode_tokens_per_s": None}
+           "linear_sparsity": pruning.sparsity_of(p, LINEAR),
+           "ppl": lm_tools.perplexity(model, p, val), "prune_s": prune_s, "decode_tokens_per_s": None}
     if on_gpu and not args.no_decode:
       fmt = "nm" if m.kind == "nm" else "tiled"
       extra = {"pattern": m.nm} if fmt == "nm" else {}
