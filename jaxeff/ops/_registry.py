@@ -115,8 +115,8 @@ def dispatch(op: str, registry: Sequence[Implementation],
           f" (kernels also accept the suffix {INTERPRET_SUFFIX!r})")
     why = _why_not(impl, interpret, args, kwargs)
     if why is None:
-      if impl.interpretable:
-        return impl.fn(*args, interpret=interpret, **kwargs)
+      if impl.interpretable:  # a kernel: lowered once per signature (see lower_once)
+        return lower_once(impl.fn, *args, interpret=interpret, **kwargs)
       return impl.fn(*args, **kwargs)
     reasons.append(f"{full_name}: {why}")
   if explicit:
@@ -143,6 +143,13 @@ def lower_once(fn: Callable, *args, **static):
   lowered once: JAX lowers a nested jitted function once per distinct signature and calls
   it from every site, where inlining each ``pallas_call`` would trace and lower the kernel
   anew at every site (~1 s each for the flash-attention kernels, so minutes for a deep
-  unrolled model). ``static`` values must be hashable; ``args`` are arrays or None.
+  unrolled model). ``args`` are arrays, None or pytrees of them; ``static`` values should
+  be hashable (a call with an unhashable one, e.g. an array passed by keyword, runs
+  ``fn`` directly).
   """
-  return _jitted(fn, tuple(sorted(static.items())))(*args)
+  items = tuple(sorted(static.items()))
+  try:
+    hash(items)
+  except TypeError:
+    return fn(*args, **static)
+  return _jitted(fn, items)(*args)
