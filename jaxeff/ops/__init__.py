@@ -8,7 +8,8 @@ attribute is the function; import the module with ``from jaxeff.ops.<name> impor
 or ``importlib.import_module("jaxeff.ops.<name>")``.
 """
 
-from jaxeff.ops.attention import dot_product_attention, dot_product_attention_with_lse
+from jaxeff.ops.attention import (dot_product_attention, dot_product_attention_with_lse,
+                                  flash_attention_backward)
 from jaxeff.ops.decode_attention import decode_attention, decode_attention_with_lse
 from jaxeff.ops.fft_conv import fft_conv
 from jaxeff.ops.grouped_matmul import grouped_matmul, transposed_grouped_matmul
@@ -19,7 +20,8 @@ from jaxeff.ops.sparse_matmul import cats_mlp, sparse_matmul
 
 __all__ = [
     "PackedWeight", "cats_mlp", "decode_attention", "decode_attention_with_lse",
-    "dot_product_attention", "dot_product_attention_with_lse", "fft_conv", "fp8_dot",
+    "dot_product_attention", "dot_product_attention_with_lse", "fft_conv", "flash_attention_backward",
+    "fp8_dot",
     "grouped_matmul", "layer_norm", "prepack", "quantize_activations", "quantized_matmul",
     "rms_norm", "sparse_matmul", "transposed_grouped_matmul",
 ]

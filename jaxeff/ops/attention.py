@@ -441,3 +441,43 @@ def dot_product_attention_with_lse(
                     segment_ids=segment_ids, local_window_size=local_window_size,
                     logits_soft_cap=logits_soft_cap, scale=scale,
                     deterministic=deterministic, implementation=implementation, return_lse=True)
+
+
+def flash_attention_backward(
+    query: jax.Array, key: jax.Array, value: jax.Array, out: jax.Array, lse: jax.Array,
+    d_out: jax.Array, *, q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None, is_causal: bool = False, scale: float,
+    logits_soft_cap: float | None = None,
+    implementation: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """FlashAttention's backward of one key block from the softmax statistics of a larger one.
+
+  Given the ``out`` and ``lse`` of attention over *all* key blocks (e.g. merged across a
+  ring), the gradient contributed by the keys ``key``/``value`` needs nothing else
+  (FlashAttention-2, Alg. 2): ``P = exp(S - lse)``, ``dV = P^T dO``,
+  ``dS = P (dP - rowsum(dO * out))``. Ring attention calls this once per block.
+
+  Args:
+    query: ``[batch, q_len, q_heads, head_dim]``; key, value: ``[batch, kv_len, kv_heads,
+      head_dim]`` (bf16/fp16).
+    out, d_out: ``[batch, q_len, q_heads, head_dim]``; lse: ``[batch, q_heads, q_len]`` float32.
+    q_segment_ids / kv_segment_ids: int ``[batch, q_len]`` / ``[batch, kv_len]`` or None.
+    is_causal: causal mask aligned to the end, as in :func:`dot_product_attention`.
+    scale: the logits scale used in the forward.
+    logits_soft_cap: the forward's soft cap, or None.
+    implementation: a kernel backend, ``"mosaic_gpu"``, ``"triton"`` or ``"mosaic_tpu"``,
+      optionally with the suffix ``":interpret"``.
+
+  Returns:
+    ``(dq, dk, dv)`` shaped and typed like ``query, key, value``.
+  """
+  backend, _, suffix = implementation.partition(":")
+  if backend not in ("mosaic_gpu", "triton", "mosaic_tpu") or suffix not in ("", "interpret"):
+    raise ValueError(f"flash_attention_backward: implementation must be 'mosaic_gpu', "
+                     f"'triton' or 'mosaic_tpu' (optionally ':interpret'), got "
+                     f"{implementation!r}")
+  st = _FlashStatic(backend=backend, is_causal=is_causal, window=None, scale=float(scale),
+                    soft_cap=logits_soft_cap, interpret=suffix == "interpret")
+  mod = _backward_module(st, query.shape[-1])
+  return _registry.lower_once(mod.backward, query, key, value, out.astype(query.dtype), lse,
+                              d_out.astype(query.dtype), q_segment_ids, kv_segment_ids, None,
+                              **st.kernel_kwargs())

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxeff.ops.attention import dot_product_attention, dot_product_attention_with_lse
+from jaxeff.ops.attention import (dot_product_attention, dot_product_attention_with_lse,
+                                  flash_attention_backward)
 from jaxeff.parallel.mesh import pvary_like
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -170,13 +171,9 @@ def _block_bwd(branch, q, k, v, q_ids, kv_ids, out, lse, d_out, st):
   out_s, lse_s, do_s = _halves(out, 1, qp), _halves(lse, 2, qp), _halves(d_out, 1, qp)
   kernel = _kernel_backend(st["implementation"])
   if kernel is not None:
-    from jaxeff.ops import attention as attention_ops  # the kernels' own backward
-    fs = attention_ops._FlashStatic(backend=kernel[0], is_causal=causal, window=None,
-                                    scale=st["scale"], soft_cap=st["soft_cap"],
-                                    interpret=kernel[1])
-    mod = attention_ops._backward_module(fs, q.shape[-1])
-    dq, dk, dv = mod.backward(qs, ks, vs, out_s.astype(q.dtype), lse_s, do_s.astype(q.dtype),
-                              qi, ki, None, **fs.kernel_kwargs())
+    dq, dk, dv = flash_attention_backward(
+        qs, ks, vs, out_s, lse_s, do_s, q_segment_ids=qi, kv_segment_ids=ki, is_causal=causal,
+        scale=st["scale"], logits_soft_cap=st["soft_cap"], implementation=st["implementation"])
   else:
     (o_j, lse_j), vjp = jax.vjp(lambda a, b_, c: _attn(a, b_, c, qi, ki, causal, st),
                                 qs, ks, vs)

@@ -77,6 +77,35 @@ def _config_grads(q, k, v, d_out, *, is_causal, interpret, **changes):
   return mosaic_gpu.backward(q, k, v, out, lse, d_out, **kw)
 
 
+def test_flash_attention_backward_of_key_blocks_sums_to_the_full_gradient(key):
+  """Blockwise backward from the whole softmax's (out, lse): the gradients of two key
+  halves are the full gradient's dK/dV halves, and their dQs add up to the full dQ."""
+  q, k, v, kd = _rand(key, 1, 40, 64, 4, 2, 64, jnp.bfloat16)
+  d_out = jax.random.normal(kd, q.shape, jnp.float32).astype(jnp.bfloat16)
+  impl = "triton:interpret"
+  scale = 64 ** -0.5
+  out, lse = attn_ops.dot_product_attention_with_lse(q, k, v, is_causal=True, scale=scale,
+                                                     implementation="xla")
+  want = _reference_grads(q, k, v, d_out, is_causal=True)
+  halves = []
+  for lo, hi in ((0, 16), (16, 64)):
+    # Causal alignment is to the end of the key range: keys 0..15 precede the earliest
+    # query position (24), so that block is unmasked; the end-aligned causal mask of the
+    # block 16..63 is the full one's restriction.
+    halves.append(attn_ops.flash_attention_backward(
+        q, k[:, lo:hi], v[:, lo:hi], out, lse, d_out, is_causal=lo == 16, scale=scale,
+        implementation=impl))
+  dq = halves[0][0].astype(jnp.float32) + halves[1][0].astype(jnp.float32)
+  assert_close(dq, want[0], rtol=3e-2, name="dq")
+  assert_close(jnp.concatenate([halves[0][1], halves[1][1]], 1).astype(jnp.float32), want[1],
+               rtol=3e-2, name="dk")
+  assert_close(jnp.concatenate([halves[0][2], halves[1][2]], 1).astype(jnp.float32), want[2],
+               rtol=3e-2, name="dv")
+  with pytest.raises(ValueError, match="implementation must be 'mosaic_gpu', 'triton'"):
+    attn_ops.flash_attention_backward(q, k, v, out, lse, d_out, scale=scale,
+                                      implementation="xla")
+
+
 def test_alternating_dq_matches_reference_interpret(key):
   # Three key tiles x several query blocks (GQA 2, odd lengths): both warpgroups take
   # turns on dQ.
