@@ -108,3 +108,41 @@ def primitive_names(jaxpr) -> set[str]:
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       names |= primitive_names(sub)
   return names
+
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="cuda")
+
+
+def lower_for_cuda(fn: Callable, *args, verify_triton: bool = True) -> str:
+  """Lowers ``jit(fn)(*args)`` for an abstract H100 on a CPU-only machine; returns the text.
+
+  ``args`` may be ``jax.ShapeDtypeStruct``s. With ``verify_triton`` every Triton module a
+  Pallas call builds is run through the MLIR verifier, which the GPU compiler runs too: an
+  invalid module (for example an ``scf.for`` whose bounds have different types) fails here
+  instead of on the GPU. Interpret mode never builds Triton IR, so this is the only CPU
+  check of the IR itself.
+  """
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  original = registration.lowering.lower_jaxpr_to_triton_module
+  failures = []
+
+  def checked(*a, **k):
+    result = original(*a, **k)
+    try:
+      result.module.operation.verify()
+    except Exception as e:  # the MLIR verifier raises with the diagnostics
+      failures.append(str(e))
+    return result
+
+  if verify_triton:
+    registration.lowering.lower_jaxpr_to_triton_module = checked
+  try:
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = original
+  assert not failures, "invalid Triton module:\n" + "\n".join(f[:1500] for f in failures)
+  return text

@@ -70,7 +70,9 @@ def _gmm_kernel(group_ref, block_ref, lo_ref, size_ref, lhs_ref, rhs_ref, o_ref,
       return acc + pltriton.dot(a, rhs_ref[group, cols, ks], trans_b=True)
     return acc + pltriton.dot(a, rhs_ref[group, ks, cols])
 
-  steps = jnp.where((size > 0) & (group < rhs_ref.shape[0]), k_steps, 0)  # tail: zeros
+  # tail items run no steps (zeros). Arithmetic, not jnp.where: a select of two literals
+  # lowers to an i1 loop bound in Pallas Triton, which the Triton verifier rejects.
+  steps = k_steps * ((size > 0) & (group < rhs_ref.shape[0])).astype(jnp.int32)
   acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
   r = lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
   mine = (r >= lo) & (r < lo + size)
@@ -121,7 +123,7 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, rhs_ref, o_ref, *,
   ni, ki, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start, end = start_ref[g], end_ref[g]
   first = start // bm
-  nblocks = jnp.where(end > start, (end + bm - 1) // bm - first, 0)
+  nblocks = ((end + bm - 1) // bm - first) * (end > start).astype(jnp.int32)
   cols, kcols = pl.ds(ni * bn, bn), pl.ds(ki * bk, bk)
 
   def step(i, acc):

@@ -334,7 +334,8 @@ def _bsr_dw_kernel(x_ref, dy_ref, rows_ref, counts_ref, o_ref, *, bk: int, bn: i
                    m_steps: int):
   col, slot = pl.program_id(0), pl.program_id(1)
   kb = rows_ref[col, slot]
-  steps = jnp.where(slot < counts_ref[col], m_steps, 0)  # padded slots stay zero
+  # padded slots stay zero (arithmetic, not a select of literals: see moe/triton.py)
+  steps = m_steps * (slot < counts_ref[col]).astype(jnp.int32)
 
   def body(i, acc):
     # invariant: acc = x[:i*bm, block rows]^T @ dy[:i*bm, block cols]

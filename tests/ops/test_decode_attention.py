@@ -30,7 +30,7 @@ from jaxeff import ops
 from kernels_pallas.decode import common
 from kernels_pallas.decode import mosaic_gpu as mgpu_kernels
 from kernels_pallas.decode import triton as triton_kernels
-from tests.helpers import assert_close, primitive_names, rel_err
+from tests.helpers import assert_close, lower_for_cuda, primitive_names, rel_err
 
 da = importlib.import_module("jaxeff.ops.decode_attention")  # the module (ops exports the fn)
 
@@ -482,13 +482,8 @@ def test_kernels_lower_for_cuda(backend, fmt):
                                          jnp.float32)
   mod = triton_kernels if backend == "triton" else mgpu_kernels
   cfg = dataclasses.replace(mod.Config(), num_workers=4)
-  fn = jax.jit(lambda q, k, v, t, l, ks, vs: mod.decode_attention(
-      q, k, v, t, l, ks, vs, fmt=fmt, window=None, scale=0.1, soft_cap=None, config=cfg))
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                       platform="cuda")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                abstract_device=device)):
-    lowered = fn.trace(sds((b, 1, n, d), jnp.bfloat16), kv, kv, sds((b, s // ps), jnp.int32),
-                       sds((b,), jnp.int32), scale, scale).lower(lowering_platforms=("cuda",))
-  text = lowered.as_text()
+  fn = lambda q, k, v, t, l, ks, vs: mod.decode_attention(
+      q, k, v, t, l, ks, vs, fmt=fmt, window=None, scale=0.1, soft_cap=None, config=cfg)
+  text = lower_for_cuda(fn, sds((b, 1, n, d), jnp.bfloat16), kv, kv,
+                        sds((b, s // ps), jnp.int32), sds((b,), jnp.int32), scale, scale)
   assert ("xla.gpu.triton" in text) if backend == "triton" else ("mosaic_gpu" in text)

@@ -13,7 +13,7 @@ from jaxeff.ops.sparse_matmul import cats_mlp, cats_mlp_reference, sparse_matmul
 from jaxeff.sparse import formats as F
 from jaxeff.sparse.activation import calibrate_cats_threshold
 from jaxeff.sparse.pruning import magnitude_prune, nm_mask
-from tests.helpers import assert_close
+from tests.helpers import assert_close, lower_for_cuda
 
 INTERPRET = "triton:interpret"
 
@@ -234,10 +234,6 @@ def test_kernels_lower_for_cuda():
       (T.cats_mlp, sds((16, 256), bf), sds((16, 1024), bf), sds((1024,), i32),
        sds((1024, 256), bf), sds((1024, 256), bf)),
   ]
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                       platform="cuda")
   for fn, *args in cases:
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=device)):
-      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(fn, *args)
     assert "xla.gpu.triton" in text

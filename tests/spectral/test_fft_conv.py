@@ -179,8 +179,11 @@ def test_gpu_real_sizes(impl, seq, key):
   y = jax.jit(lambda *a: fft_conv(a[0], a[1], gate=a[2:], implementation=impl))(u, k, *gate)
   assert rel_err(y, numpy_conv(u, k, *gate)) < BF16_BOUND
   dy = jax.random.normal(key, u.shape, jnp.float32).astype(jnp.bfloat16)
-  f = lambda impl: jax.jit(lambda *a: jax.vjp(
-      lambda u, k, x, v: fft_conv(u, k, gate=(x, v), implementation=impl), *a)[1](dy))
+  def f(impl):
+    def grads(*a):  # the cotangent in the output's dtype (bf16 here, float32 for the reference)
+      out, vjp = jax.vjp(lambda u, k, x, v: fft_conv(u, k, gate=(x, v), implementation=impl), *a)
+      return vjp(dy.astype(out.dtype))
+    return jax.jit(grads)
   up = lambda a: a.astype(jnp.float32)
   for g, r in zip(f(impl)(u, k, *gate), f("xla")(up(u), k, up(gate[0]), up(gate[1]))):
     assert rel_err(g, r) < BF16_BOUND
