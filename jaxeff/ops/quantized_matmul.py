@@ -22,8 +22,8 @@ Implementations (``implementation=``), fastest first:
 * ``"mosaic_gpu"``: :mod:`kernels_pallas.matmul.mosaic_gpu`, Hopper ``wgmma`` with the
   scales fused (W8A8 and fp8 with per-tensor / per-row scales; 8-bit operands must be
   K-major, so a QArray weight is transposed per call: :func:`prepack` does it once).
-  Scales that vary along K (fp8 block scaling) are refused: the kernel's block mode gave a
-  2.7e-2 error on H100 (notes/quant_matmul.md), so the reference serves them.
+  fp8 block scales (1 x 128 activation tiles, 128 x 128 weight tiles) run the kernel's
+  per-K-block promotion.
 * ``"triton"``: :mod:`kernels_pallas.matmul.triton`, weight-only int4 / int8 with the
   dequantisation fused and split-K for skinny ``x`` (any CUDA GPU), for ``m <= 64``.
 * ``"xla"``: the reference below: dequantize, then one dot in float32.
@@ -63,6 +63,38 @@ TRITON_MAX_M = 64
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
 SCALINGS = ("tensor", "row", "block")
 _EPS = 1e-12
+_FP8_BITS = {jnp.dtype(jnp.float8_e4m3fn): (4, 3, 7), jnp.dtype(jnp.float8_e5m2): (5, 2, 15)}
+
+
+def fp8_to_float32(q: jax.Array) -> jax.Array:
+  """The exact float32 values of float8 ``q`` (e4m3fn / e5m2), decoded from its bits.
+
+  ``q.astype(float32)`` is not enough for a reference: under XLA's default
+  ``xla_allow_excess_precision`` the GPU compiler removes a ``float32 -> float8 ->
+  float32`` convert pair inside one program (openxla/xla#41605), so "quantize then
+  dequantize" in one jit silently skips the fp8 rounding. Integer bit manipulation after a
+  bitcast cannot be removed, so the rounding to fp8 is kept.
+  """
+  ebits, mbits, bias = _FP8_BITS[jnp.dtype(q.dtype)]
+  bits = jax.lax.bitcast_convert_type(q, jnp.uint8).astype(jnp.int32)
+  sign = (bits >> 7) & 1
+  e = (bits >> mbits) & ((1 << ebits) - 1)
+  m = bits & ((1 << mbits) - 1)
+  normal = jax.lax.bitcast_convert_type(
+      (sign << 31) | ((e - bias + 127) << 23) | (m << (23 - mbits)), jnp.float32)
+  sub = m.astype(jnp.float32) * (2.0 ** (1 - bias - mbits))
+  sub = jnp.where(sign == 1, -sub, sub)
+  if ebits == 4:  # e4m3fn: no infinities, S.1111.111 is NaN
+    special = (e == 15) & (m == 7)
+    top = jnp.full_like(normal, jnp.nan)
+  else:  # e5m2: exponent 31 is inf (m == 0) or NaN
+    special = e == 31
+    top = jnp.where(m == 0, jnp.where(sign == 1, -jnp.inf, jnp.inf), jnp.nan)
+  return jnp.where(special, top, jnp.where(e == 0, sub, normal))
+
+
+def _to_float32(a: jax.Array) -> jax.Array:
+  return fp8_to_float32(a) if jnp.dtype(a.dtype) in FP8_DTYPES else a.astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------- containers
@@ -110,7 +142,7 @@ class PackedWeight:
     rep = k // self.scales.shape[1]
     s = jnp.repeat(self.scales, rep, axis=1)
     z = None if self.zeros is None else jnp.repeat(self.zeros, rep, axis=1)
-    return _dequantize_values(q, s, z).T.astype(dtype)
+    return _dequantize_values(_to_float32(q), s, z).T.astype(dtype)
 
 
 jax.tree_util.register_dataclass(PackedWeight, data_fields=["values", "scales", "zeros"],
@@ -225,7 +257,7 @@ def quantize_activations(x: jax.Array, fmt: str = "int8", *, block_size: int | N
 
 
 def _dequantize_x(x2, x_scale2):
-  xf = x2.astype(jnp.float32)
+  xf = _to_float32(x2)
   if x_scale2 is None:
     return xf
   k = x2.shape[-1]
@@ -240,11 +272,20 @@ def quantized_matmul_reference(x2: jax.Array, w: Any, x_scale2: jax.Array | None
   quantized activations are dequantized to float32.
   """
   if x_scale2 is None and x2.dtype in FLOAT_X_DTYPES:
-    wd = w.dequantize(jnp.float32).astype(x2.dtype)
+    wd = _dequantize_weight(w).astype(x2.dtype)
     return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(out_dtype)
   xd = _dequantize_x(x2, x_scale2)
-  return jnp.dot(xd, w.dequantize(jnp.float32),
+  return jnp.dot(xd, _dequantize_weight(w),
                  precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def _dequantize_weight(w: Any) -> jax.Array:
+  """``[K, N]`` float32; fp8 QArray values are decoded exactly (:func:`fp8_to_float32`)."""
+  if isinstance(w, PackedWeight) or w.fmt not in FP8_FORMATS:
+    return w.dequantize(jnp.float32)
+  k, n = w.shape
+  s = _column_scales(w.scales, n)
+  return fp8_to_float32(w.values) * jnp.repeat(s, k // s.shape[0], axis=0)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -263,7 +304,9 @@ def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: 
   """Mosaic GPU scaled matmul of K-major operands, padded to whole tiles.
 
   ``a: [M, K]``, ``b_t: [N, K]``; ``"outer"``: ``a_scale [M]``, ``b_scale [N]``;
-  ``"block"``: ``a_scale [K // 128, M]``, ``b_scale [K // 128, N]``. Returns ``[M, N]``.
+  ``"block"``: ``a_scale [K // 128, M]`` and ``b_scale [K // 128, N]`` (per column) or
+  ``[K // 128, ceil(N / 128)]`` (128 x 128 weight tiles, DeepGEMM's layout; the kernel
+  then reads one scale per tile and step). Returns ``[M, N]``.
   """
   m, k = a.shape
   n = b_t.shape[0]
@@ -278,12 +321,22 @@ def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: 
   else:
     steps = a_p.shape[1] // cfg.block_k
     rep = BLOCK // cfg.block_k
+    nb = -(-n // BLOCK)
+    compact = b_scale.shape[1] == nb and nb != n
+    if compact and cfg.block_n != BLOCK:
+      b_scale, compact = jnp.repeat(b_scale, BLOCK, axis=1)[:, :n], False
     sa = _pad2(jnp.repeat(a_scale, rep, axis=0), 1, tm)
-    sb = _pad2(jnp.repeat(b_scale, rep, axis=0), 1, tn)
+    sb = jnp.repeat(b_scale, rep, axis=0)
     sa = jnp.pad(sa, ((0, steps - sa.shape[0]), (0, 0)), constant_values=1.0)
     sb = jnp.pad(sb, ((0, steps - sb.shape[0]), (0, 0)), constant_values=1.0)
-  out = _mosaic_gpu.scaled_matmul(a_p, b_p, sa, sb, scale_mode=scale_mode, out_dtype=out_dtype,
-                                  config=cfg, interpret=interpret)
+    if compact:  # one scale per block_n (= 128) columns, padded for the 16-byte copies
+      cols = _mosaic_gpu.tile_scale_columns(b_p.shape[0], cfg)
+      sb = jnp.pad(sb, ((0, 0), (0, cols - nb)), constant_values=1.0)
+    else:
+      sb = _pad2(sb, 1, tn)
+  out = _mosaic_gpu.scaled_matmul(a_p, b_p, sa.astype(jnp.float32), sb.astype(jnp.float32),
+                                  scale_mode=scale_mode, out_dtype=out_dtype, config=cfg,
+                                  interpret=interpret)
   return out[:m, :n]
 
 
@@ -300,10 +353,10 @@ def _mosaic_supports(x2, w, x_scale2, *, out_dtype):
     return "mosaic_gpu serves 8-bit activations (W8A8 int8, fp8); use triton for weight-only"
   if mode == "w8a8" and info.groups != 1:
     return f"W8A8 needs per-channel weight scales, got {info.groups} groups along K"
-  if info.groups != 1 or x_scale2.shape[-1] != 1:
-    return ("block-scaled fp8 (scales varying along K) is disabled in dispatch: the kernel "
-            "passes in interpret mode but gave a 2.7e-2 relative error on H100 "
-            "(notes/quant_matmul.md); the XLA reference serves it")
+  if (info.groups != 1 or x_scale2.shape[-1] != 1) and (info.k % BLOCK
+                                                         or (info.k // info.groups) % BLOCK):
+    return (f"block-scaled fp8 needs K={info.k} and the weight group size "
+            f"{info.k // info.groups} to be multiples of {BLOCK}")
   if jnp.dtype(out_dtype) not in FLOAT_X_DTYPES:
     return f"out_dtype {out_dtype} is not a float type"
   return None
@@ -311,16 +364,22 @@ def _mosaic_supports(x2, w, x_scale2, *, out_dtype):
 
 def _mosaic_fn(x2, w, x_scale2, *, out_dtype, interpret):
   info = _weight_info(w)
-  pw = prepack(w)
   xs = x_scale2.astype(jnp.float32)
   block = info.groups != 1 or xs.shape[-1] != 1
   if not block:
+    pw = prepack(w)
     return scaled_matmul_nt(x2, pw.values, xs[:, 0], pw.scales[:, 0], scale_mode="outer",
                             out_dtype=out_dtype, interpret=interpret)
-  kb = -(-info.k // BLOCK)
+  kb = info.k // BLOCK
   sa = jnp.broadcast_to(xs.T, (kb, x2.shape[0])) if xs.shape[-1] == 1 else xs.T
-  sb = jnp.broadcast_to(pw.scales.T, (kb, info.n))
-  return scaled_matmul_nt(x2, pw.values, sa, sb, scale_mode="block", out_dtype=out_dtype,
+  if info.packed:
+    values, sb = w.values, w.scales.T  # [G, N] per column
+  else:  # keep 128 x 128 tile scales compact ([G, N // 128]): one scale per tile and step
+    values, sb = w.values.T, w.scales.astype(jnp.float32)
+    if sb.shape[1] not in (info.n, -(-info.n // BLOCK)):
+      sb = _column_scales(sb, info.n)
+  sb = jnp.repeat(sb, kb // sb.shape[0], axis=0)
+  return scaled_matmul_nt(x2, values, sa, sb, scale_mode="block", out_dtype=out_dtype,
                           interpret=interpret)
 
 
@@ -465,8 +524,9 @@ def quantized_matmul(x: jax.Array, w: Any, *, x_scale: jax.Array | None = None,
 def _quantize_rows(a: jax.Array, scaling: str, fmt: str, *, weight_blocks: bool = False):
   """Quantize ``a [R, C]`` (C = the contraction axis) to fp8 for :func:`scaled_matmul_nt`.
 
-  Returns ``(q [R, C], scale)`` with scale ``[R]`` (tensor / row) or ``[C // 128, R]``
-  (block: 1 x 128 tiles, or 128 x 128 tiles when ``weight_blocks``).
+  Returns ``(q [R, C], scale)`` with scale ``[R]`` (tensor / row), ``[C // 128, R]``
+  (block: 1 x 128 tiles) or ``[C // 128, ceil(R / 128)]`` (128 x 128 tiles when
+  ``weight_blocks``).
   """
   r, c = a.shape
   af = a.astype(jnp.float32)
@@ -482,21 +542,24 @@ def _quantize_rows(a: jax.Array, scaling: str, fmt: str, *, weight_blocks: bool 
     rp, cp = ap.shape
     blocks = jnp.abs(ap).reshape(rp, cp // BLOCK, BLOCK).max(axis=2)  # [Rp, C/128]
     if weight_blocks:
-      blocks = blocks.reshape(rp // BLOCK, BLOCK, -1).max(axis=1)
-      blocks = jnp.repeat(blocks, BLOCK, axis=0)
-    s_full = (jnp.maximum(blocks, _EPS) / qmax)[:r]  # [R, C/128]
+      tiles = jnp.maximum(blocks.reshape(rp // BLOCK, BLOCK, -1).max(axis=1), _EPS) / qmax
+      s_full = jnp.repeat(tiles, BLOCK, axis=0)[:r]  # [R, C/128]
+    else:
+      s_full = (jnp.maximum(blocks, _EPS) / qmax)[:r]  # [R, C/128]
     q = (ap[:r].reshape(r, cp // BLOCK, BLOCK) / s_full[:, :, None]).reshape(r, cp)[:, :c]
-    s = s_full.T
+    s = tiles.T if weight_blocks else s_full.T
   return q.astype(FP8_FORMATS[fmt]), s
 
 
 def _scaled_xla(a, b_t, sa, sb, *, scale_mode, out_dtype):
   """The XLA twin of :func:`scaled_matmul_nt` (same quantized inputs, float32 math)."""
-  af, bf = a.astype(jnp.float32), b_t.astype(jnp.float32)
+  af, bf = _to_float32(a), _to_float32(b_t)
   if scale_mode == "outer":
     out = jnp.dot(af, bf.T, precision=jax.lax.Precision.HIGHEST) * sa[:, None] * sb[None, :]
   else:
-    k = a.shape[1]
+    k, n = a.shape[1], b_t.shape[0]
+    if sb.shape[1] != n:  # 128 x 128 weight tiles [C/128, ceil(N/128)]
+      sb = jnp.repeat(sb, BLOCK, axis=1)[:, :n]
     af = af * jnp.repeat(sa.T, BLOCK, axis=1)[:, :k]
     bf = bf * jnp.repeat(sb.T, BLOCK, axis=1)[:, :k]
     out = jnp.dot(af, bf.T, precision=jax.lax.Precision.HIGHEST)
@@ -546,17 +609,9 @@ def _fp8_dot_impl(backend: str):
   return fn
 
 
-def _fp8_dot_supports(x2, w, *, scaling):
-  del x2, w
-  if scaling == "block":
-    return ("scaling='block' is disabled for mosaic_gpu (2.7e-2 error on H100, "
-            "notes/quant_matmul.md); use 'row' or implementation='xla'")
-  return None
-
-
 FP8_DOT_IMPLS: list[_registry.Implementation] = [
     _registry.Implementation("mosaic_gpu", _fp8_dot_impl("mosaic_gpu"), platforms=("gpu",),
-                             supports=_fp8_dot_supports, interpretable=True,
+                             interpretable=True,
                              device_kinds=_registry.HOPPER_KINDS),
     _registry.Implementation("xla", _fp8_dot_impl("xla")),
 ]

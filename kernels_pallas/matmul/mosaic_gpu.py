@@ -9,7 +9,9 @@ Computes ``out[m, n] = sum_k a[m, k] * b_t[n, k]`` with the scales fused:
   into ``block_k``-wide blocks; each block's partial product is read out of the tensor
   cores and added to a float32 register accumulator times
   ``a_scale[kb, m] * b_scale[kb, n]`` ("promotion" every K block), so scales may change
-  along K (1 x 128 activation tiles, 128 x 128 or 128 x 1 weight tiles).
+  along K (1 x 128 activation tiles, 128 x 128 or 128 x 1 weight tiles). With
+  ``overlap`` the promotion of block ``kb`` runs while block ``kb + 1``'s wgmma is in
+  flight; 128 x 128 weight tiles are read as one scale per tile and step.
 
 Both operands are K-major (``a: [M, K]``, ``b_t: [N, K]``), the only form Hopper's
 ``wgmma`` takes for 8-bit inputs; the op layer transposes (once, offline, for weights).
@@ -30,9 +32,10 @@ pads), ``block_k * itemsize == 128`` (one 128-byte swizzle row), ``block_m % 64 
 Interpret mode (``interpret=True``) runs the same kernel on CPU.
 
 Measured on an H100 (notes/quant_matmul.md), 4096 x 8192 x 8192: int8 1394 TOP/s and fp8
-1305 TFLOP/s ("outer", 1.95x / 1.83x XLA's bf16 dot). ``"block"`` mode is correct in
-interpret mode but gave a 2.7e-2 relative error on the H100 and ran at 0.97x bf16; the op
-does not dispatch to it.
+1305 TFLOP/s ("outer", 1.95x / 1.83x XLA's bf16 dot); ``"block"`` 0.97x bf16 before the
+promotion overlap (``MatmulConfig.overlap``). The 2.7e-2 "block" error once seen on the
+H100 was the XLA reference's, not the kernel's: XLA dropped the reference's fp8 rounding
+of the weight (``jaxeff.ops.quantized_matmul.fp8_to_float32``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ SMEM_BUDGET_BYTES = 220 * 1024
 OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2),
                   jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SCALE_MODES = ("outer", "block")
+TILE_SCALE_VEC = 4  # floats per per-tile weight-scale copy (TMA moves >= 16 bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,10 @@ class MatmulConfig:
   num_stages: int = 4
   compute_registers: int = 232
   memory_registers: int = 40
+  # Block scaling only: each K block's partial product is scaled into the float32 total
+  # while the next block's wgmma runs (DeepGEMM's promotion overlap; one more register
+  # tile live). False: issue, wait, promote, one block at a time.
+  overlap: bool = False
 
   def __post_init__(self):
     if self.block_m % 64 or self.block_m < 64:
@@ -98,6 +106,14 @@ def default_config(m: int, n: int, k: int, dtype, *, scale_mode: str = "outer",
   while cfg.num_stages > 2 and smem_bytes(cfg, itemsize, out_itemsize, scale_mode) > SMEM_BUDGET_BYTES:
     cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
   return cfg
+
+
+def tile_scale_columns(n: int, cfg: MatmulConfig) -> int:
+  """Columns of a per-weight-tile block scale ``[K // block_k, tiles]``: one scale per
+  ``block_n`` output columns, padded so each tile's ``TILE_SCALE_VEC``-float copy stays in
+  bounds and rows are 16-byte aligned."""
+  tiles = -(-n // cfg.block_n) + TILE_SCALE_VEC - 1
+  return tiles + (-tiles % TILE_SCALE_VEC)
 
 
 def tile_multiples(cfg: MatmulConfig) -> tuple[int, int, int]:
@@ -138,7 +154,7 @@ def _out_tiled(shape, dtype):
 
 
 def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scale_mode: str,
-            acc_dtype, k_steps: int):
+            acc_dtype, k_steps: int, b_per_tile: bool):
   bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
   block = scale_mode == "block"
   wg = lax.axis_index("wg")
@@ -177,23 +193,55 @@ def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scal
         plgpu.barrier_wait(s["bs_bar"].at[slot])
 
     if block:
-      def step(i, acc):
-        slot = lax.rem(i, stages)
-        wait_loaded(slot)
+      zeros = lambda: plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), layout)
 
-        def partial(acc_ref):
-          plgpu.wgmma(acc_ref, a_tile(slot), b_tile(slot))
-          return acc_ref[...]
-
-        part = pl.run_scoped(partial, plgpu.ACC((bm, bn), jnp.float32))
+      def promote(total, part, slot):
+        """total + part * a_scale[rows] * b_scale[cols] of K step ``slot``; frees the slot."""
         sa = plgpu.load(s["as"].at[slot, wg], layout=row_layout)
-        sb = plgpu.load(s["bs"].at[slot], layout=col_layout)
+        if b_per_tile:  # one scale for the whole [block_k, block_n] weight tile
+          sb = s["bs"][slot, 0]
+          scaled = part * (row_bcast(sa) * sb)
+        else:
+          scaled = part * row_bcast(sa) * col_bcast(
+              plgpu.load(s["bs"].at[slot], layout=col_layout))
         plgpu.barrier_arrive(s["consumed"].at[slot])
-        return acc + part * row_bcast(sa) * col_bcast(sb)
+        return total + scaled
 
-      acc = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), layout)
-      acc = lax.fori_loop(0, k_steps, step, acc)
-      out = acc
+      if cfg.overlap:
+        # Step i issues its wgmma into a fresh accumulator, then promotes step i - 1's
+        # partial product (carried in registers) while the tensor cores run, then retires
+        # its own wgmma: the promotion never leaves the tensor cores idle.
+        def partial_of(i, promote_prev):
+          slot = lax.rem(i, stages)
+          wait_loaded(slot)
+
+          def body(acc_ref):
+            plgpu.wgmma(acc_ref, a_tile(slot), b_tile(slot))
+            total = promote_prev()
+            return total, acc_ref[...]
+
+          return pl.run_scoped(body, plgpu.ACC((bm, bn), jnp.float32))
+
+        def step(i, carry):
+          total, prev = carry
+          return partial_of(i, lambda: promote(total, prev, lax.rem(i + stages - 1, stages)))
+
+        carry = partial_of(0, zeros)
+        total, last = lax.fori_loop(1, k_steps, step, carry)
+        out = promote(total, last, (k_steps - 1) % stages)
+      else:
+        def step(i, total):
+          slot = lax.rem(i, stages)
+          wait_loaded(slot)
+
+          def partial(acc_ref):
+            plgpu.wgmma(acc_ref, a_tile(slot), b_tile(slot))
+            return acc_ref[...]  # waits for this wgmma (wait_group 0)
+
+          part = pl.run_scoped(partial, plgpu.ACC((bm, bn), jnp.float32))
+          return promote(total, part, slot)
+
+        out = lax.fori_loop(0, k_steps, step, zeros())
     else:
       def run(acc_ref):
         def step(i, carry):
@@ -242,8 +290,12 @@ def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scal
         for half in range(2):  # [stages, 2, block_m]: one row vector per warpgroup
           plgpu.copy_gmem_to_smem(as_ref.at[i, pl.ds(row0 + half * bm, bm)],
                                   s["as"].at[slot, half], s["as_bar"].at[2 * slot + half])
-        plgpu.copy_gmem_to_smem(bs_ref.at[i, pl.ds(col0, bn)], s["bs"].at[slot],
-                                s["bs_bar"].at[slot])
+        if b_per_tile:  # [K steps, tiles (+ pad)]: 16 bytes from this tile's scale on
+          plgpu.copy_gmem_to_smem(bs_ref.at[i, pl.ds(lax.axis_index("n_tiles"), TILE_SCALE_VEC)],
+                                  s["bs"].at[slot], s["bs_bar"].at[slot])
+        else:
+          plgpu.copy_gmem_to_smem(bs_ref.at[i, pl.ds(col0, bn)], s["bs"].at[slot],
+                                  s["bs_bar"].at[slot])
 
     for i in range(min(stages, k_steps)):
       issue(i, i, False)
@@ -289,13 +341,18 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
     raise ValueError(f"scaled_matmul: shape (M, N, K) = {(m, n, k)} is not a multiple of the "
                      f"tile {(tm, tn, tk)}; pad the operands")
   k_steps = k // cfg.block_k
+  b_per_tile = False
   if scale_mode == "outer":
     if a_scale.shape != (m,) or b_scale.shape != (n,):
       raise ValueError(f"scaled_matmul: outer scales must be [M]={m} and [N]={n}, got "
                        f"{a_scale.shape} and {b_scale.shape}")
-  elif a_scale.shape != (k_steps, m) or b_scale.shape != (k_steps, n):
-    raise ValueError(f"scaled_matmul: block scales must be [K/block_k, M]={(k_steps, m)} and "
-                     f"[K/block_k, N]={(k_steps, n)}, got {a_scale.shape} and {b_scale.shape}")
+  else:
+    tiles = tile_scale_columns(n, cfg)
+    b_per_tile = b_scale.shape == (k_steps, tiles)
+    if a_scale.shape != (k_steps, m) or (b_scale.shape != (k_steps, n) and not b_per_tile):
+      raise ValueError(f"scaled_matmul: block scales must be [K/block_k, M]={(k_steps, m)} and "
+                       f"[K/block_k, N]={(k_steps, n)} (or per weight tile "
+                       f"{(k_steps, tiles)}), got {a_scale.shape} and {b_scale.shape}")
   bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
   acc_dtype = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
   scratch = {
@@ -308,7 +365,7 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
   }
   if scale_mode == "block":
     scratch["as"] = plgpu.SMEM((stages, 2, bm), jnp.float32)
-    scratch["bs"] = plgpu.SMEM((stages, bn), jnp.float32)
+    scratch["bs"] = plgpu.SMEM((stages, TILE_SCALE_VEC if b_per_tile else bn), jnp.float32)
     scratch["as_bar"] = plgpu.Barrier(num_barriers=2 * stages)
     scratch["bs_bar"] = plgpu.Barrier(num_barriers=stages)
   else:
@@ -316,7 +373,7 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
     scratch["b_scale"] = plgpu.SMEM((2, bn), jnp.float32)
     scratch["scale_bar"] = plgpu.Barrier(num_barriers=4)
   kernel = functools.partial(_kernel, cfg=cfg, scale_mode=scale_mode, acc_dtype=acc_dtype,
-                             k_steps=k_steps)
+                             k_steps=k_steps, b_per_tile=b_per_tile)
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
@@ -327,8 +384,9 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name=f"scaled_matmul_{scale_mode}",
+      kernel_name=f"scaled_matmul_{scale_mode}{'_overlap' if cfg.overlap and scale_mode == 'block' else ''}",
   )(a, b_t, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32))
 
 
-__all__ = ["MatmulConfig", "default_config", "scaled_matmul", "tile_multiples", "unsupported"]
+__all__ = ["MatmulConfig", "default_config", "scaled_matmul", "tile_multiples", "tile_scale_columns",
+           "unsupported"]

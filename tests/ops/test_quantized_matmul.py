@@ -10,6 +10,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxeff.quant.formats import quantize_tensor
@@ -123,18 +124,48 @@ def test_fp8(scales, key):
   expected = _expected(xq, w, xs)
   out = qm.quantized_matmul(xq, w, x_scale=xs, out_dtype=jnp.float32, implementation="xla")
   assert_close(out, expected, rtol=1e-5)
-  if scales != "block":
-    out = qm.quantized_matmul(xq, w, x_scale=xs, out_dtype=jnp.float32,
+  for weight in (w, qm.prepack(w)):  # compact 128 x 128 tile scales / per-column scales
+    out = qm.quantized_matmul(xq, weight, x_scale=xs, out_dtype=jnp.float32,
                               implementation="mosaic_gpu:interpret")
     assert_close(out, expected, rtol=1e-5)
-  else:  # disabled in dispatch (wrong on H100); the kernel itself still runs interpreted
-    with pytest.raises(NotImplementedError, match="block-scaled fp8 .* is disabled"):
-      qm.quantized_matmul(xq, w, x_scale=xs, implementation="mosaic_gpu:interpret")
-    pw = qm.prepack(w)
-    out = qm.scaled_matmul_nt(xq, pw.values, xs.T, pw.scales.T, scale_mode="block",
-                              out_dtype=jnp.float32, interpret=True)
-    assert_close(out, expected, rtol=1e-5)
   assert rel_err(expected, x @ w.dequantize()) < 8e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_fp8_to_float32_is_exact(dtype):
+  q = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), dtype)
+  got = np.asarray(jax.jit(qm.fp8_to_float32)(q))
+  want = np.asarray(q.astype(jnp.float32))
+  np.testing.assert_array_equal(got, want)  # NaNs compare equal here
+
+
+def _block_case(key, m, n, k, per_tile, cfg, interpret):
+  """fp8 operands with per-K-block scales in [0.25, 4): a wrong block's scale shows up."""
+  ka, kb, ksa, ksb = jax.random.split(key, 4)
+  steps = k // 128
+  a = jax.random.normal(ka, (m, k), jnp.float32).astype(jnp.float8_e4m3fn)
+  b = jax.random.normal(kb, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+  sa = 2.0 ** jax.random.uniform(ksa, (steps, m), minval=-2, maxval=2)
+  if per_tile:
+    sb = 2.0 ** jax.random.uniform(ksb, (steps, -(-n // 128)), minval=-2, maxval=2)
+    sb_cols = np.repeat(np.asarray(sb), 128, axis=1)[:, :n]
+  else:
+    sb = sb_cols = 2.0 ** jax.random.uniform(ksb, (steps, n), minval=-2, maxval=2)
+  af = np.asarray(a.astype(jnp.float32), np.float64) * np.repeat(np.asarray(sa).T, 128, axis=1)
+  bf = np.asarray(b.astype(jnp.float32), np.float64) * np.repeat(np.asarray(sb_cols).T, 128,
+                                                                   axis=1)
+  out = qm.scaled_matmul_nt(a, b, sa, sb, scale_mode="block", out_dtype=jnp.float32,
+                            config=cfg, interpret=interpret)
+  return out, af @ bf.T
+
+
+@pytest.mark.parametrize("overlap,per_tile,k", [(False, False, 640), (True, True, 768)])
+def test_block_scaled_kernel_interpret(overlap, per_tile, k, key):
+  # More K blocks than pipeline stages (the slot ring wraps), odd and even block counts.
+  from kernels_pallas.matmul import mosaic_gpu as mg
+  cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, num_stages=2, overlap=overlap)
+  out, ref = _block_case(key, 100, 200, k, per_tile, cfg, True)
+  assert rel_err(out, ref) < 1e-6
 
 
 @pytest.mark.parametrize("fmt,group,sym", [("int4", 64, False), ("int8", None, True)])
@@ -230,9 +261,10 @@ def test_bad_inputs(key):
     qm.prepack(_weight(key, 128, 64, "int2", 32))
   with pytest.raises(NotImplementedError, match="m=100 > 64: dequantize-then-dot"):
     qm.quantized_matmul(jnp.ones((100, 128), jnp.bfloat16), w4, implementation="triton:interpret")
-  with pytest.raises(NotImplementedError, match="scaling='block' is disabled"):
-    qm.fp8_dot(x, jnp.ones((128, 4), jnp.bfloat16), scaling="block",
-               implementation="mosaic_gpu:interpret")
+  with pytest.raises(NotImplementedError, match="block-scaled fp8 needs K=192"):
+    qm.quantized_matmul(jnp.ones((2, 192), jnp.float8_e4m3fn),
+                        _weight(key, 192, 64, "fp8_e4m3", 64), x_scale=jnp.ones((2, 1)),
+                        implementation="mosaic_gpu:interpret")
   with pytest.raises(ValueError, match="fmt must be one of"):
     qm.quantize_activations(x, "int4")
   with pytest.raises(ValueError, match="block_size=100 must divide K=128"):
@@ -272,7 +304,30 @@ def test_w8a8_gpu(m, key):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling", ["row"])  # "block": 2.7e-2 error on H100 (notes)
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("per_tile", [False, True])
+def test_block_scaled_kernel_gpu(overlap, per_tile, key):
+  # 12 K blocks (> 4 stages, even) with scales varying per block, row and column: a
+  # partial product read before its wgmma retired, a scale of the wrong block, row or
+  # warpgroup, or a slot released too early each give errors >> 1e-5.
+  from kernels_pallas.matmul import mosaic_gpu as mg
+  cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, num_stages=4, overlap=overlap)
+  out, ref = _block_case(key, 1000, 1000, 1536, per_tile, cfg, False)
+  assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+def test_fp8_reference_keeps_rounding_gpu(key):
+  # XLA on GPU drops f32 -> fp8 -> f32 convert pairs in one program (excess precision);
+  # the references decode fp8 bits instead, so quantize-then-reference in one jit rounds.
+  x = jax.random.normal(key, (64, 256), jnp.float32)
+  q = jax.jit(lambda x: qm.fp8_to_float32(x.astype(jnp.float8_e4m3fn)))(x)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(x.astype(jnp.float8_e4m3fn)
+                                                           .astype(jnp.float32)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["row", "block"])
 def test_fp8_dot_gpu(scaling, key):
   kx, kw, kd = jax.random.split(key, 3)
   x = jax.random.normal(kx, (1000, 1024), jnp.float32).astype(jnp.bfloat16)
