@@ -164,7 +164,7 @@ def fft_conv_reference(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
 class _ConvCall:
   """Static description of one Monarch convolution (the custom_vjp's static argument)."""
 
-  backend: str  # "monarch_xla" or "triton"
+  backend: str  # "monarch_xla"
   plan: monarch.MonarchPlan
   seq: int
   filter_len: int
@@ -178,10 +178,7 @@ class _ConvCall:
 
   def rows_for(self, length: int) -> int:
     """Outermost-axis rows that hold the first ``length`` time steps."""
-    rows = -(-length // self.block)
-    if self.backend == "triton":  # Triton blocks: powers of two, at least 16
-      rows = min(self.plan.factors[0], max(_triton.MIN_FACTOR, 1 << (rows - 1).bit_length()))
-    return rows
+    return -(-length // self.block)
 
 
 def _pack(a: jax.Array, length: int) -> jax.Array:
@@ -220,12 +217,17 @@ def _band_mask(plan: monarch.MonarchPlan) -> np.ndarray | None:
 
 def _filter_spectrum(k: jax.Array, call: _ConvCall) -> jax.Array:
   """``[2, channels, *spectrum_shape]`` float32: the Monarch-order DFT of ``k`` over ``n``."""
+  return _plan_filter_spectrum(k, call.plan)
+
+
+def _plan_filter_spectrum(k: jax.Array, plan: monarch.MonarchPlan) -> jax.Array:
   channels, filter_len = k.shape
-  rows = -(-filter_len // call.block)
-  kz = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, rows * call.block - filter_len)))
-  kz = jnp.stack([kz, jnp.zeros_like(kz)]).reshape(2, channels, rows, *call.plan.factors[1:])
-  kf = monarch.forward(kz, call.plan, compute_dtype=jnp.float32) / call.plan.n
-  mask = _band_mask(call.plan)
+  block = plan.n // plan.factors[0]
+  rows = -(-filter_len // block)
+  kz = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, rows * block - filter_len)))
+  kz = jnp.stack([kz, jnp.zeros_like(kz)]).reshape(2, channels, rows, *plan.factors[1:])
+  kf = monarch.forward(kz, plan, compute_dtype=jnp.float32) / plan.n
+  mask = _band_mask(plan)
   return kf if mask is None else kf * mask
 
 
@@ -261,25 +263,7 @@ def _apply_monarch(u, kf, pre, post, call: _ConvCall) -> jax.Array:
   return y if post is None else y * post.astype(jnp.float32)
 
 
-def _apply_triton(u, kf, pre, post, call: _ConvCall) -> jax.Array:
-  batch, channels, seq = u.shape
-  n_1, n_2 = call.plan.factors
-  cdt = jnp.dtype(call.compute_dtype)
-  rows = call.rows_for(seq)
-  shape = lambda a: a.reshape(2, -1, rows, n_2)
-  z = shape(_pack(u, rows * n_2)).astype(cdt)
-  pre_p = None if pre is None else shape(_pack(pre, rows * n_2)).astype(cdt)
-  post_p = None if post is None else shape(_pack(post, rows * n_2))
-  f1 = monarch.dft_matrix(n_1)
-  mats = lambda c, dt: jnp.asarray(np.stack([c.real, c.imag]), dt)
-  y = _triton.fft_conv_fused(
-      z, kf, mats(f1[:, :rows], cdt), mats(monarch.twiddles(call.plan.n, n_1), jnp.float32),
-      mats(monarch.dft_matrix(n_2), cdt), mats(np.conj(f1)[:rows], cdt), channels=channels,
-      pre=pre_p, post=post_p, interpret=call.interpret)
-  return _unpack(y.reshape(2, -1, rows * n_2), batch, channels, seq)
-
-
-_APPLY = {"monarch_xla": _apply_monarch, "triton": _apply_triton}
+_APPLY = {"monarch_xla": _apply_monarch}
 
 
 def _filter_grad(w: jax.Array, dc: jax.Array, call: _ConvCall) -> jax.Array:
@@ -328,6 +312,146 @@ def _monarch_conv_bwd(call: _ConvCall, residuals, dy):
 _monarch_conv.defvjp(_monarch_conv_fwd, _monarch_conv_bwd)
 
 
+# --------------------------------------------------------------------------- Triton
+
+
+@dataclasses.dataclass(frozen=True)
+class _TritonCall:
+  """Static description of one fused-kernel convolution (the custom_vjp's static argument)."""
+
+  geo: _triton.Geometry
+  seq: int
+  filter_len: int
+  compute_dtype: str
+  config: _triton.FFTConvConfig
+  dk_config: _triton.DkConfig
+  interpret: bool = False
+
+  @property
+  def plan(self) -> monarch.MonarchPlan:
+    return monarch.MonarchPlan(self.geo.n, self.geo.factors)
+
+
+def _to_pairs(a: jax.Array, length: int, inner: tuple[int, ...], dtype=None) -> jax.Array:
+  """``[batch, channels, seq]`` -> ``[pairs, 2, channels, *inner]`` (``prod(inner) = length``).
+
+  Batch rows ``2p`` and ``2p + 1`` become the real and imaginary planes of pair ``p``; a
+  reshape (no copy) when the batch is even and ``seq == length``, else one padding pass.
+  """
+  batch, channels, seq = a.shape
+  if dtype is not None:
+    a = a.astype(dtype)
+  pairs = -(-batch // 2)
+  if 2 * pairs != batch or length != seq:
+    a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, length - seq)))
+  return a.reshape(pairs, 2, channels, *inner)
+
+
+def _from_pairs(y: jax.Array, batch: int, seq: int) -> jax.Array:
+  """``[pairs, 2, channels, ...]`` -> ``[batch, channels, seq]`` (a reshape when exact)."""
+  pairs, _, channels = y.shape[:3]
+  y = y.reshape(2 * pairs, channels, -1)
+  if y.shape[0] != batch or y.shape[-1] != seq:
+    y = y[:batch, :, :seq]
+  return y
+
+
+def _triton_apply(u, kf, pre, posts, call: _TritonCall, out_dtype) -> tuple[jax.Array, ...]:
+  """``conv(kf, u * pre) * post`` for each post (or one plain output), ``[batch, channels, seq]``."""
+  batch, channels, seq = u.shape
+  geo = call.geo
+  inner = (geo.in_a, geo.in_rows, geo.n_2)
+  z = _to_pairs(u, geo.in_len, inner, call.compute_dtype)
+  pre_p = None if pre is None else _to_pairs(pre, geo.in_len, inner)
+  kf = kf.reshape(2, channels, geo.n_a, geo.n_1, geo.n_2)
+  kw = dict(config=call.config, interpret=call.interpret)
+  if geo.n_a == 1:
+    out_inner = (geo.out_rows, geo.n_2)
+    posts_p = tuple(_to_pairs(p, geo.out_len, out_inner) for p in posts)
+    outs = _triton.fft_conv_fused(z, kf, geo, pre=pre_p, posts=posts_p, out_dtype=out_dtype, **kw)
+    return tuple(_from_pairs(o, batch, seq) for o in outs)
+  (b,) = _triton.fft_conv_fused(z, kf, geo, pre=pre_p, out_dtype=z.dtype, **kw)
+  y = _from_pairs(_triton.outer_inverse(b, geo), batch, seq)
+  if not posts:
+    return (y.astype(out_dtype),)
+  return tuple((y * p.astype(jnp.float32)).astype(out_dtype) for p in posts)
+
+
+def _triton_filter_grad(u, x, dy, v, call: _TritonCall) -> jax.Array:
+  """``dk [channels, filter_len]`` float32 from the fused filter-gradient spectrum kernel."""
+  channels = u.shape[1]
+  geo = call.geo
+  inner = (geo.in_a, geo.in_rows, geo.n_2)
+  pairs = lambda a, dt=None: None if a is None else _to_pairs(a, geo.in_len, inner, dt)
+  g = _triton.filter_grad_spectrum(
+      pairs(u, call.compute_dtype), pairs(dy, call.compute_dtype), geo, pre_w=pairs(x),
+      pre_d=pairs(v), config=call.dk_config, interpret=call.interpret)
+  plan = call.plan
+  block = plan.n // plan.factors[0]
+  rows = -(-call.filter_len // block)
+  dk = monarch.inverse(g.reshape(2, channels, *plan.factors), plan, compute_dtype=jnp.float32,
+                       out_rows=rows)
+  return dk[0].reshape(channels, -1)[:, :call.filter_len] / plan.n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _triton_conv(u, k, x, v, call: _TritonCall):
+  """``v * conv(k, u * x)`` ``[batch, channels, seq]`` in ``u.dtype`` (x, v may be None)."""
+  return _triton_conv_fwd(u, k, x, v, call)[0]
+
+
+def _triton_conv_fwd(u, k, x, v, call: _TritonCall):
+  kf = _plan_filter_spectrum(k, call.plan)
+  (y,) = _triton_apply(u, kf, x, () if v is None else (v,), call, u.dtype)
+  return y, (u, k, x, v, kf)
+
+
+def _triton_conv_bwd(call: _TritonCall, residuals, dy):
+  u, k, x, v, kf = residuals
+  dy = dy.astype(u.dtype)
+  # dw = corr(k, dy * v) (the convolution with conj(K)); du = dw * x, dx = dw * u.
+  if x is None:
+    (du,), dx = _triton_apply(dy, _conj(kf), v, (), call, u.dtype), None
+  else:
+    du, dx = _triton_apply(dy, _conj(kf), v, (x, u), call, u.dtype)
+    dx = dx.astype(x.dtype)
+  dv = None if v is None else _triton_apply(u, kf, x, (dy,), call, u.dtype)[0].astype(v.dtype)
+  dk = _triton_filter_grad(u, x, dy, v, call)
+  return du, dk.astype(k.dtype), dx, dv
+
+
+_triton_conv.defvjp(_triton_conv_fwd, _triton_conv_bwd)
+
+
+def fft_conv_triton(u: jax.Array, k: jax.Array, *, causal: bool = True,
+                    gate: tuple[jax.Array | None, jax.Array | None] | None = None,
+                    config: _triton.FFTConvConfig | None = None,
+                    dk_config: _triton.DkConfig | None = None,
+                    interpret: bool = False) -> jax.Array:
+  """The ``"triton"`` implementation with explicit launch parameters (benchmarks, tuning).
+
+  Shapes and semantics as :func:`fft_conv` (bfloat16/float16 ``u``, no frequency
+  sparsity); ``config`` / ``dk_config`` default to the tuned per-size choice.
+  """
+  _validate(u, k, causal, gate, None)
+  seq, filter_len = u.shape[-1], k.shape[-1]
+  n = fft_size(seq, filter_len, causal=causal)
+  cfg = config or _triton.config_for(n)
+  reason = _triton.unsupported(n, u.dtype, config=cfg)
+  if reason is not None:
+    raise NotImplementedError(f"fft_conv_triton: {reason}")
+  geo = _triton.geometry(n, seq, inner=cfg.inner)
+  call = _TritonCall(geo, seq, filter_len, jnp.dtype(u.dtype).name, cfg,
+                     dk_config or _triton.dk_config_for(n), bool(interpret))
+  x, v = gate if gate is not None else (None, None)
+  return _triton_conv(u, k, x, v, call)
+
+
+def _triton_impl(u, k, *, causal, gate, frequency_keep, interpret=False):
+  del frequency_keep  # supports() sends frequency-sparse calls elsewhere
+  return fft_conv_triton(u, k, causal=causal, gate=gate, interpret=interpret)
+
+
 def _compute_dtype(u, gate) -> str:
   """Matmul operand dtype: ``u.dtype`` (bf16/fp16 -> tensor cores; float32 -> HIGHEST)."""
   del gate
@@ -355,11 +479,9 @@ def _monarch_supports(u, k, *, causal, gate, frequency_keep):
 
 def _triton_supports(u, k, *, causal, gate, frequency_keep):
   n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
-  plan = _plan(n, frequency_keep)
-  if plan is None:
-    return f"transform size {n} has no Monarch decomposition"
-  return _triton.unsupported(plan.factors, _compute_dtype(u, gate),
-                             frequency_sparse=plan.keep is not None)
+  sparse = frequency_keep is not None and frequency_band(
+      u.shape[-1], k.shape[-1], causal=causal, frequency_keep=frequency_keep) is not None
+  return _triton.unsupported(n, u.dtype, frequency_sparse=sparse, config=_triton.config_for(n))
 
 
 def _reference_impl(u, k, *, causal, gate, frequency_keep):
@@ -368,7 +490,7 @@ def _reference_impl(u, k, *, causal, gate, frequency_keep):
 
 
 FFT_CONV_IMPLS: list[_registry.Implementation] = [
-    _registry.Implementation("triton", _monarch_impl("triton"), platforms=("gpu",),
+    _registry.Implementation("triton", _triton_impl, platforms=("gpu",),
                              supports=_triton_supports, interpretable=True),
     _registry.Implementation("monarch_xla", _monarch_impl("monarch_xla"),
                              supports=_monarch_supports),

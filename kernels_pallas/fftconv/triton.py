@@ -1,179 +1,610 @@
-"""Fused FFT convolution (FFT -> pointwise filter multiply -> inverse FFT, with gating) as a
-Pallas kernel lowered through Triton.
+"""Fused FFT convolution (FFT -> pointwise filter multiply -> inverse FFT, with gating) and
+the filter-gradient spectrum, as Pallas kernels lowered through Triton.
 
-FlashFFTConv (Fu et al., 2023) for a two-level Monarch decomposition ``n = n_1 * n_2``:
-one program owns one complex signal ``z`` (two batch rows of one channel packed as real
-and imaginary parts; the filter is real so the two stay separate) viewed as the matrix
-``[n_1, n_2]`` and keeps every intermediate in registers:
+FlashFFTConv (Fu et al., 2023) with the Monarch (Cooley-Tukey four-step) decomposition.
+A packed signal ``z`` (two batch rows of one channel as real and imaginary parts; the
+filter is real so the two convolutions stay apart) of transform size ``n`` is viewed as
 
-    A = F1[:, :in_rows] @ (pre * z)        forward DFT along the rows (zero-padded rows skipped)
-    A = A * T                              twiddles w_n^(k_1 n_2)
-    Y = A @ F2                             forward DFT along the columns (Monarch order)
-    Y = Y * K                              the filter's spectrum (already / n)
-    B = Y @ conj(F2)                       inverse DFT along the columns
-    B = B * conj(T)
-    out = post * (conj(F1)[:out_rows] @ B) inverse DFT along the rows, only the rows kept
+* two levels, ``n = n_1 * n_2`` (``n <= inner``): the matrix ``[n_1, n_2]`` whose first
+  ``in_rows`` rows hold the input (causal zero padding skipped);
+* three levels, ``n = n_a * n_1 * n_2``: ``[n_a, n_1, n_2]`` whose first ``in_a`` outer rows
+  hold the input. Program ``k_a`` forms the outer DFT row
+  ``X = w_n^(k_a m) * sum_{t_a < in_a} w_{n_a}^(k_a t_a) z[t_a]`` (``m`` the inner index; a
+  few elementwise multiply-adds over rows read from L2), runs the two-level convolution of
+  ``X`` with the spectrum row ``K[k_a]`` and writes ``conj(w_n^(k_a m)) * B`` in the compute
+  dtype; the outer inverse DFT (``n_a``-term sums) and the gates run in XLA.
 
-Each complex product is four real ``dot`` calls on bfloat16/float16 operands with float32
-accumulation (tensor cores); twiddles, the filter multiply and the gates are float32.
-``z`` is read once and the output written once; the DFT matrices, twiddles and the filter
-spectrum are read per program (they are small and stay in L2).
+The two-level convolution of one signal, for chunks of ``chunk`` rows ``c`` of ``k_1``:
 
-The same kernel computes the input gradient of the convolution (a correlation): the
-caller passes ``conj(K)``.
+    A_c = F1[c, :in_rows] @ X         forward DFT along the rows (zero rows skipped)
+    A_c = A_c * T[c]                  twiddles w^(k_1 t_2)
+    Y_c = A_c @ F2                    forward DFT along the columns (Monarch order)
+    Y_c = Y_c * K[c]                  the filter's spectrum (already / n)
+    B_c = (Y_c @ conj(F2)) * conj(T[c])
+    out += conj(F1)[:out_rows, c] @ B_c   inverse DFT along the rows, only the rows kept
 
-Triton is chosen for the first fused kernel because it is interpretable on CPU and runs
-on any CUDA GPU; a Mosaic GPU (wgmma) version is not written yet (notes/spectral.md).
-Limits: ``n_1, n_2`` powers of two in ``[16, 128]``, ``n <= MAX_N`` (the whole complex
-``[n_1, n_2]`` tile lives in registers), bfloat16/float16 operands.
+so only one chunk of the spectrum and the ``[out_rows, n_2]`` accumulator are live at a
+time (register pressure bounded for ``n`` up to 8192 and more). One program handles
+``pairs`` packed signals of one channel in a loop: the filter spectrum, DFT matrices and
+twiddles are fetched by the program once per chunk and pair from L1/L2 instead of once per
+signal from L2 by separate programs.
+
+Each complex matrix product is four real ``dot`` calls (or three with ``gauss=True``:
+``(a + ib)(c + id)`` as ``c(a + b) - b(c + d)`` / ``c(a + b) + a(d - c)``, with the constant
+matrix's sums precomputed) on bfloat16/float16 operands with float32 accumulation; twiddles,
+the filter multiply and the gates are float32.
+
+The input gradient of the convolution (a correlation) is the same kernel with
+``conj(K)``. The filter gradient's spectrum ``sum_b conj(FFT(w_b)) FFT(d_b)`` is
+:func:`filter_grad_spectrum`: one program per (outer row, chunk, channel, group) loops over
+the group's packed pairs and accumulates the product of the two chunk spectra.
+
+Limits: ``n_1, n_2`` powers of two in ``[16, 256]``, the outer factor a power of two up to
+``MAX_OUTER``; bfloat16/float16 operands.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 MIN_FACTOR = 16  # smallest dot dimension Triton accepts
-MAX_FACTOR = 128
-MAX_N = 8192  # complex float32 [n_1, n_2] tile in registers: 64 KiB at 8192 over 8 warps
-ELEMS_PER_WARP = 1024
-MAX_WARPS = 8
+MAX_FACTOR = 256
+MAX_OUTER = 64
+MIN_N = MIN_FACTOR * MIN_FACTOR
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-@dataclasses.dataclass(frozen=True)
-class FFTConvConfig:
-  """Launch parameters of one fused convolution.
-
-  Attributes:
-    num_warps: warps per program (one program per packed row).
-    num_stages: Triton pipelining depth (the kernel has no loop; 1 keeps registers free).
-  """
-
-  num_warps: int
-  num_stages: int = 1
-
-  def __post_init__(self):
-    if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-      raise ValueError(f"FFTConvConfig.num_warps must be a power of two, got {self.num_warps}")
-
-
-def default_config(n_1: int, n_2: int) -> FFTConvConfig:
-  warps = max(1, min(MAX_WARPS, n_1 * n_2 // ELEMS_PER_WARP))
-  return FFTConvConfig(num_warps=1 << (warps.bit_length() - 1))
 
 
 def _pow2(v: int) -> bool:
   return v >= 1 and not v & (v - 1)
 
 
-def unsupported(factors: tuple[int, ...], dtype, *, frequency_sparse: bool = False) -> str | None:
-  """None when the kernel serves a plan with these factors, else why not."""
+@dataclasses.dataclass(frozen=True)
+class FFTConvConfig:
+  """Launch parameters of the fused convolution.
+
+  Attributes:
+    num_warps: warps per program.
+    chunk: rows of ``k_1`` per step of the chunk loop (clipped to ``n_1``).
+    pairs: packed signals (pairs of batch rows) per program (clipped to a divisor of the
+      number of pairs).
+    inner: largest two-level transform; larger ``n`` use three levels with inner size
+      ``inner``.
+    gauss: three real dots per complex matrix product instead of four.
+    num_stages: Triton pipelining depth.
+  """
+
+  num_warps: int = 4
+  chunk: int = 32
+  pairs: int = 4
+  inner: int = 8192
+  gauss: bool = False
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name in ("num_warps", "chunk", "pairs", "inner"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or not _pow2(v):
+        raise ValueError(f"FFTConvConfig.{name} must be a power of two, got {v!r}")
+    if self.chunk < MIN_FACTOR:
+      raise ValueError(f"FFTConvConfig.chunk must be >= {MIN_FACTOR}, got {self.chunk}")
+    if not MIN_N <= self.inner <= MAX_FACTOR * MAX_FACTOR:
+      raise ValueError(f"FFTConvConfig.inner must be in [{MIN_N}, {MAX_FACTOR ** 2}], got "
+                       f"{self.inner}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DkConfig:
+  """Launch parameters of :func:`filter_grad_spectrum`.
+
+  Attributes:
+    num_warps: warps per program.
+    chunk: rows of ``k_1`` per program (clipped to ``n_1``).
+    groups: programs per (channel, chunk) over the batch; partial sums are added in XLA.
+    gauss: three real dots per complex matrix product.
+  """
+
+  num_warps: int = 4
+  chunk: int = 32
+  groups: int = 1
+  gauss: bool = False
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name in ("num_warps", "chunk", "groups"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or not _pow2(v):
+        raise ValueError(f"DkConfig.{name} must be a power of two, got {v!r}")
+    if self.chunk < MIN_FACTOR:
+      raise ValueError(f"DkConfig.chunk must be >= {MIN_FACTOR}, got {self.chunk}")
+
+
+DEFAULT_CONFIG = FFTConvConfig()
+DEFAULT_DK_CONFIG = DkConfig()
+
+# Per transform size (n = 2 seq for causal convolutions): chosen from device measurements
+# (experiments/fftconv_dev.py, notes/spectral.md); sizes not listed use the defaults.
+_CONFIGS: dict[int, FFTConvConfig] = {}
+_DK_CONFIGS: dict[int, DkConfig] = {}
+
+
+def config_for(n: int) -> FFTConvConfig:
+  """The launch parameters used for a transform of size ``n``."""
+  return _CONFIGS.get(n, DEFAULT_CONFIG)
+
+
+def dk_config_for(n: int) -> DkConfig:
+  """The filter-gradient launch parameters used for a transform of size ``n``."""
+  return _DK_CONFIGS.get(n, DEFAULT_DK_CONFIG)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """How a transform of size ``n`` is laid out for the kernels.
+
+  Attributes:
+    n: transform size.
+    n_a: outer factor (1: two levels).
+    n_1, n_2: the inner two-level factors (rows, columns).
+    in_a, out_a: outer rows holding the input / the kept output (1 when ``n_a == 1``).
+    in_rows, out_rows: inner rows holding the input / the kept output (``n_1`` when
+      ``n_a > 1``).
+  """
+
+  n: int
+  n_a: int
+  n_1: int
+  n_2: int
+  in_a: int
+  out_a: int
+  in_rows: int
+  out_rows: int
+
+  @property
+  def factors(self) -> tuple[int, ...]:
+    """The Monarch plan's factors (outermost first)."""
+    return (self.n_1, self.n_2) if self.n_a == 1 else (self.n_a, self.n_1, self.n_2)
+
+  @property
+  def in_len(self) -> int:
+    """Time steps of the input view ``[in_a, in_rows, n_2]``."""
+    return self.in_a * self.in_rows * self.n_2
+
+  @property
+  def out_len(self) -> int:
+    return self.out_a * self.out_rows * self.n_2
+
+
+def split_two(n: int) -> tuple[int, int]:
+  """``n = n_1 * n_2`` with ``n_1 = 2^ceil(log2(n) / 2) >= n_2`` (minimises the dot work
+  ``n (n_1 + 2 n_2)`` of a causal convolution, whose first and last levels are halved)."""
+  log = n.bit_length() - 1
+  n_1 = 1 << (-(-log // 2))
+  return n_1, n // n_1
+
+
+def geometry(n: int, seq: int, *, inner: int = DEFAULT_CONFIG.inner) -> Geometry:
+  """The layout of a size-``n`` transform whose input and kept output are ``seq`` long."""
+  if n <= inner:
+    n_1, n_2 = split_two(n)
+    rows = lambda length: min(n_1, max(MIN_FACTOR, 1 << (-(-length // n_2) - 1).bit_length()))
+    return Geometry(n, 1, n_1, n_2, 1, 1, rows(seq), rows(seq))
+  n_1, n_2 = split_two(inner)
+  n_a = n // inner
+  a = -(-seq // inner)
+  return Geometry(n, n_a, n_1, n_2, a, a, n_1, n_1)
+
+
+def unsupported(n: int, dtype, *, frequency_sparse: bool = False,
+                config: FFTConvConfig | None = None) -> str | None:
+  """None when the kernels serve a transform of size ``n`` and this dtype, else why not."""
+  cfg = config or DEFAULT_CONFIG
   if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
     return (f"the fused Triton kernel takes bfloat16/float16 inputs (tensor-core matmuls), "
             f"got {jnp.dtype(dtype).name}")
-  if len(factors) != 2:
-    return f"the fused kernel needs a two-level decomposition, the plan has factors {factors}"
-  n_1, n_2 = factors
-  if not all(_pow2(f) and MIN_FACTOR <= f <= MAX_FACTOR for f in factors):
-    return f"factors {factors} must be powers of two in [{MIN_FACTOR}, {MAX_FACTOR}]"
-  if n_1 * n_2 > MAX_N:
-    return f"FFT size {n_1 * n_2} > {MAX_N} does not fit in one program's registers"
   if frequency_sparse:
     return "frequency-sparse plans run on 'monarch_xla' (the fused kernel keeps all columns)"
+  if not _pow2(n) or n < MIN_N:
+    return f"the fused kernel needs a power-of-two transform size >= {MIN_N}, got {n}"
+  if n > cfg.inner * MAX_OUTER:
+    return (f"transform size {n} > {cfg.inner * MAX_OUTER} (outer factor > {MAX_OUTER}); "
+            f"'monarch_xla' serves it")
   return None
 
 
-def _cmatmul(ar, ai, br, bi, compute_dtype):
-  """Complex ``(ar + i ai) @ (br + i bi)`` as four real dots, float32 accumulation."""
-  dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-  ar, ai, br, bi = (x.astype(compute_dtype) for x in (ar, ai, br, bi))
-  return dot(ar, br) - dot(ai, bi), dot(ar, bi) + dot(ai, br)
+# --------------------------------------------------------------------------- constants
 
 
-def _kernel(*refs, has_pre, has_post, compute_dtype):
-  refs = iter(refs)
-  z_ref, kf_ref, f1_ref, tw_ref, f2_ref, g1_ref = (next(refs) for _ in range(6))
-  pre_ref = next(refs) if has_pre else None
-  post_ref = next(refs) if has_post else None
-  out_ref = next(refs)
-
-  zr, zi = z_ref[0].astype(jnp.float32), z_ref[1].astype(jnp.float32)
-  if has_pre:
-    zr, zi = zr * pre_ref[0].astype(jnp.float32), zi * pre_ref[1].astype(jnp.float32)
-  tr, ti = tw_ref[0], tw_ref[1]
-  f2r, f2i = f2_ref[0], f2_ref[1]
-  # A: [n_1, n_2], the column-wise DFT of the non-zero rows.
-  ar, ai = _cmatmul(f1_ref[0], f1_ref[1], zr, zi, compute_dtype)
-  ar, ai = ar * tr - ai * ti, ar * ti + ai * tr
-  # Y: the spectrum in Monarch order (position (k_1, k_2) holds frequency k_1 + n_1 k_2).
-  yr, yi = _cmatmul(ar, ai, f2r, f2i, compute_dtype)
-  kr, ki = kf_ref[0], kf_ref[1]
-  yr, yi = yr * kr - yi * ki, yr * ki + yi * kr
-  # Inverse: conj(F2) along the columns, conj twiddles, conj(F1)[:out_rows] along rows.
-  br, bi = _cmatmul(yr, yi, f2r, -f2i, compute_dtype)
-  br, bi = br * tr + bi * ti, bi * tr - br * ti
-  outr, outi = _cmatmul(g1_ref[0], g1_ref[1], br, bi, compute_dtype)
-  if has_post:
-    outr, outi = outr * post_ref[0].astype(jnp.float32), outi * post_ref[1].astype(jnp.float32)
-  out_ref[0] = outr.astype(out_ref.dtype)
-  out_ref[1] = outi.astype(out_ref.dtype)
+def _dft(n: int) -> np.ndarray:
+  k = np.arange(n)
+  return np.exp(-2j * np.pi * (np.outer(k, k) % n) / n)
 
 
-def fft_conv_fused(z: jax.Array, kf: jax.Array, f1: jax.Array, tw: jax.Array, f2: jax.Array,
-                   g1: jax.Array, *, channels: int, pre: jax.Array | None = None,
-                   post: jax.Array | None = None, out_dtype=jnp.float32,
-                   config: FFTConvConfig | None = None, interpret: bool = False) -> jax.Array:
-  """Fused circular convolution of packed complex rows with per-channel spectra.
+def _planes(m: np.ndarray, gauss: bool, dtype) -> jax.Array:
+  """Real planes of a complex constant: ``(re, im)`` or ``(re, im - re, re + im)``."""
+  if gauss:
+    p = np.stack([m.real, m.imag - m.real, m.real + m.imag])
+  else:
+    p = np.stack([m.real, m.imag])
+  return jnp.asarray(p, dtype)
+
+
+def _cplanes(m: np.ndarray) -> jax.Array:
+  return jnp.asarray(np.stack([m.real, m.imag]), jnp.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants_np(geo: Geometry):
+  f1 = _dft(geo.n_1)
+  f2 = _dft(geo.n_2)
+  m = geo.n_1 * geo.n_2
+  tw = np.exp(-2j * np.pi * np.outer(np.arange(geo.n_1), np.arange(geo.n_2)) / m)
+  outer = None
+  if geo.n_a > 1:
+    fo = _dft(geo.n_a)[:, :geo.in_a]  # [n_a, in_a]
+    to = np.exp(-2j * np.pi * np.outer(np.arange(geo.n_a), np.arange(m)) / geo.n)
+    outer = (fo, to.reshape(geo.n_a, geo.n_1, geo.n_2))
+  return f1, f2, tw, outer
+
+
+def _constants(geo: Geometry, gauss: bool, cdt):
+  f1, f2, tw, outer = _constants_np(geo)
+  mats = dict(f1=_planes(f1[:, :geo.in_rows], gauss, cdt), tw=_cplanes(tw),
+              f2=_planes(f2, gauss, cdt), h2=_planes(np.conj(f2), gauss, cdt),
+              g1=_planes(np.conj(f1)[:geo.out_rows], gauss, cdt))
+  if outer is not None:
+    mats["fo"] = _cplanes(outer[0])
+    mats["to"] = _cplanes(outer[1])
+  return mats
+
+
+# --------------------------------------------------------------------------- kernel math
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _lmul(m, xr, xi, cdt):
+  """``M @ X``: ``m`` the constant's planes (loaded), ``X = xr + i xi`` (any float dtype)."""
+  if len(m) == 3:
+    k1 = _dot(m[0], (xr.astype(jnp.float32) + xi.astype(jnp.float32)).astype(cdt))
+    k2 = _dot(m[1], xr.astype(cdt))
+    k3 = _dot(m[2], xi.astype(cdt))
+    return k1 - k3, k1 + k2
+  xr, xi = xr.astype(cdt), xi.astype(cdt)
+  return _dot(m[0], xr) - _dot(m[1], xi), _dot(m[0], xi) + _dot(m[1], xr)
+
+
+def _rmul(xr, xi, m, cdt):
+  """``X @ M`` (see :func:`_lmul`)."""
+  if len(m) == 3:
+    k1 = _dot((xr.astype(jnp.float32) + xi.astype(jnp.float32)).astype(cdt), m[0])
+    k2 = _dot(xr.astype(cdt), m[1])
+    k3 = _dot(xi.astype(cdt), m[2])
+    return k1 - k3, k1 + k2
+  xr, xi = xr.astype(cdt), xi.astype(cdt)
+  return _dot(xr, m[0]) - _dot(xi, m[1]), _dot(xr, m[1]) + _dot(xi, m[0])
+
+
+def _cmul(ar, ai, br, bi):
+  return ar * br - ai * bi, ar * bi + ai * br
+
+
+def _cmul_conj(ar, ai, br, bi):
+  """``a * conj(b)``."""
+  return ar * br + ai * bi, ai * br - ar * bi
+
+
+def _load_signal(z_ref, pre_ref, r, geo: Geometry, fo_ref, to_ref, cdt):
+  """Pair ``r``'s (outer-row) input ``[in_rows, n_2]``, gated, in the compute dtype."""
+  def row(a, t):
+    x = z_ref[r, a, t].astype(jnp.float32)
+    if pre_ref is not None:
+      x = x * pre_ref[r, a, t].astype(jnp.float32)
+    return x
+
+  if geo.n_a == 1:
+    return row(0, 0).astype(cdt), row(1, 0).astype(cdt)
+  xr = xi = None
+  for t in range(geo.in_a):
+    zr, zi = row(0, t), row(1, t)
+    if t:  # w^(k_a * 0) = 1
+      zr, zi = _cmul(zr, zi, fo_ref[0, t], fo_ref[1, t])
+    xr, xi = (zr, zi) if xr is None else (xr + zr, xi + zi)
+  xr, xi = _cmul(xr, xi, to_ref[0], to_ref[1])
+  return xr.astype(cdt), xi.astype(cdt)
+
+
+def _forward_chunk(xr, xi, rows, f1_ref, tw_ref, f2, cdt):
+  """Spectrum rows ``rows`` (``[chunk, n_2]`` float32, Monarch order) of the signal ``X``."""
+  f1 = [f1_ref[p, rows, :] for p in range(f1_ref.shape[0])]
+  ar, ai = _lmul(f1, xr, xi, cdt)
+  ar, ai = _cmul(ar, ai, tw_ref[0, rows, :], tw_ref[1, rows, :])
+  return _rmul(ar, ai, f2, cdt)
+
+
+def _rows(ch, chunk, n_chunks):
+  if n_chunks == 1:
+    return slice(None)
+  return pl.ds(pl.multiple_of(ch * chunk, chunk), chunk)
+
+
+def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, has_pre: bool, n_posts: int,
+                 cdt):
+  it = iter(refs)
+  z_ref = next(it)  # [pairs, 2, in_a, in_rows, n_2]
+  pre_ref = next(it) if has_pre else None
+  kf_ref, f1_ref, tw_ref, f2_ref, h2_ref, g1_ref = (next(it) for _ in range(6))
+  fo_ref = to_ref = None
+  if geo.n_a > 1:
+    fo_ref, to_ref = next(it), next(it)
+  post_refs = [next(it) for _ in range(n_posts if geo.n_a == 1 else 0)]
+  out_refs = list(it)
+  n_chunks = geo.n_1 // chunk
+  nplanes = f2_ref.shape[0]
+
+  def one_pair(r, carry):
+    xr, xi = _load_signal(z_ref, pre_ref, r, geo, fo_ref, to_ref, cdt)
+    f2 = [f2_ref[p] for p in range(nplanes)]
+    h2 = [h2_ref[p] for p in range(nplanes)]
+
+    def one_chunk(ch, acc):
+      rows = _rows(ch, chunk, n_chunks)
+      yr, yi = _forward_chunk(xr, xi, rows, f1_ref, tw_ref, f2, cdt)
+      yr, yi = _cmul(yr, yi, kf_ref[0, rows, :], kf_ref[1, rows, :])
+      br, bi = _rmul(yr, yi, h2, cdt)
+      br, bi = _cmul_conj(br, bi, tw_ref[0, rows, :], tw_ref[1, rows, :])
+      g1 = [g1_ref[p, :, rows] for p in range(nplanes)]
+      dr, di = _lmul(g1, br, bi, cdt)
+      return acc[0] + dr, acc[1] + di
+
+    zero = jnp.zeros((geo.out_rows, geo.n_2), jnp.float32)
+    if n_chunks == 1:
+      accr, acci = one_chunk(0, (zero, zero))
+    else:
+      accr, acci = jax.lax.fori_loop(0, n_chunks, one_chunk, (zero, zero))
+    if geo.n_a > 1:
+      accr, acci = _cmul_conj(accr, acci, to_ref[0], to_ref[1])
+      out_refs[0][r, 0] = accr.astype(out_refs[0].dtype)
+      out_refs[0][r, 1] = acci.astype(out_refs[0].dtype)
+    elif not post_refs:
+      out_refs[0][r, 0] = accr.astype(out_refs[0].dtype)
+      out_refs[0][r, 1] = acci.astype(out_refs[0].dtype)
+    else:
+      for post_ref, out_ref in zip(post_refs, out_refs):
+        out_ref[r, 0] = (accr * post_ref[r, 0].astype(jnp.float32)).astype(out_ref.dtype)
+        out_ref[r, 1] = (acci * post_ref[r, 1].astype(jnp.float32)).astype(out_ref.dtype)
+    return carry
+
+  if pairs == 1:
+    one_pair(0, None)
+  else:
+    jax.lax.fori_loop(0, pairs, one_pair, None)
+
+
+def _dk_kernel(*refs, geo: Geometry, chunk: int, pairs: int, has_pre_w: bool,
+               has_pre_d: bool, cdt):
+  it = iter(refs)
+  w_ref = next(it)
+  pw_ref = next(it) if has_pre_w else None
+  d_ref = next(it)
+  pd_ref = next(it) if has_pre_d else None
+  f1_ref, tw_ref, f2_ref = (next(it) for _ in range(3))
+  fo_ref = to_ref = None
+  if geo.n_a > 1:
+    fo_ref, to_ref = next(it), next(it)
+  (out_ref,) = it  # [2, chunk, n_2]
+  n_chunks = geo.n_1 // chunk
+  ch = pl.program_id(0) % n_chunks
+  rows = _rows(ch, chunk, n_chunks)
+  nplanes = f2_ref.shape[0]
+
+  def one_pair(r, acc):
+    f2 = [f2_ref[p] for p in range(nplanes)]
+    wr, wi = _forward_chunk(*_load_signal(w_ref, pw_ref, r, geo, fo_ref, to_ref, cdt), rows,
+                            f1_ref, tw_ref, f2, cdt)
+    dr, di = _forward_chunk(*_load_signal(d_ref, pd_ref, r, geo, fo_ref, to_ref, cdt), rows,
+                            f1_ref, tw_ref, f2, cdt)
+    gr, gi = _cmul_conj(dr, di, wr, wi)  # conj(W) D
+    return acc[0] + gr, acc[1] + gi
+
+  zero = jnp.zeros((chunk, geo.n_2), jnp.float32)
+  if pairs == 1:
+    accr, acci = one_pair(0, (zero, zero))
+  else:
+    accr, acci = jax.lax.fori_loop(0, pairs, one_pair, (zero, zero))
+  out_ref[0] = accr
+  out_ref[1] = acci
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _largest_pow2_divisor(v: int, cap: int) -> int:
+  d = 1
+  while d * 2 <= cap and v % (d * 2) == 0:
+    d *= 2
+  return d
+
+
+def _signal_spec(geo: Geometry, pairs: int, outer_axis: int):
+  """BlockSpec of a ``[num_pairs, 2, channels, in_a, in_rows, n_2]`` signal view."""
+  del outer_axis
+  return pl.BlockSpec((pairs, 2, None, geo.in_a, geo.in_rows, geo.n_2),
+                      lambda a, g, c: (g, 0, c, 0, 0, 0))
+
+
+def _full(a):
+  return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+
+
+def _outer_specs(geo: Geometry, mats):
+  return [pl.BlockSpec((2, None, geo.in_a), lambda a, *_: (0, a, 0)),
+          pl.BlockSpec((2, None, geo.n_1, geo.n_2), lambda a, *_: (0, a, 0, 0))]
+
+
+def fft_conv_fused(z: jax.Array, kf: jax.Array, geo: Geometry, *, pre: jax.Array | None = None,
+                   posts: tuple[jax.Array, ...] = (), out_dtype=None,
+                   config: FFTConvConfig | None = None,
+                   interpret: bool = False) -> tuple[jax.Array, ...]:
+  """Fused circular convolution of packed signals with per-channel spectra.
 
   Args:
-    z: ``[2, rows, in_rows, n_2]`` the signals (real/imag planes), zero rows past
-      ``in_rows`` omitted; row ``r`` belongs to channel ``r % channels``.
-    kf: ``[2, channels, n_1, n_2]`` float32 filter spectra in Monarch order, scaled by 1/n.
-    f1: ``[2, n_1, in_rows]`` forward row DFT ``F1[:, :in_rows]`` (compute dtype).
-    tw: ``[2, n_1, n_2]`` float32 twiddles ``w_n^(k_1 t_2)``.
-    f2: ``[2, n_2, n_2]`` forward column DFT (compute dtype; its conjugate is the inverse).
-    g1: ``[2, out_rows, n_1]`` inverse row DFT ``conj(F1)[:out_rows]`` (compute dtype).
-    pre: ``[2, rows, in_rows, n_2]`` multiplier applied to ``z`` before the FFT, or None.
-    post: ``[2, rows, out_rows, n_2]`` multiplier applied after the inverse, or None.
-    out_dtype: output dtype.
-    config: launch parameters; None picks them with :func:`default_config`.
+    z: ``[num_pairs, 2, channels, in_a, in_rows, n_2]`` the packed signals (real/imag
+      planes; pair ``p`` holds batch rows ``2p`` and ``2p + 1``), zero rows omitted;
+      bfloat16/float16 (its dtype is the matmul operand dtype).
+    kf: ``[2, channels, n_a, n_1, n_2]`` float32 filter spectra in Monarch order, / n.
+    geo: the layout (:func:`geometry`).
+    pre: like ``z``, a multiplier applied to ``z`` before the FFT, or None.
+    posts: multipliers ``[num_pairs, 2, channels, out_rows, n_2]`` (two levels only); one
+      output per multiplier (none: one plain output).
+    out_dtype: output dtype (default ``z.dtype``).
+    config: launch parameters (default :data:`DEFAULT_CONFIG`).
     interpret: run in Pallas interpret mode (any platform).
 
   Returns:
-    ``[2, rows, out_rows, n_2]`` the first ``out_rows * n_2`` outputs of each row.
+    two levels: one ``[num_pairs, 2, channels, out_rows, n_2]`` per post (or one);
+    three levels: ``[num_pairs, 2, channels, n_a, n_1, n_2]``, the inner inverse
+    transforms times the conjugate outer twiddles (:func:`outer_inverse` finishes).
   """
-  _, rows, in_rows, n_2 = z.shape
-  n_1 = tw.shape[1]
-  out_rows = g1.shape[1]
-  compute_dtype = f2.dtype
-  cfg = config or default_config(n_1, n_2)
-  row_spec = lambda r_: pl.BlockSpec((2, None, r_, n_2), lambda r: (0, r, 0, 0))
-  full = lambda a: pl.BlockSpec(a.shape, lambda r: (0,) * a.ndim)
-  in_specs = [row_spec(in_rows),
-              pl.BlockSpec((2, None, n_1, n_2), lambda r: (0, r % channels, 0, 0)),
-              full(f1), full(tw), full(f2), full(g1)]
-  inputs = [z, kf, f1, tw, f2, g1]
+  cfg = config or DEFAULT_CONFIG
+  num_pairs, _, channels = z.shape[:3]
+  cdt = z.dtype
+  out_dtype = jnp.dtype(out_dtype or cdt)
+  if geo.n_a > 1 and posts:
+    raise ValueError("fft_conv_fused: posts apply to two-level geometries only")
+  chunk = min(cfg.chunk, geo.n_1)
+  pairs = _largest_pow2_divisor(num_pairs, cfg.pairs)
+  mats = _constants(geo, cfg.gauss, cdt)
+  sig = _signal_spec(geo, pairs, 0)
+  inputs, specs = [z], [sig]
   if pre is not None:
-    in_specs.append(row_spec(in_rows))
     inputs.append(pre)
-  if post is not None:
-    in_specs.append(row_spec(out_rows))
-    inputs.append(post)
-  kernel = functools.partial(_kernel, has_pre=pre is not None, has_post=post is not None,
-                             compute_dtype=compute_dtype)
-  return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((2, rows, out_rows, n_2), out_dtype),
-      grid=(rows,), in_specs=in_specs, out_specs=row_spec(out_rows),
+    specs.append(sig)
+  inputs.append(kf)
+  specs.append(pl.BlockSpec((2, None, None, geo.n_1, geo.n_2), lambda a, g, c: (0, c, a, 0, 0)))
+  for name in ("f1", "tw", "f2", "h2", "g1"):
+    inputs.append(mats[name])
+    specs.append(_full(mats[name]))
+  if geo.n_a > 1:
+    inputs += [mats["fo"], mats["to"]]
+    specs += _outer_specs(geo, mats)
+    out_shape = [jax.ShapeDtypeStruct((num_pairs, 2, channels, geo.n_a, geo.n_1, geo.n_2),
+                                      out_dtype)]
+    out_specs = [pl.BlockSpec((pairs, 2, None, None, geo.n_1, geo.n_2),
+                              lambda a, g, c: (g, 0, c, a, 0, 0))]
+  else:
+    ospec = pl.BlockSpec((pairs, 2, None, geo.out_rows, geo.n_2),
+                         lambda a, g, c: (g, 0, c, 0, 0))
+    for p in posts:
+      inputs.append(p)
+      specs.append(ospec)
+    n_out = max(1, len(posts))
+    out_shape = [jax.ShapeDtypeStruct((num_pairs, 2, channels, geo.out_rows, geo.n_2),
+                                      out_dtype)] * n_out
+    out_specs = [ospec] * n_out
+  kernel = functools.partial(_conv_kernel, geo=geo, chunk=chunk, pairs=pairs,
+                             has_pre=pre is not None, n_posts=len(posts), cdt=cdt)
+  return tuple(pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(geo.n_a, num_pairs // pairs, channels),
+      in_specs=specs, out_specs=out_specs,
       compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages),
       interpret=interpret, name="fft_conv_fused",
+  )(*inputs))
+
+
+def filter_grad_spectrum(w: jax.Array, d: jax.Array, geo: Geometry, *,
+                         pre_w: jax.Array | None = None, pre_d: jax.Array | None = None,
+                         config: DkConfig | None = None, interpret: bool = False) -> jax.Array:
+  """``sum_pairs conj(FFT(w * pre_w)) FFT(d * pre_d)`` per channel, Monarch order.
+
+  Args:
+    w, d: ``[num_pairs, 2, channels, in_a, in_rows, n_2]`` packed signals (same dtype).
+    geo: the layout (:func:`geometry`).
+    pre_w, pre_d: multipliers like ``w`` / ``d``, or None.
+    config: launch parameters (default :data:`DEFAULT_DK_CONFIG`).
+
+  Returns:
+    ``[2, channels, n_a, n_1, n_2]`` float32. With packed pairs its inverse transform's
+    real part is ``sum_b corr(w_b, d_b)``.
+  """
+  cfg = config or DEFAULT_DK_CONFIG
+  num_pairs, _, channels = w.shape[:3]
+  cdt = w.dtype
+  chunk = min(cfg.chunk, geo.n_1)
+  n_chunks = geo.n_1 // chunk
+  groups = min(cfg.groups, _largest_pow2_divisor(num_pairs, num_pairs))
+  pairs = num_pairs // groups
+  mats = _constants(geo, cfg.gauss, cdt)
+  sig = pl.BlockSpec((pairs, 2, None, geo.in_a, geo.in_rows, geo.n_2),
+                     lambda q, g, c: (g, 0, c, 0, 0, 0))
+  inputs, specs = [w], [sig]
+  if pre_w is not None:
+    inputs.append(pre_w)
+    specs.append(sig)
+  inputs.append(d)
+  specs.append(sig)
+  if pre_d is not None:
+    inputs.append(pre_d)
+    specs.append(sig)
+  for name in ("f1", "tw", "f2"):
+    inputs.append(mats[name])
+    specs.append(_full(mats[name]))
+  if geo.n_a > 1:
+    inputs += [mats["fo"], mats["to"]]
+    specs += [pl.BlockSpec((2, None, geo.in_a), lambda q, *_: (0, q // n_chunks, 0)),
+              pl.BlockSpec((2, None, geo.n_1, geo.n_2), lambda q, *_: (0, q // n_chunks, 0, 0))]
+  kernel = functools.partial(_dk_kernel, geo=geo, chunk=chunk, pairs=pairs,
+                             has_pre_w=pre_w is not None, has_pre_d=pre_d is not None, cdt=cdt)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((groups, 2, channels, geo.n_a, geo.n_1, geo.n_2),
+                                     jnp.float32),
+      grid=(geo.n_a * n_chunks, groups, channels), in_specs=specs,
+      out_specs=pl.BlockSpec((None, 2, None, None, chunk, geo.n_2),
+                             lambda q, g, c: (g, 0, c, q // n_chunks, q % n_chunks, 0)),
+      compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages),
+      interpret=interpret, name="fft_conv_filter_grad",
   )(*inputs)
+  return out.sum(0) if groups > 1 else out[0]
 
 
-__all__ = ["FFTConvConfig", "MAX_N", "default_config", "fft_conv_fused", "unsupported"]
+def outer_inverse(b: jax.Array, geo: Geometry) -> jax.Array:
+  """Finishes a three-level convolution: the outer inverse DFT of the kept rows.
+
+  Args:
+    b: ``[num_pairs, 2, channels, n_a, n_1, n_2]`` from :func:`fft_conv_fused`.
+
+  Returns:
+    ``[num_pairs, 2, channels, out_a * n_1 * n_2]`` float32 (time order).
+  """
+  num_pairs, _, channels = b.shape[:3]
+  m = geo.n_1 * geo.n_2
+  b = b.reshape(num_pairs, 2, channels, geo.n_a, m).astype(jnp.float32)
+  br, bi = b[:, 0], b[:, 1]
+  outs = []
+  for t in range(geo.out_a):
+    yr = yi = None
+    for k in range(geo.n_a):
+      ang = 2 * math.pi * ((t * k) % geo.n_a) / geo.n_a
+      c, s = float(np.cos(ang)), float(np.sin(ang))  # conj(F)[t, k] = c + i s
+      tr = br[:, :, k] * c - bi[:, :, k] * s
+      ti = br[:, :, k] * s + bi[:, :, k] * c
+      yr, yi = (tr, ti) if yr is None else (yr + tr, yi + ti)
+    outs.append(jnp.stack([yr, yi], 1))
+  return jnp.stack(outs, 3).reshape(num_pairs, 2, channels, geo.out_a * m)
+
+
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_DK_CONFIG", "DkConfig", "FFTConvConfig", "Geometry",
+           "config_for", "dk_config_for", "fft_conv_fused", "filter_grad_spectrum", "geometry", "outer_inverse", "split_two",
+           "unsupported"]
