@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -388,5 +389,223 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
   )(a, b_t, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32))
 
 
-__all__ = ["MatmulConfig", "default_config", "scaled_matmul", "tile_multiples", "tile_scale_columns",
-           "unsupported"]
+# ----------------------------------------------- weight-only, few rows (decode): out^T
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyConfig:
+  """Blocks of :func:`weight_only_matmul_t`: each CTA owns ``2 * 64`` weight rows (output
+  columns, one 64-row half per compute warpgroup) and ``1 / split_k`` of K, streamed in
+  ``block_k``-wide steps through a ``num_stages``-deep ring."""
+
+  block_k: int = 128
+  num_stages: int = 4
+  split_k: int = 2
+  compute_registers: int = 232
+  memory_registers: int = 40
+
+  def __post_init__(self):
+    if self.block_k not in (64, 128, 256):
+      raise ValueError(f"WeightOnlyConfig.block_k must be 64, 128 or 256, got {self.block_k}")
+    if self.num_stages < 2 or self.split_k < 1:
+      raise ValueError(f"WeightOnlyConfig needs num_stages >= 2 and split_k >= 1, got "
+                       f"{self.num_stages} and {self.split_k}")
+
+
+WO_ROWS = 64  # weight rows per compute warpgroup (the wgmma M)
+WO_MAX_M = 64
+
+
+def _bits(dtype) -> int:
+  return 4 if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else (
+      8 * jnp.dtype(dtype).itemsize)
+
+
+def _swizzled(shape, dtype):
+  bits = _bits(dtype)
+  swizzle = plgpu.find_swizzle(shape[-1] * bits, "operand")
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle * 8 // bits)),
+                                              plgpu.SwizzleTransform(swizzle)))
+
+
+def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps: int,
+               group_steps: int, per_channel: bool, xdtype, a_via_smem: bool):
+  """Compute warpgroup ``wg``: out^T[rows, :] += (w[rows, k] * scale[rows]) @ x^T[k, :]."""
+  stages, bk = cfg.num_stages, cfg.block_k
+  wg = lax.axis_index("wg")
+  split = lax.axis_index("splits")
+  row0 = lax.axis_index("n_tiles") * (2 * WO_ROWS)
+  step0 = split * steps
+  upcast = plgpu.Layout.WGMMA_UPCAST_4X if _bits(w_ref.dtype) == 4 else plgpu.Layout.WGMMA_UPCAST_2X
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  mp = x_ref.shape[0]
+
+  @pl.when(wg < 2)
+  def _compute():
+    plgpu.set_max_registers(cfg.compute_registers, action="increase")
+    rows = pl.ds(row0 + wg * WO_ROWS, WO_ROWS)
+    if per_channel:
+      plgpu.copy_gmem_to_smem(s_ref.at[0, rows], s["scale"].at[wg, 0], s["scale_bar"].at[wg])
+      plgpu.barrier_wait(s["scale_bar"].at[wg])
+      channel_scale = plgpu.load(s["scale"].at[wg, 0], layout=row_layout).astype(xdtype)
+
+    def run(acc_ref):
+      def step(i, carry):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(s["w_bar"].at[slot])
+        w = plgpu.load(s["w"].at[slot, pl.ds(wg * WO_ROWS, WO_ROWS)], layout=upcast)
+        if per_channel:
+          scale = channel_scale
+        else:
+          plgpu.barrier_wait(s["s_bar"].at[2 * slot + wg])
+          scale = plgpu.load(s["scale"].at[slot, wg], layout=row_layout).astype(xdtype)
+        w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(xdtype)
+        w = w * lax.broadcast_in_dim(scale, w.shape, [0])
+        plgpu.barrier_wait(s["x_bar"].at[slot])
+        if a_via_smem:  # interpret mode takes wgmma operands from refs only
+          s["a16"].at[wg][...] = w
+          plgpu.commit_smem()
+          w = s["a16"].at[wg]
+        plgpu.wgmma(acc_ref, w, s["x"].at[slot].T)
+        plgpu.wgmma_wait(0)  # the register operand and the slot are free again
+        plgpu.barrier_arrive(s["consumed"].at[slot])
+        return carry
+
+      lax.fori_loop(0, steps, step, None)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(run, plgpu.ACC((WO_ROWS, mp), jnp.float32))
+    o_smem = s["out"].at[wg]
+    o_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _memory():
+    plgpu.set_max_registers(cfg.memory_registers, action="decrease")
+
+    def issue(i, slot, wait):
+      if wait:
+        plgpu.barrier_wait(s["consumed"].at[slot])
+      ks = pl.ds((step0 + i) * bk, bk)
+      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(row0, 2 * WO_ROWS), ks], s["w"].at[slot],
+                              s["w_bar"].at[slot])
+      plgpu.copy_gmem_to_smem(x_ref.at[:, ks], s["x"].at[slot], s["x_bar"].at[slot])
+      if not per_channel:
+        g = (step0 + i) // group_steps
+        for half in range(2):
+          plgpu.copy_gmem_to_smem(s_ref.at[g, pl.ds(row0 + half * WO_ROWS, WO_ROWS)],
+                                  s["scale"].at[slot, half], s["s_bar"].at[2 * slot + half])
+
+    for i in range(min(stages, steps)):
+      issue(i, i, False)
+
+    @pl.loop(stages, max(steps, stages))
+    def _(i):
+      issue(i, lax.rem(i, stages), True)
+
+    @pl.loop(max(steps - stages, 0), steps)
+    def _(i):
+      plgpu.barrier_wait(s["consumed"].at[lax.rem(i, stages)])
+
+
+def weight_only_unsupported(m: int, n: int, k: int, *, bits: int, group_size: int | None,
+                            cfg: WeightOnlyConfig) -> str | None:
+  """None when :func:`weight_only_matmul_t` serves padded shapes of this call, else why."""
+  if bits not in (4, 8):
+    return f"bits={bits} is not 4 or 8"
+  if m > WO_MAX_M:
+    return f"m={m} > {WO_MAX_M}: the rows of x are the wgmma N dimension"
+  if group_size is not None and group_size % cfg.block_k:
+    return f"group_size={group_size} is not a multiple of block_k={cfg.block_k}"
+  return None
+
+
+def weight_only_tile_multiples(cfg: WeightOnlyConfig, group_size: int | None
+                               ) -> tuple[int, int]:
+  """``(N, K)`` multiples the operands must be padded to (whole scale groups per split)."""
+  tk = cfg.block_k * cfg.split_k
+  if group_size is not None:
+    tk = math.lcm(tk, group_size * cfg.split_k)
+  return 2 * WO_ROWS, tk
+
+
+def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
+                         group_size: int | None, config: WeightOnlyConfig | None = None,
+                         interpret: bool = False) -> jax.Array:
+  """``x @ dequant(w)`` for a few rows of ``x``, computed transposed on the tensor cores.
+
+  ``out^T [N, M] = (w^T * scale) [N, K] @ x^T [K, M]``: the quantized weight is the
+  ``wgmma`` A operand, loaded from shared memory into registers in the upcast layouts,
+  converted to ``x.dtype`` (Mosaic's lop3 / prmt int4 and int8 converters), scaled per
+  row (output column) and group, while the few rows of ``x`` are the 8..64-wide N operand.
+  K is split over ``split_k`` CTAs so every SM streams weight bytes (float32 partials are
+  summed by XLA).
+
+  Args:
+    x: ``[M, K]`` bfloat16 / float16, ``M <= 64`` (padded to a multiple of 8 here).
+    w_t: ``[N, K]`` int8 or int4 (``jnp.int4``: two codes per byte, K-major), symmetric.
+    scales: float32 ``[N, K // group_size]`` (``[N, 1]`` per channel).
+    group_size: K values per scale, None for per-channel.
+    config: blocks; None picks :class:`WeightOnlyConfig` defaults.
+    interpret: run in Pallas Mosaic GPU interpret mode.
+
+  Returns:
+    ``[M, N]`` float32; ``N``, ``K`` whole tiles (:func:`weight_only_tile_multiples`).
+  """
+  cfg = config or WeightOnlyConfig()
+  m, k = x.shape
+  n = w_t.shape[0]
+  bits = _bits(w_t.dtype)
+  why = weight_only_unsupported(m, n, k, bits=bits, group_size=group_size, cfg=cfg)
+  if why:
+    raise ValueError(f"weight_only_matmul_t: {why}")
+  tn, tk = weight_only_tile_multiples(cfg, group_size)
+  if n % tn or k % tk or w_t.shape[1] != k:
+    raise ValueError(f"weight_only_matmul_t: (N, K) = {(n, k)} (w_t {w_t.shape}) is not a "
+                     f"multiple of {(tn, tk)}; pad the operands")
+  mp = max(8, -(-m // 8) * 8)
+  xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+  steps = k // cfg.block_k // cfg.split_k
+  per_channel = group_size is None
+  stages = min(cfg.num_stages, steps)
+  cfg = dataclasses.replace(cfg, num_stages=stages)
+  scratch = {
+      "w": _swizzled((stages, 2 * WO_ROWS, cfg.block_k), w_t.dtype),
+      "x": _swizzled((stages, mp, cfg.block_k), x.dtype),
+      "out": _swizzled((2, WO_ROWS, mp), jnp.float32),
+      "w_bar": plgpu.Barrier(num_barriers=stages),
+      "x_bar": plgpu.Barrier(num_barriers=stages),
+      "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+  }
+  if per_channel:
+    scratch["scale"] = plgpu.SMEM((2, 1, WO_ROWS), jnp.float32)
+    scratch["scale_bar"] = plgpu.Barrier(num_barriers=2)
+  else:
+    scratch["scale"] = plgpu.SMEM((stages, 2, WO_ROWS), jnp.float32)
+    scratch["s_bar"] = plgpu.Barrier(num_barriers=2 * stages)
+  if interpret:
+    scratch["a16"] = _swizzled((2, WO_ROWS, cfg.block_k), x.dtype)
+  kernel = functools.partial(_wo_kernel, cfg=cfg, steps=steps,
+                             group_steps=(group_size or k) // cfg.block_k,
+                             per_channel=per_channel, xdtype=x.dtype, a_via_smem=interpret)
+  partial = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((cfg.split_k, n, mp), jnp.float32),
+      scratch_types=(scratch,),
+      grid=(n // tn, cfg.split_k),
+      grid_names=("n_tiles", "splits"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      kernel_name=f"int{bits}_weight_only_t",
+  )(xp, w_t, scales.astype(jnp.float32).T)
+  out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
+  return out[:, :m].T
+
+
+__all__ = ["MatmulConfig", "WeightOnlyConfig", "default_config", "scaled_matmul",
+           "tile_multiples", "tile_scale_columns", "unsupported", "weight_only_matmul_t",
+           "weight_only_tile_multiples", "weight_only_unsupported"]
