@@ -312,6 +312,8 @@ def _load_signal(z_ref, pre_ref, r, geo: Geometry, fo_ref, to_ref, cdt):
     return x
 
   if geo.n_a == 1:
+    if pre_ref is None:
+      return z_ref[r, 0, 0].astype(cdt), z_ref[r, 1, 0].astype(cdt)
     return row(0, 0).astype(cdt), row(1, 0).astype(cdt)
   xr = xi = None
   for t in range(geo.in_a):

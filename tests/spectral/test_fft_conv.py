@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.ops.fft_conv import fft_conv, fft_size, frequency_band
+from jaxeff.ops.fft_conv import fft_conv, fft_conv_triton, fft_size, frequency_band
 from jaxeff.spectral import monarch
-from tests.helpers import assert_close, rel_err
+from kernels_pallas.fftconv import triton as T
+from tests.helpers import assert_close, lower_for_cuda, rel_err
 
 BF16_BOUND = 1e-2  # bf16 operands, fp32 accumulation: measured 3e-3 .. 5e-3 here
 
@@ -121,17 +122,95 @@ def test_frequency_sparse(causal, key):
       assert_close(g, r, rtol=2e-6)
 
 
-def test_triton_interpret_forward_and_grad(key):
-  """The fused kernel in interpret mode: n = 256 = 16 x 16, gated, bf16, a padded pair."""
-  u, k, gate = inputs(key, 1, 2, 128, 100, jnp.bfloat16, gated=True)
-  y, vjp = jax.vjp(conv_fn("triton:interpret"), u, k, *gate)
-  assert y.dtype == jnp.bfloat16
-  assert rel_err(y, numpy_conv(u, k, *gate)) < BF16_BOUND
+def _triton_grads_vs_reference(key, u, k, gate, causal, **kw):
+  """Forward and every gradient of fft_conv_triton (interpret) vs the float32 reference."""
+  f = lambda u, k, *g: fft_conv_triton(u, k, causal=causal, gate=g or None, interpret=True,
+                                       **kw)
+  y, vjp = jax.vjp(f, u, k, *(gate or ()))
+  assert y.dtype == u.dtype and y.shape == u.shape
+  assert rel_err(y, numpy_conv(u, k, *(gate or (None, None)), causal=causal)) < BF16_BOUND
   dy = jax.random.normal(jax.random.fold_in(key, 3), u.shape, jnp.float32)
   up = lambda a: a.astype(jnp.float32)
-  ref = jax.vjp(conv_fn("xla"), up(u), k, up(gate[0]), up(gate[1]))[1](dy)
-  for g, r in zip(vjp(dy.astype(jnp.bfloat16)), ref):
-    assert rel_err(g, r) < BF16_BOUND
+  ref = jax.vjp(conv_fn("xla", causal), up(u), k, *map(up, gate or ()))[1](dy)
+  grads = vjp(dy.astype(u.dtype))
+  assert len(grads) == len(ref)
+  for g, r, name in zip(grads, ref, "ukxv"):
+    assert rel_err(g, r) < BF16_BOUND, f"d{name}"
+
+
+def test_triton_interpret_forward_and_grad(key):
+  """Default dispatch to the fused kernel: n = 256 = 16 x 16, gated, bf16, a padded pair."""
+  u, k, gate = inputs(key, 1, 2, 128, 100, jnp.bfloat16, gated=True)
+  y = conv_fn("triton:interpret")(u, k, *gate)
+  assert rel_err(y, numpy_conv(u, k, *gate)) < BF16_BOUND
+  _triton_grads_vs_reference(key, u, k, gate, True)
+
+
+def test_triton_chunks_pairs_three_dot(key):
+  """Two chunks of k_1 rows, two pairs per program, the three-dot complex product."""
+  u, k, _ = inputs(key, 4, 3, 256, 256, jnp.bfloat16)  # n = 512 = 32 x 16
+  cfg = T.FFTConvConfig(num_warps=4, chunk=16, pairs=2, gauss=True)
+  _triton_grads_vs_reference(key, u, k, None, True, config=cfg,
+                             dk_config=T.DkConfig(chunk=16, groups=2, gauss=True))
+
+
+def test_triton_three_levels(key):
+  """n = 2048 = 4 x (32 x 16): two outer input rows (one padded), chunks, pairs, gates."""
+  u, k, gate = inputs(key, 4, 2, 600, 600, jnp.bfloat16, gated=True)
+  geo = T.geometry(fft_size(600, 600, causal=True), 600, inner=512)
+  assert (geo.n_a, geo.n_1, geo.n_2, geo.in_a, geo.out_a) == (4, 32, 16, 2, 2)
+  cfg = T.FFTConvConfig(num_warps=4, chunk=16, pairs=2, inner=512)
+  _triton_grads_vs_reference(key, u, k, gate, True, config=cfg,
+                             dk_config=T.DkConfig(chunk=16))
+
+
+def test_triton_circular_float16(key):
+  u, k, gate = inputs(key, 3, 2, 512, 77, jnp.float16, gated=True)
+  _triton_grads_vs_reference(key, u, k, gate, False,
+                             config=T.FFTConvConfig(chunk=16, pairs=2, inner=256))
+
+
+def test_triton_geometry_and_reasons():
+  assert T.split_two(2048) == (64, 32) and T.split_two(8192) == (128, 64)
+  g = T.geometry(2048, 1024)
+  assert (g.n_a, g.n_1, g.n_2, g.in_rows, g.out_rows, g.in_len) == (1, 64, 32, 32, 32, 1024)
+  g = T.geometry(32768, 16384, inner=4096)
+  assert (g.n_a, g.n_1, g.n_2, g.in_a, g.in_rows, g.factors) == (8, 64, 64, 4, 64, (8, 64, 64))
+  assert T.geometry(256, 100).in_rows == 16  # at least one 16-row dot block
+  assert T.unsupported(2048, jnp.bfloat16) is None
+  assert "bfloat16/float16" in T.unsupported(2048, jnp.float32)
+  assert "power-of-two" in T.unsupported(3000, jnp.bfloat16)
+  assert "monarch_xla" in T.unsupported(2 ** 23, jnp.bfloat16)
+  assert "frequency-sparse" in T.unsupported(2048, jnp.bfloat16, frequency_sparse=True)
+  with pytest.raises(ValueError, match="FFTConvConfig.chunk must be a power of two, got 24"):
+    T.FFTConvConfig(chunk=24)
+  with pytest.raises(ValueError, match="FFTConvConfig.chunk must be >= 16, got 8"):
+    T.FFTConvConfig(chunk=8)
+  with pytest.raises(ValueError, match="DkConfig.groups must be a power of two, got 3"):
+    T.DkConfig(groups=3)
+  u = jnp.ones((2, 2, 64), jnp.float32)
+  with pytest.raises(NotImplementedError, match="fft_conv_triton: the fused Triton kernel takes"):
+    fft_conv_triton(u, jnp.ones((2, 8)))
+
+
+def test_triton_kernels_lower_for_cuda():
+  """The Triton modules (pair/chunk loops, scalar loads, three levels) pass the verifier."""
+  sds = jax.ShapeDtypeStruct
+  cases = [(1024, T.FFTConvConfig(4, 32, 4), T.DkConfig(4, 32, 2), True),
+           (1024, T.FFTConvConfig(4, 16, 2, gauss=True), T.DkConfig(4, 64, 1, gauss=True), False),
+           (4096, T.FFTConvConfig(8, 64, 1), T.DkConfig(8, 32), False),
+           (16384, T.FFTConvConfig(8, 32, 2, inner=4096), T.DkConfig(4, 32), True)]
+  for seq, cfg, dk, gated in cases:
+    u = sds((4, 8, seq), jnp.bfloat16)
+    g = (u, u) if gated else ()
+
+    def f(u, k, dy, *g, cfg=cfg, dk=dk):
+      y, vjp = jax.vjp(lambda u, k, *g: fft_conv_triton(u, k, gate=g or None, config=cfg,
+                                                        dk_config=dk), u, k, *g)
+      return y, vjp(dy)
+
+    text = lower_for_cuda(f, u, sds((8, seq), jnp.float32), u, *g)
+    assert text.count("xla.gpu.triton") >= 3, seq
 
 
 def test_dispatch_reasons(key):

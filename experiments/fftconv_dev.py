@@ -1,0 +1,291 @@
+"""Device sweep for the fused Triton FFT convolution (issue #8): correctness, then speed.
+
+``PYTHONPATH=. python3 experiments/fftconv_dev.py [--budget S] [--sizes 1024,4096,16384]
+[--out DIR]``
+
+1. ``check``: forward and gradients (u, k, x, v; gated, causal; plus a circular case and a
+   three-dot variant) of :func:`fft_conv_triton` against float64 NumPy (direct FFT
+   formulas, independent of JAX's autodiff) at N = 1K, 4K (two levels) and 16K (three
+   levels), small batch.
+2. ``time``: batch 64 x 768 channels, bf16, causal, filter as long as the input, at each
+   size: the float32 ``jnp.fft`` convolution (baseline, same run), the Triton launch
+   configurations of the sweep (forward), the filter-gradient kernel alone for a few
+   configurations, and forward+backward (default configuration vs ``jnp.fft``). Every
+   forward row carries its error vs float64 on 2 rows x 8 channels.
+
+Prints one line per row as it goes and a summary table at the end; writes
+``fftconv_dev.json`` into ``--out`` (default ``$OUT`` or ``experiments/results/<device>``)
+after every size. Stops starting new rows when ``--budget`` seconds (default 225) are spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import harness
+from jaxeff.ops.fft_conv import fft_conv, fft_conv_reference, fft_conv_triton
+from kernels_pallas.fftconv import triton as T
+
+BATCH, CHANNELS = 64, 768
+INTERPRET = False  # --smoke: tiny shapes in Pallas interpret mode (CPU check of this script)
+RESULTS: dict = {"check": [], "time": []}
+T0 = time.time()
+BUDGET = 225.0
+
+
+def left() -> float:
+  return BUDGET - (time.time() - T0)
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(b, np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def np_conv_and_grads(u, k, x, v, dy, causal=True):
+  """float64 ``y = v * conv(k, u x)`` and its gradients from direct FFT formulas."""
+  u, k, x, v, dy = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (u, k, x, v, dy))
+  seq, flen = u.shape[-1], k.shape[-1]
+  n = 1 << (2 * seq - 1).bit_length() if causal else seq
+  w, dc = u * x, dy * v
+  kf = np.fft.rfft(k, n)
+  conv = np.fft.irfft(np.fft.rfft(w, n) * kf, n)[..., :seq]
+  dw = np.fft.irfft(np.conj(kf) * np.fft.rfft(dc, n), n)[..., :seq]
+  dk = np.fft.irfft((np.conj(np.fft.rfft(w, n)) * np.fft.rfft(dc, n)).sum(0), n)[..., :flen]
+  return v * conv, dw * x, dk, dw * u, dy * conv
+
+
+def np_conv(u, k):
+  u = np.asarray(jnp.asarray(u, jnp.float32), np.float64)
+  k = np.asarray(k, np.float64)
+  n = 2 * u.shape[-1]
+  return np.fft.irfft(np.fft.rfft(u, n) * np.fft.rfft(k, n), n)[..., :u.shape[-1]]
+
+
+def make_inputs(key, b, c, seq, dtype=jnp.bfloat16, flen=None):
+  ks = jax.random.split(key, 5)
+  flen = flen or seq
+  u = jax.random.normal(ks[0], (b, c, seq), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (c, flen), jnp.float32) / np.sqrt(flen)
+  x = jax.random.normal(ks[2], (b, c, seq), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[3], (b, c, seq), jnp.float32).astype(dtype)
+  dy = jax.random.normal(ks[4], (b, c, seq), jnp.float32).astype(dtype)
+  return u, k, x, v, dy
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check(seq, cfg=None, dk_cfg=None, causal=True, b=4, c=16, label=""):
+  name = f"check seq={seq} causal={causal} {label or 'default'}"
+  try:
+    u, k, x, v, dy = make_inputs(jax.random.key(seq + 3), b, c, seq)
+
+    def f(u, k, x, v, dy):
+      y, vjp = jax.vjp(lambda *a: fft_conv_triton(a[0], a[1], causal=causal, gate=a[2:],
+                                                    config=cfg, dk_config=dk_cfg,
+                                                    interpret=INTERPRET), u, k, x, v)
+      return (y, *vjp(dy))
+
+    got = jax.jit(f)(u, k, x, v, dy)
+    ref = np_conv_and_grads(u, k, x, v, dy, causal)
+    errs = {nm: rel(g, r) for nm, g, r in zip(("y", "du", "dk", "dx", "dv"), got, ref)}
+    ok = all(e < 1e-2 for e in errs.values())
+    print(f"{name:<58} {'OK ' if ok else 'BAD'} " +
+          " ".join(f"{nm} {e:.1e}" for nm, e in errs.items()), flush=True)
+    RESULTS["check"].append({"name": name, "ok": ok, **errs})
+  except Exception as e:  # keep going: one failure must not cost the other rows
+    print(f"{name:<58} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+    traceback.print_exc(limit=3, file=sys.stdout)
+    RESULTS["check"].append({"name": name, "ok": False, "error": str(e)[:500]})
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def time_call(fn, args, rounds=7) -> float:
+  out = fn(*args)  # compile
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = max(time.perf_counter() - t0, 1e-6)
+  inner = int(min(50, max(1, 0.03 / once)))
+  per = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    per.append((time.perf_counter() - t0) / inner)
+  return statistics.median(per)
+
+
+def record(seq, mode, name, fn, args, base=None, err_fn=None, extra=None):
+  if left() < 5:
+    print(f"  skip {name} (budget)", flush=True)
+    return None
+  row = {"seq": seq, "mode": mode, "name": name, **(extra or {})}
+  try:
+    t = time_call(fn, args)
+    row["time_s"] = t
+    if base:
+      row["speedup"] = base / t
+    if err_fn is not None:
+      row["err"] = err_fn()
+  except Exception as e:
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    t = None
+  RESULTS["time"].append(row)
+  s = "failed " + row["error"] if t is None else (
+      f"{harness.fmt_time(t):>10}  {row.get('speedup', float('nan')):5.2f}x  "
+      f"err {row.get('err', float('nan')):.1e}")
+  print(f"  {seq:>6} {mode:<8} {name:<40} {s}", flush=True)
+  return t
+
+
+def variants(seq):
+  C = T.FFTConvConfig
+  if seq <= 2048:
+    return [("w4 c32 p4", C(4, 32, 4)), ("w2 c32 p4", C(2, 32, 4)), ("w8 c32 p4", C(8, 32, 4)),
+            ("w4 c16 p4", C(4, 16, 4)), ("w4 c64 p4", C(4, 64, 4)), ("w4 c32 p1", C(4, 32, 1)),
+            ("w4 c32 p16", C(4, 32, 16)), ("w4 c32 p4 gauss", C(4, 32, 4, gauss=True)),
+            ("w4 c32 p4 s2", C(4, 32, 4, num_stages=2)), ("w2 c64 p1", C(2, 64, 1)),
+            ("w8 c64 p8", C(8, 64, 8))]
+  if seq <= 4096:
+    return [("w8 c32 p2", C(8, 32, 2)), ("w4 c32 p2", C(4, 32, 2)), ("w8 c16 p2", C(8, 16, 2)),
+            ("w8 c64 p2", C(8, 64, 2)), ("w8 c32 p1", C(8, 32, 1)), ("w8 c32 p8", C(8, 32, 8)),
+            ("w16 c32 p2", C(16, 32, 2)), ("w8 c32 p2 gauss", C(8, 32, 2, gauss=True)),
+            ("w8 c32 p2 s2", C(8, 32, 2, num_stages=2)),
+            ("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096)), ("w4 c16 p4", C(4, 16, 4))]
+  return [("w8 c32 p2 inner8192", C(8, 32, 2, inner=8192)),
+          ("w4 c32 p2 inner4096", C(4, 32, 2, inner=4096)),
+          ("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096)),
+          ("w4 c32 p4 inner2048", C(4, 32, 4, inner=2048)),
+          ("w8 c32 p8 inner4096", C(8, 32, 8, inner=4096)),
+          ("w8 c16 p2 inner8192", C(8, 16, 2, inner=8192)),
+          ("w8 c32 p2 gauss inner4096", C(8, 32, 2, inner=4096, gauss=True)),
+          ("w16 c32 p1 two-level", C(16, 32, 1, inner=seq * 2))]
+
+
+def dk_variants(seq):
+  D = T.DkConfig
+  return [("dk w4 c32 g1", D(4, 32, 1)), ("dk w4 c32 g4", D(4, 32, 4)),
+          ("dk w8 c64 g2", D(8, 64, 2)), ("dk w4 c16 g1", D(4, 16, 1)),
+          ("dk w4 c32 g1 gauss", D(4, 32, 1, gauss=True))]
+
+
+def time_size(seq):
+  n = 2 * seq
+  print(f"== seq {seq} (n = {n}) batch {BATCH} x {CHANNELS}, bf16 ==", flush=True)
+  key = jax.random.key(seq)
+  u, k, _, _, dy = make_inputs(key, BATCH, CHANNELS, seq)
+  ref = np_conv(u[:2, :8], k[:8])
+
+  def err_of(fn, *args):
+    return lambda: rel(fn(*args)[:2, :8], ref)
+
+  base_fn = jax.jit(lambda u, k: fft_conv_reference(u.astype(jnp.float32), k))
+  u32 = u.astype(jnp.float32)
+  base = record(seq, "fwd", "jnp.fft fp32", base_fn, (u32, k), err_fn=err_of(base_fn, u32, k))
+  dflt = jax.jit(lambda u, k: fft_conv(u, k))
+  record(seq, "fwd", "jaxeff default", dflt, (u, k), base, err_of(dflt, u, k),
+         {"config": repr(T.config_for(n))})
+  for name, cfg in variants(seq):
+    fn = jax.jit(lambda u, k, cfg=cfg: fft_conv_triton(u, k, config=cfg, interpret=INTERPRET))
+    record(seq, "fwd", "triton " + name, fn, (u, k), base, err_of(fn, u, k),
+           {"config": repr(cfg)})
+  # the filter-gradient kernel alone
+  geo = T.geometry(n, seq, inner=T.config_for(n).inner)
+  pairs = lambda a: a.reshape(BATCH // 2, 2, CHANNELS, geo.in_a, geo.in_rows, geo.n_2)
+  if geo.in_len == seq:
+    for name, dcfg in dk_variants(seq):
+      fn = jax.jit(lambda w, d, dcfg=dcfg: T.filter_grad_spectrum(pairs(w), pairs(d), geo,
+                                                                   config=dcfg,
+                                                                   interpret=INTERPRET))
+      record(seq, "dk", name, fn, (u, dy), extra={"config": repr(dcfg)})
+  # forward + backward (u and k)
+  def fb(conv):
+    def f(u, k, dy):
+      y, vjp = jax.vjp(conv, u, k)
+      return y, vjp(dy.astype(y.dtype))
+    return jax.jit(f)
+
+  base_fb = record(seq, "fwd_bwd", "jnp.fft fp32",
+                   fb(lambda u, k: fft_conv_reference(u, k)), (u32, k, dy))
+  record(seq, "fwd_bwd", "jaxeff default", fb(lambda u, k: fft_conv(u, k)), (u, k, dy),
+         base_fb)
+  if seq <= 4096:
+    record(seq, "fwd_bwd", "jaxeff monarch_xla",
+           fb(lambda u, k: fft_conv(u, k, implementation="monarch_xla")), (u, k, dy), base_fb)
+
+
+def write(out: Path):
+  out.mkdir(parents=True, exist_ok=True)
+  RESULTS["device"] = harness.device_name()
+  (out / "fftconv_dev.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def summary():
+  print("\n== summary (time, speedup vs jnp.fft fp32 same mode, err vs float64) ==")
+  for r in RESULTS["time"]:
+    t = r.get("time_s")
+    s = "failed" if t is None else (f"{harness.fmt_time(t):>10} {r.get('speedup', float('nan')):6.2f}x"
+                                    f" {r.get('err', float('nan')):8.1e}")
+    print(f"{r['seq']:>6} {r['mode']:<8} {r['name']:<40} {s}")
+  bad = [c["name"] for c in RESULTS["check"] if not c.get("ok")]
+  print(f"checks: {len(RESULTS['check']) - len(bad)} ok, {len(bad)} bad {bad}")
+
+
+def main():
+  global BUDGET
+  p = argparse.ArgumentParser()
+  p.add_argument("--budget", type=float, default=225.0)
+  p.add_argument("--sizes", default="1024,4096,16384")
+  p.add_argument("--out", default=None)
+  p.add_argument("--skip-check", action="store_true")
+  p.add_argument("--smoke", action="store_true")
+  a = p.parse_args()
+  BUDGET = a.budget
+  if a.smoke:
+    global BATCH, CHANNELS, INTERPRET, variants, dk_variants
+    BATCH, CHANNELS, INTERPRET = 2, 2, True
+    variants = lambda seq: [("w4 c16 p1", T.FFTConvConfig(4, 16, 1)),
+                            ("w4 c16 p1 inner256", T.FFTConvConfig(4, 16, 1, inner=256))]
+    dk_variants = lambda seq: [("dk w4 c16 g1", T.DkConfig(4, 16, 1))]
+  out = Path(a.out or os.environ.get("OUT") or f"experiments/results/{harness.device_name()}")
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  if a.smoke:
+    check(256, T.FFTConvConfig(4, 16, 2), T.DkConfig(4, 16, 2), b=4, c=2)
+    check(512, T.FFTConvConfig(4, 16, 1, inner=256), T.DkConfig(4, 16), b=2, c=2)
+  elif not a.skip_check:
+    for seq in (1024, 4096, 16384):
+      check(seq)
+    check(2048, causal=False, label="circular")
+    check(1024, T.FFTConvConfig(4, 32, 4, gauss=True), T.DkConfig(gauss=True), label="gauss")
+    check(16384, T.FFTConvConfig(8, 32, 2, inner=4096), label="inner4096")
+    write(out)
+  for seq in map(int, a.sizes.split(",")):
+    if left() < 10:
+      break
+    time_size(seq)
+    write(out)
+  summary()
+  write(out)
+
+
+if __name__ == "__main__":
+  main()
