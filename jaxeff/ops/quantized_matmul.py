@@ -105,9 +105,11 @@ class PackedWeight:
   """A quantized weight ``[K, N]`` laid out K-major for the kernels (from :func:`prepack`).
 
   Fields:
-    values: ``[N, K]`` int8 / uint8 / float8, or ``[N, K // 2]`` uint8 for int4 (the
+    values: ``[N, K]`` int8 / uint8 / float8, or for int4 ``[N, K // 2]`` uint8 (the
       QArray's bytes transposed: K contiguous, the form ``wgmma`` takes for 8-bit operands
-      and in which a dequantised int4 / int8 tile is the A operand from registers).
+      and in which a dequantised int4 / int8 tile is the A operand from registers) or
+      ``[N, K]`` ``jnp.int4`` (the same bytes typed as int4, for the Mosaic GPU kernel:
+      ``prepack(w, native_int4=True)``).
     scales: float32 ``[N, G]``: K rows ``[g * K // G, (g + 1) * K // G)`` of column ``n``
       have scale ``scales[n, g]`` (``G = 1``: per channel; per tensor is broadcast).
     zeros: float32 ``[N, G]`` (asymmetric int formats) or None.
@@ -130,10 +132,16 @@ class PackedWeight:
     g = self.scales.shape[1]
     return None if g == 1 else self.shape[0] // g
 
+  @property
+  def native_int4(self) -> bool:
+    return jnp.dtype(self.values.dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
+
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """``[K, N]`` in ``dtype``: ``(q - zeros) * scales`` (scales repeated over K's groups)."""
     k, _ = self.shape
-    if self.fmt == "int4":
+    if self.fmt == "int4" and self.native_int4:
+      q = self.values.astype(jnp.int32)
+    elif self.fmt == "int4":
       q = jnp.stack([_int4_low(self.values, signed=self.symmetric),
                      _int4_high(self.values, signed=self.symmetric)], axis=-1)
       q = q.reshape(self.values.shape[0], k)
@@ -167,7 +175,7 @@ def _weight_info(w: Any) -> _Weight:
     if w.fmt not in PACKED_FORMATS:
       raise ValueError(f"quantized_matmul: w.fmt must be one of {PACKED_FORMATS} for a "
                        f"PackedWeight, got {w.fmt!r}")
-    kv = k // 2 if w.fmt == "int4" else k
+    kv = k // 2 if w.fmt == "int4" and not w.native_int4 else k
     if (w.values.shape != (n, kv) or w.scales.ndim != 2 or w.scales.shape[0] != n
         or k % w.scales.shape[1]):
       raise ValueError(f"quantized_matmul: PackedWeight of shape {(k, n)} needs values "
@@ -198,23 +206,37 @@ def _column_scales(scales: jax.Array, n: int) -> jax.Array:
   return jnp.repeat(scales, n // scales.shape[1], axis=1) if scales.shape[1] != n else scales
 
 
-def prepack(w: Any) -> PackedWeight:
+def prepack(w: Any, *, native_int4: bool = False) -> PackedWeight:
   """Lays a QArray weight out K-major for the kernels (once, offline).
 
   Args:
-    w: a ``QArray`` ``[K, N]`` quantized along K, format int4, int8 or fp8.
+    w: a ``QArray`` ``[K, N]`` quantized along K, format int4, int8 or fp8 (or a
+      PackedWeight, returned as is unless ``native_int4`` changes its int4 storage).
+    native_int4: store symmetric int4 as ``jnp.int4 [N, K]`` (the Mosaic GPU kernel's
+      operand type) rather than ``uint8 [N, K // 2]`` (the Triton kernels').
 
   Returns:
     A :class:`PackedWeight` (``values`` transposed, scales / zeros ``[N, G]`` float32).
   """
   info = _weight_info(w)
   if info.packed:
-    return w
-  if info.fmt not in PACKED_FORMATS:
-    raise ValueError(f"prepack: w.fmt must be one of {PACKED_FORMATS}, got {info.fmt!r}")
-  zeros = None if w.zeros is None else _column_scales(w.zeros, info.n).T
-  return PackedWeight(w.values.T, _column_scales(w.scales, info.n).T, zeros, info.fmt,
+    pw = w
+  else:
+    if info.fmt not in PACKED_FORMATS:
+      raise ValueError(f"prepack: w.fmt must be one of {PACKED_FORMATS}, got {info.fmt!r}")
+    zeros = None if w.zeros is None else _column_scales(w.zeros, info.n).T
+    pw = PackedWeight(w.values.T, _column_scales(w.scales, info.n).T, zeros, info.fmt,
                       (info.k, info.n))
+  if pw.fmt != "int4" or native_int4 == pw.native_int4:
+    return pw
+  if not pw.symmetric:
+    raise ValueError("prepack: native_int4 needs a symmetric int4 weight (signed codes)")
+  n, k = pw.values.shape[0], info.k
+  if native_int4:  # little-endian nibbles: code 2i is the low nibble of byte i
+    values = jax.lax.bitcast_convert_type(pw.values, jnp.int4).reshape(n, k)
+  else:
+    values = jax.lax.bitcast_convert_type(pw.values.reshape(n, k // 2, 2), jnp.uint8)
+  return dataclasses.replace(pw, values=values)
 
 
 # ------------------------------------------------------------------- activation quantization
@@ -400,35 +422,89 @@ def _triton_supports(x2, w, x_scale2, *, out_dtype):
   return _triton.unsupported(bits=bits, group_size=group, k=info.k)
 
 
-def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
-  del x_scale2
+def _pad_k_major(w: PackedWeight, tn: int, kp: int) -> tuple[jax.Array, jax.Array, Any]:
+  """K-major values / scales / zeros padded to ``N % tn == 0`` and ``K = kp`` (padded K
+  rows form whole groups of zero codes with scale 1)."""
+  per_byte = 2 if w.fmt == "int4" and not w.native_int4 else 1
+  values = _pad2(w.values, tn, kp // per_byte)
+  groups = w.scales.shape[1]
+  extra = 0 if groups == 1 else kp // (w.shape[0] // groups) - groups
+
+  def pad(a, value):
+    return jnp.pad(_pad2(a, tn, 1, value), ((0, 0), (0, extra)), constant_values=value)
+
+  return values, pad(w.scales, 1.0), None if w.zeros is None else pad(w.zeros, 0.0)
+
+
+def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config: Any = None,
+                       interpret: bool = False) -> jax.Array:
+  """``x2 @ dequant(w)`` through one weight-only kernel variant, operands padded to its tiles.
+
+  Args:
+    x2: ``[M, K]`` bfloat16 / float16.
+    w: int4 / int8 ``QArray`` or :class:`PackedWeight` ``[K, N]``.
+    variant: ``"triton"`` (tensor-core dot, ``_triton.WeightOnlyConfig``; ``dequant=
+      "magic"`` skips int -> float conversions), ``"gemv"`` (CUDA cores, symmetric,
+      ``_triton.GemvConfig``, M <= 16) or ``"mosaic"`` (Hopper wgmma on ``out^T``,
+      symmetric, ``_mosaic_gpu.WeightOnlyConfig``, M <= 64). ``"gemv"`` / ``"mosaic"``
+      read K-major weights: pass a PackedWeight (``prepack``; ``native_int4=True`` for
+      ``"mosaic"``) or the QArray is transposed on every call.
+    config: the variant's config; None picks its defaults.
+    interpret: Pallas interpret mode.
+
+  Returns:
+    ``[M, N]`` float32.
+  """
   info = _weight_info(w)
   bits = 4 if info.fmt == "int4" else 8
   group = None if info.groups == 1 else info.k // info.groups
   m = x2.shape[0]
-  values, zeros = w.values, w.zeros
-  if info.packed:  # K-major: values [N, K'], scales / zeros [N, G]
-    scales = w.scales
-  else:
-    scales = _column_scales(w.scales, info.n)
-    zeros = None if zeros is None else _column_scales(zeros, info.n)
-  cfg = _triton.default_config(m, info.n, info.k, bits=bits, group_size=group)
+  if variant == "mosaic":
+    pw = prepack(w, native_int4=True)
+    cfg = config or _mosaic_gpu.WeightOnlyConfig()
+    tn, tk = _mosaic_gpu.weight_only_tile_multiples(cfg, group)
+    kp = info.k + (-info.k % tk)
+    values, scales, _ = _pad_k_major(pw, tn, kp)
+    return _mosaic_gpu.weight_only_matmul_t(_pad2(x2, 1, kp), values, scales,
+                                            group_size=group, config=cfg,
+                                            interpret=interpret)[:, :info.n]
+  if info.packed and w.native_int4:
+    w = prepack(w, native_int4=False)
+  if variant == "gemv":
+    pw = prepack(w)
+    kpb = 2 if bits == 4 else 1
+    cfg = config or _triton.GemvConfig()
+    if group is not None:
+      cfg = dataclasses.replace(cfg, group_bytes=group // kpb)
+    tn, tk = _triton.gemv_tile_multiples(bits, cfg)
+    kp = info.k + (-info.k % tk)
+    values, scales, _ = _pad_k_major(pw, tn, kp)
+    return _triton.gemv_weight_only(_pad2(x2, 1, kp), values, scales, bits=bits,
+                                    group_size=group, config=cfg,
+                                    interpret=interpret)[:, :info.n]
+  if variant != "triton":
+    raise ValueError(f"weight_only_matmul: variant must be 'triton', 'gemv' or 'mosaic', got "
+                     f"{variant!r}")
+  cfg = config or _triton.default_config(m, info.n, info.k, bits=bits, group_size=group)
   tm, tn, tk = _triton.tile_multiples(cfg)
   kp = info.k + (-info.k % tk)
   xp = _pad2(x2, tm, tk)
-  kv = kp // 2 if bits == 4 else kp
-  if info.packed:
-    values = _pad2(values, tn, kv)
-    scales = _pad2(scales, tn, 1, 1.0)
-    zeros = None if zeros is None else _pad2(zeros, tn, 1)
+  if info.packed:  # K-major: values [N, K'], scales / zeros [N, G]
+    values, scales, zeros = _pad_k_major(w, tn, kp)
   else:
-    values = _pad2(values, kv, tn)
-    scales = _pad2(scales, 1, tn, 1.0)
-    zeros = None if zeros is None else _pad2(zeros, 1, tn)
+    kv = kp // 2 if bits == 4 else kp
+    values = _pad2(w.values, kv, tn)
+    scales = _pad2(_column_scales(w.scales, info.n), 1, tn, 1.0)
+    zeros = None if w.zeros is None else _pad2(_column_scales(w.zeros, info.n), 1, tn)
   out = _triton.weight_only_matmul(xp, values, scales, zeros, bits=bits, group_size=group,
                                    signed=info.symmetric, k_major=info.packed, config=cfg,
                                    interpret=interpret)
-  return out[:m, :info.n].astype(out_dtype)
+  return out[:m, :info.n]
+
+
+def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
+  del x_scale2
+  return weight_only_matmul(x2, w, interpret=interpret).astype(out_dtype)
 
 
 def _xla_fn(x2, w, x_scale2, *, out_dtype):
@@ -650,5 +726,5 @@ def fp8_dot(x: jax.Array, w: jax.Array, *, scaling: str = "row",
   return out.reshape(x.shape[:-1] + (w.shape[1],))
 
 
-__all__ = ["PackedWeight", "fp8_dot", "prepack", "quantize_activations", "quantized_matmul",
-           "quantized_matmul_reference"]
+__all__ = ["PackedWeight", "fp8_dot", "fp8_to_float32", "prepack", "quantize_activations",
+           "quantized_matmul", "quantized_matmul_reference", "weight_only_matmul"]

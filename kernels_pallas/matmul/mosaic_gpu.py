@@ -407,8 +407,8 @@ class WeightOnlyConfig:
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
       raise ValueError(f"WeightOnlyConfig.block_k must be 64, 128 or 256, got {self.block_k}")
-    if self.num_stages < 2 or self.split_k < 1:
-      raise ValueError(f"WeightOnlyConfig needs num_stages >= 2 and split_k >= 1, got "
+    if self.num_stages < 1 or self.split_k < 1:
+      raise ValueError(f"WeightOnlyConfig needs num_stages >= 1 and split_k >= 1, got "
                        f"{self.num_stages} and {self.split_k}")
 
 
@@ -447,20 +447,18 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
     if per_channel:
       plgpu.copy_gmem_to_smem(s_ref.at[0, rows], s["scale"].at[wg, 0], s["scale_bar"].at[wg])
       plgpu.barrier_wait(s["scale_bar"].at[wg])
-      channel_scale = plgpu.load(s["scale"].at[wg, 0], layout=row_layout).astype(xdtype)
+      channel_scale = plgpu.load(s["scale"].at[wg, 0], layout=row_layout)
 
     def run(acc_ref):
       def step(i, carry):
         slot = lax.rem(i, stages)
         plgpu.barrier_wait(s["w_bar"].at[slot])
         w = plgpu.load(s["w"].at[slot, pl.ds(wg * WO_ROWS, WO_ROWS)], layout=upcast)
-        if per_channel:
-          scale = channel_scale
-        else:
+        w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(xdtype)
+        if not per_channel:  # the group's scale, per weight row, in x.dtype (HMUL2)
           plgpu.barrier_wait(s["s_bar"].at[2 * slot + wg])
           scale = plgpu.load(s["scale"].at[slot, wg], layout=row_layout).astype(xdtype)
-        w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(xdtype)
-        w = w * lax.broadcast_in_dim(scale, w.shape, [0])
+          w = w * lax.broadcast_in_dim(scale, w.shape, [0])
         plgpu.barrier_wait(s["x_bar"].at[slot])
         if a_via_smem:  # interpret mode takes wgmma operands from refs only
           s["a16"].at[wg][...] = w
@@ -475,6 +473,8 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
       return acc_ref[...]
 
     acc = pl.run_scoped(run, plgpu.ACC((WO_ROWS, mp), jnp.float32))
+    if per_channel:  # one scale per weight row, applied once in float32
+      acc = acc * lax.broadcast_in_dim(channel_scale, acc.shape, [0])
     o_smem = s["out"].at[wg]
     o_smem[...] = acc
     plgpu.commit_smem()
