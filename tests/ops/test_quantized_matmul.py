@@ -6,6 +6,7 @@ kernel for real under the ``gpu`` marker (tiny shapes on CPU, real sizes on GPU)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -62,6 +63,30 @@ def test_weight_only(case, implementation, key):
   out = qm.quantized_matmul(x, w, implementation=implementation)
   assert out.shape == (m, n) and out.dtype == jnp.bfloat16
   assert_close(out, _expected(x, w).astype(jnp.bfloat16))
+
+
+def _variant_config(variant):
+  from kernels_pallas.matmul import mosaic_gpu as mg
+  from kernels_pallas.matmul import triton as tr
+  return {"triton_magic": tr.WeightOnlyConfig(16, 64, 64, 2, dequant="magic"),
+          "gemv": tr.GemvConfig(block_n=32, group_bytes=64, groups_per_step=2, split_k=2),
+          "mosaic": mg.WeightOnlyConfig(block_k=128, num_stages=2, split_k=2)}[variant]
+
+
+@pytest.mark.parametrize("variant,case", [
+    ("triton_magic", (3, 384, 130, "int4", 128)), ("gemv", (5, 300, 72, "int8", None)),
+    ("mosaic", (16, 384, 130, "int4", 128)), ("mosaic", (1, 300, 72, "int8", None))], ids=str)
+def test_weight_only_variants(variant, case, key):
+  # K not a multiple of the tiles, N odd, prepacked (int4 typed for mosaic) and QArray.
+  m, k, n, fmt, group = case
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, k, n, fmt, group)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  weight = qm.prepack(w, native_int4=variant == "mosaic") if variant != "triton_magic" else w
+  out = qm.weight_only_matmul(x, weight, variant=variant.split("_")[0],
+                              config=_variant_config(variant), interpret=True)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  assert_close(out, _expected(x, w), rtol=1.5e-2)
 
 
 def test_weight_only_batched_float16_and_other_formats(key):
@@ -159,7 +184,7 @@ def _block_case(key, m, n, k, per_tile, cfg, interpret):
   return out, af @ bf.T
 
 
-@pytest.mark.parametrize("overlap,per_tile,k", [(False, False, 640), (True, True, 768)])
+@pytest.mark.parametrize("overlap,per_tile,k", [(False, False, 384), (True, True, 512)])
 def test_block_scaled_kernel_interpret(overlap, per_tile, k, key):
   # More K blocks than pipeline stages (the slot ring wraps), odd and even block counts.
   from kernels_pallas.matmul import mosaic_gpu as mg
@@ -288,6 +313,28 @@ def test_weight_only_gpu(m, fmt, group, key):
   expected = _expected(x, w).astype(jnp.bfloat16)
   for weight in (w, qm.prepack(w)):
     out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation="triton"))(x, weight)
+    assert_close(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", None)])
+@pytest.mark.parametrize("variant", ["triton_magic", "gemv", "mosaic"])
+def test_weight_only_variants_gpu(variant, m, fmt, group, key):
+  from kernels_pallas.matmul import triton as tr
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, 4096, 2048 + 64, fmt, group)
+  x = jax.random.normal(kx, (m, 4096), jnp.float32).astype(jnp.bfloat16)
+  expected = _expected(x, w).astype(jnp.bfloat16)
+  cfg = {"triton_magic": dataclasses.replace(tr.default_config(m, 2112, 4096, bits=8,
+                                                               group_size=group),
+                                             dequant="magic"),
+         "gemv": None, "mosaic": None}[variant]
+  weights = [w, qm.prepack(w)] if variant == "triton_magic" else [
+      qm.prepack(w, native_int4=variant == "mosaic")]
+  for weight in weights:
+    out = jax.jit(lambda x, w: qm.weight_only_matmul(
+        x, w, variant=variant.split("_")[0], config=cfg).astype(jnp.bfloat16))(x, weight)
     assert_close(out, expected)
 
 
