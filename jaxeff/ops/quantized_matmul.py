@@ -351,7 +351,7 @@ def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: 
     sb = jnp.repeat(b_scale, rep, axis=0)
     sa = jnp.pad(sa, ((0, steps - sa.shape[0]), (0, 0)), constant_values=1.0)
     sb = jnp.pad(sb, ((0, steps - sb.shape[0]), (0, 0)), constant_values=1.0)
-    if compact:  # one scale per block_n (= 128) columns, padded for the 16-byte copies
+    if compact:  # one scale per block_n (= 128) columns, padded for the per-tile copies
       cols = _mosaic_gpu.tile_scale_columns(b_p.shape[0], cfg)
       sb = jnp.pad(sb, ((0, 0), (0, cols - nb)), constant_values=1.0)
     else:

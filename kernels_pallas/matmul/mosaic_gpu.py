@@ -55,7 +55,8 @@ SMEM_BUDGET_BYTES = 220 * 1024
 OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2),
                   jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SCALE_MODES = ("outer", "block")
-TILE_SCALE_VEC = 4  # floats per per-tile weight-scale copy (TMA moves >= 16 bytes)
+# Floats per per-tile weight-scale copy: a warpgroup's TMA moves a multiple of 128 bytes.
+TILE_SCALE_VEC = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ def default_config(m: int, n: int, k: int, dtype, *, scale_mode: str = "outer",
 def tile_scale_columns(n: int, cfg: MatmulConfig) -> int:
   """Columns of a per-weight-tile block scale ``[K // block_k, tiles]``: one scale per
   ``block_n`` output columns, padded so each tile's ``TILE_SCALE_VEC``-float copy stays in
-  bounds and rows are 16-byte aligned."""
+  bounds and rows stay 16-byte aligned."""
   tiles = -(-n // cfg.block_n) + TILE_SCALE_VEC - 1
   return tiles + (-tiles % TILE_SCALE_VEC)
 
@@ -291,7 +292,7 @@ def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scal
         for half in range(2):  # [stages, 2, block_m]: one row vector per warpgroup
           plgpu.copy_gmem_to_smem(as_ref.at[i, pl.ds(row0 + half * bm, bm)],
                                   s["as"].at[slot, half], s["as_bar"].at[2 * slot + half])
-        if b_per_tile:  # [K steps, tiles (+ pad)]: 16 bytes from this tile's scale on
+        if b_per_tile:  # [K steps, tiles (+ pad)]: 128 bytes from this tile's scale on
           plgpu.copy_gmem_to_smem(bs_ref.at[i, pl.ds(lax.axis_index("n_tiles"), TILE_SCALE_VEC)],
                                   s["bs"].at[slot], s["bs_bar"].at[slot])
         else:
@@ -373,6 +374,7 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
     scratch["a_scale"] = plgpu.SMEM((2, bm), jnp.float32)
     scratch["b_scale"] = plgpu.SMEM((2, bn), jnp.float32)
     scratch["scale_bar"] = plgpu.Barrier(num_barriers=4)
+  block = scale_mode == "block"
   kernel = functools.partial(_kernel, cfg=cfg, scale_mode=scale_mode, acc_dtype=acc_dtype,
                              k_steps=k_steps, b_per_tile=b_per_tile)
   return plgpu.kernel(
@@ -385,7 +387,7 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name=f"scaled_matmul_{scale_mode}{'_overlap' if cfg.overlap and scale_mode == 'block' else ''}",
+      kernel_name=f"scaled_matmul_{scale_mode}" + ("_overlap" if cfg.overlap and block else ""),
   )(a, b_t, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32))
 
 

@@ -300,6 +300,44 @@ def test_bad_inputs(key):
     qm.fp8_dot(x, jnp.ones((100, 4)))
 
 
+# ------------------------------------------------------------------------ cross-lowering
+
+
+@pytest.mark.parametrize("kernel", ["block_overlap", "triton_magic", "gemv", "mosaic_int4"])
+def test_kernels_lower_for_cuda(kernel):
+  # Interpret mode never builds a Mosaic GPU module or Triton IR (and takes the mosaic
+  # weight-only A operand from shared memory); lowering for an abstract H100 does.
+  from kernels_pallas.matmul import mosaic_gpu as mg
+  from kernels_pallas.matmul import triton as tr
+  sds = jax.ShapeDtypeStruct
+  k, n = 1024, 256
+  if kernel == "block_overlap":
+    cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, overlap=True)
+    fn = lambda a, b, sa, sb: mg.scaled_matmul(a, b, sa, sb, scale_mode="block", config=cfg)
+    args = (sds((128, k), jnp.float8_e4m3fn), sds((n, k), jnp.float8_e4m3fn),
+            sds((k // 128, 128), jnp.float32), sds((k // 128, mg.tile_scale_columns(n, cfg)),
+                                                   jnp.float32))
+  elif kernel == "mosaic_int4":
+    fn = lambda x, v, s: mg.weight_only_matmul_t(x, v, s, group_size=128)
+    args = (sds((16, k), jnp.bfloat16), sds((n, k), jnp.int4), sds((n, k // 128), jnp.float32))
+  elif kernel == "gemv":
+    fn = lambda x, v, s: tr.gemv_weight_only(x, v, s, bits=4, group_size=128)
+    args = (sds((2, k), jnp.bfloat16), sds((n, k // 2), jnp.uint8),
+            sds((n, k // 128), jnp.float32))
+  else:
+    cfg = tr.WeightOnlyConfig(16, 128, 128, 2, dequant="magic")
+    fn = lambda x, v, s: tr.weight_only_matmul(x, v, s, None, bits=8, group_size=None,
+                                               signed=True, config=cfg)
+    args = (sds((16, k), jnp.bfloat16), sds((k, n), jnp.int8), sds((1, n), jnp.float32))
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="cuda")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                abstract_device=device)):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert ("xla.gpu.triton" in text) if kernel in ("gemv", "triton_magic") else (
+      "mosaic_gpu" in text)
+
+
 # ------------------------------------------------------------------------ GPU, real sizes
 
 
