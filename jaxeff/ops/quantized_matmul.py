@@ -60,6 +60,10 @@ PACKED_FORMATS = ("int4", "int8", "fp8_e4m3", "fp8_e5m2")
 # Measured on H100 (notes/quant_matmul.md): the Triton kernel beats dequantize-then-dot
 # 2.7-3.6x at m <= 16 but loses to it at m = 128 (int4 g128: 265 vs 232 us).
 TRITON_MAX_M = 64
+# Weight-only kernel the "triton" implementation runs, by rows of x: (max m, variant of
+# weight_only_matmul, config or None for its default). Chosen from H100 measurements
+# (notes/quant_matmul.md); experiments/quant_dev.py times every variant.
+WEIGHT_ONLY_DEFAULT = ((TRITON_MAX_M, "triton", None),)
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
 SCALINGS = ("tensor", "row", "block")
 _EPS = 1e-12
@@ -504,7 +508,10 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
 
 def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
   del x_scale2
-  return weight_only_matmul(x2, w, interpret=interpret).astype(out_dtype)
+  m = x2.shape[0]
+  variant, config = next((v, c) for max_m, v, c in WEIGHT_ONLY_DEFAULT if m <= max_m)
+  return weight_only_matmul(x2, w, variant=variant, config=config,
+                            interpret=interpret).astype(out_dtype)
 
 
 def _xla_fn(x2, w, x_scale2, *, out_dtype):
