@@ -42,6 +42,7 @@ INTERPRET = False  # --smoke: tiny shapes in Pallas interpret mode (CPU check of
 RESULTS: dict = {"check": [], "time": []}
 T0 = time.time()
 BUDGET = 225.0
+DEADLINE = float("inf")  # per-size share of the budget for the optional rows (time.time())
 
 
 def left() -> float:
@@ -134,9 +135,9 @@ def time_call(fn, args, rounds=7) -> float:
   return statistics.median(per)
 
 
-def record(seq, mode, name, fn, args, base=None, err_fn=None, extra=None):
-  if left() < 5:
-    print(f"  skip {name} (budget)", flush=True)
+def record(seq, mode, name, fn, args, base=None, err_fn=None, extra=None, must=False):
+  if left() < 5 or (not must and time.time() > DEADLINE):
+    print(f"  {seq:>6} {mode:<8} {name:<40} skipped (budget)", flush=True)
     return None
   row = {"seq": seq, "mode": mode, "name": name, **(extra or {})}
   try:
@@ -158,39 +159,58 @@ def record(seq, mode, name, fn, args, base=None, err_fn=None, extra=None):
 
 
 def variants(seq):
+  """(name, config) of the forward sweep: warps w, chunk c, pairs per program p, stack st."""
   C = T.FFTConvConfig
-  if seq <= 2048:
-    return [("w4 c32 p4", C(4, 32, 4)), ("w2 c32 p4", C(2, 32, 4)), ("w8 c32 p4", C(8, 32, 4)),
-            ("w4 c16 p4", C(4, 16, 4)), ("w4 c64 p4", C(4, 64, 4)), ("w4 c32 p1", C(4, 32, 1)),
-            ("w4 c32 p16", C(4, 32, 16)), ("w4 c32 p4 gauss", C(4, 32, 4, gauss=True)),
-            ("w4 c32 p4 s2", C(4, 32, 4, num_stages=2)), ("w2 c64 p1", C(2, 64, 1)),
-            ("w8 c64 p8", C(8, 64, 8))]
+  if seq <= 1024:
+    return [("w8 c32 p4 st4", C(8, 32, 4, stack=4)), ("w4 c32 p4", C(4, 32, 4)),
+            ("w4 c32 p4 st2", C(4, 32, 4, stack=2)), ("w4 c16 p4 st2", C(4, 16, 4, stack=2)),
+            ("w8 c16 p8 st4", C(8, 16, 8, stack=4)), ("w8 c32 p8 st8", C(8, 32, 8, stack=8)),
+            ("w8 c64 p4 st4", C(8, 64, 4, stack=4)), ("w4 c16 p8 st2", C(4, 16, 8, stack=2)),
+            ("w4 c32 p4 st2 s2", C(4, 32, 4, stack=2, num_stages=2)),
+            ("w8 c32 p4 st4 s2", C(8, 32, 4, stack=4, num_stages=2)),
+            ("w8 c32 p4 st4 gauss", C(8, 32, 4, stack=4, gauss=True)),
+            ("w4 c32 p4 gauss", C(4, 32, 4, gauss=True)), ("w4 c32 p1", C(4, 32, 1)),
+            ("w2 c32 p4", C(2, 32, 4)), ("w8 c32 p4", C(8, 32, 4)), ("w4 c64 p4", C(4, 64, 4)),
+            ("w4 c32 p16", C(4, 32, 16)), ("w4 c32 p4 unroll", C(4, 32, 4, unroll=True)),
+            ("w2 c64 p1", C(2, 64, 1))]
   if seq <= 4096:
     return [("w8 c32 p2", C(8, 32, 2)), ("w4 c32 p2", C(4, 32, 2)), ("w8 c16 p2", C(8, 16, 2)),
-            ("w8 c64 p2", C(8, 64, 2)), ("w8 c32 p1", C(8, 32, 1)), ("w8 c32 p8", C(8, 32, 8)),
-            ("w16 c32 p2", C(16, 32, 2)), ("w8 c32 p2 gauss", C(8, 32, 2, gauss=True)),
+            ("w16 c32 p2", C(16, 32, 2)), ("w8 c32 p1", C(8, 32, 1)), ("w8 c32 p8", C(8, 32, 8)),
             ("w8 c32 p2 s2", C(8, 32, 2, num_stages=2)),
-            ("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096)), ("w4 c16 p4", C(4, 16, 4))]
-  return [("w8 c32 p2 inner8192", C(8, 32, 2, inner=8192)),
+            ("w8 c32 p2 gauss", C(8, 32, 2, gauss=True)), ("w4 c16 p4", C(4, 16, 4)),
+            ("w8 c16 p4 st2", C(8, 16, 4, stack=2)), ("w8 c32 p4 st2", C(8, 32, 4, stack=2)),
+            ("w16 c32 p4 st2", C(16, 32, 4, stack=2)), ("w8 c32 p2 unroll", C(8, 32, 2, unroll=True)),
+            ("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096))]
+  return [("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096)),
+          ("w8 c32 p2 inner8192", C(8, 32, 2, inner=8192)),
           ("w4 c32 p2 inner4096", C(4, 32, 2, inner=4096)),
-          ("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096)),
           ("w4 c32 p4 inner2048", C(4, 32, 4, inner=2048)),
+          ("w8 c32 p4 st2 inner2048", C(8, 32, 4, stack=2, inner=2048)),
+          ("w8 c16 p4 inner4096", C(8, 16, 4, inner=4096)),
           ("w8 c32 p8 inner4096", C(8, 32, 8, inner=4096)),
-          ("w8 c16 p2 inner8192", C(8, 16, 2, inner=8192)),
-          ("w8 c32 p2 gauss inner4096", C(8, 32, 2, inner=4096, gauss=True)),
-          ("w16 c32 p1 two-level", C(16, 32, 1, inner=seq * 2))]
+          ("w8 c32 p2 gauss inner4096", C(8, 32, 2, inner=4096, gauss=True))]
 
 
 def dk_variants(seq):
   D = T.DkConfig
-  return [("dk w4 c32 g1", D(4, 32, 1)), ("dk w4 c32 g4", D(4, 32, 4)),
-          ("dk w8 c64 g2", D(8, 64, 2)), ("dk w4 c16 g1", D(4, 16, 1)),
-          ("dk w4 c32 g1 gauss", D(4, 32, 1, gauss=True))]
+  if seq <= 1024:
+    return [("dk w4 c16", D(4, 16)), ("dk w4 c32", D(4, 32)), ("dk w8 c64 g2", D(8, 64, 2)),
+            ("dk w4 c16 g4", D(4, 16, 4)), ("dk w4 c32 st2", D(4, 32, stack=2)),
+            ("dk w8 c32 st4", D(8, 32, stack=4)), ("dk w4 c16 gauss", D(4, 16, gauss=True))]
+  if seq <= 4096:
+    return [("dk w8 c16 i8192", D(8, 16, inner=8192)), ("dk w4 c16 i8192", D(4, 16, inner=8192)),
+            ("dk w8 c32 i8192", D(8, 32, inner=8192)), ("dk w8 c16 g4 i8192", D(8, 16, 4, inner=8192)),
+            ("dk w8 c32 i4096", D(8, 32, inner=4096))]
+  return [("dk w8 c32 i4096", D(8, 32, inner=4096)), ("dk w4 c16 i2048", D(4, 16, inner=2048)),
+          ("dk w8 c16 i4096", D(8, 16, inner=4096)), ("dk w8 c32 g2 i4096", D(8, 32, 2, inner=4096))]
 
 
-def time_size(seq):
+def time_size(seq, share):
+  """Times one size; the optional rows stop after ``share`` of the time left."""
+  global DEADLINE
   n = 2 * seq
   print(f"== seq {seq} (n = {n}) batch {BATCH} x {CHANNELS}, bf16 ==", flush=True)
+  DEADLINE = time.time() + share * left()
   key = jax.random.key(seq)
   u, k, _, _, dy = make_inputs(key, BATCH, CHANNELS, seq)
   ref = np_conv(u[:2, :8], k[:8])
@@ -198,37 +218,38 @@ def time_size(seq):
   def err_of(fn, *args):
     return lambda: rel(fn(*args)[:2, :8], ref)
 
-  base_fn = jax.jit(lambda u, k: fft_conv_reference(u.astype(jnp.float32), k))
-  u32 = u.astype(jnp.float32)
-  base = record(seq, "fwd", "jnp.fft fp32", base_fn, (u32, k), err_fn=err_of(base_fn, u32, k))
-  dflt = jax.jit(lambda u, k: fft_conv(u, k))
-  record(seq, "fwd", "jaxeff default", dflt, (u, k), base, err_of(dflt, u, k),
-         {"config": repr(T.config_for(n))})
-  for name, cfg in variants(seq):
-    fn = jax.jit(lambda u, k, cfg=cfg: fft_conv_triton(u, k, config=cfg, interpret=INTERPRET))
-    record(seq, "fwd", "triton " + name, fn, (u, k), base, err_of(fn, u, k),
-           {"config": repr(cfg)})
-  # the filter-gradient kernel alone
-  geo = T.geometry(n, seq, inner=T.config_for(n).inner)
-  pairs = lambda a: a.reshape(BATCH // 2, 2, CHANNELS, geo.in_a, geo.in_rows, geo.n_2)
-  if geo.in_len == seq:
-    for name, dcfg in dk_variants(seq):
-      fn = jax.jit(lambda w, d, dcfg=dcfg: T.filter_grad_spectrum(pairs(w), pairs(d), geo,
-                                                                   config=dcfg,
-                                                                   interpret=INTERPRET))
-      record(seq, "dk", name, fn, (u, dy), extra={"config": repr(dcfg)})
-  # forward + backward (u and k)
   def fb(conv):
     def f(u, k, dy):
       y, vjp = jax.vjp(conv, u, k)
       return y, vjp(dy.astype(y.dtype))
     return jax.jit(f)
 
+  base_fn = jax.jit(lambda u, k: fft_conv_reference(u.astype(jnp.float32), k))
+  u32 = u.astype(jnp.float32)
+  base = record(seq, "fwd", "jnp.fft fp32", base_fn, (u32, k), err_fn=err_of(base_fn, u32, k),
+                must=True)
+  dflt = jax.jit(lambda u, k: fft_conv(u, k))
+  record(seq, "fwd", "jaxeff default", dflt, (u, k), base, err_of(dflt, u, k),
+         {"config": repr(T.config_for(n))}, must=True)
   base_fb = record(seq, "fwd_bwd", "jnp.fft fp32",
-                   fb(lambda u, k: fft_conv_reference(u, k)), (u32, k, dy))
+                   fb(lambda u, k: fft_conv_reference(u, k)), (u32, k, dy), must=True)
   record(seq, "fwd_bwd", "jaxeff default", fb(lambda u, k: fft_conv(u, k)), (u, k, dy),
-         base_fb)
-  if seq <= 4096:
+         base_fb, extra={"dk_config": repr(T.dk_config_for(n))}, must=True)
+  del u32
+  for name, cfg in variants(seq):
+    fn = jax.jit(lambda u, k, cfg=cfg: fft_conv_triton(u, k, config=cfg, interpret=INTERPRET))
+    record(seq, "fwd", "triton " + name, fn, (u, k), base, err_of(fn, u, k),
+           {"config": repr(cfg)})
+  # the filter-gradient kernel alone (its spectrum; the small inverse is not included)
+  for name, dcfg in dk_variants(seq):
+    geo = T.geometry(n, seq, inner=dcfg.inner)
+    if geo.in_len != seq:
+      continue
+    shape = (BATCH // 2, 2, CHANNELS, geo.in_a, geo.in_rows, geo.n_2)
+    fn = jax.jit(lambda w, d, dcfg=dcfg, geo=geo, shape=shape: T.filter_grad_spectrum(
+        w.reshape(shape), d.reshape(shape), geo, config=dcfg, interpret=INTERPRET))
+    record(seq, "dk", name, fn, (u, dy), extra={"config": repr(dcfg)})
+  if seq <= 1024:
     record(seq, "fwd_bwd", "jaxeff monarch_xla",
            fb(lambda u, k: fft_conv(u, k, implementation="monarch_xla")), (u, k, dy), base_fb)
 
@@ -265,7 +286,8 @@ def main():
     BATCH, CHANNELS, INTERPRET = 2, 2, True
     variants = lambda seq: [("w4 c16 p1", T.FFTConvConfig(4, 16, 1)),
                             ("w4 c16 p1 inner256", T.FFTConvConfig(4, 16, 1, inner=256))]
-    dk_variants = lambda seq: [("dk w4 c16 g1", T.DkConfig(4, 16, 1))]
+    dk_variants = lambda seq: [("dk w4 c16 g1", T.DkConfig(4, 16, 1)),
+                               ("dk w4 c16 i256", T.DkConfig(4, 16, 1, inner=256))]
   out = Path(a.out or os.environ.get("OUT") or f"experiments/results/{harness.device_name()}")
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   if a.smoke:
@@ -275,14 +297,18 @@ def main():
     for seq in (1024, 4096, 16384):
       check(seq)
     check(2048, causal=False, label="circular")
-    check(1024, T.FFTConvConfig(4, 32, 4, gauss=True), T.DkConfig(gauss=True), label="gauss")
-    check(16384, T.FFTConvConfig(8, 32, 2, inner=4096), label="inner4096")
     write(out)
-  for seq in map(int, a.sizes.split(",")):
+  sizes = list(map(int, a.sizes.split(",")))
+  for i, seq in enumerate(sizes):
     if left() < 10:
       break
-    time_size(seq)
+    time_size(seq, 1.0 / (len(sizes) - i) - 0.03 * (not a.skip_check))
     write(out)
+  if not a.smoke and not a.skip_check and left() > 30:
+    check(1024, T.FFTConvConfig(8, 32, 4, stack=4, gauss=True), T.DkConfig(gauss=True),
+          label="gauss stack4")
+    check(16384, T.FFTConvConfig(8, 32, 2, inner=8192), T.DkConfig(4, 16, inner=2048),
+          label="inner8192 dk2048")
   summary()
   write(out)
 

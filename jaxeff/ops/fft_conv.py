@@ -380,13 +380,13 @@ def _triton_apply(u, kf, pre, posts, call: _TritonCall, out_dtype) -> tuple[jax.
 def _triton_filter_grad(u, x, dy, v, call: _TritonCall) -> jax.Array:
   """``dk [channels, filter_len]`` float32 from the fused filter-gradient spectrum kernel."""
   channels = u.shape[1]
-  geo = call.geo
+  geo = _triton.geometry(call.geo.n, call.seq, inner=call.dk_config.inner)
   inner = (geo.in_a, geo.in_rows, geo.n_2)
   pairs = lambda a, dt=None: None if a is None else _to_pairs(a, geo.in_len, inner, dt)
   g = _triton.filter_grad_spectrum(
       pairs(u, call.compute_dtype), pairs(dy, call.compute_dtype), geo, pre_w=pairs(x),
       pre_d=pairs(v), config=call.dk_config, interpret=call.interpret)
-  plan = call.plan
+  plan = monarch.MonarchPlan(geo.n, geo.factors)
   block = plan.n // plan.factors[0]
   rows = -(-call.filter_len // block)
   dk = monarch.inverse(g.reshape(2, channels, *plan.factors), plan, compute_dtype=jnp.float32,

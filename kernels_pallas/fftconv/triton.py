@@ -79,6 +79,11 @@ class FFTConvConfig:
       ``inner``.
     gauss: three real dots per complex matrix product instead of four.
     num_stages: Triton pipelining depth.
+    unroll: unroll the chunk loop (static slices; the compiler may schedule the next
+      chunk's loads early).
+    stack: signals processed together as one tile (side by side for the row DFTs, one
+      above the other for the column DFTs; clipped to ``pairs``): larger dots, and the
+      constants are fetched once per stack.
   """
 
   num_warps: int = 4
@@ -87,9 +92,11 @@ class FFTConvConfig:
   inner: int = 8192
   gauss: bool = False
   num_stages: int = 1
+  unroll: bool = False
+  stack: int = 1
 
   def __post_init__(self):
-    for name in ("num_warps", "chunk", "pairs", "inner"):
+    for name in ("num_warps", "chunk", "pairs", "inner", "stack"):
       v = getattr(self, name)
       if not isinstance(v, int) or not _pow2(v):
         raise ValueError(f"FFTConvConfig.{name} must be a power of two, got {v!r}")
@@ -109,6 +116,9 @@ class DkConfig:
     chunk: rows of ``k_1`` per program (clipped to ``n_1``).
     groups: programs per (channel, chunk) over the batch; partial sums are added in XLA.
     gauss: three real dots per complex matrix product.
+    stack: signals per tile (:class:`FFTConvConfig`).
+    inner: largest two-level transform (:class:`FFTConvConfig`; the filter gradient has
+      its own layout, independent of the convolution's).
   """
 
   num_warps: int = 4
@@ -116,9 +126,11 @@ class DkConfig:
   groups: int = 1
   gauss: bool = False
   num_stages: int = 1
+  stack: int = 1
+  inner: int = 4096
 
   def __post_init__(self):
-    for name in ("num_warps", "chunk", "groups"):
+    for name in ("num_warps", "chunk", "groups", "stack", "inner"):
       v = getattr(self, name)
       if not isinstance(v, int) or not _pow2(v):
         raise ValueError(f"DkConfig.{name} must be a power of two, got {v!r}")
@@ -129,20 +141,25 @@ class DkConfig:
 DEFAULT_CONFIG = FFTConvConfig()
 DEFAULT_DK_CONFIG = DkConfig()
 
-# Per transform size (n = 2 seq for causal convolutions): chosen from device measurements
-# (experiments/fftconv_dev.py, notes/spectral.md); sizes not listed use the defaults.
-_CONFIGS: dict[int, FFTConvConfig] = {}
-_DK_CONFIGS: dict[int, DkConfig] = {}
-
-
+# Per transform size (n = 2 seq for causal convolutions). Placeholders until the device
+# sweep (experiments/fftconv_dev.py) measures them: chosen so that ptxas reports no spills
+# for sm_90a (Triton 3.9 offline compile), see notes/spectral.md.
 def config_for(n: int) -> FFTConvConfig:
   """The launch parameters used for a transform of size ``n``."""
-  return _CONFIGS.get(n, DEFAULT_CONFIG)
+  if n <= 2048:
+    return FFTConvConfig(num_warps=8, chunk=32, pairs=4, stack=4)
+  if n <= 8192:
+    return FFTConvConfig(num_warps=8, chunk=32, pairs=2)
+  return FFTConvConfig(num_warps=8, chunk=32, pairs=2, inner=4096)
 
 
 def dk_config_for(n: int) -> DkConfig:
   """The filter-gradient launch parameters used for a transform of size ``n``."""
-  return _DK_CONFIGS.get(n, DEFAULT_DK_CONFIG)
+  if n <= 2048:
+    return DkConfig(num_warps=4, chunk=16)
+  if n <= 8192:
+    return DkConfig(num_warps=8, chunk=16, inner=8192)
+  return DkConfig(num_warps=8, chunk=32, inner=4096)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,33 +320,93 @@ def _cmul_conj(ar, ai, br, bi):
   return ar * br + ai * bi, ai * br - ar * bi
 
 
-def _load_signal(z_ref, pre_ref, r, geo: Geometry, fo_ref, to_ref, cdt):
-  """Pair ``r``'s (outer-row) input ``[in_rows, n_2]``, gated, in the compute dtype."""
+def _wide(a, s: int):
+  """``[s, rows, n_2]`` -> ``[rows, s * n_2]`` (the stacked signals side by side)."""
+  if s == 1:
+    return a[0]
+  _, rows, n_2 = a.shape
+  return a.transpose(1, 0, 2).reshape(rows, s * n_2)
+
+
+def _unwide(a, s: int):
+  """``[rows, s * n_2]`` -> ``[s, rows, n_2]``."""
+  rows = a.shape[0]
+  n_2 = a.shape[1] // s
+  if s == 1:
+    return a.reshape(1, rows, n_2)
+  return a.reshape(rows, s, n_2).transpose(1, 0, 2)
+
+
+def _wide_to_tall(a, s: int):
+  """``[c, s * n_2]`` -> ``[s * c, n_2]`` (the stacked signals one above the other)."""
+  if s == 1:
+    return a
+  c = a.shape[0]
+  n_2 = a.shape[1] // s
+  return a.reshape(c, s, n_2).transpose(1, 0, 2).reshape(s * c, n_2)
+
+
+def _tall_to_wide(a, s: int):
+  if s == 1:
+    return a
+  c = a.shape[0] // s
+  n_2 = a.shape[1]
+  return a.reshape(s, c, n_2).transpose(1, 0, 2).reshape(c, s * n_2)
+
+
+def _bcast_wide(t, s: int):
+  """``[c, n_2]`` repeated for ``s`` signals side by side: ``[c, s * n_2]``."""
+  if s == 1:
+    return t
+  c, n_2 = t.shape
+  return jnp.broadcast_to(t[:, None, :], (c, s, n_2)).reshape(c, s * n_2)
+
+
+def _bcast_tall(t, s: int):
+  if s == 1:
+    return t
+  c, n_2 = t.shape
+  return jnp.broadcast_to(t[None], (s, c, n_2)).reshape(s * c, n_2)
+
+
+def _stack_rows(j, s: int):
+  """The pair indices of stack ``j`` (a static or traced index)."""
+  if isinstance(j, int) or s == 1:
+    return pl.ds(j * s, s)
+  return pl.ds(pl.multiple_of(j * s, s), s)
+
+
+def _load_signals(z_ref, pre_ref, j, s: int, geo: Geometry, fo_ref, to_ref, cdt):
+  """Stack ``j``'s ``s`` signals (outer DFT row for three levels), gated, as the wide
+  ``[in_rows, s * n_2]`` tile in the compute dtype."""
+  idx = _stack_rows(j, s)
+
   def row(a, t):
-    x = z_ref[r, a, t].astype(jnp.float32)
+    x = z_ref[idx, a, t]
     if pre_ref is not None:
-      x = x * pre_ref[r, a, t].astype(jnp.float32)
+      x = x.astype(jnp.float32) * pre_ref[idx, a, t].astype(jnp.float32)
     return x
 
   if geo.n_a == 1:
-    if pre_ref is None:
-      return z_ref[r, 0, 0].astype(cdt), z_ref[r, 1, 0].astype(cdt)
-    return row(0, 0).astype(cdt), row(1, 0).astype(cdt)
-  xr = xi = None
-  for t in range(geo.in_a):
-    zr, zi = row(0, t), row(1, t)
-    if t:  # w^(k_a * 0) = 1
-      zr, zi = _cmul(zr, zi, fo_ref[0, t], fo_ref[1, t])
-    xr, xi = (zr, zi) if xr is None else (xr + zr, xi + zi)
-  xr, xi = _cmul(xr, xi, to_ref[0], to_ref[1])
-  return xr.astype(cdt), xi.astype(cdt)
+    xr, xi = row(0, 0), row(1, 0)
+  else:
+    xr = xi = None
+    for t in range(geo.in_a):
+      zr, zi = row(0, t).astype(jnp.float32), row(1, t).astype(jnp.float32)
+      if t:  # w^(k_a * 0) = 1
+        zr, zi = _cmul(zr, zi, fo_ref[0, t], fo_ref[1, t])
+      xr, xi = (zr, zi) if xr is None else (xr + zr, xi + zi)
+    xr, xi = _cmul(xr, xi, to_ref[0][None], to_ref[1][None])
+  return _wide(xr.astype(cdt), s), _wide(xi.astype(cdt), s)
 
 
-def _forward_chunk(xr, xi, rows, f1_ref, tw_ref, f2, cdt):
-  """Spectrum rows ``rows`` (``[chunk, n_2]`` float32, Monarch order) of the signal ``X``."""
+def _forward_chunk(xr, xi, rows, s: int, f1_ref, tw_ref, f2, cdt):
+  """Spectrum rows ``rows`` of the ``s`` stacked signals (wide ``X``): the tall
+  ``[s * chunk, n_2]`` float32 tile in Monarch order."""
   f1 = [f1_ref[p, rows, :] for p in range(f1_ref.shape[0])]
   ar, ai = _lmul(f1, xr, xi, cdt)
-  ar, ai = _cmul(ar, ai, tw_ref[0, rows, :], tw_ref[1, rows, :])
+  ar, ai = _cmul(ar, ai, _bcast_wide(tw_ref[0, rows, :], s), _bcast_wide(tw_ref[1, rows, :], s))
+  ar, ai = _wide_to_tall(ar.astype(cdt), s), _wide_to_tall(ai.astype(cdt), s)
   return _rmul(ar, ai, f2, cdt)
 
 
@@ -339,8 +416,8 @@ def _rows(ch, chunk, n_chunks):
   return pl.ds(pl.multiple_of(ch * chunk, chunk), chunk)
 
 
-def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, has_pre: bool, n_posts: int,
-                 cdt):
+def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_pre: bool,
+                 n_posts: int, cdt, unroll: bool):
   it = iter(refs)
   z_ref = next(it)  # [pairs, 2, in_a, in_rows, n_2]
   pre_ref = next(it) if has_pre else None
@@ -352,47 +429,54 @@ def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, has_pre: bool, n_
   out_refs = list(it)
   n_chunks = geo.n_1 // chunk
   nplanes = f2_ref.shape[0]
+  s = stack
 
-  def one_pair(r, carry):
-    xr, xi = _load_signal(z_ref, pre_ref, r, geo, fo_ref, to_ref, cdt)
+  def one_stack(j, carry):
+    xr, xi = _load_signals(z_ref, pre_ref, j, s, geo, fo_ref, to_ref, cdt)
     f2 = [f2_ref[p] for p in range(nplanes)]
     h2 = [h2_ref[p] for p in range(nplanes)]
 
     def one_chunk(ch, acc):
-      rows = _rows(ch, chunk, n_chunks)
-      yr, yi = _forward_chunk(xr, xi, rows, f1_ref, tw_ref, f2, cdt)
-      yr, yi = _cmul(yr, yi, kf_ref[0, rows, :], kf_ref[1, rows, :])
+      rows = slice(ch * chunk, (ch + 1) * chunk) if unroll else _rows(ch, chunk, n_chunks)
+      yr, yi = _forward_chunk(xr, xi, rows, s, f1_ref, tw_ref, f2, cdt)
+      yr, yi = _cmul(yr, yi, _bcast_tall(kf_ref[0, rows, :], s),
+                     _bcast_tall(kf_ref[1, rows, :], s))
       br, bi = _rmul(yr, yi, h2, cdt)
-      br, bi = _cmul_conj(br, bi, tw_ref[0, rows, :], tw_ref[1, rows, :])
+      tr, ti = _bcast_tall(tw_ref[0, rows, :], s), _bcast_tall(tw_ref[1, rows, :], s)
+      br, bi = _cmul_conj(br, bi, tr, ti)
+      br, bi = _tall_to_wide(br.astype(cdt), s), _tall_to_wide(bi.astype(cdt), s)
       g1 = [g1_ref[p, :, rows] for p in range(nplanes)]
       dr, di = _lmul(g1, br, bi, cdt)
       return acc[0] + dr, acc[1] + di
 
-    zero = jnp.zeros((geo.out_rows, geo.n_2), jnp.float32)
+    zero = jnp.zeros((geo.out_rows, s * geo.n_2), jnp.float32)
     if n_chunks == 1:
       accr, acci = one_chunk(0, (zero, zero))
+    elif unroll:
+      accr, acci = zero, zero
+      for ch in range(n_chunks):
+        accr, acci = one_chunk(ch, (accr, acci))
     else:
       accr, acci = jax.lax.fori_loop(0, n_chunks, one_chunk, (zero, zero))
+    accr, acci = _unwide(accr, s), _unwide(acci, s)  # [s, out_rows, n_2]
+    idx = _stack_rows(j, s)
     if geo.n_a > 1:
-      accr, acci = _cmul_conj(accr, acci, to_ref[0], to_ref[1])
-      out_refs[0][r, 0] = accr.astype(out_refs[0].dtype)
-      out_refs[0][r, 1] = acci.astype(out_refs[0].dtype)
-    elif not post_refs:
-      out_refs[0][r, 0] = accr.astype(out_refs[0].dtype)
-      out_refs[0][r, 1] = acci.astype(out_refs[0].dtype)
-    else:
-      for post_ref, out_ref in zip(post_refs, out_refs):
-        out_ref[r, 0] = (accr * post_ref[r, 0].astype(jnp.float32)).astype(out_ref.dtype)
-        out_ref[r, 1] = (acci * post_ref[r, 1].astype(jnp.float32)).astype(out_ref.dtype)
+      accr, acci = _cmul_conj(accr, acci, to_ref[0][None], to_ref[1][None])
+    if not post_refs:
+      out_refs[0][idx, 0] = accr.astype(out_refs[0].dtype)
+      out_refs[0][idx, 1] = acci.astype(out_refs[0].dtype)
+    for post_ref, out_ref in zip(post_refs, out_refs):
+      out_ref[idx, 0] = (accr * post_ref[idx, 0].astype(jnp.float32)).astype(out_ref.dtype)
+      out_ref[idx, 1] = (acci * post_ref[idx, 1].astype(jnp.float32)).astype(out_ref.dtype)
     return carry
 
-  if pairs == 1:
-    one_pair(0, None)
+  if pairs == s:
+    one_stack(0, None)
   else:
-    jax.lax.fori_loop(0, pairs, one_pair, None)
+    jax.lax.fori_loop(0, pairs // s, one_stack, None)
 
 
-def _dk_kernel(*refs, geo: Geometry, chunk: int, pairs: int, has_pre_w: bool,
+def _dk_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_pre_w: bool,
                has_pre_d: bool, cdt):
   it = iter(refs)
   w_ref = next(it)
@@ -408,21 +492,25 @@ def _dk_kernel(*refs, geo: Geometry, chunk: int, pairs: int, has_pre_w: bool,
   ch = pl.program_id(0) % n_chunks
   rows = _rows(ch, chunk, n_chunks)
   nplanes = f2_ref.shape[0]
+  s = stack
 
-  def one_pair(r, acc):
+  def one_stack(j, acc):
     f2 = [f2_ref[p] for p in range(nplanes)]
-    wr, wi = _forward_chunk(*_load_signal(w_ref, pw_ref, r, geo, fo_ref, to_ref, cdt), rows,
-                            f1_ref, tw_ref, f2, cdt)
-    dr, di = _forward_chunk(*_load_signal(d_ref, pd_ref, r, geo, fo_ref, to_ref, cdt), rows,
-                            f1_ref, tw_ref, f2, cdt)
-    gr, gi = _cmul_conj(dr, di, wr, wi)  # conj(W) D
+    wr, wi = _forward_chunk(*_load_signals(w_ref, pw_ref, j, s, geo, fo_ref, to_ref, cdt),
+                            rows, s, f1_ref, tw_ref, f2, cdt)
+    dr, di = _forward_chunk(*_load_signals(d_ref, pd_ref, j, s, geo, fo_ref, to_ref, cdt),
+                            rows, s, f1_ref, tw_ref, f2, cdt)
+    gr, gi = _cmul_conj(dr, di, wr, wi)  # conj(W) D, [s * chunk, n_2]
+    if s > 1:
+      gr = gr.reshape(s, chunk, geo.n_2).sum(0)
+      gi = gi.reshape(s, chunk, geo.n_2).sum(0)
     return acc[0] + gr, acc[1] + gi
 
   zero = jnp.zeros((chunk, geo.n_2), jnp.float32)
-  if pairs == 1:
-    accr, acci = one_pair(0, (zero, zero))
+  if pairs == s:
+    accr, acci = one_stack(0, (zero, zero))
   else:
-    accr, acci = jax.lax.fori_loop(0, pairs, one_pair, (zero, zero))
+    accr, acci = jax.lax.fori_loop(0, pairs // s, one_stack, (zero, zero))
   out_ref[0] = accr
   out_ref[1] = acci
 
@@ -514,7 +602,8 @@ def fft_conv_fused(z: jax.Array, kf: jax.Array, geo: Geometry, *, pre: jax.Array
                                       out_dtype)] * n_out
     out_specs = [ospec] * n_out
   kernel = functools.partial(_conv_kernel, geo=geo, chunk=chunk, pairs=pairs,
-                             has_pre=pre is not None, n_posts=len(posts), cdt=cdt)
+                             stack=min(cfg.stack, pairs), has_pre=pre is not None,
+                             n_posts=len(posts), cdt=cdt, unroll=cfg.unroll)
   return tuple(pl.pallas_call(
       kernel, out_shape=out_shape, grid=(geo.n_a, num_pairs // pairs, channels),
       in_specs=specs, out_specs=out_specs,
@@ -566,6 +655,7 @@ def filter_grad_spectrum(w: jax.Array, d: jax.Array, geo: Geometry, *,
     specs += [pl.BlockSpec((2, None, geo.in_a), lambda q, *_: (0, q // n_chunks, 0)),
               pl.BlockSpec((2, None, geo.n_1, geo.n_2), lambda q, *_: (0, q // n_chunks, 0, 0))]
   kernel = functools.partial(_dk_kernel, geo=geo, chunk=chunk, pairs=pairs,
+                             stack=_largest_pow2_divisor(pairs, cfg.stack),
                              has_pre_w=pre_w is not None, has_pre_d=pre_d is not None, cdt=cdt)
   out = pl.pallas_call(
       kernel,
