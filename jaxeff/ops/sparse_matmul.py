@@ -41,13 +41,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.ops import _registry
-from jaxeff.sparse.formats import (BlockSparse, NMSparse, TiledSparse, bsr_dense, decompress,
-                                   is_sparse)
+from jaxeff.sparse.formats import (BlockSparse, EllSparse, NMSparse, TiledSparse, bsr_dense,
+                                   decompress, is_sparse)
 from kernels_pallas.sparse import triton as _triton
 
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 BREAK_EVEN_SPARSITY = 0.5
 SKINNY_MAX_M = 64  # tiled / N:M kernels are split-K GEMV-like kernels
+ELL_MAX_M = 16  # the sliced-ELL kernel unrolls over the rows of x
+CATS_MAX_M = 8  # the CATS kernels unroll over the rows of x
 _BLOCK_N = (128, 64, 32, 16)
 
 
@@ -81,9 +83,17 @@ def _tiled_fn(x2, w: TiledSparse, *, out_dtype, min_sparsity, interpret):
   tk, tn = w.tile
   cfg = _triton.default_config(m, np_, kp // tk, tn)
   xp = _pad_to(x2, (_round_up(m, cfg.block_m), kp))
-  out = _triton.tiled_sparse_matmul(xp, w.values, w.bitmap, w.row_ptr, tile=w.tile,
+  out = _triton.tiled_sparse_matmul(xp, w.values, w.bitmap, w.col_ptr, tile=w.tile,
                                     m_real=m, config=cfg, interpret=interpret)
   return out[:, :w.shape[1]].astype(out_dtype)
+
+
+def _ell_fn(x2, w: EllSparse, *, out_dtype, min_sparsity, interpret):
+  del min_sparsity
+  out = _triton.ell_sparse_matmul(x2, w.data, w.base, w.block_ptr,
+                                  chunks_per_block=w.data.shape[0] // w.num_blocks,
+                                  interpret=interpret)
+  return jnp.take(out, w.inv_perm, axis=1).astype(out_dtype)
 
 
 def _nm_fn(x2, w: NMSparse, *, out_dtype, min_sparsity, interpret):
@@ -140,7 +150,8 @@ def _bsr_fn(x2, w: BlockSparse, *, out_dtype, min_sparsity, interpret):
 
 
 def _triton_fn(x2, w, *, out_dtype, min_sparsity, interpret):
-  fn = {TiledSparse: _tiled_fn, NMSparse: _nm_fn, BlockSparse: _bsr_fn}[type(w)]
+  fn = {TiledSparse: _tiled_fn, EllSparse: _ell_fn, NMSparse: _nm_fn,
+        BlockSparse: _bsr_fn}[type(w)]
   return fn(x2, w, out_dtype=out_dtype, min_sparsity=min_sparsity, interpret=interpret)
 
 
@@ -148,7 +159,10 @@ def _triton_supports(x2, w, *, out_dtype, min_sparsity):
   del out_dtype
   if not is_sparse(w):
     return "a dense w is multiplied densely (xla)"
-  if isinstance(w, (TiledSparse, NMSparse)):
+  if isinstance(w, EllSparse) and x2.shape[0] > ELL_MAX_M:
+    return (f"m={x2.shape[0]} > {ELL_MAX_M}: the sliced-ELL kernel gathers x once a row "
+            "(decode); use the tiled format for wider x")
+  if isinstance(w, (TiledSparse, EllSparse, NMSparse)):
     if x2.shape[0] > SKINNY_MAX_M:
       return (f"m={x2.shape[0]} > {SKINNY_MAX_M}: the tiled / N:M kernels are skinny "
               "(decode) kernels; the dense product is faster for wide x")
@@ -234,47 +248,50 @@ def cats_activation(gate: jax.Array, threshold) -> jax.Array:
   return jnp.where(jnp.abs(a) > threshold, a, 0.0)
 
 
-def cats_mlp_reference(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtype):
+def cats_mlp_reference(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtype,
+                       gate_transposed: bool = False):
   """The thresholded SwiGLU in float32: ``(cats(x wg) * (x wu)) @ wd``."""
   hp = jax.lax.Precision.HIGHEST
   xf = x2.astype(jnp.float32)
-  a = cats_activation(jnp.dot(xf, w_gate.astype(jnp.float32), precision=hp), threshold)
+  gate = w_gate.astype(jnp.float32)
+  a = cats_activation(jnp.dot(xf, gate.T if gate_transposed else gate, precision=hp),
+                      threshold)
   up = w_up.astype(jnp.float32)
   u = jnp.dot(xf, up.T if up_transposed else up, precision=hp)
   return jnp.dot(a * u, w_down.astype(jnp.float32), precision=hp).astype(out_dtype)
 
 
-def _cats_triton(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtype, interpret):
-  m, d = x2.shape
-  h = w_gate.shape[1]
-  cfg = _triton.cats_default_config(m, d, h)
-  gate = jnp.dot(x2, w_gate.astype(x2.dtype), preferred_element_type=jnp.float32)
-  a = cats_activation(gate, threshold)
-  active = jnp.any(a != 0, axis=0).astype(jnp.int32)
+def _cats_triton(x2, w_gate, w_up, w_down, *, threshold, up_transposed, gate_transposed,
+                 out_dtype, interpret):
+  gate_t = w_gate if gate_transposed else w_gate.T
   up_t = w_up if up_transposed else w_up.T
-  xp = _pad_to(x2, (_round_up(m, cfg.block_m), d))
-  ap = _pad_to(a.astype(x2.dtype), (xp.shape[0], h))
-  out = _triton.cats_mlp(xp, ap, active, up_t, w_down, m_real=m, config=cfg,
-                         interpret=interpret)
+  t = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
+  out, _ = _triton.cats_mlp(x2, gate_t, up_t, w_down.astype(gate_t.dtype), t,
+                            interpret=interpret)
   return out.astype(out_dtype)
 
 
-def _cats_supports(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtype):
+def _cats_supports(x2, w_gate, w_up, w_down, *, threshold, up_transposed, gate_transposed,
+                   out_dtype):
   del w_up, w_down, threshold, up_transposed, out_dtype
   m, d = x2.shape
-  h = w_gate.shape[1]
-  if m > SKINNY_MAX_M:
-    return f"m={m} > {SKINNY_MAX_M}: CATS pays at decode only (few rows share active neurons)"
+  h = w_gate.shape[0 if gate_transposed else 1]
+  if m > CATS_MAX_M:
+    return (f"m={m} > {CATS_MAX_M}: CATS pays at decode only (the rows of x share few "
+            "inactive neurons)")
   cfg = _triton.cats_default_config(m, d, h)
-  if d % cfg.block_d or h % (cfg.block_h * cfg.blocks_per_program):
-    return (f"the kernel needs D % {cfg.block_d} == 0 and H % "
-            f"{cfg.block_h * cfg.blocks_per_program} == 0, got D={d}, H={h}")
+  hb = cfg.down_block_h * cfg.down_split
+  if d % cfg.block_d or d % cfg.down_block_d or h % cfg.block_h or h % hb:
+    return (f"the kernel needs D % {max(cfg.block_d, cfg.down_block_d)} == 0 and H % "
+            f"{max(cfg.block_h, hb)} == 0, got D={d}, H={h}")
   return None
 
 
-def _cats_xla(x2, w_gate, w_up, w_down, *, threshold, up_transposed, out_dtype):
+def _cats_xla(x2, w_gate, w_up, w_down, *, threshold, up_transposed, gate_transposed,
+              out_dtype):
   return cats_mlp_reference(x2, w_gate, w_up, w_down, threshold=threshold,
-                            up_transposed=up_transposed, out_dtype=out_dtype)
+                            up_transposed=up_transposed, gate_transposed=gate_transposed,
+                            out_dtype=out_dtype)
 
 
 CATS_MLP_IMPLS: list[_registry.Implementation] = [
@@ -285,14 +302,16 @@ CATS_MLP_IMPLS: list[_registry.Implementation] = [
 
 
 def cats_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
-             threshold, up_transposed: bool = False, out_dtype=None,
-             implementation: str | Sequence[str] | None = None) -> jax.Array:
+             threshold, up_transposed: bool = False, gate_transposed: bool = False,
+             out_dtype=None, implementation: str | Sequence[str] | None = None) -> jax.Array:
   """SwiGLU MLP with CATS activation sparsity (module docstring).
 
   Args:
     x: ``[..., D]``.
-    w_gate: ``[D, H]``; w_up: ``[D, H]`` (``[H, D]`` when ``up_transposed``: the layout
-      the kernel reads without a per-call transpose); w_down: ``[H, D]``.
+    w_gate: ``[D, H]`` (``[H, D]`` when ``gate_transposed``); w_up: ``[D, H]`` (``[H, D]``
+      when ``up_transposed``); w_down: ``[H, D]``. The kernel reads ``[H, D]`` rows: pass
+      the gate and up projections transposed (once, offline) to avoid a per-call
+      transpose.
     threshold: scalar ``>= 0`` (float or 0-d array).
     implementation: None, ``"triton"`` (``":interpret"``), ``"xla"``.
 
@@ -303,19 +322,20 @@ def cats_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
     if not hasattr(w, "shape") or len(w.shape) != 2:
       raise ValueError(f"cats_mlp: {name} must be 2-D, got "
                        f"{getattr(w, 'shape', type(w).__name__)}")
-  d, h = w_gate.shape
+  d, h = w_gate.shape[::-1] if gate_transposed else w_gate.shape
   _check_x(x, d, "cats_mlp", "[..., D]")
   up_shape = (h, d) if up_transposed else (d, h)
   if tuple(w_up.shape) != up_shape or tuple(w_down.shape) != (h, d):
-    raise ValueError(f"cats_mlp: with w_gate {(d, h)} expected w_up {up_shape} and w_down "
-                     f"{(h, d)}, got {tuple(w_up.shape)} and {tuple(w_down.shape)}")
+    raise ValueError(f"cats_mlp: with w_gate {tuple(w_gate.shape)} expected w_up "
+                     f"{up_shape} and w_down {(h, d)}, got {tuple(w_up.shape)} and "
+                     f"{tuple(w_down.shape)}")
   if isinstance(threshold, (int, float)) and threshold < 0:
     raise ValueError(f"cats_mlp: threshold must be >= 0, got {threshold}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   x2 = x.reshape(-1, d)
   out = _registry.dispatch("cats_mlp", CATS_MLP_IMPLS, implementation, x2, w_gate, w_up,
                            w_down, threshold=threshold, up_transposed=up_transposed,
-                           out_dtype=out_dtype)
+                           gate_transposed=gate_transposed, out_dtype=out_dtype)
   return out.reshape(x.shape[:-1] + (d,))
 
 

@@ -1,18 +1,26 @@
-"""Sparse weight formats: tiled bitmap (Flash-LLM), N:M structured, block-sparse (BSR).
+"""Sparse weight formats: tiled bitmap (Flash-LLM), sliced ELL, N:M structured, block-sparse.
 
-All three store a weight ``w: [K, N]`` (``y = x @ w``, K the contraction axis) and are
-pytrees (arrays are leaves, shapes and block sizes static), built offline on the host:
+All store a weight ``w: [K, N]`` (``y = x @ w``, K the contraction axis) and are pytrees
+(arrays are leaves, shapes and block sizes static), built offline on the host:
 
 * :class:`TiledSparse` -- unstructured sparsity, "load as sparse, compute as dense"
-  (Xia et al., 2023, Flash-LLM). ``w`` is cut into ``tile_k x tile_n`` tiles; each tile
-  keeps a bitmap of its non-zeros (one bit an element, ``uint32`` words along N) and its
-  non-zero values packed row-major; ``row_ptr[k, t]`` is where row ``k`` of tile column
-  ``t`` starts in ``values``. A kernel step loads one tile's bitmap and values and
-  expands them on chip: the value at ``(r, c)`` is ``values[row_ptr[r] + rank]`` where
-  ``rank`` is the number of set bits left of ``c`` in row ``r`` (an in-register prefix
-  sum), so the expanded tile needs no index per non-zero.
-  Bytes per element: ``(1 - s) * itemsize + 1/8 + 4 / tile_n`` (bf16 at 80% sparsity and
-  64-wide tiles: 0.59 bytes vs 2 dense, 3.4x fewer).
+  (Xia et al., 2023, Flash-LLM). ``w`` is cut into ``tile_k x tile_n`` tiles. The bitmap
+  has one bit an element in ``uint32`` words that run along K (word ``[s, c]`` holds rows
+  ``32 s .. 32 s + 31`` of column ``c``); the non-zero values are packed tile by tile,
+  column-major inside a tile, after one leading zero; ``col_ptr[t, c]`` counts the
+  values stored before column ``c`` of tile row ``t``. A kernel thread that owns one
+  column of a tile expands it with a running count of set bits (an in-register prefix
+  sum along its own rows): element ``(r, c)`` is ``values[bit * (col_ptr + rank)]``
+  with ``rank`` the set bits of the column up to and including ``r`` (an unset bit reads
+  the leading zero, so the gather needs no mask). Bytes per element:
+  ``(1 - s) * itemsize + 1/8 + 4 / tile_k`` (bf16, 80% sparsity, 128-row tiles: 0.56
+  bytes vs 2 dense, 3.6x fewer).
+* :class:`EllSparse` -- unstructured sparsity as sliced ELL (SELL-C-sigma, Kreutzer et
+  al. 2014) of ``w``'s columns, for the decode kernel that gathers ``x`` instead of
+  expanding ``w``: columns sorted by non-zero count, in blocks of ``block_n``; each
+  column's non-zeros in chunks of ``chunk`` slots (bf16 value + one byte of row offset
+  from the chunk's base row, so 3 bytes a slot plus ``4 / chunk`` of base). Bytes per
+  element ``~(1 - s) * (3 + 4 / chunk)``: 0.63 at 80%, 0.33 at 90%.
 * :class:`NMSparse` -- N:M structured sparsity along K (at most ``n`` non-zeros in each
   group of ``m`` consecutive rows of a column; Mishra et al., 2021 for 2:4). ``values
   [n, G, N]`` holds slot ``s`` of every group (``G = K / m``, padded with zero groups to
@@ -27,7 +35,7 @@ pytrees (arrays are leaves, shapes and block sizes static), built offline on the
   plus the transposed index (``t_cols``, ``t_slots``, ``t_counts``: the blocks of each
   block row) that the backward pass ``dx = dy @ w^T`` walks.
 
-``compress`` / ``compress_nm`` / ``compress_bsr`` build them (host-side numpy: the
+``compress`` / ``compress_ell`` / ``compress_nm`` / ``compress_bsr`` build them (host-side numpy: the
 number of non-zeros is data-dependent), ``decompress`` inverts each exactly.
 """
 
@@ -41,12 +49,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.sparse import (WORD_BITS, expand_nm, nm_slot_offsets, pack_nm_meta,
-                                   tile_ranks, unpack_nm_meta)
+from kernels_pallas.sparse import WORD_BITS, expand_nm, nm_slot_offsets, pack_nm_meta, unpack_nm_meta
 
 NM_PATTERNS = ((2, 4), (1, 4), (2, 8), (1, 2), (4, 8))
 BSR_BLOCKS = (16, 32, 64, 128)
-DEFAULT_TILE = (64, 64)
+DEFAULT_TILE = (128, 128)
 
 
 def _static(cls, data, meta):
@@ -58,12 +65,12 @@ class TiledSparse:
   """Unstructured sparse ``[K, N]`` weight in tiled bitmap form (module docstring).
 
   Fields:
-    values: ``[nnz_padded]`` non-zeros in tile order (tile row, tile column, then
-      row-major inside a tile), padded with at least one zero.
-    bitmap: uint32 ``[Kp, Np / 32]``; bit ``c % 32`` of word ``[k, c // 32]`` is set when
+    values: ``[1 + nnz_padded]``: a zero, then the non-zeros in tile order (tile column,
+      tile row, then column-major inside a tile), then zero padding.
+    bitmap: uint32 ``[Kp / 32, Np]``; bit ``k % 32`` of word ``[k // 32, c]`` is set when
       ``w[k, c] != 0`` (``Kp``, ``Np``: K, N rounded up to whole tiles).
-    row_ptr: int32 ``[Kp, Np / tile_n]``: index in ``values`` of row ``k``'s first
-      non-zero in tile column ``t``.
+    col_ptr: int32 ``[Kp / tile_k, Np]``: number of non-zeros stored before column ``c``
+      of tile row ``t`` (its values start at ``values[1 + col_ptr[t, c]]``).
     shape: logical ``(K, N)``.
     tile: ``(tile_k, tile_n)``.
     nnz: number of non-zeros.
@@ -71,14 +78,14 @@ class TiledSparse:
 
   values: jax.Array
   bitmap: jax.Array
-  row_ptr: jax.Array
+  col_ptr: jax.Array
   shape: tuple[int, int]
   tile: tuple[int, int]
   nnz: int
 
   @property
   def padded_shape(self) -> tuple[int, int]:
-    return self.bitmap.shape[0], self.bitmap.shape[1] * WORD_BITS
+    return self.bitmap.shape[0] * WORD_BITS, self.bitmap.shape[1]
 
   @property
   def sparsity(self) -> float:
@@ -87,6 +94,52 @@ class TiledSparse:
   @property
   def dtype(self):
     return self.values.dtype
+
+  def decompress(self) -> jax.Array:
+    return decompress(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class EllSparse:
+  """Unstructured sparse ``[K, N]`` weight as sliced ELL over sorted columns (module
+  docstring): for the kernel that gathers ``x`` (decode, ``M <= 8``).
+
+  Fields:
+    data: uint32 ``[C, 3, chunk / 4, block_n]``: chunk ``c`` of a block of ``block_n``
+      (sorted) columns holds ``chunk`` slots a column: plane 0 the slots' row offsets (a
+      byte each, slot ``4 i + j`` in byte ``j`` of word ``i``), planes 1 and 2 the bf16
+      values of slots ``4 i, 4 i + 1`` and ``4 i + 2, 4 i + 3`` (low half first).
+    base: int32 ``[C, block_n]``: row of each column's first slot in the chunk (row =
+      base + offset).
+    block_ptr: int32 ``[Np / block_n + 1]``: chunks of block ``b`` are
+      ``block_ptr[b] : block_ptr[b + 1]``.
+    inv_perm: int32 ``[N]``: position of column ``c`` among the sorted columns.
+    shape: logical ``(K, N)``.
+    chunk: slots a column a chunk (a multiple of 16).
+    block_n: columns a block.
+    nnz: number of non-zeros.
+  """
+
+  data: jax.Array
+  base: jax.Array
+  block_ptr: jax.Array
+  inv_perm: jax.Array
+  shape: tuple[int, int]
+  chunk: int
+  block_n: int
+  nnz: int
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.nnz / max(1, self.shape[0] * self.shape[1])
+
+  @property
+  def dtype(self):
+    return jnp.dtype(jnp.bfloat16)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.block_ptr.shape[0] - 1
 
   def decompress(self) -> jax.Array:
     return decompress(self)
@@ -148,12 +201,13 @@ class BlockSparse:
     return decompress(self)
 
 
-_static(TiledSparse, ["values", "bitmap", "row_ptr"], ["shape", "tile", "nnz"])
+_static(TiledSparse, ["values", "bitmap", "col_ptr"], ["shape", "tile", "nnz"])
+_static(EllSparse, ["data", "base", "block_ptr", "inv_perm"], ["shape", "chunk", "block_n", "nnz"])
 _static(NMSparse, ["values", "meta"], ["shape", "n", "m", "meta_block"])
 _static(BlockSparse, ["blocks", "block_rows", "counts", "t_cols", "t_slots", "t_counts"],
         ["shape", "block", "num_blocks"])
 
-SPARSE_FORMATS = (TiledSparse, NMSparse, BlockSparse)
+SPARSE_FORMATS = (TiledSparse, EllSparse, NMSparse, BlockSparse)
 
 
 def is_sparse(w: Any) -> bool:
@@ -199,8 +253,8 @@ def compress(w: Any, *, tile: tuple[int, int] = DEFAULT_TILE, dtype=None) -> Til
 
   Args:
     w: ``[K, N]`` float array (concrete, already pruned: zeros are dropped).
-    tile: ``(tile_k, tile_n)``; ``tile_n`` a multiple of 32, both powers of two >= 16
-      (the kernel's K and N steps; Triton dots need 16).
+    tile: ``(tile_k, tile_n)``: multiples of 32, powers of two (the kernel's K and N
+      steps).
     dtype: storage dtype of the values (default ``w.dtype``).
 
   Returns:
@@ -209,10 +263,8 @@ def compress(w: Any, *, tile: tuple[int, int] = DEFAULT_TILE, dtype=None) -> Til
   a = _as_matrix(w, "compress")
   tk, tn = tile
   for name, v in (("tile_k", tk), ("tile_n", tn)):
-    if v < 16 or v & (v - 1):
-      raise ValueError(f"compress: {name} must be a power of two >= 16, got {v}")
-  if tn % WORD_BITS:
-    raise ValueError(f"compress: tile_n must be a multiple of {WORD_BITS}, got {tn}")
+    if v < WORD_BITS or v & (v - 1):
+      raise ValueError(f"compress: {name} must be a power of two >= {WORD_BITS}, got {v}")
   dtype = jnp.dtype(dtype or w.dtype)
   k, n = a.shape
   kp, np_ = k + (-k % tk), n + (-n % tn)
@@ -220,40 +272,162 @@ def compress(w: Any, *, tile: tuple[int, int] = DEFAULT_TILE, dtype=None) -> Til
   ap[:k, :n] = a
   nz = ap != 0
   kt, nt = kp // tk, np_ // tn
-  # Tile order: [KT, NT, tk, tn], row-major inside a tile.
-  tiles = ap.reshape(kt, tk, nt, tn).transpose(0, 2, 1, 3)
-  tmask = nz.reshape(kt, tk, nt, tn).transpose(0, 2, 1, 3)
+  # Tile order [NT, KT, tn, tk]: tile column, tile row, then column-major inside a tile.
+  tiles = ap.reshape(kt, tk, nt, tn).transpose(2, 0, 3, 1)
+  tmask = nz.reshape(kt, tk, nt, tn).transpose(2, 0, 3, 1)
   values = tiles[tmask]
-  row_counts = tmask.sum(axis=3).reshape(-1)  # [KT * NT * tk]
-  starts = np.concatenate([[0], np.cumsum(row_counts)[:-1]]).astype(np.int64)
-  row_ptr = starts.reshape(kt, nt, tk).transpose(0, 2, 1).reshape(kp, nt)
-  if values.size >= 2**31:
-    raise ValueError(f"compress: {values.size} non-zeros overflow int32 row pointers")
-  bits = nz.reshape(kp, np_ // WORD_BITS, WORD_BITS).astype(np.uint64)
-  words = (bits << np.arange(WORD_BITS, dtype=np.uint64)).sum(axis=2).astype(np.uint32)
-  pad = 1 + (-(values.size + 1) % 128)  # >= 1 zero: a kernel may read one past the end
-  values = np.concatenate([values, np.zeros(pad, values.dtype)])
+  if values.size >= 2**31 - 256:
+    raise ValueError(f"compress: {values.size} non-zeros overflow int32 pointers")
+  counts = tmask.sum(axis=3).reshape(-1)  # [NT * KT * tn]
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  col_ptr = starts.reshape(nt, kt, tn).transpose(1, 0, 2).reshape(kt, np_)
+  bits = nz.reshape(kp // WORD_BITS, WORD_BITS, np_).astype(np.uint64)
+  shifts = np.arange(WORD_BITS, dtype=np.uint64)[None, :, None]
+  words = (bits << shifts).sum(axis=1).astype(np.uint32)
+  pad = -(1 + values.size) % 128 or 128
+  values = np.concatenate([np.zeros(1, values.dtype), values, np.zeros(pad, values.dtype)])
   return TiledSparse(jnp.asarray(values, dtype), jnp.asarray(words),
-                     jnp.asarray(row_ptr.astype(np.int32)), (k, n), (tk, tn),
-                     int(nz.sum()))
+                     jnp.asarray(col_ptr.astype(np.int32)), (k, n), (tk, tn), int(nz.sum()))
 
 
 def unpack_bitmap(bitmap: jax.Array) -> jax.Array:
-  """uint32 ``[R, C / 32]`` -> bool ``[R, C]`` (bit ``c % 32`` of word ``c // 32``)."""
+  """uint32 ``[R / 32, C]`` -> bool ``[R, C]`` (bit ``r % 32`` of word ``[r // 32, c]``)."""
   shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
-  bits = (bitmap[:, :, None] >> shifts) & jnp.uint32(1)
-  return bits.reshape(bitmap.shape[0], -1).astype(bool)
+  bits = (bitmap[:, None, :] >> shifts[None, :, None]) & jnp.uint32(1)
+  return bits.reshape(-1, bitmap.shape[1]).astype(bool)
 
 
 def expand_tiles(ts: TiledSparse) -> jax.Array:
   """The padded dense ``[Kp, Np]`` weight (the kernel's per-tile expansion, whole-matrix)."""
   kp, np_ = ts.padded_shape
-  tn = ts.tile[1]
-  mask = unpack_bitmap(ts.bitmap)
-  bits = mask.reshape(kp, np_ // tn, tn).astype(jnp.int32)
-  idx = ts.row_ptr[:, :, None] + tile_ranks(bits, axis=2)
-  dense = jnp.where(bits == 1, ts.values[jnp.minimum(idx, ts.values.shape[0] - 1)], 0)
-  return dense.reshape(kp, np_).astype(ts.values.dtype)
+  tk = ts.tile[0]
+  bits = unpack_bitmap(ts.bitmap).astype(jnp.int32).reshape(kp // tk, tk, np_)
+  idx = bits * (ts.col_ptr[:, None, :] + jnp.cumsum(bits, axis=1))  # 0 -> the leading zero
+  return ts.values[idx].reshape(kp, np_)
+
+
+# ----------------------------------------------------------------------- sliced ELL
+
+
+ELL_BLOCK_N = 128
+ELL_MAX_OFFSET = 255
+
+
+def ell_chunk(density: float) -> int:
+  """Slots a column a chunk: about 160 rows a chunk (one byte of row offset), 16..64."""
+  c = 16
+  while c < 64 and 2 * c <= 160 * density + 1e-6:
+    c *= 2
+  return c
+
+
+def compress_ell(w: Any, *, block_n: int = ELL_BLOCK_N, chunk: int | None = None
+                 ) -> EllSparse:
+  """Builds the sliced-ELL format of ``w`` (bfloat16 values; zeros are dropped).
+
+  Columns are sorted by their number of non-zeros (so a block's columns need about the
+  same number of slots) and cut into blocks of ``block_n``; each column's non-zeros, in
+  row order, fill chunks of ``chunk`` slots whose rows lie within 255 of the chunk's
+  first (a chunk closes early otherwise; its spare slots hold zeros).
+
+  Args:
+    w: ``[K, N]`` float array (concrete, pruned); its values are stored as bfloat16.
+    block_n: columns a block (a multiple of 32).
+    chunk: slots a column a chunk (16, 32 or 64; default :func:`ell_chunk` of the density).
+
+  Returns:
+    An :class:`EllSparse`; ``decompress`` gives ``w`` in bfloat16 exactly.
+  """
+  a = _as_matrix(w, "compress_ell")
+  if block_n < 32 or block_n % 32:
+    raise ValueError(f"compress_ell: block_n must be a multiple of 32, got {block_n}")
+  k, n = a.shape
+  a16 = a if a.dtype == jnp.bfloat16 else np.asarray(jnp.asarray(a).astype(jnp.bfloat16))
+  nz = a16 != 0
+  nnz = int(np.count_nonzero(nz))
+  chunk = chunk or ell_chunk(nnz / max(a.size, 1))
+  if chunk not in (16, 32, 64):
+    raise ValueError(f"compress_ell: chunk must be 16, 32 or 64, got {chunk}")
+  counts = nz.sum(axis=0)
+  perm = np.argsort(-counts, kind="stable")  # sorted position -> column
+  np_ = n + (-n % block_n)
+  flat = np.ascontiguousarray(a16.view(np.uint16).T)[perm].ravel()  # sorted columns
+  where = np.flatnonzero(flat & 0x7FFF)  # by sorted column, then row (-0.0 is a zero)
+  cols_nz, rows_nz = np.divmod(where, k)
+  vals = flat[where]
+  col_start = np.searchsorted(cols_nz, np.arange(np_ + 1))
+  # Greedy chunks, all columns at once: a chunk takes up to `chunk` slots whose rows are
+  # within ELL_MAX_OFFSET of its first row.
+  key = cols_nz.astype(np.int64) * (k + 2 * ELL_MAX_OFFSET) + rows_nz
+  pos = col_start[:-1].copy()
+  end = col_start[1:]
+  rec_col, rec_idx, rec_start, rec_take = [], [], [], []
+  nch = np.zeros(np_, np.int64)
+  while True:
+    live = np.nonzero(pos < end)[0]
+    if live.size == 0:
+      break
+    first = rows_nz[pos[live]]
+    lim = np.searchsorted(key, live.astype(np.int64) * (k + 2 * ELL_MAX_OFFSET) + first
+                          + ELL_MAX_OFFSET, side="right")
+    take = np.minimum(np.minimum(lim, end[live]) - pos[live], chunk)
+    rec_col.append(live)
+    rec_idx.append(nch[live].copy())
+    rec_start.append(pos[live].copy())
+    rec_take.append(take)
+    nch[live] += 1
+    pos[live] += take
+  nb = np_ // block_n
+  per_block = np.maximum(nch.reshape(nb, block_n).max(axis=1), 1)
+  block_ptr = np.concatenate([[0], np.cumsum(per_block)]).astype(np.int64)
+  c_total = int(block_ptr[-1])
+  off = np.zeros((c_total, chunk, block_n), np.uint8)
+  val = np.zeros((c_total, chunk, block_n), np.uint16)
+  base = np.zeros((c_total, block_n), np.int32)
+  if rec_col:
+    col = np.concatenate(rec_col)
+    idx = np.concatenate(rec_idx)
+    start = np.concatenate(rec_start)
+    take = np.concatenate(rec_take)
+    ch = block_ptr[col // block_n] + idx
+    lane = col % block_n
+    first_row = rows_nz[start]
+    base[ch, lane] = first_row
+    # every slot of every chunk: slot j of record r is non-zero start[r] + j
+    rec = np.repeat(np.arange(take.size), take)
+    j = np.arange(rec.size) - (np.cumsum(take) - take)[rec]
+    src = start[rec] + j
+    dst = (ch[rec] * chunk + j) * block_n + lane[rec]
+    off.reshape(-1)[dst] = rows_nz[src] - first_row[rec]
+    val.reshape(-1)[dst] = vals[src]
+  s4 = chunk // 4
+  o = off.reshape(c_total, s4, 4, block_n).astype(np.uint32)
+  v = val.reshape(c_total, s4, 4, block_n).astype(np.uint32)
+  words = np.stack([o[:, :, 0] | o[:, :, 1] << 8 | o[:, :, 2] << 16 | o[:, :, 3] << 24,
+                    v[:, :, 0] | v[:, :, 1] << 16, v[:, :, 2] | v[:, :, 3] << 16], axis=1)
+  inv_perm = np.empty(n, np.int32)
+  inv_perm[perm] = np.arange(n, dtype=np.int32)
+  return EllSparse(jnp.asarray(words), jnp.asarray(base), jnp.asarray(block_ptr.astype(np.int32)),
+                   jnp.asarray(inv_perm), (k, n), chunk, block_n, nnz)
+
+
+def expand_ell(w: EllSparse) -> jax.Array:
+  """Dense bf16 ``[K, N]`` of an :class:`EllSparse` (scatter of every slot; exact)."""
+  k, n = w.shape
+  d = w.data
+  offs = jnp.stack([(d[:, 0] >> (8 * j)) & 0xFF for j in range(4)], axis=2)  # [C, s4, 4, bn]
+  lo, hi = d[:, 1], d[:, 2]
+  vbits = jnp.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], axis=2)
+  vals = jax.lax.bitcast_convert_type(vbits.astype(jnp.uint16), jnp.bfloat16)
+  c_total = d.shape[0]
+  block_of = jnp.searchsorted(w.block_ptr, jnp.arange(c_total), side="right") - 1
+  cols = block_of[:, None] * w.block_n + jnp.arange(w.block_n)[None, :]  # sorted columns
+  rows = w.base[:, None, None, :] + offs.astype(jnp.int32)
+  cols = jnp.broadcast_to(cols[:, None, None, :], rows.shape)
+  np_ = w.num_blocks * w.block_n
+  dense = jnp.zeros((k, np_), jnp.float32).at[rows.reshape(-1), cols.reshape(-1)].add(
+      vals.astype(jnp.float32).reshape(-1), mode="drop")
+  return dense[:, w.inv_perm].astype(jnp.bfloat16)
 
 
 # ------------------------------------------------------------------------------- N:M
@@ -396,7 +570,7 @@ def bsr_dense(blocks: jax.Array, w: BlockSparse) -> jax.Array:
 def decompress(w: Any) -> jax.Array:
   """Dense ``[K, N]`` of any sparse format (exact)."""
   if not is_sparse(w):
-    raise TypeError(f"decompress: w must be TiledSparse, NMSparse or BlockSparse, got "
+    raise TypeError(f"decompress: w must be TiledSparse, EllSparse, NMSparse or BlockSparse, got "
                     f"{type(w).__name__}")
   return _decompress(w)
 
@@ -406,6 +580,8 @@ def _decompress(w: Any) -> jax.Array:
   if isinstance(w, TiledSparse):
     k, n = w.shape
     return expand_tiles(w)[:k, :n]
+  if isinstance(w, EllSparse):
+    return expand_ell(w)
   if isinstance(w, NMSparse):
     planes = expand_nm([w.values[s] for s in range(w.n)], w.group_meta(), w.n, w.m)
     k, n = w.shape
@@ -413,9 +589,10 @@ def _decompress(w: Any) -> jax.Array:
   return bsr_dense(w.blocks, w)
 
 
-__all__ = ["BlockSparse", "NMSparse", "TiledSparse", "bsr_dense", "bsr_from_block_mask",
-           "compress", "compress_bsr", "compress_nm", "decompress", "expand_nm",
-           "expand_tiles", "is_sparse", "nm_slot_offsets", "parse_nm", "sparsify", "unpack_bitmap"]
+__all__ = ["BlockSparse", "EllSparse", "NMSparse", "TiledSparse", "bsr_dense",
+           "bsr_from_block_mask", "compress", "compress_bsr", "compress_ell", "compress_nm",
+           "decompress", "ell_chunk", "expand_ell", "expand_nm", "expand_tiles", "is_sparse",
+           "nm_slot_offsets", "parse_nm", "sparsify", "unpack_bitmap"]
 
 
 def sparsify(w: Any, *, fmt: str = "tiled", min_sparsity: float = 0.5, **kwargs) -> Any:
@@ -424,12 +601,12 @@ def sparsify(w: Any, *, fmt: str = "tiled", min_sparsity: float = 0.5, **kwargs)
 
   Args:
     w: ``[K, N]`` pruned weight (concrete).
-    fmt: ``"tiled"`` (:func:`compress`), ``"nm"`` (:func:`compress_nm`, ``pattern=``) or
+    fmt: ``"tiled"`` (:func:`compress`), ``"ell"`` (:func:`compress_ell`), ``"nm"`` (:func:`compress_nm`, ``pattern=``) or
       ``"bsr"`` (:func:`compress_bsr`, ``block=``).
     min_sparsity: in ``[0, 1]``.
     **kwargs: passed to the compressor.
   """
-  builders = {"tiled": compress, "nm": compress_nm, "bsr": compress_bsr}
+  builders = {"tiled": compress, "ell": compress_ell, "nm": compress_nm, "bsr": compress_bsr}
   if fmt not in builders:
     raise ValueError(f"sparsify: fmt must be one of {sorted(builders)}, got {fmt!r}")
   if not 0.0 <= min_sparsity <= 1.0:

@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.sparse import WORD_BITS, expand_nm, tile_ranks
+from kernels_pallas.sparse import WORD_BITS, expand_nm
 
 MIN_DOT = 16  # Triton's smallest dot dimension
 DEFAULT_NUM_SMS = 132
@@ -111,45 +111,52 @@ def _row_mask(row_block, bm: int, m_real: int, width: int) -> jax.Array:
 # ----------------------------------------------------------------- tiled bitmap (unstructured)
 
 
-def _tiled_kernel(x_ref, v_ref, bm_ref, rp_ref, o_ref, *, tile_k: int, tile_n: int,
+def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: int,
                   steps: int, m_real: int, cfg: SparseMatmulConfig):
   bm = cfg.block_m
   col_block, split, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(row_block * bm, bm)
-  words_per_row = tile_n // WORD_BITS
-  word_cols = pl.ds(col_block * words_per_row, words_per_row)
-  shift = lax.broadcasted_iota(jnp.uint32, (1, 1, WORD_BITS), 2)
+  cols = pl.ds(col_block * tile_n, tile_n)
+  bit = lax.broadcasted_iota(jnp.uint32, (WORD_BITS, tile_n), 0)
 
-  def step(i, acc):
-    # invariant: acc = sum over this split's first i K tiles of x_tile @ expand(w_tile)
-    k0 = (split * steps + i) * tile_k
-    words = bm_ref[pl.ds(k0, tile_k), word_cols]  # [tile_k, tile_n / 32], coalesced
-    bits = ((words[:, :, None] >> shift) & jnp.uint32(1)).astype(jnp.int32)
-    bits = bits.reshape(tile_k, tile_n)  # bit c % 32 of word c // 32 -> column c
-    base = rp_ref[pl.ds(k0, tile_k), pl.ds(col_block, 1)]  # [tile_k, 1]
-    nonzero = bits == 1
-    # only set bits load a value: the tile's packed values, gathered at row_ptr + rank
-    vals = pltriton.load(v_ref.at[base + tile_ranks(bits, axis=1)], mask=nonzero, other=0)
-    return acc + _dot(x_ref[rows, pl.ds(k0, tile_k)], vals.astype(x_ref.dtype))
+  def load_index(kt):
+    words = [bm_ref[pl.ds(kt * q_words + q, 1), cols] for q in range(q_words)]
+    return cp_ref[pl.ds(kt, 1), cols], words  # [1, tile_n] each
 
-  acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, tile_n), jnp.float32))
-  pltriton.store(o_ref.at[split, rows, pl.ds(col_block * tile_n, tile_n)], acc,
+  def step(i, carry):
+    # invariant: acc = x @ (this split's first i tile rows of w, expanded)
+    acc, (ptr, words) = carry
+    kt = split * steps + i
+    nxt = load_index(kt + jnp.minimum(i + 1, steps - 1) - i)  # prefetch (clamped)
+    for q in range(q_words):
+      # one thread owns a column: its 32 rows of this word are consecutive values
+      bits = ((words[q] >> bit) & jnp.uint32(1)).astype(jnp.int32)  # [32, tile_n]
+      rank = jnp.cumsum(bits, axis=0)  # in-thread prefix sum along the column
+      vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
+      k0 = (kt * q_words + q) * WORD_BITS
+      acc = acc + _dot(x_ref[rows, pl.ds(k0, WORD_BITS)], vals.astype(x_ref.dtype))
+      ptr = ptr + jnp.sum(bits, axis=0, keepdims=True)
+    return acc, nxt
+
+  init = (jnp.zeros((bm, tile_n), jnp.float32), load_index(split * steps))
+  acc, _ = lax.fori_loop(0, steps, step, init)
+  pltriton.store(o_ref.at[split, rows, cols], acc,
                  mask=_row_mask(row_block, bm, m_real, tile_n))
 
 
 def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
-                        row_ptr: jax.Array, *, tile: tuple[int, int], m_real: int | None = None,
+                        col_ptr: jax.Array, *, tile: tuple[int, int], m_real: int | None = None,
                         config: SparseMatmulConfig | None = None,
                         interpret: bool = False) -> jax.Array:
   """``x @ w`` for a tiled-bitmap ``w`` (fields of ``jaxeff.sparse.TiledSparse``).
 
   Args:
-    x: ``[M, Kp]`` bfloat16 / float16 (float32 in interpret mode), ``M`` a multiple of
-      ``block_m`` and ``Kp`` of ``tile_k * split_k`` (pad with zeros).
-    values: ``[nnz_padded]`` packed non-zeros; bitmap: uint32 ``[Kp, Np / 32]``;
-      row_ptr: int32 ``[Kp, Np / tile_n]``.
+    x: ``[M, Kp]`` bfloat16 / float16 (float32 runs full-precision dots), ``M`` a
+      multiple of ``block_m`` and ``Kp`` of ``tile_k * split_k`` (pad with zeros).
+    values: ``[1 + nnz_padded]`` (a leading zero, then the packed non-zeros);
+      bitmap: uint32 ``[Kp / 32, Np]``; col_ptr: int32 ``[Kp / tile_k, Np]``.
     tile: ``(tile_k, tile_n)`` of the format.
-    m_real: rows of ``x`` that are not padding (default M); only those are computed out.
+    m_real: rows of ``x`` that are not padding (default M); only those are written.
     config: launch; None picks :func:`default_config`.
     interpret: Pallas interpret mode (any platform).
 
@@ -158,15 +165,16 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
   """
   tk, tn = tile
   m, k = x.shape
-  n = bitmap.shape[1] * WORD_BITS
-  if bitmap.shape[0] != k:
-    raise ValueError(f"tiled_sparse_matmul: x has K = {k}, the bitmap {bitmap.shape[0]} rows")
+  n = bitmap.shape[1]
+  if bitmap.shape[0] * WORD_BITS != k:
+    raise ValueError(f"tiled_sparse_matmul: x has K = {k}, the bitmap "
+                     f"{bitmap.shape[0] * WORD_BITS} rows")
   cfg = config or default_config(m, n, k // tk, tn)
   _check_tiles("tiled_sparse_matmul", m, k, n, cfg.block_m, tk * cfg.split_k, tn)
   steps = k // (tk * cfg.split_k)
   m_real = m if m_real is None else m_real
-  kernel = functools.partial(_tiled_kernel, tile_k=tk, tile_n=tn, steps=steps, m_real=m_real,
-                             cfg=cfg)
+  kernel = functools.partial(_tiled_kernel, q_words=tk // WORD_BITS, tile_n=tn, steps=steps,
+                             m_real=m_real, cfg=cfg)
   partial = pl.pallas_call(
       kernel,
       grid=(n // tn, cfg.split_k, m // cfg.block_m),
@@ -174,8 +182,103 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
       compiler_params=_compiler_params(cfg),
       interpret=interpret,
       name="tiled_sparse_matmul",
-  )(x, values, bitmap, row_ptr)
+  )(x, values, bitmap, col_ptr)
   return jnp.sum(partial[:, :m_real], axis=0)
+
+
+# ------------------------------------------------------------------ sliced ELL (gather x)
+
+
+@dataclasses.dataclass(frozen=True)
+class EllConfig:
+  """Launch of :func:`ell_sparse_matmul`: ``split`` programs share a block's chunks."""
+
+  split: int = 1
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+def ell_default_config(num_blocks: int, chunks_per_block: int,
+                       num_sms: int = DEFAULT_NUM_SMS) -> EllConfig:
+  """About ``ELL_PROGRAMS_PER_SM`` programs an SM, at least two chunks a program."""
+  split = max(1, min(-(-ELL_PROGRAMS_PER_SM * num_sms // max(num_blocks, 1)),
+                     chunks_per_block // 2))
+  return EllConfig(split=split)
+
+
+ELL_PROGRAMS_PER_SM = 4
+
+
+def _ell_kernel(x_ref, d_ref, b_ref, bp_ref, o_ref, *, k: int, m_rows: int, split: int,
+                block_n: int):
+  cb, sp = pl.program_id(0), pl.program_id(1)
+  start = bp_ref[cb]
+  count = bp_ref[cb + 1] - start
+  per = (count + split - 1) // split
+  n = jnp.maximum(jnp.minimum(per, count - sp * per), 0)
+  first = start + sp * per
+
+  def load(t):
+    ch = first + jnp.minimum(t, jnp.maximum(n - 1, 0))  # clamped: a spare prefetch
+    return d_ref[ch, 0], d_ref[ch, 1], d_ref[ch, 2], b_ref[pl.ds(ch, 1), :]
+
+  def body(t, carry):
+    # invariant: accs[i] = sum over this program's first t chunks of value * x[i, row]
+    accs, (w0, w1, w2, base) = carry
+    nxt = load(t + 1)  # prefetch the next chunk while this one gathers x
+    accs = list(accs)
+    for j in range(4):  # slot 4 s + j of every word
+      row = base + ((w0 >> (8 * j)) & jnp.uint32(0xFF)).astype(jnp.int32)
+      vw = w1 if j < 2 else w2
+      vbits = (vw << 16) if j % 2 == 0 else (vw & jnp.uint32(0xFFFF0000))
+      v = lax.bitcast_convert_type(vbits, jnp.float32)  # the bf16 value, exactly
+      for i in range(m_rows):
+        accs[i] = accs[i] + v * x_ref[i * k + row].astype(jnp.float32)
+    return tuple(accs), nxt
+
+  shape = d_ref.shape[2:]
+  init = (tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)), load(0))
+  accs, _ = lax.fori_loop(0, n, body, init)
+  for i in range(m_rows):
+    o_ref[sp, i, pl.ds(cb * block_n, block_n)] = jnp.sum(accs[i], axis=0)
+
+
+def ell_sparse_matmul(x: jax.Array, data: jax.Array, base: jax.Array, block_ptr: jax.Array,
+                      *, chunks_per_block: int = 0, config: EllConfig | None = None,
+                      interpret: bool = False) -> jax.Array:
+  """``x @ w`` for a sliced-ELL ``w`` (fields of ``jaxeff.sparse.EllSparse``), columns in
+  the sorted order.
+
+  Each program walks a share of one block's chunks: it loads a chunk's three word planes
+  ``[chunk / 4, block_n]`` (16-byte loads) and the column bases, prefetches the next
+  chunk, and for each slot gathers ``x[i, base + offset]`` (``x`` stays in L1/L2) and
+  accumulates ``value * x`` in float32 (FMA, no tensor cores: ``M`` is small).
+
+  Args:
+    x: ``[M, K]`` (any float dtype; M small: the kernel unrolls over rows).
+    data: uint32 ``[C, 3, chunk / 4, block_n]``; base: int32 ``[C, block_n]``;
+      block_ptr: int32 ``[NB + 1]``.
+    chunks_per_block: the most chunks of a block (for the default split).
+    config: launch; None picks :func:`ell_default_config`.
+
+  Returns:
+    ``[M, NB * block_n]`` float32 (sorted columns).
+  """
+  m, k = x.shape
+  nb = block_ptr.shape[0] - 1
+  block_n = data.shape[3]
+  cfg = config or ell_default_config(nb, chunks_per_block)
+  kernel = functools.partial(_ell_kernel, k=k, m_rows=m, split=cfg.split, block_n=block_n)
+  partial = pl.pallas_call(
+      kernel,
+      grid=(nb, cfg.split),
+      out_shape=jax.ShapeDtypeStruct((cfg.split, m, nb * block_n), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="ell_sparse_matmul",
+  )(x.reshape(-1), data, base, block_ptr)
+  return jnp.sum(partial, axis=0)
 
 
 # ------------------------------------------------------------------------------- N:M
@@ -372,90 +475,147 @@ def bsr_weight_grad(x: jax.Array, dy: jax.Array, block_rows: jax.Array, counts: 
 
 @dataclasses.dataclass(frozen=True)
 class CatsConfig:
-  block_m: int = 16
-  block_h: int = 32  # neurons a step
-  block_d: int = 128  # model-dimension chunk
-  blocks_per_program: int = 4
+  """Launch of :func:`cats_mlp`: ``block_h`` neurons a program in the gate / up kernel
+  (``block_d`` columns a load), ``down_block_h x down_block_d`` tiles in the down kernel
+  split ``down_split`` ways over the neurons."""
+
+  block_h: int = 16
+  block_d: int = 256
+  down_block_h: int = 32
+  down_block_d: int = 256
+  down_split: int = 32
   num_warps: int = 4
-  num_stages: int = 2
 
 
 def cats_default_config(m: int, d: int, h: int, num_sms: int = DEFAULT_NUM_SMS) -> CatsConfig:
-  """About two programs per SM over the hidden dimension."""
-  block_h, block_d = 32, 128 if d % 128 == 0 else 64 if d % 64 == 0 else 32
-  hb = max(1, h // block_h)
-  per = 1
-  while hb % (2 * per) == 0 and hb // (2 * per) >= TARGET_PROGRAMS_PER_SM * num_sms:
-    per *= 2
-  return CatsConfig(block_m=MIN_DOT if m <= MIN_DOT else 32 if m <= 32 else 64,
-                    block_h=block_h, block_d=block_d, blocks_per_program=per)
+  """Register budget ~64 float32 accumulators a thread: tiles shrink as ``m`` grows."""
+  block_d = next((b for b in (256, 128, 64) if d % b == 0 and b * m <= 256), 64)
+  down_d = next((b for b in (256, 128, 64) if d % b == 0), 64)
+  down_h = max(8, min(32, 256 // (8 * max(m, 1)) * 8))
+  blocks = -(-d // down_d)
+  steps = max(1, h // down_h)
+  split = 1
+  while blocks * split * 2 <= 4 * num_sms and steps % (2 * split) == 0:
+    split *= 2
+  return CatsConfig(block_h=16, block_d=block_d, down_block_h=down_h, down_block_d=down_d,
+                    down_split=split)
 
 
-def _cats_kernel(x_ref, a_ref, act_ref, up_ref, down_ref, o_ref, *, cfg: CatsConfig,
-                 d_steps: int, m_real: int):
-  bm, bh, bd = cfg.block_m, cfg.block_h, cfg.block_d
-  prog, row_block = pl.program_id(0), pl.program_id(1)
-  rows = pl.ds(row_block * bm, bm)
-  real = _row_mask(row_block, bm, m_real, bd)  # padded rows are never stored
-  for j in range(d_steps):  # the partial output starts at zero
-    pltriton.store(o_ref.at[prog, rows, pl.ds(j * bd, bd)], jnp.zeros((bm, bd), jnp.float32),
-                   mask=real)
+def _gemv_rows(w_ref, x_ref, hs, *, m_rows: int, block_h: int, block_d: int, d: int,
+               mask=None):
+  """``[m_rows][block_h]``: ``x[i] . w[h]`` over all of D (float32), rows ``hs`` of
+  ``w [H, D]`` (rows with ``mask`` False are never fetched: they read as zero).
 
-  def hidden_block(b, carry):
-    h0 = (prog * cfg.blocks_per_program + b) * bh
-    hs = pl.ds(h0, bh)
-    active = act_ref[hs][:, None] != 0  # [bh, 1]: rows of up^T / down to fetch
+  ``x`` is read through a ``[block_h, block_d]`` index with zero row stride, so it takes
+  the weight tile's register layout (no conversion); the next chunk's weights are loaded
+  before this chunk's products (a register double buffer)."""
+  cols = lax.broadcasted_iota(jnp.int32, (block_h, block_d), 1)
 
-    def up_step(j, u):
-      # invariant: u = x[rows, :j*bd] @ up[:j*bd, active neurons of the block]
-      wt = pltriton.load(up_ref.at[hs, pl.ds(j * bd, bd)], mask=active, other=0.0)
-      return u + _dot(x_ref[rows, pl.ds(j * bd, bd)], wt.astype(x_ref.dtype), trans_b=True)
+  def load_w(j):
+    ds = pl.ds(jnp.minimum(j, d // block_d - 1) * block_d, block_d)
+    if mask is None:
+      return w_ref[hs, ds]
+    return pltriton.load(w_ref.at[hs, ds], mask=jnp.broadcast_to(mask, (block_h, block_d)),
+                         other=0)
 
-    u = lax.fori_loop(0, d_steps, up_step, jnp.zeros((bm, bh), jnp.float32))
-    hid = (a_ref[rows, hs].astype(jnp.float32) * u).astype(x_ref.dtype)  # zero if inactive
+  def body(j, carry):
+    # invariant: accs[i] = x[i, :j*block_d] * w[:, :j*block_d] (not yet summed over D)
+    accs, w = carry
+    nxt = load_w(j + 1)
+    wf = w.astype(jnp.float32)
+    accs = tuple(a + wf * x_ref[i * d + j * block_d + cols].astype(jnp.float32)
+                 for i, a in enumerate(accs))
+    return accs, nxt
 
-    def down_step(j, c):
-      ds = pl.ds(j * bd, bd)
-      wd = pltriton.load(down_ref.at[hs, ds], mask=active, other=0.0)
-      o_ref[prog, rows, ds] = o_ref[prog, rows, ds] + _dot(hid, wd.astype(x_ref.dtype))
-      return c
-
-    return lax.fori_loop(0, d_steps, down_step, carry)
-
-  lax.fori_loop(0, cfg.blocks_per_program, hidden_block, 0)
+  init = (tuple(jnp.zeros((block_h, block_d), jnp.float32) for _ in range(m_rows)), load_w(0))
+  accs, _ = lax.fori_loop(0, d // block_d, body, init)
+  return [jnp.sum(a, axis=1) for a in accs]
 
 
-def cats_mlp(x: jax.Array, a: jax.Array, active: jax.Array, up_t: jax.Array,
-             down: jax.Array, *, m_real: int | None = None,
-             config: CatsConfig | None = None, interpret: bool = False) -> jax.Array:
-  """``(a * (x @ up)) @ down`` loading only active neurons' rows of ``up^T`` and ``down``.
+def _cats_gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, hid_ref, act_ref, *, m_rows: int,
+                         cfg: CatsConfig, d: int):
+  bh = cfg.block_h
+  hs = pl.ds(pl.program_id(0) * bh, bh)
+  t = t_ref[0]
+  gate = _gemv_rows(wg_ref, x_ref, hs, m_rows=m_rows, block_h=bh, block_d=cfg.block_d, d=d)
+  act = [g / (1.0 + jnp.exp(-g)) for g in gate]  # silu
+  keep = [jnp.abs(a) > t for a in act]
+  active = keep[0]
+  for k in keep[1:]:
+    active = active | k
+  # only active neurons' rows of up^T are read
+  up = _gemv_rows(wu_ref, x_ref, hs, m_rows=m_rows, block_h=bh, block_d=cfg.block_d, d=d,
+                  mask=active[:, None])
+  for i in range(m_rows):
+    hid_ref[pl.ds(i, 1), hs] = jnp.where(keep[i], act[i] * up[i], 0.0)[None, :]
+  act_ref[hs] = active.astype(jnp.int32)
+
+
+def _cats_down_kernel(hid_ref, act_ref, wd_ref, o_ref, *, m_rows: int, cfg: CatsConfig,
+                      steps: int):
+  bh, bd = cfg.down_block_h, cfg.down_block_d
+  cb, sp = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(cb * bd, bd)
+
+  def body(s, accs):
+    # invariant: accs[i] = sum over this split's first s row blocks of hid[i, h] * down[h]
+    hs = pl.ds((sp * steps + s) * bh, bh)
+    active = act_ref[hs] != 0
+    mask = jnp.broadcast_to(active[:, None], (bh, bd))
+    w = pltriton.load(wd_ref.at[hs, cols], mask=mask, other=0).astype(jnp.float32)
+    return tuple(a + hid_ref[i, hs][:, None] * w
+                 for i, a in enumerate(accs))
+
+  accs = lax.fori_loop(0, steps, body,
+                       tuple(jnp.zeros((bh, bd), jnp.float32) for _ in range(m_rows)))
+  for i in range(m_rows):
+    o_ref[sp, pl.ds(i, 1), cols] = jnp.sum(accs[i], axis=0)[None, :]
+
+
+def cats_mlp(x: jax.Array, gate_t: jax.Array, up_t: jax.Array, down: jax.Array,
+             threshold: jax.Array, *, config: CatsConfig | None = None,
+             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """CATS SwiGLU at decode: ``((|a| > t) * a * (x @ up)) @ down``, ``a = silu(x @ gate)``.
+
+  Two kernels, both streaming whole weight rows: (1) each program takes ``block_h``
+  neurons, computes their gate over all of D (every row of ``gate^T`` is read), the
+  thresholded activation and the per-neuron ``active`` flag (active in some row of x),
+  then reads only the active neurons' rows of ``up^T`` (masked loads: inactive rows are
+  never fetched) and writes ``hid = a * u``; (2) the down projection reads only active
+  rows of ``down``, each program a ``down_block_d`` column slice of one of ``down_split``
+  shares of the neurons (partial sums added by the caller).
 
   Args:
-    x: ``[M, D]`` (M a multiple of ``block_m``, D of ``block_d``).
-    a: ``[M, H]`` thresholded ``silu(x @ w_gate)`` (zero where inactive).
-    active: int32 ``[H]``: 1 where any row of ``a`` is non-zero.
-    up_t: ``[H, D]`` (the up projection transposed); down: ``[H, D]``.
-    m_real: rows that are not padding (default M).
+    x: ``[M, D]`` (M small: rows are unrolled).
+    gate_t, up_t: ``[H, D]`` (the gate / up projections transposed); down: ``[H, D]``.
+    threshold: float32 ``[1]``.
 
   Returns:
-    ``[m_real, D]`` float32.
+    ``(y [M, D] float32, active [H] int32)``.
   """
   m, d = x.shape
-  h = up_t.shape[0]
+  h = gate_t.shape[0]
   cfg = config or cats_default_config(m, d, h)
-  per_prog = cfg.block_h * cfg.blocks_per_program
-  _check_tiles("cats_mlp", m, h, d, cfg.block_m, per_prog, cfg.block_d)
-  programs = h // per_prog
-  m_real = m if m_real is None else m_real
-  kernel = functools.partial(_cats_kernel, cfg=cfg, d_steps=d // cfg.block_d, m_real=m_real)
+  _check_tiles("cats_mlp", m, h, d, 1, cfg.block_h, cfg.block_d)
+  _check_tiles("cats_mlp", m, h, d, 1, cfg.down_block_h * cfg.down_split, cfg.down_block_d)
+  params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+  hid, active = pl.pallas_call(
+      functools.partial(_cats_gate_up_kernel, m_rows=m, cfg=cfg, d=d),
+      grid=(h // cfg.block_h,),
+      out_shape=(jax.ShapeDtypeStruct((m, h), jnp.float32), jax.ShapeDtypeStruct((h,), jnp.int32)),
+      compiler_params=params, interpret=interpret, name="cats_gate_up",
+  )(x.reshape(-1), gate_t, up_t, threshold)
+  steps = h // (cfg.down_block_h * cfg.down_split)
   partial = pl.pallas_call(
-      kernel, grid=(programs, m // cfg.block_m),
-      out_shape=jax.ShapeDtypeStruct((programs, m, d), jnp.float32),
-      compiler_params=_compiler_params(cfg), interpret=interpret, name="cats_mlp",
-  )(x, a, active, up_t, down)
-  return jnp.sum(partial[:, :m_real], axis=0)
+      functools.partial(_cats_down_kernel, m_rows=m, cfg=cfg, steps=steps),
+      grid=(d // cfg.down_block_d, cfg.down_split),
+      out_shape=jax.ShapeDtypeStruct((cfg.down_split, m, d), jnp.float32),
+      compiler_params=params, interpret=interpret, name="cats_down",
+  )(hid, active, down)
+  return jnp.sum(partial, axis=0), active
 
 
-__all__ = ["BsrConfig", "CatsConfig", "SparseMatmulConfig", "bsr_matmul", "bsr_matmul_t",
-           "bsr_weight_grad", "cats_default_config", "cats_mlp", "default_config",
-           "nm_block_sizes", "nm_sparse_matmul", "tiled_sparse_matmul"]
+__all__ = ["BsrConfig", "CatsConfig", "EllConfig", "SparseMatmulConfig", "bsr_matmul",
+           "bsr_matmul_t", "bsr_weight_grad", "cats_default_config", "cats_mlp",
+           "default_config", "ell_default_config", "ell_sparse_matmul", "nm_block_sizes",
+           "nm_sparse_matmul", "tiled_sparse_matmul"]

@@ -18,7 +18,8 @@ def _sparse(key, shape, sparsity, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("shape,tile,sparsity", [((100, 70), (32, 32), 0.8),
-                                                 ((17, 33), (16, 32), 0.95)])
+                                                 ((17, 33), (32, 64), 0.95),
+                                                 ((130, 40), (64, 32), 0.5)])
 def test_tiled_round_trip_exact(shape, tile, sparsity, key):
   w = _sparse(key, shape, sparsity)
   ts = F.compress(w, tile=tile)
@@ -27,18 +28,54 @@ def test_tiled_round_trip_exact(shape, tile, sparsity, key):
   assert ts.sparsity == pytest.approx(1 - ts.nnz / w.size)
   kp, np_ = ts.padded_shape
   assert kp % tile[0] == 0 and np_ % tile[1] == 0 and kp >= shape[0] and np_ >= shape[1]
-  assert ts.values.shape[0] > ts.nnz  # at least one trailing zero
+  assert ts.bitmap.shape == (kp // 32, np_) and ts.col_ptr.shape == (kp // tile[0], np_)
+  assert float(ts.values[0]) == 0.0 and ts.values.shape[0] > ts.nnz  # the leading zero
+  # bit k % 32 of word [k // 32, c] marks w[k, c]; col_ptr counts the values stored before
+  bits = np.asarray(F.unpack_bitmap(ts.bitmap))[:shape[0], :shape[1]]
+  np.testing.assert_array_equal(bits, np.asarray(w) != 0)
+  counts = np.asarray(F.unpack_bitmap(ts.bitmap)).reshape(kp // tile[0], tile[0], np_).sum(1)
+  tiles = counts.reshape(kp // tile[0], np_ // tile[1], tile[1]).transpose(1, 0, 2).reshape(-1)
+  expect = np.concatenate([[0], np.cumsum(tiles)[:-1]]).reshape(np_ // tile[1], kp // tile[0],
+                                                                  tile[1])
+  np.testing.assert_array_equal(np.asarray(ts.col_ptr),
+                                expect.transpose(1, 0, 2).reshape(kp // tile[0], np_))
 
 
 def test_tiled_bf16_and_pytree(key):
   w = _sparse(key, (64, 64), 0.7, jnp.bfloat16)
-  ts = F.compress(w)
+  ts = F.compress(w, tile=(32, 32))
   assert ts.values.dtype == jnp.bfloat16
   leaves, tree = jax.tree.flatten(ts)
   assert len(leaves) == 3
   back = jax.tree.unflatten(tree, leaves)
   np.testing.assert_array_equal(np.asarray(jax.jit(F.decompress)(back), np.float32),
                                 np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("shape,sparsity,chunk", [((300, 70), 0.8, None), ((40, 33), 0.5, 16),
+                                                  ((2000, 40), 0.97, 16)])
+def test_ell_round_trip_exact(shape, sparsity, chunk, key):
+  w = _sparse(key, shape, sparsity, jnp.bfloat16)
+  e = F.compress_ell(w, block_n=32, chunk=chunk)
+  np.testing.assert_array_equal(np.asarray(F.decompress(e), np.float32),
+                                np.asarray(w, np.float32))
+  assert e.nnz == int(jnp.sum(w != 0)) and e.dtype == jnp.bfloat16
+  assert e.chunk == (chunk or F.ell_chunk(e.nnz / w.size))
+  nb = -(-shape[1] // 32)
+  assert e.block_ptr.shape == (nb + 1,) and int(e.block_ptr[-1]) == e.data.shape[0]
+  # columns sorted by non-zero count: the inverse permutation is one
+  assert sorted(np.asarray(e.inv_perm).tolist()) == list(range(shape[1]))
+  counts = np.asarray(jnp.sum(w != 0, axis=0))
+  by_position = np.empty_like(counts)
+  by_position[np.asarray(e.inv_perm)] = counts
+  assert np.all(np.diff(by_position) <= 0)
+  # every row offset fits its byte (0.97: sparse rows force chunks to close early)
+  rows = np.asarray(e.base)[:, None, :] + ((np.asarray(e.data[:, 0]) >> 24) & 0xFF)
+  assert rows.max() < shape[0]
+
+
+def test_ell_chunk_sizes():
+  assert [F.ell_chunk(d) for d in (0.5, 0.3, 0.2, 0.1, 0.02)] == [64, 32, 32, 16, 16]
 
 
 @pytest.mark.parametrize("pattern,pack", [("2:4", None), ("2:4", False), ("1:4", None),
@@ -92,6 +129,7 @@ def test_sparsify_dense_fallback(key):
   w = _sparse(key, (64, 64), 0.3)
   assert F.sparsify(w, min_sparsity=0.5) is w
   assert isinstance(F.sparsify(_sparse(key, (64, 64), 0.8), min_sparsity=0.5), F.TiledSparse)
+  assert isinstance(F.sparsify(_sparse(key, (64, 64), 0.8), fmt="ell"), F.EllSparse)
 
 
 def test_format_errors(key):
@@ -106,10 +144,14 @@ def test_format_errors(key):
     F.compress_nm(jnp.zeros((32, 8)), "2:8", pack_meta=True)
   with pytest.raises(ValueError, match="must look like '2:4'"):
     F.parse_nm("two:four")
-  with pytest.raises(ValueError, match="tile_n must be a multiple of 32"):
-    F.compress(w, tile=(16, 16))
-  with pytest.raises(ValueError, match="tile_k must be a power of two >= 16"):
-    F.compress(w, tile=(24, 32))
+  with pytest.raises(ValueError, match="tile_k must be a power of two >= 32, got 16"):
+    F.compress(w, tile=(16, 32))
+  with pytest.raises(ValueError, match="tile_n must be a power of two >= 32, got 48"):
+    F.compress(w, tile=(32, 48))
+  with pytest.raises(ValueError, match="block_n must be a multiple of 32, got 48"):
+    F.compress_ell(w, block_n=48)
+  with pytest.raises(ValueError, match="chunk must be 16, 32 or 64, got 8"):
+    F.compress_ell(w, chunk=8)
   with pytest.raises(ValueError, match=r"w must be 2-D \[K, N\], got shape \(2, 3, 4\)"):
     F.compress(jnp.ones((2, 3, 4)))
   with pytest.raises(TypeError, match="w must be a float array"):
@@ -120,7 +162,7 @@ def test_format_errors(key):
     F.compress_bsr(jnp.ones((24, 32)), block=(24, 32))
   with pytest.raises(ValueError, match="must be divisible by the block"):
     F.compress_bsr(jnp.ones((40, 32)), block=(32, 32))
-  with pytest.raises(TypeError, match="decompress: w must be TiledSparse"):
+  with pytest.raises(TypeError, match="decompress: w must be TiledSparse, EllSparse"):
     F.decompress(w)
   with pytest.raises(ValueError, match="sparsify: fmt must be one of"):
     F.sparsify(w, fmt="csr")

@@ -33,13 +33,23 @@ def _dense_ref(x, w):
 
 
 @pytest.mark.parametrize("m,k,n,sparsity,tile", [(1, 160, 80, 0.9, (32, 64)),
-                                                 (17, 64, 33, 0.7, (16, 32))])
+                                                 (17, 64, 33, 0.7, (64, 32))])
 def test_tiled_kernel_matches_masked_dense(m, k, n, sparsity, tile, key):
   w = _pruned(key, k, n, sparsity)
   ws = F.compress(w, tile=tile)
   x = _x(key, m, k)
   out = sparse_matmul(x, ws, implementation=INTERPRET)
   assert_close(out, _dense_ref(x, w))
+
+
+@pytest.mark.parametrize("m,k,n,sparsity", [(1, 300, 70, 0.8), (3, 97, 40, 0.5)])
+def test_ell_kernel_matches_masked_dense(m, k, n, sparsity, key):
+  w = _pruned(key, k, n, sparsity, jnp.bfloat16)
+  ws = F.compress_ell(w, block_n=32)
+  x = _x(key, m, k)
+  out = sparse_matmul(x, ws, implementation=INTERPRET)
+  assert_close(out, _dense_ref(x, w))
+  assert_close(sparse_matmul(x, ws, implementation="xla"), _dense_ref(x, w))
 
 
 @pytest.mark.parametrize("pattern,m,k,n,pack", [("2:4", 3, 136, 48, None),
@@ -59,6 +69,8 @@ def test_bf16_inputs(key):
   x = _x(key, 2, 64, jnp.bfloat16)
   out = sparse_matmul(x, F.compress(w, tile=(32, 32)), implementation=INTERPRET)
   assert out.dtype == jnp.bfloat16
+  assert_close(out, _dense_ref(x, w).astype(jnp.bfloat16))
+  out = sparse_matmul(x, F.compress_ell(w, block_n=32), implementation=INTERPRET)
   assert_close(out, _dense_ref(x, w).astype(jnp.bfloat16))
 
 
@@ -95,20 +107,42 @@ def test_bsr_forward_and_grads(impl, key):
   assert np.all(np.asarray(dblocks)[~valid] == 0)
 
 
-def test_cats_kernel_matches_reference(key):
-  d, h = 64, 256
+@pytest.mark.parametrize("m", [1, 3])
+def test_cats_kernel_matches_reference(m, key):
+  d, h = 64, 512
   ks = jax.random.split(key, 4)
   wg, wu = (jax.random.normal(k, (d, h)) / 8 for k in ks[:2])
   wd = jax.random.normal(ks[2], (h, d)) / 16
-  x = _x(ks[3], 3, d)
+  x = _x(ks[3], m, d)
   t = calibrate_cats_threshold(x @ wg, 0.5)
-  out = cats_mlp(x, wg, wu.T, wd, threshold=t, up_transposed=True, implementation=INTERPRET)
+  out = cats_mlp(x, wg.T, wu.T, wd, threshold=t, up_transposed=True, gate_transposed=True,
+                 implementation=INTERPRET)
   ref = cats_mlp_reference(x, wg, wu, wd, threshold=t, up_transposed=False,
                            out_dtype=jnp.float32)
   assert_close(out, ref)
   dense = (jax.nn.silu(x @ wg) * (x @ wu)) @ wd  # CATS at threshold 0 is the plain MLP
   assert_close(cats_mlp(x, wg, wu, wd, threshold=0.0), dense, rtol=1e-4)
   assert float(jnp.max(jnp.abs(out - dense))) > 0  # the threshold dropped something
+
+
+def test_cats_kernel_skips_inactive_rows(key):
+  # NaN rows of up^T / down for inactive neurons would poison the output if they were read
+  from kernels_pallas.sparse import triton as T
+
+  d, h = 64, 512
+  ks = jax.random.split(key, 3)
+  gate_t = jax.random.normal(ks[0], (h, d)) / 8
+  x = _x(ks[1], 1, d)
+  t = calibrate_cats_threshold(x @ gate_t.T, 0.5)
+  a = jnp.abs(jax.nn.silu(x @ gate_t.T)[0])
+  inactive = a < 0.9 * t  # clearly under the threshold (float rounding cannot flip them)
+  up_t = jnp.where(inactive[:, None], jnp.nan, jax.random.normal(ks[2], (h, d)))
+  down = jnp.where(inactive[:, None], jnp.nan, jnp.ones((h, d)))
+  y, active = T.cats_mlp(x, gate_t, up_t, down, jnp.reshape(t, (1,)).astype(jnp.float32),
+                         interpret=True)
+  assert bool(jnp.all(jnp.isfinite(y)))
+  sure = (a < 0.9 * t) | (a > 1.1 * t)
+  np.testing.assert_array_equal(np.asarray(active)[sure], np.asarray(a > t)[sure])
 
 
 def test_dispatch_and_fallbacks(key):
@@ -161,6 +195,18 @@ def test_tiled_gpu_real_sizes(m, sparsity, key):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+def test_ell_gpu_real_sizes(m, sparsity, key):
+  k, n = 4096, 3000
+  w = _pruned(key, k, n, sparsity, jnp.bfloat16)
+  x = _x(key, m, k, jnp.bfloat16)
+  out = jax.jit(lambda x, w: sparse_matmul(x, w, implementation="triton"))(
+      x, F.compress_ell(w))
+  assert_close(out, _dense_ref(x, w).astype(jnp.bfloat16))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8"])
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_nm_gpu_real_sizes(pattern, m, key):
@@ -199,8 +245,8 @@ def test_cats_gpu_real_sizes(m, key):
   wd = (jax.random.normal(ks[2], (h, d)) / 128).astype(jnp.bfloat16)
   x = _x(ks[3], m, d, jnp.bfloat16)
   t = calibrate_cats_threshold((x @ wg).astype(jnp.float32), 0.5)
-  out = jax.jit(lambda *a: cats_mlp(*a, threshold=t, up_transposed=True,
-                                    implementation="triton"))(x, wg, wu.T, wd)
+  out = jax.jit(lambda *a: cats_mlp(*a, threshold=t, up_transposed=True, gate_transposed=True,
+                                    implementation="triton"))(x, wg.T, wu.T, wd)
   ref = cats_mlp_reference(x, wg, wu, wd, threshold=t, up_transposed=False,
                            out_dtype=jnp.bfloat16)
   assert_close(out, ref)
@@ -217,9 +263,11 @@ def test_kernels_lower_for_cuda():
   sds, bf, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
   k, n = 512, 256
   cases = [
-      (lambda x, v, b, r: T.tiled_sparse_matmul(x, v, b, r, tile=(64, 64)),
-       sds((16, k), bf), sds((k * n // 4,), bf), sds((k, n // 32), jnp.uint32),
-       sds((k, n // 64), i32)),
+      (lambda x, v, b, c: T.tiled_sparse_matmul(x, v, b, c, tile=(64, 128)),
+       sds((16, k), bf), sds((k * n // 4,), bf), sds((k // 32, n), jnp.uint32),
+       sds((k // 64, n), i32)),
+      (lambda x, d, b, p: T.ell_sparse_matmul(x, d, b, p, chunks_per_block=8),
+       sds((3, k), bf), sds((16, 3, 8, 128), jnp.uint32), sds((16, 128), i32), sds((3,), i32)),
       (lambda x, v, m: T.nm_sparse_matmul(x, v, m, n=2, m=4), sds((4, 16, k // 4), bf),
        sds((2, k // 4, n), bf), sds((k // 4, n), jnp.uint8)),
       (lambda x, v, m: T.nm_sparse_matmul(x, v, m, n=2, m=4, meta_block=32),
@@ -231,8 +279,8 @@ def test_kernels_lower_for_cuda():
        sds((k // 32,), i32)),
       (lambda x, d, r, c: T.bsr_weight_grad(x, d, r, c, block=(32, 32)), sds((32, k), bf),
        sds((32, n), bf), sds((n // 32, 4), i32), sds((n // 32,), i32)),
-      (T.cats_mlp, sds((16, 256), bf), sds((16, 1024), bf), sds((1024,), i32),
-       sds((1024, 256), bf), sds((1024, 256), bf)),
+      (T.cats_mlp, sds((2, 256), bf), sds((1024, 256), bf), sds((1024, 256), bf),
+       sds((1024, 256), bf), sds((1,), jnp.float32)),
   ]
   for fn, *args in cases:
     text = lower_for_cuda(fn, *args)
