@@ -81,7 +81,7 @@ def _tiled_fn(x2, w: TiledSparse, *, out_dtype, min_sparsity, interpret):
   m = x2.shape[0]
   kp, np_ = w.padded_shape
   tk, tn = w.tile
-  cfg = _triton.default_config(m, np_, kp // tk, tn)
+  cfg = _triton.tiled_default_config(m, np_, kp // tk, tn)
   xp = _pad_to(x2, (_round_up(m, cfg.block_m), kp))
   out = _triton.tiled_sparse_matmul(xp, w.values, w.bitmap, w.col_ptr, tile=w.tile,
                                     m_real=m, config=cfg, interpret=interpret)

@@ -73,16 +73,30 @@ class SparseMatmulConfig:
 
 
 def default_config(m: int, n: int, k_steps: int, block_n: int,
-                   num_sms: int = DEFAULT_NUM_SMS) -> SparseMatmulConfig:
-  """Split K (a power of two dividing ``k_steps``) until ~2 programs per SM."""
+                   num_sms: int = DEFAULT_NUM_SMS,
+                   programs_per_sm: int = TARGET_PROGRAMS_PER_SM) -> SparseMatmulConfig:
+  """Split K (a power of two dividing ``k_steps``) until ~``programs_per_sm`` programs an
+  SM (the N:M kernel's launch)."""
   block_m = MIN_DOT if m <= MIN_DOT else (32 if m <= 32 else 64)
   programs = max(1, -(-n // block_n)) * max(1, -(-m // block_m))
   split = 1
-  while (programs * split < TARGET_PROGRAMS_PER_SM * num_sms
+  while (programs * split < programs_per_sm * num_sms
          and k_steps % (2 * split) == 0 and k_steps // (2 * split) >= MIN_STEPS_PER_SPLIT):
     split *= 2
   return SparseMatmulConfig(block_m=block_m, split_k=split,
                             num_warps=4 if block_m <= 32 else 8, num_stages=3)
+
+
+TILED_PROGRAMS_PER_SM = 4
+
+
+def tiled_default_config(m: int, n: int, k_steps: int, tile_n: int,
+                         num_sms: int = DEFAULT_NUM_SMS) -> SparseMatmulConfig:
+  """The tiled kernel's launch: one row block for all of ``m <= 64`` (each program expands
+  its tiles once), ``tile_n / 32`` warps (a thread owns one column of a tile, so the rank
+  prefix sum stays in registers), split K to ~4 programs an SM."""
+  cfg = default_config(m, n, k_steps, tile_n, num_sms, TILED_PROGRAMS_PER_SM)
+  return dataclasses.replace(cfg, num_warps=max(1, min(8, tile_n // WORD_BITS)))
 
 
 def _dot(a, b, **kwargs):
@@ -157,7 +171,7 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
       bitmap: uint32 ``[Kp / 32, Np]``; col_ptr: int32 ``[Kp / tile_k, Np]``.
     tile: ``(tile_k, tile_n)`` of the format.
     m_real: rows of ``x`` that are not padding (default M); only those are written.
-    config: launch; None picks :func:`default_config`.
+    config: launch; None picks :func:`tiled_default_config`.
     interpret: Pallas interpret mode (any platform).
 
   Returns:
@@ -169,7 +183,7 @@ def tiled_sparse_matmul(x: jax.Array, values: jax.Array, bitmap: jax.Array,
   if bitmap.shape[0] * WORD_BITS != k:
     raise ValueError(f"tiled_sparse_matmul: x has K = {k}, the bitmap "
                      f"{bitmap.shape[0] * WORD_BITS} rows")
-  cfg = config or default_config(m, n, k // tk, tn)
+  cfg = config or tiled_default_config(m, n, k // tk, tn)
   _check_tiles("tiled_sparse_matmul", m, k, n, cfg.block_m, tk * cfg.split_k, tn)
   steps = k // (tk * cfg.split_k)
   m_real = m if m_real is None else m_real
@@ -618,4 +632,4 @@ def cats_mlp(x: jax.Array, gate_t: jax.Array, up_t: jax.Array, down: jax.Array,
 __all__ = ["BsrConfig", "CatsConfig", "EllConfig", "SparseMatmulConfig", "bsr_matmul",
            "bsr_matmul_t", "bsr_weight_grad", "cats_default_config", "cats_mlp",
            "default_config", "ell_default_config", "ell_sparse_matmul", "nm_block_sizes",
-           "nm_sparse_matmul", "tiled_sparse_matmul"]
+           "nm_sparse_matmul", "tiled_default_config", "tiled_sparse_matmul"]
