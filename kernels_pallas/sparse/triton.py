@@ -133,6 +133,15 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: 
   cols = pl.ds(col_block * tile_n, tile_n)
   bit = lax.broadcasted_iota(jnp.uint32, (WORD_BITS, tile_n), 0)
 
+  def word_product(acc, ptr, word, s):
+    """``acc + x[:, 32 s : 32 s + 32] @ (the 32 rows of word row s, expanded)``."""
+    # one thread owns a column: its 32 rows of this word are consecutive values
+    bits = ((word >> bit) & jnp.uint32(1)).astype(jnp.int32)  # [32, tile_n]
+    rank = jnp.cumsum(bits, axis=0)  # in-thread prefix sum along the column
+    vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
+    acc = acc + _dot(x_ref[rows, pl.ds(s * WORD_BITS, WORD_BITS)], vals.astype(x_ref.dtype))
+    return acc, ptr + jnp.sum(bits, axis=0, keepdims=True)
+
   def load_index(kt):
     words = [bm_ref[pl.ds(kt * q_words + q, 1), cols] for q in range(q_words)]
     return cp_ref[pl.ds(kt, 1), cols], words  # [1, tile_n] each
@@ -143,17 +152,26 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: 
     kt = split * steps + i
     nxt = load_index(kt + jnp.minimum(i + 1, steps - 1) - i)  # prefetch (clamped)
     for q in range(q_words):
-      # one thread owns a column: its 32 rows of this word are consecutive values
-      bits = ((words[q] >> bit) & jnp.uint32(1)).astype(jnp.int32)  # [32, tile_n]
-      rank = jnp.cumsum(bits, axis=0)  # in-thread prefix sum along the column
-      vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
-      k0 = (kt * q_words + q) * WORD_BITS
-      acc = acc + _dot(x_ref[rows, pl.ds(k0, WORD_BITS)], vals.astype(x_ref.dtype))
-      ptr = ptr + jnp.sum(bits, axis=0, keepdims=True)
+      acc, ptr = word_product(acc, ptr, words[q], kt * q_words + q)
     return acc, nxt
 
-  init = (jnp.zeros((bm, tile_n), jnp.float32), load_index(split * steps))
-  acc, _ = lax.fori_loop(0, steps, step, init)
+  def step_lean(i, acc):
+    # the same, one word row at a time and no prefetch: fewer live registers for the
+    # wide accumulators of block_m > 32
+    kt = split * steps + i
+
+    def word(q, carry):
+      acc, ptr = carry
+      s = kt * q_words + q
+      return word_product(acc, ptr, bm_ref[pl.ds(s, 1), cols], s)
+
+    return lax.fori_loop(0, q_words, word, (acc, cp_ref[pl.ds(kt, 1), cols]))[0]
+
+  acc = jnp.zeros((bm, tile_n), jnp.float32)
+  if bm > 32:
+    acc = lax.fori_loop(0, steps, step_lean, acc)
+  else:
+    acc, _ = lax.fori_loop(0, steps, step, (acc, load_index(split * steps)))
   pltriton.store(o_ref.at[split, rows, cols], acc,
                  mask=_row_mask(row_block, bm, m_real, tile_n))
 
@@ -212,12 +230,13 @@ class EllConfig:
   num_stages: int = 1
 
 
-def ell_default_config(num_blocks: int, chunks_per_block: int,
+def ell_default_config(num_blocks: int, chunks_per_block: int, m: int = 1,
                        num_sms: int = DEFAULT_NUM_SMS) -> EllConfig:
-  """About ``ELL_PROGRAMS_PER_SM`` programs an SM, at least two chunks a program."""
+  """About ``ELL_PROGRAMS_PER_SM`` programs an SM, at least two chunks a program; 8 warps
+  past 4 rows of x (the per-row accumulators spread over twice the threads)."""
   split = max(1, min(-(-ELL_PROGRAMS_PER_SM * num_sms // max(num_blocks, 1)),
                      chunks_per_block // 2))
-  return EllConfig(split=split)
+  return EllConfig(split=split, num_warps=4 if m <= 4 else 8)
 
 
 ELL_PROGRAMS_PER_SM = 4
@@ -281,7 +300,7 @@ def ell_sparse_matmul(x: jax.Array, data: jax.Array, base: jax.Array, block_ptr:
   m, k = x.shape
   nb = block_ptr.shape[0] - 1
   block_n = data.shape[3]
-  cfg = config or ell_default_config(nb, chunks_per_block)
+  cfg = config or ell_default_config(nb, chunks_per_block, m)
   kernel = functools.partial(_ell_kernel, k=k, m_rows=m, split=cfg.split, block_n=block_n)
   partial = pl.pallas_call(
       kernel,
@@ -504,8 +523,10 @@ class CatsConfig:
 def cats_default_config(m: int, d: int, h: int, num_sms: int = DEFAULT_NUM_SMS) -> CatsConfig:
   """Register budget ~64 float32 accumulators a thread: tiles shrink as ``m`` grows."""
   block_d = next((b for b in (256, 128, 64) if d % b == 0 and b * m <= 256), 64)
-  down_d = next((b for b in (256, 128, 64) if d % b == 0), 64)
-  down_h = max(8, min(32, 256 // (8 * max(m, 1)) * 8))
+  down_d = next((b for b in ((256, 128, 64) if m <= 2 else (128, 64)) if d % b == 0), 64)
+  down_h = 8
+  while down_h < 32 and 2 * down_h * down_d * m <= 8192:  # <= ~64 accumulators a thread
+    down_h *= 2
   blocks = -(-d // down_d)
   steps = max(1, h // down_h)
   split = 1
