@@ -2,8 +2,10 @@
 
 Cases (``y = x @ w``, ``x: [m, k]`` bf16, ``w: [k, n]``):
 
-* K = N = 8192 at m = 1, 16, 64; unstructured sparsity 50 / 70 / 80 / 90% (tiled bitmap,
-  :func:`jaxeff.sparse.compress`) and 2:4 (:func:`jaxeff.sparse.compress_nm`);
+* K = N = 8192 at m = 1, 16, 64; unstructured sparsity 50 / 70 / 80 / 90% in both
+  unstructured formats (tiled bitmap, :func:`jaxeff.sparse.compress`, and sliced ELL,
+  :func:`jaxeff.sparse.compress_ell`, the latter at m <= 16) and 2:4
+  (:func:`jaxeff.sparse.compress_nm`);
 * LLM layer shapes 4096x4096, 4096x14336, 14336x4096 at m = 1, 16: 50%, 80%, 2:4;
 * one small case (K = N = 2048, m = 16, 80%) with ``jax.experimental.sparse`` BCOO too
   (its matmul is very slow: it is timed at that size only);
@@ -13,8 +15,10 @@ Cases (``y = x @ w``, ``x: [m, k]`` bf16, ``w: [k, n]``):
 
 Implementations in each case (same process, same device):
 
-* ``jaxeff``: ``jaxeff.ops.sparse_matmul.sparse_matmul`` / ``cats_mlp``, default dispatch
-  (the Triton kernels on GPU; on CPU the reference, so CPU rows only smoke-test the suite);
+* ``jaxeff:tiled`` / ``jaxeff:ell`` / ``jaxeff``: ``jaxeff.ops.sparse_matmul.sparse_matmul``
+  of the tiled / ELL / N:M weight, ``cats_mlp`` (gate and up projections passed
+  transposed, ``[H, D]``), default dispatch (the Triton kernels on GPU; on CPU the
+  reference, so CPU rows only smoke-test the suite);
 * ``xla:bf16``: ``jnp.dot`` of bf16 ``x`` and the dense bf16 ``w`` (the baseline the
   targets are against; timed once per shape and m, repeated in each case);
 * ``xla:dense_mlp``: the dense SwiGLU (CATS cases); ``xla:cats``: the thresholded SwiGLU
@@ -46,8 +50,8 @@ sm = importlib.import_module("jaxeff.ops.sparse_matmul")
 
 PLOT_X = "sparsity"
 ROUNDS, QUICK_ROUNDS = 10, 5
-# Distinct compressed weights per case (L2 rotation); host compression ~1-3 s each at 8192^2.
-MAX_WEIGHT_SETS = 2
+# Device copies of a compressed weight per case (L2 rotation: a 90% weight is 22 MB).
+MAX_WEIGHT_SETS = 8
 
 
 def _sizes(on_gpu: bool, quick: bool):
@@ -80,15 +84,17 @@ def _pruned(k, n, fmt, i):
 
 
 @functools.lru_cache(maxsize=None)
-def _compressed(k, n, fmt, i):
-  w = _pruned(k, n, fmt, i)
-  return formats.compress_nm(w, fmt) if isinstance(fmt, str) else formats.compress(w)
+def _compressed(k, n, fmt, kind="tiled"):
+  w = _pruned(k, n, fmt, 0)
+  if isinstance(fmt, str):
+    return formats.compress_nm(w, fmt)
+  return formats.compress_ell(w) if kind == "ell" else formats.compress(w)
 
 
-def _sets(k, n, fmt):
-  """Weight sets to rotate: more when one compressed weight fits in L2."""
-  nbytes = harness.tree_bytes(_compressed(k, n, fmt, 0))
-  return max(1, min(MAX_WEIGHT_SETS, math.ceil(2 * harness.L2_BYTES / max(nbytes, 1))))
+def _copies(tree):
+  """``make_args`` weight for set ``i``: a fresh device copy (distinct addresses, so
+  repeated calls stream it from HBM, not L2)."""
+  return lambda i: tree if i == 0 else jax.tree.map(jnp.copy, tree)
 
 
 def _row(case, params, impl, t, m, k, n, wbytes):
@@ -109,13 +115,19 @@ def _sparse_rows(m, k, n, fmt, dense, rounds):
   case = f"sparse {name} m={m} k={k} n={n}"
   params = {"m": m, "k": k, "n": n, "sparsity": sparsity,
             "format": "nm" if isinstance(fmt, str) else "tiled", "pattern": name}
-  sets = _sets(k, n, fmt)
-  make = lambda i: (_x(m, k, i), _compressed(k, n, fmt, i % sets))  # noqa: E731
+  kinds = [("nm", "jaxeff")] if isinstance(fmt, str) else [("tiled", "jaxeff:tiled")]
+  if not isinstance(fmt, str) and m <= sm.ELL_MAX_M:
+    kinds.append(("ell", "jaxeff:ell"))
   ours = jax.jit(lambda x, w: sm.sparse_matmul(x, w))
-  wbytes = harness.tree_bytes(_compressed(k, n, fmt, 0))
-  return [_row(case, params, "jaxeff", harness.safe_time(ours, make, rounds=rounds,
-                                                         max_sets=sets), m, k, n, wbytes),
-          _row(case, params, "xla:bf16", dense, m, k, n, 2 * k * n)]
+  rows = []
+  for kind, impl in kinds:
+    w = _compressed(k, n, fmt, kind)
+    weight = _copies(w)
+    make = lambda i: (_x(m, k, i), weight(i))  # noqa: E731
+    t = harness.safe_time(ours, make, rounds=rounds, max_sets=MAX_WEIGHT_SETS)
+    rows.append(_row(case, dict(params, format=kind), impl, t, m, k, n, harness.tree_bytes(w)))
+  rows.append(_row(case, params, "xla:bf16", dense, m, k, n, 2 * k * n))
+  return rows
 
 
 def _dense_time(m, k, n, rounds):
@@ -148,18 +160,18 @@ def _cats_rows(m, d, h, rounds):
   ks = jax.random.split(jax.random.key(7), 4)
   wg, wu = ((jax.random.normal(k, (d, h)) / math.sqrt(d)).astype(jnp.bfloat16) for k in ks[:2])
   wd = (jax.random.normal(ks[2], (h, d)) / math.sqrt(h)).astype(jnp.bfloat16)
-  wu_t = jnp.asarray(wu.T)  # [h, d]: the layout the kernel reads
+  wg_t, wu_t = jnp.asarray(wg.T), jnp.asarray(wu.T)  # [h, d]: the layout the kernel reads
   calib = jax.random.normal(ks[3], (256, d)).astype(jnp.bfloat16) @ wg
   t = float(activation.calibrate_cats_threshold(calib.astype(jnp.float32), 0.5))
-  make = lambda i: (_x(m, d, i), wg, wu, wu_t, wd)  # noqa: E731  (weights as arguments)
-  ours = jax.jit(lambda x, wg, wu, wu_t, wd: sm.cats_mlp(x, wg, wu_t, wd, threshold=t,
-                                                         up_transposed=True))
-  def xla_cats(x, wg, wu, wu_t, wd):  # what a user writes: thresholded SwiGLU, dense weights
+  make = lambda i: (_x(m, d, i), wg, wu, wg_t, wu_t, wd)  # noqa: E731  (weights as arguments)
+  ours = jax.jit(lambda x, wg, wu, wg_t, wu_t, wd: sm.cats_mlp(
+      x, wg_t, wu_t, wd, threshold=t, up_transposed=True, gate_transposed=True))
+  def xla_cats(x, wg, wu, wg_t, wu_t, wd):  # a thresholded SwiGLU on dense weights
     a = jax.nn.silu(x @ wg)
     return jnp.dot(jnp.where(jnp.abs(a) > t, a, 0) * (x @ wu), wd)
 
   ref = jax.jit(xla_cats)
-  dense = jax.jit(lambda x, wg, wu, wu_t, wd: jnp.dot(jax.nn.silu(x @ wg) * (x @ wu), wd))
+  dense = jax.jit(lambda x, wg, wu, wg_t, wu_t, wd: jnp.dot(jax.nn.silu(x @ wg) * (x @ wu), wd))
   flops = 2 * m * d * h * 3
   rows = []
   for impl, fn in (("jaxeff", ours), ("xla:cats", ref), ("xla:dense_mlp", dense)):
@@ -169,7 +181,7 @@ def _cats_rows(m, d, h, rounds):
   return rows
 
 
-SWEEP_TILES = ((32, 64), (64, 64), (64, 128), (128, 128))
+SWEEP_TILES = ((64, 128), (128, 128), (256, 128), (128, 256))
 
 
 def _tile_sweep_rows(m, k, n, sparsity, rounds):
@@ -181,7 +193,9 @@ def _tile_sweep_rows(m, k, n, sparsity, rounds):
     params = {"m": m, "k": k, "n": n, "sparsity": sparsity, "format": "tiled",
               "tile": f"{tile[0]}x{tile[1]}"}
     fn = jax.jit(lambda x, w: sm.sparse_matmul(x, w))
-    t = harness.safe_time(fn, lambda i: (_x(m, k, i), w), rounds=rounds, max_sets=2)
+    weight = _copies(w)
+    t = harness.safe_time(fn, lambda i: (_x(m, k, i), weight(i)), rounds=rounds,
+                          max_sets=MAX_WEIGHT_SETS)
     rows.append(_row(case, params, f"jaxeff:tile{tile[0]}x{tile[1]}", t, m, k, n,
                      harness.tree_bytes(w)))
   _pruned.cache_clear()
