@@ -159,36 +159,42 @@ def record(seq, mode, name, fn, args, base=None, err_fn=None, extra=None, must=F
 
 
 def variants(seq):
-  """(name, config) of the forward sweep: warps w, chunk c, pairs per program p, stack st."""
+  """(name, config) of the forward sweep: warps w, chunk c, pairs per program p, stack st,
+  pipelining stages s, lowp = bf16 twiddles and filter spectrum, gauss = three-dot products."""
   C = T.FFTConvConfig
+  lp = dict(lowp_consts=True)
   if seq <= 1024:
-    return [("w8 c32 p4 st4", C(8, 32, 4, stack=4)), ("w4 c32 p4", C(4, 32, 4)),
+    return [("w8 c32 p4 st4", C(8, 32, 4, stack=4)),
+            ("w8 c32 p4 st4 lowp", C(8, 32, 4, stack=4, **lp)),
+            ("w8 c32 p8 st4 lowp", C(8, 32, 8, stack=4, **lp)),
             ("w4 c32 p4 st2", C(4, 32, 4, stack=2)), ("w4 c16 p4 st2", C(4, 16, 4, stack=2)),
             ("w8 c16 p8 st4", C(8, 16, 8, stack=4)), ("w8 c32 p8 st8", C(8, 32, 8, stack=8)),
-            ("w8 c64 p4 st4", C(8, 64, 4, stack=4)), ("w4 c16 p8 st2", C(4, 16, 8, stack=2)),
+            ("w8 c64 p4 st4", C(8, 64, 4, stack=4)),
             ("w4 c32 p4 st2 s2", C(4, 32, 4, stack=2, num_stages=2)),
             ("w8 c32 p4 st4 s2", C(8, 32, 4, stack=4, num_stages=2)),
             ("w8 c32 p4 st4 gauss", C(8, 32, 4, stack=4, gauss=True)),
-            ("w4 c32 p4 gauss", C(4, 32, 4, gauss=True)), ("w4 c32 p1", C(4, 32, 1)),
-            ("w2 c32 p4", C(2, 32, 4)), ("w8 c32 p4", C(8, 32, 4)), ("w4 c64 p4", C(4, 64, 4)),
-            ("w4 c32 p16", C(4, 32, 16)), ("w4 c32 p4 unroll", C(4, 32, 4, unroll=True)),
-            ("w2 c64 p1", C(2, 64, 1))]
+            ("w8 c32 p4 st4 gauss lowp", C(8, 32, 4, stack=4, gauss=True, **lp)),
+            ("w4 c32 p4", C(4, 32, 4)), ("w4 c32 p1", C(4, 32, 1)), ("w2 c32 p4", C(2, 32, 4)),
+            ("w4 c64 p4", C(4, 64, 4)), ("w4 c32 p16", C(4, 32, 16)), ("w2 c64 p1", C(2, 64, 1))]
   if seq <= 4096:
-    return [("w8 c32 p2", C(8, 32, 2)), ("w4 c32 p2", C(4, 32, 2)), ("w8 c16 p2", C(8, 16, 2)),
-            ("w16 c32 p2", C(16, 32, 2)), ("w8 c32 p1", C(8, 32, 1)), ("w8 c32 p8", C(8, 32, 8)),
+    return [("w8 c32 p2", C(8, 32, 2)), ("w8 c32 p2 lowp", C(8, 32, 2, **lp)),
+            ("w8 c32 p8 lowp", C(8, 32, 8, **lp)), ("w4 c32 p2", C(4, 32, 2)),
+            ("w8 c16 p2", C(8, 16, 2)), ("w8 c32 p1", C(8, 32, 1)), ("w8 c32 p8", C(8, 32, 8)),
             ("w8 c32 p2 s2", C(8, 32, 2, num_stages=2)),
-            ("w8 c32 p2 gauss", C(8, 32, 2, gauss=True)), ("w4 c16 p4", C(4, 16, 4)),
-            ("w8 c16 p4 st2", C(8, 16, 4, stack=2)), ("w8 c32 p4 st2", C(8, 32, 4, stack=2)),
-            ("w16 c32 p4 st2", C(16, 32, 4, stack=2)), ("w8 c32 p2 unroll", C(8, 32, 2, unroll=True)),
+            ("w8 c32 p2 gauss", C(8, 32, 2, gauss=True)),
+            ("w8 c32 p2 gauss lowp", C(8, 32, 2, gauss=True, **lp)), ("w4 c16 p4", C(4, 16, 4)),
+            ("w8 c16 p4 st2", C(8, 16, 4, stack=2)),
+            ("w16 c16 p4 st2 lowp", C(16, 16, 4, stack=2, **lp)), ("w16 c32 p2", C(16, 32, 2)),
             ("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096))]
-  return [("w8 c32 p2 inner4096", C(8, 32, 2, inner=4096)),
-          ("w8 c32 p2 inner8192", C(8, 32, 2, inner=8192)),
-          ("w4 c32 p2 inner4096", C(4, 32, 2, inner=4096)),
-          ("w4 c32 p4 inner2048", C(4, 32, 4, inner=2048)),
-          ("w8 c32 p4 st2 inner2048", C(8, 32, 4, stack=2, inner=2048)),
-          ("w8 c16 p4 inner4096", C(8, 16, 4, inner=4096)),
-          ("w8 c32 p8 inner4096", C(8, 32, 8, inner=4096)),
-          ("w8 c32 p2 gauss inner4096", C(8, 32, 2, inner=4096, gauss=True))]
+  return [("w8 c32 p2 i4096", C(8, 32, 2, inner=4096)),
+          ("w8 c32 p2 i4096 lowp", C(8, 32, 2, inner=4096, **lp)),
+          ("w8 c32 p2 i8192", C(8, 32, 2, inner=8192)),
+          ("w4 c32 p2 i4096", C(4, 32, 2, inner=4096)),
+          ("w4 c32 p4 i2048", C(4, 32, 4, inner=2048)),
+          ("w8 c32 p4 st2 i2048", C(8, 32, 4, stack=2, inner=2048)),
+          ("w8 c16 p4 i4096", C(8, 16, 4, inner=4096)),
+          ("w8 c32 p8 i4096", C(8, 32, 8, inner=4096)),
+          ("w8 c32 p2 gauss lowp i4096", C(8, 32, 2, inner=4096, gauss=True, **lp))]
 
 
 def dk_variants(seq):

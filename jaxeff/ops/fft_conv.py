@@ -19,16 +19,21 @@ computed. The reference applies the same band mask to ``jnp.fft.rfft``.
 
 Implementations (``implementation=``), fastest first:
 
-* ``"triton"``: one fused Pallas kernel per packed row (FFT -> filter -> iFFT -> gates in
-  registers; :mod:`kernels_pallas.fftconv.triton`), bfloat16/float16 inputs, two-level
-  plans with ``n <= 8192``, no frequency sparsity; GPU (interpretable on CPU).
+* ``"triton"``: fused Pallas kernels (:mod:`kernels_pallas.fftconv.triton`) reading
+  ``u`` and the gates in place and writing ``y`` in ``u.dtype`` (no transposes, no float32
+  intermediates): FFT -> filter -> iFFT -> gates per packed signal for ``n`` up to 8192
+  (two levels), and for ``n`` up to ``4096 * 64`` a three-level plan whose outer DFT runs
+  in the kernel and whose outer inverse (``n / 4096``-term sums) and gates run in XLA.
+  The filter gradient has its own kernel (the batch-summed product of the two spectra);
+  ``fft_conv_triton`` takes explicit launch parameters. bfloat16/float16, power-of-two
+  ``n >= 256``, no frequency sparsity; GPU (interpretable on CPU).
 * ``"monarch_xla"``: the same Monarch decomposition (:mod:`jaxeff.spectral.monarch`) as
   ``dot_general`` calls that XLA runs on tensor cores: bf16/fp16 inputs give bf16 operands
   with float32 accumulation, float32 inputs use ``Precision.HIGHEST``; one-, two- and
   three-level plans up to ``n = 2**23``; every platform.
 * ``"xla"``: the reference, ``jnp.fft.rfft`` / ``irfft`` in float32, differentiated by JAX.
 
-Both Monarch implementations pack two batch rows of one channel as the real and imaginary
+All Monarch implementations pack two batch rows of one channel as the real and imaginary
 parts of one complex signal (the filter is real, so the two convolutions stay separate
 in the real and imaginary parts), skip the zero-padded half of the input in the first
 DFT level and the discarded half of the output in the last, and run under a
@@ -524,4 +529,5 @@ def fft_conv(u: jax.Array, k: jax.Array, *, causal: bool = True,
                             gate=gate, frequency_keep=frequency_keep)
 
 
-__all__ = ["FFT_CONV_IMPLS", "fft_conv", "fft_conv_reference", "fft_size", "frequency_band"]
+__all__ = ["FFT_CONV_IMPLS", "fft_conv", "fft_conv_reference", "fft_conv_triton", "fft_size",
+           "frequency_band"]

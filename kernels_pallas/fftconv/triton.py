@@ -84,6 +84,8 @@ class FFTConvConfig:
     stack: signals processed together as one tile (side by side for the row DFTs, one
       above the other for the column DFTs; clipped to ``pairs``): larger dots, and the
       constants are fetched once per stack.
+    lowp_consts: twiddles and the filter spectrum in the compute dtype (half the bytes
+      fetched per signal; one more rounding of 2^-9 relative).
   """
 
   num_warps: int = 4
@@ -94,6 +96,7 @@ class FFTConvConfig:
   num_stages: int = 1
   unroll: bool = False
   stack: int = 1
+  lowp_consts: bool = False
 
   def __post_init__(self):
     for name in ("num_warps", "chunk", "pairs", "inner", "stack"):
@@ -119,6 +122,7 @@ class DkConfig:
     stack: signals per tile (:class:`FFTConvConfig`).
     inner: largest two-level transform (:class:`FFTConvConfig`; the filter gradient has
       its own layout, independent of the convolution's).
+    lowp_consts: twiddles in the compute dtype (:class:`FFTConvConfig`).
   """
 
   num_warps: int = 4
@@ -128,6 +132,7 @@ class DkConfig:
   num_stages: int = 1
   stack: int = 1
   inner: int = 4096
+  lowp_consts: bool = False
 
   def __post_init__(self):
     for name in ("num_warps", "chunk", "groups", "stack", "inner"):
@@ -253,8 +258,8 @@ def _planes(m: np.ndarray, gauss: bool, dtype) -> jax.Array:
   return jnp.asarray(p, dtype)
 
 
-def _cplanes(m: np.ndarray) -> jax.Array:
-  return jnp.asarray(np.stack([m.real, m.imag]), jnp.float32)
+def _cplanes(m: np.ndarray, dtype=jnp.float32) -> jax.Array:
+  return jnp.asarray(np.stack([m.real, m.imag]), dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,14 +276,15 @@ def _constants_np(geo: Geometry):
   return f1, f2, tw, outer
 
 
-def _constants(geo: Geometry, gauss: bool, cdt):
+def _constants(geo: Geometry, gauss: bool, cdt, lowp: bool = False):
   f1, f2, tw, outer = _constants_np(geo)
-  mats = dict(f1=_planes(f1[:, :geo.in_rows], gauss, cdt), tw=_cplanes(tw),
+  tdt = cdt if lowp else jnp.float32
+  mats = dict(f1=_planes(f1[:, :geo.in_rows], gauss, cdt), tw=_cplanes(tw, tdt),
               f2=_planes(f2, gauss, cdt), h2=_planes(np.conj(f2), gauss, cdt),
               g1=_planes(np.conj(f1)[:geo.out_rows], gauss, cdt))
   if outer is not None:
     mats["fo"] = _cplanes(outer[0])
-    mats["to"] = _cplanes(outer[1])
+    mats["to"] = _cplanes(outer[1], tdt)
   return mats
 
 
@@ -573,7 +579,9 @@ def fft_conv_fused(z: jax.Array, kf: jax.Array, geo: Geometry, *, pre: jax.Array
     raise ValueError("fft_conv_fused: posts apply to two-level geometries only")
   chunk = min(cfg.chunk, geo.n_1)
   pairs = _largest_pow2_divisor(num_pairs, cfg.pairs)
-  mats = _constants(geo, cfg.gauss, cdt)
+  mats = _constants(geo, cfg.gauss, cdt, cfg.lowp_consts)
+  if cfg.lowp_consts:
+    kf = kf.astype(cdt)
   sig = _signal_spec(geo, pairs, 0)
   inputs, specs = [z], [sig]
   if pre is not None:
@@ -635,7 +643,7 @@ def filter_grad_spectrum(w: jax.Array, d: jax.Array, geo: Geometry, *,
   n_chunks = geo.n_1 // chunk
   groups = min(cfg.groups, _largest_pow2_divisor(num_pairs, num_pairs))
   pairs = num_pairs // groups
-  mats = _constants(geo, cfg.gauss, cdt)
+  mats = _constants(geo, cfg.gauss, cdt, cfg.lowp_consts)
   sig = pl.BlockSpec((pairs, 2, None, geo.in_a, geo.in_rows, geo.n_2),
                      lambda q, g, c: (g, 0, c, 0, 0, 0))
   inputs, specs = [w], [sig]

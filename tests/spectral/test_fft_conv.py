@@ -147,25 +147,25 @@ def test_triton_interpret_forward_and_grad(key):
 
 
 def test_triton_chunks_pairs_three_dot(key):
-  """Two chunks of k_1 rows, two pairs per program, the three-dot complex product."""
-  u, k, _ = inputs(key, 4, 3, 256, 256, jnp.bfloat16)  # n = 512 = 32 x 16
-  cfg = T.FFTConvConfig(num_warps=4, chunk=16, pairs=2, gauss=True)
+  """Two (unrolled) chunks of k_1 rows, two pairs per program, three-dot complex products."""
+  u, k, _ = inputs(key, 4, 2, 256, 256, jnp.bfloat16)  # n = 512 = 32 x 16
+  cfg = T.FFTConvConfig(num_warps=4, chunk=16, pairs=2, gauss=True, unroll=True)
   _triton_grads_vs_reference(key, u, k, None, True, config=cfg,
                              dk_config=T.DkConfig(chunk=16, groups=2, gauss=True))
 
 
 def test_triton_three_levels(key):
   """n = 2048 = 4 x (32 x 16): two outer input rows (one padded), chunks, pairs, gates."""
-  u, k, gate = inputs(key, 4, 2, 600, 600, jnp.bfloat16, gated=True)
+  u, k, gate = inputs(key, 4, 1, 600, 600, jnp.bfloat16, gated=True)
   geo = T.geometry(fft_size(600, 600, causal=True), 600, inner=512)
   assert (geo.n_a, geo.n_1, geo.n_2, geo.in_a, geo.out_a) == (4, 32, 16, 2, 2)
-  cfg = T.FFTConvConfig(num_warps=4, chunk=16, pairs=2, inner=512)
+  cfg = T.FFTConvConfig(num_warps=4, chunk=16, pairs=2, inner=512, stack=2)
   _triton_grads_vs_reference(key, u, k, gate, True, config=cfg,
-                             dk_config=T.DkConfig(chunk=16))
+                             dk_config=T.DkConfig(chunk=16, stack=2, inner=512))
 
 
 def test_triton_circular_float16(key):
-  u, k, gate = inputs(key, 3, 2, 512, 77, jnp.float16, gated=True)
+  u, k, gate = inputs(key, 3, 1, 512, 77, jnp.float16, gated=True)
   _triton_grads_vs_reference(key, u, k, gate, False,
                              config=T.FFTConvConfig(chunk=16, pairs=2, inner=256))
 
@@ -196,10 +196,12 @@ def test_triton_geometry_and_reasons():
 def test_triton_kernels_lower_for_cuda():
   """The Triton modules (pair/chunk loops, scalar loads, three levels) pass the verifier."""
   sds = jax.ShapeDtypeStruct
-  cases = [(1024, T.FFTConvConfig(4, 32, 4), T.DkConfig(4, 32, 2), True),
+  cases = [(1024, T.config_for(2048), T.dk_config_for(2048), True),
+           (1024, T.FFTConvConfig(4, 32, 4, stack=2, unroll=True), T.DkConfig(4, 32, 2, stack=2),
+            False),
            (1024, T.FFTConvConfig(4, 16, 2, gauss=True), T.DkConfig(4, 64, 1, gauss=True), False),
            (4096, T.FFTConvConfig(8, 64, 1), T.DkConfig(8, 32), False),
-           (16384, T.FFTConvConfig(8, 32, 2, inner=4096), T.DkConfig(4, 32), True)]
+           (16384, T.config_for(32768), T.dk_config_for(32768), True)]
   for seq, cfg, dk, gated in cases:
     u = sds((4, 8, seq), jnp.bfloat16)
     g = (u, u) if gated else ()
@@ -266,6 +268,26 @@ def test_gpu_real_sizes(impl, seq, key):
   up = lambda a: a.astype(jnp.float32)
   for g, r in zip(f(impl)(u, k, *gate), f("xla")(up(u), k, up(gate[0]), up(gate[1]))):
     assert rel_err(g, r) < BF16_BOUND
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [16384, 65536])
+def test_gpu_triton_three_levels(seq, key):
+  """The three-level fused path (outer DFT in the kernel, outer inverse in XLA), grads too."""
+  u, k, gate = inputs(key, 4, 16, seq, seq, jnp.bfloat16, gated=True)
+  dy = jax.random.normal(jax.random.fold_in(key, 1), u.shape, jnp.float32)
+
+  def f(impl):
+    def run(*a):
+      out, vjp = jax.vjp(lambda u, k, x, v: fft_conv(u, k, gate=(x, v), implementation=impl), *a)
+      return (out, *vjp(dy.astype(out.dtype)))
+    return jax.jit(run)
+
+  up = lambda a: a.astype(jnp.float32)
+  got = f("triton")(u, k, *gate)
+  ref = f("xla")(up(u), k, up(gate[0]), up(gate[1]))
+  for g, r, name in zip(got, ref, ("y", "du", "dk", "dx", "dv")):
+    assert rel_err(g, r) < BF16_BOUND, name
 
 
 @pytest.mark.gpu
