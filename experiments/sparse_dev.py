@@ -14,7 +14,8 @@ output against the same reference (``err`` column; > 2e-2 is flagged ``BAD``).
   bandwidth a Pallas Triton kernel gets here (calibrates the others);
 * CATS SwiGLU at decode (D 4096, H 14336, 50% activation sparsity, m = 1 and 8) against
   the dense SwiGLU (XLA);
-* 2:4 (K = N = 8192, m = 1 and 16): the N:M kernel at its default and at smaller steps.
+* 2:4 (K = N = 8192, m = 1, 4, 16): the words layout's decode kernel (gathers x, m <= 8)
+  and the N:M tensor-core kernel at its default and at smaller steps.
 
 Weights are rotated over device copies so that more than twice the L2 is streamed between
 repeats (a compressed 8192^2 weight at 90% is 22 MB). Sections run in priority order and
@@ -364,10 +365,10 @@ def nm(ms):
   w = jnp.where(nm_mask(jnp.abs(base), "2:4"), base, 0).astype(jnp.bfloat16)
   wh = np.asarray(w)
   wd = _weight(k, n, 0.0, 99)
-  variants = [("nm:default", F.compress_nm(wh, "2:4"), {}),
-              ("nm:meta16", F.compress_nm(wh, "2:4", meta_block=16), {}),
-              ("nm:meta16_bn64", None, {"block_n": 64})]
-  variants[2] = ("nm:meta16_bn64", variants[1][1], {"block_n": 64})
+  words = F.compress_nm(wh, "2:4", words=True)
+  meta16 = F.compress_nm(wh, "2:4", meta_block=16)
+  variants = [("nm:words", words, None), ("nm:default", F.compress_nm(wh, "2:4"), {}),
+              ("nm:meta16", meta16, {}), ("nm:meta16_bn64", meta16, {"block_n": 64})]
   for m in ms:
     td = _time(jax.jit(jnp.dot), lambda i, m=m: _x(m, k, i), wd)
     record("nm", f"dense m={m} k={k} n={n}", "xla:bf16", td, nbytes=2 * k * n)
@@ -375,7 +376,9 @@ def nm(ms):
       if elapsed() > BUDGET:
         SKIPPED.append(f"nm {name} m={m}")
         continue
-      fn = nm_fn(**kw)
+      if kw is None and m > sm.NM_WORDS_MAX_M:
+        continue
+      fn = tiled_fn() if kw is None else nm_fn(**kw)  # tiled_fn() is the op's dispatch
       x0 = _x(m, k, 0)
       err = _err(fn(x0, ws), _ref(x0, w))
       t = _time(fn, lambda i, m=m: _x(m, k, i), ws)
@@ -414,7 +417,7 @@ def main():
       ("square 50-90", lambda: unstructured(sq, sq, (0.9, 0.6, 0.7, 0.5), (1, 16), (1, 4),
                                             "square")),
       ("cats", lambda: cats((1, 8))),
-      ("nm", lambda: nm((1, 16))),
+      ("nm", lambda: nm((1, 4, 16))),
       ("llm 4096x14336", lambda: unstructured(4096 // SCALE, 14336 // SCALE, (0.8,), (1, 16),
                                               (1,), "llm")),
       ("llm 14336x4096", lambda: unstructured(14336 // SCALE, 4096 // SCALE, (0.8,), (1, 16),

@@ -49,6 +49,7 @@ FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.f
 BREAK_EVEN_SPARSITY = 0.5
 SKINNY_MAX_M = 64  # tiled / N:M kernels are split-K GEMV-like kernels
 ELL_MAX_M = 16  # the sliced-ELL kernel unrolls over the rows of x
+NM_WORDS_MAX_M = 8  # so does the 2:4 words kernel
 CATS_MAX_M = 8  # the CATS kernels unroll over the rows of x
 _BLOCK_N = (128, 64, 32, 16)
 
@@ -98,6 +99,16 @@ def _ell_fn(x2, w: EllSparse, *, out_dtype, min_sparsity, interpret):
 
 def _nm_fn(x2, w: NMSparse, *, out_dtype, min_sparsity, interpret):
   del min_sparsity
+  if w.words:
+    m, k = x2.shape
+    n = w.shape[1]
+    bn = next((b for b in (128, 64, 32) if n % b == 0), None)
+    kp = 32 * w.values.shape[0]
+    np_ = _round_up(n, bn or 128)
+    out = _triton.nm_words_matmul(_pad_to(x2, (m, kp)), _pad_to(w.values, (kp // 32, 8, np_)),
+                                  _pad_to(w.meta, (kp // 32, np_)), block_n=bn or 128,
+                                  interpret=interpret)
+    return out[:, :n].astype(out_dtype)
   m, k = x2.shape
   n = w.shape[1]
   g = k // w.m
@@ -159,6 +170,9 @@ def _triton_supports(x2, w, *, out_dtype, min_sparsity):
   del out_dtype
   if not is_sparse(w):
     return "a dense w is multiplied densely (xla)"
+  if isinstance(w, NMSparse) and w.words and x2.shape[0] > NM_WORDS_MAX_M:
+    return (f"m={x2.shape[0]} > {NM_WORDS_MAX_M}: the 2:4 words layout is for decode "
+            "(its kernel gathers x once a row); compress without words=True for wider x")
   if isinstance(w, EllSparse) and x2.shape[0] > ELL_MAX_M:
     return (f"m={x2.shape[0]} > {ELL_MAX_M}: the sliced-ELL kernel gathers x once a row "
             "(decode); use the tiled format for wider x")

@@ -149,7 +149,13 @@ class EllSparse:
 class NMSparse:
   """N:M sparse ``[K, N]`` weight: ``values [n, G, N]``; ``meta`` uint8 ``[G, N]``
   (``meta_block == 0``) or ``[G / 2, N]`` (two groups a byte in runs of ``2 meta_block``
-  groups); ``G >= K / m`` (zero groups pad a packed weight to whole runs)."""
+  groups); ``G >= K / m`` (zero groups pad a packed weight to whole runs).
+
+  ``words`` (2:4 only, for the decode kernel that gathers x): ``values`` uint32
+  ``[G / 8, 8, N]`` (group ``8 r + p`` in ``[r, p]``: slot 0's bf16 in the low half, slot
+  1's in the high half) and ``meta`` uint32 ``[G / 8, N]`` (group ``8 r + p`` in bits
+  ``4 p .. 4 p + 3``: slot 0's row offset, then slot 1's, 2 bits each); G a multiple of 32.
+  """
 
   values: jax.Array
   meta: jax.Array
@@ -157,10 +163,23 @@ class NMSparse:
   n: int
   m: int
   meta_block: int = 0
+  words: bool = False
 
   def group_meta(self) -> jax.Array:
     """One metadata byte a group: ``[G, N]`` uint8."""
+    if self.words:
+      shifts = jnp.arange(0, 32, 4, dtype=jnp.uint32)[None, :, None]
+      nib = (self.meta[:, None, :] >> shifts) & jnp.uint32(0xF)
+      return nib.reshape(-1, self.meta.shape[1]).astype(jnp.uint8)
     return unpack_nm_meta(self.meta, self.meta_block) if self.meta_block else self.meta
+
+  def slot_values(self) -> jax.Array:
+    """``[n, G, N]``: the value of slot ``s`` of every group."""
+    if not self.words:
+      return self.values
+    v = self.values.reshape(-1, self.values.shape[2])
+    halves = jnp.stack([v & jnp.uint32(0xFFFF), v >> 16]).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(halves, jnp.bfloat16)
 
   @property
   def sparsity(self) -> float:
@@ -168,7 +187,7 @@ class NMSparse:
 
   @property
   def dtype(self):
-    return self.values.dtype
+    return jnp.dtype(jnp.bfloat16) if self.words else self.values.dtype
 
   def decompress(self) -> jax.Array:
     return decompress(self)
@@ -203,7 +222,7 @@ class BlockSparse:
 
 _static(TiledSparse, ["values", "bitmap", "col_ptr"], ["shape", "tile", "nnz"])
 _static(EllSparse, ["data", "base", "block_ptr", "inv_perm"], ["shape", "chunk", "block_n", "nnz"])
-_static(NMSparse, ["values", "meta"], ["shape", "n", "m", "meta_block"])
+_static(NMSparse, ["values", "meta"], ["shape", "n", "m", "meta_block", "words"])
 _static(BlockSparse, ["blocks", "block_rows", "counts", "t_cols", "t_slots", "t_counts"],
         ["shape", "block", "num_blocks"])
 
@@ -436,8 +455,12 @@ def expand_ell(w: EllSparse) -> jax.Array:
 NM_META_BLOCK = 32  # groups per half-run of packed metadata (the kernel's K step / 2)
 
 
+NM_WORDS_GROUPS = 32  # the words layout pads G to whole decode-kernel steps
+
+
 def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None,
-                pack_meta: bool | None = None, meta_block: int = NM_META_BLOCK) -> NMSparse:
+                pack_meta: bool | None = None, meta_block: int = NM_META_BLOCK,
+                words: bool = False) -> NMSparse:
   """N:M storage of ``w``, which must already satisfy the pattern along K.
 
   Args:
@@ -447,6 +470,7 @@ def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None,
     dtype: storage dtype of the values (default ``w.dtype``).
     pack_meta: two groups a metadata byte (default: when ``n * log2(m) <= 4``).
     meta_block: groups per half-run of packed metadata (a power of two >= 16).
+    words: the 2:4 decode layout (:class:`NMSparse` docstring; bf16 values).
 
   Returns:
     :class:`NMSparse`. Groups with fewer than ``n`` non-zeros keep zeros in the spare slots.
@@ -476,6 +500,19 @@ def compress_nm(w: Any, pattern: str | tuple[int, int] = "2:4", *, dtype=None,
   meta = np.zeros((k // m, cols), np.int32)
   for s in range(n):
     meta |= order[:, s, :].astype(np.int32) << (s * bits)
+  if words:
+    if (n, m) != (2, 4):
+      raise ValueError(f"compress_nm: words=True is the 2:4 layout, got {n}:{m}")
+    gp = -(-(k // m) // NM_WORDS_GROUPS) * NM_WORDS_GROUPS
+    bits16 = np.asarray(jnp.asarray(vals).astype(jnp.bfloat16)).view(np.uint16)
+    v32 = np.zeros((gp, cols), np.uint32)
+    v32[:k // m] = bits16[0].astype(np.uint32) | bits16[1].astype(np.uint32) << 16
+    nib = np.zeros((gp, cols), np.uint32)
+    nib[:k // m] = meta
+    m32 = (nib.reshape(gp // 8, 8, cols) << (4 * np.arange(8, dtype=np.uint32))[None, :, None]
+           ).sum(axis=1, dtype=np.uint32)
+    return NMSparse(jnp.asarray(v32.reshape(gp // 8, 8, cols)), jnp.asarray(m32), (k, cols),
+                    n, m, 0, True)
   meta = jnp.asarray(meta.astype(np.uint8))
   vals = jnp.asarray(vals, dtype or w.dtype)
   if not pack:
@@ -583,7 +620,8 @@ def _decompress(w: Any) -> jax.Array:
   if isinstance(w, EllSparse):
     return expand_ell(w)
   if isinstance(w, NMSparse):
-    planes = expand_nm([w.values[s] for s in range(w.n)], w.group_meta(), w.n, w.m)
+    values = w.slot_values()
+    planes = expand_nm([values[s] for s in range(w.n)], w.group_meta(), w.n, w.m)
     k, n = w.shape
     return jnp.stack(planes, axis=1).reshape(-1, n)[:k]
   return bsr_dense(w.blocks, w)

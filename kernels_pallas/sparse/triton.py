@@ -395,6 +395,91 @@ def nm_sparse_matmul(x_planes: jax.Array, values: jax.Array, meta: jax.Array, *,
   return jnp.sum(partial[:, :m_real], axis=0)
 
 
+# -------------------------------------------------------------- 2:4 words (gather x)
+
+
+NM_WORDS_ROWS = 4  # word rows a step: 4 x 8 groups = 128 dense rows
+NM_WORDS_PROGRAMS_PER_SM = 4
+
+
+def nm_words_default_split(n_blocks: int, row_steps: int,
+                           num_sms: int = DEFAULT_NUM_SMS) -> int:
+  """Split the K steps (a power of two dividing them) to ~4 programs an SM."""
+  split = 1
+  while (n_blocks * split < NM_WORDS_PROGRAMS_PER_SM * num_sms and row_steps % (2 * split) == 0
+         and row_steps // (2 * split) >= MIN_STEPS_PER_SPLIT):
+    split *= 2
+  return split
+
+
+def _nm_words_kernel(x_ref, v_ref, m_ref, o_ref, *, k: int, m_rows: int, steps: int,
+                     block_n: int):
+  cb, sp = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(cb * block_n, block_n)
+  r_in_step = lax.broadcasted_iota(jnp.int32, (NM_WORDS_ROWS, block_n), 0)
+
+  def load(t):
+    rs = pl.ds((sp * steps + jnp.minimum(t, steps - 1)) * NM_WORDS_ROWS, NM_WORDS_ROWS)
+    return m_ref[rs, cols], tuple(v_ref[rs, p, cols] for p in range(8))
+
+  def body(t, carry):
+    # invariant: accs[i] = sum over this program's first t steps of value * x[i, row]
+    accs, (meta, vals) = carry
+    nxt = load(t + 1)  # prefetch the next step's words
+    group_row = ((sp * steps + t) * NM_WORDS_ROWS + r_in_step) * 32  # dense row of group 8r
+    accs = list(accs)
+    for p in range(8):  # group 8 r + p of every word
+      for slot in range(2):
+        off = ((meta >> (4 * p + 2 * slot)) & jnp.uint32(3)).astype(jnp.int32)
+        row = group_row + (4 * p) + off
+        vbits = (vals[p] << 16) if slot == 0 else (vals[p] & jnp.uint32(0xFFFF0000))
+        v = lax.bitcast_convert_type(vbits, jnp.float32)
+        for i in range(m_rows):
+          accs[i] = accs[i] + v * x_ref[i * k + row].astype(jnp.float32)
+    return tuple(accs), nxt
+
+  zeros = jnp.zeros((NM_WORDS_ROWS, block_n), jnp.float32)
+  accs, _ = lax.fori_loop(0, steps, body, (tuple(zeros for _ in range(m_rows)), load(0)))
+  for i in range(m_rows):
+    o_ref[sp, i, cols] = jnp.sum(accs[i], axis=0)
+
+
+def nm_words_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *, block_n: int = 128,
+                    split: int | None = None, num_warps: int = 4,
+                    interpret: bool = False) -> jax.Array:
+  """``x @ w`` for a 2:4 ``w`` in the words layout (``jaxeff.sparse.NMSparse`` with
+  ``words=True``), for decode: no expansion of ``w``; each slot gathers its ``x`` entry
+  (``row = 32 r + 4 p + offset``; the four rows of a group share a sector, so a warp's
+  gather touches one or two) and accumulates ``value * x`` in float32.
+
+  Args:
+    x: ``[M, Kp]`` with ``Kp = 32 * values.shape[0]`` (pad with zeros; M small).
+    values: uint32 ``[Kp / 32, 8, N]``; meta: uint32 ``[Kp / 32, N]``; N a multiple of
+      ``block_n``.
+
+  Returns:
+    ``[M, N]`` float32.
+  """
+  m, k = x.shape
+  g8, _, n = values.shape
+  if k != 32 * g8:
+    raise ValueError(f"nm_words_matmul: x has K = {k}, the words hold {32 * g8} rows")
+  _check_tiles("nm_words_matmul", m, g8, n, 1, NM_WORDS_ROWS, block_n)
+  row_steps = g8 // NM_WORDS_ROWS
+  split = split or nm_words_default_split(n // block_n, row_steps)
+  if row_steps % split:
+    raise ValueError(f"nm_words_matmul: split {split} must divide the {row_steps} K steps")
+  kernel = functools.partial(_nm_words_kernel, k=k, m_rows=m, steps=row_steps // split,
+                             block_n=block_n)
+  partial = pl.pallas_call(
+      kernel, grid=(n // block_n, split),
+      out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret, name="nm24_words_matmul",
+  )(x.reshape(-1), values, meta)
+  return jnp.sum(partial, axis=0)
+
+
 # ------------------------------------------------------------------------------- BSR
 
 
@@ -653,4 +738,5 @@ def cats_mlp(x: jax.Array, gate_t: jax.Array, up_t: jax.Array, down: jax.Array,
 __all__ = ["BsrConfig", "CatsConfig", "EllConfig", "SparseMatmulConfig", "bsr_matmul",
            "bsr_matmul_t", "bsr_weight_grad", "cats_default_config", "cats_mlp",
            "default_config", "ell_default_config", "ell_sparse_matmul", "nm_block_sizes",
-           "nm_sparse_matmul", "tiled_default_config", "tiled_sparse_matmul"]
+           "nm_sparse_matmul", "nm_words_default_split", "nm_words_matmul",
+           "tiled_default_config", "tiled_sparse_matmul"]

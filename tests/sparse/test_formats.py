@@ -96,6 +96,21 @@ def test_nm_round_trip_exact(pattern, pack, key):
   np.testing.assert_array_equal(np.asarray(F.decompress(c)), np.asarray(w))
 
 
+def test_nm_words_layout_round_trip(key):
+  w = jax.random.normal(key, (100, 40), jnp.float32)
+  w = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0).at[:4, 0].set(0.0).astype(jnp.bfloat16)
+  c = F.compress_nm(w, "2:4", words=True)
+  assert c.words and c.dtype == jnp.bfloat16 and c.meta.dtype == jnp.uint32
+  assert c.values.shape == (4, 8, 40) and c.meta.shape == (4, 40)  # 25 groups -> 32
+  np.testing.assert_array_equal(np.asarray(F.decompress(c), np.float32),
+                                np.asarray(w, np.float32))
+  # group 8 r + p: slot offsets in bits 4p..4p+3 of meta[r], values halves of values[r, p]
+  planes = F.compress_nm(w, "2:4", pack_meta=False)
+  np.testing.assert_array_equal(np.asarray(c.group_meta())[:25], np.asarray(planes.meta))
+  with pytest.raises(ValueError, match="words=True is the 2:4 layout, got 1:4"):
+    F.compress_nm(jnp.zeros((32, 8)), "1:4", words=True)
+
+
 def test_nm_group_with_fewer_nonzeros(key):
   w = jax.random.normal(key, (8, 4), jnp.float32)
   w = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0).at[:4, 0].set(0.0)  # an all-zero group

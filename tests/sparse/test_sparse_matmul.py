@@ -64,6 +64,15 @@ def test_nm_kernel_matches_masked_dense(pattern, m, k, n, pack, key):
   assert_close(out, _dense_ref(x, w))
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 136, 48), (3, 256, 100)])
+def test_nm_words_kernel_matches_masked_dense(m, k, n, key):
+  w = jax.random.normal(key, (k, n))
+  w = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0).astype(jnp.bfloat16)
+  x = _x(key, m, k)
+  out = sparse_matmul(x, F.compress_nm(w, "2:4", words=True), implementation=INTERPRET)
+  assert_close(out, _dense_ref(x, w))
+
+
 def test_bf16_inputs(key):
   w = _pruned(key, 64, 64, 0.8, jnp.bfloat16)
   x = _x(key, 2, 64, jnp.bfloat16)
@@ -155,6 +164,10 @@ def test_dispatch_and_fallbacks(key):
   assert_close(out, _dense_ref(x, w))
   assert_close(sparse_matmul(x, w), _dense_ref(x, w))  # dense weight: plain dot
   assert_close(sparse_matmul(x[None], ws), _dense_ref(x, w)[None])  # leading dims, default
+  w24 = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0)
+  with pytest.raises(NotImplementedError, match="the 2:4 words layout is for decode"):
+    sparse_matmul(_x(key, 9, 64), F.compress_nm(w24, "2:4", words=True),
+                  implementation=INTERPRET)
   with pytest.raises(NotImplementedError, match="skinny"):
     sparse_matmul(_x(key, 65, 64), F.compress(_pruned(key, 64, 64, 0.8), tile=(32, 32)),
                   implementation=INTERPRET)
@@ -207,15 +220,19 @@ def test_ell_gpu_real_sizes(m, sparsity, key):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8"])
-@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", "2:4 words"])
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
 def test_nm_gpu_real_sizes(pattern, m, key):
+  words = pattern.endswith("words")
+  if words and m > 8:
+    pytest.skip("the words layout is for decode (m <= 8)")
+  pattern = pattern.split()[0]
   k, n = 4096, 11008
   w = jax.random.normal(key, (k, n)).astype(jnp.bfloat16)
   w = jnp.where(nm_mask(jnp.abs(w), pattern), w, 0)
   x = _x(key, m, k, jnp.bfloat16)
   out = jax.jit(lambda x, w: sparse_matmul(x, w, implementation="triton"))(
-      x, F.compress_nm(w, pattern))
+      x, F.compress_nm(w, pattern, words=words))
   assert_close(out, _dense_ref(x, w).astype(jnp.bfloat16))
 
 
@@ -272,6 +289,8 @@ def test_kernels_lower_for_cuda():
        sds((2, k // 4, n), bf), sds((k // 4, n), jnp.uint8)),
       (lambda x, v, m: T.nm_sparse_matmul(x, v, m, n=2, m=4, meta_block=32),
        sds((4, 16, k // 4), bf), sds((2, k // 4, n), bf), sds((k // 8, n), jnp.uint8)),
+      (lambda x, v, m: T.nm_words_matmul(x, v, m), sds((2, k), bf),
+       sds((k // 32, 8, n), jnp.uint32), sds((k // 32, n), jnp.uint32)),
       (lambda x, b, r, c: T.bsr_matmul(x, b, r, c), sds((32, k), bf),
        sds((n // 32, 4, 32, 32), bf), sds((n // 32, 4), i32), sds((n // 32,), i32)),
       (lambda d, b, c, s, t: T.bsr_matmul_t(d, b, c, s, t, k=k), sds((32, n), bf),
