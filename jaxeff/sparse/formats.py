@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.sparse import WORD_BITS, expand_nm, nm_slot_offsets, pack_nm_meta, unpack_nm_meta
+from kernels_pallas.sparse import (WORD_BITS, expand_nm, nm_slot_offsets, pack_nm_meta,
+                                   tile_ranks, unpack_nm_meta)
 
 NM_PATTERNS = ((2, 4), (1, 4), (2, 8), (1, 2), (4, 8))
 BSR_BLOCKS = (16, 32, 64, 128)
@@ -321,7 +322,7 @@ def expand_tiles(ts: TiledSparse) -> jax.Array:
   kp, np_ = ts.padded_shape
   tk = ts.tile[0]
   bits = unpack_bitmap(ts.bitmap).astype(jnp.int32).reshape(kp // tk, tk, np_)
-  idx = bits * (ts.col_ptr[:, None, :] + jnp.cumsum(bits, axis=1))  # 0 -> the leading zero
+  idx = bits * (ts.col_ptr[:, None, :] + tile_ranks(bits, axis=1))  # 0: the leading zero
   return ts.values[idx].reshape(kp, np_)
 
 

@@ -2,10 +2,12 @@
 
 Formats (built by :mod:`jaxeff.sparse.formats`; ``w: [K, N]``, ``y = x @ w``):
 
-* tiled bitmap (Flash-LLM, Xia et al. 2023): per row of a ``tile_k x tile_n`` tile, a
-  bitmap (uint32 words along N) and a pointer to the row's first packed non-zero; the
-  value at column ``c`` is ``values[row_ptr + rank(c)]`` with ``rank(c)`` the set bits left
-  of ``c`` (:func:`tile_ranks`).
+* tiled bitmap (Flash-LLM, Xia et al. 2023, with column-major bits): uint32 words along K
+  (word ``[s, c]`` = rows ``32 s .. 32 s + 31`` of column ``c``), values packed
+  column-major inside each ``tile_k x tile_n`` tile after one leading zero, and a
+  pointer per column of a tile row; element ``(r, c)`` is ``values[bit * (ptr + rank)]``
+  with ``rank`` the inclusive count of set bits down the column (:func:`tile_ranks`).
+* sliced ELL over sorted columns (bf16 value + one byte of row offset a slot).
 * N:M along K: ``values [n, G, N]`` (slot-major, ``G = K / m`` groups) and uint8 metadata
   with each slot's row offset in its group (``log2(m)`` bits a slot): one byte a group
   (``meta [G, N]``), or, when the slots fit in 4 bits (2:4, 1:4, 1:2), two groups a byte
@@ -29,9 +31,9 @@ WORD_BITS = 32
 
 
 def tile_ranks(bits: jax.Array, axis: int = -1) -> jax.Array:
-  """Exclusive prefix count of ``bits`` (int32 0/1) along ``axis``: the packed position of
-  each element among its row's non-zeros."""
-  return jnp.cumsum(bits, axis=axis) - bits
+  """Inclusive prefix count of ``bits`` (int32 0/1) along ``axis``: one more than the
+  packed position of each set element among its column's non-zeros."""
+  return jnp.cumsum(bits, axis=axis)
 
 
 def nm_slot_offsets(meta: jax.Array, n: int, m: int) -> list[jax.Array]:

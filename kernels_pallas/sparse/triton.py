@@ -1,38 +1,38 @@
-"""Sparse matmul kernels in Pallas' Triton lowering: tiled-bitmap (Flash-LLM), N:M,
-block-sparse (BSR) forward and backward, and a CATS activation-sparse SwiGLU MLP.
+"""Sparse matmul kernels in Pallas' Triton lowering: tiled bitmap (Flash-LLM), sliced ELL,
+N:M (tensor-core planes and a 2:4 decode layout), block-sparse (BSR) forward and
+backward, and a CATS activation-sparse SwiGLU MLP.
 
 All compute ``y = x @ w`` for ``x: [M, K]`` and a sparse ``w: [K, N]`` (formats in
 :mod:`kernels_pallas.sparse`) and read only the compressed bytes of ``w``:
 
 * :func:`tiled_sparse_matmul` ("load as sparse, compute as dense", Xia et al. 2023):
-  program ``(n, s, mb)`` owns one ``tile_n`` column block, the ``s``-th of ``split_k``
-  slices of K and ``block_m`` rows of ``x``. Each step loads one tile's bitmap words and
-  row pointers, forms the bit matrix ``[tile_k, tile_n]``, ranks the set bits with an
-  in-register prefix sum (Triton ``scan``), gathers the packed values at
-  ``row_ptr + rank`` (a masked load: only set bits load; a tile's values are contiguous,
-  so the gather touches only its own cache lines) and feeds the expanded tile to a
-  tensor-core dot. Partial products of the ``split_k`` slices (real rows of ``x`` only)
-  are summed by the caller (split-K keeps every SM busy at
-  ``M <= 64``, as in :mod:`kernels_pallas.matmul.triton`).
-* :func:`nm_sparse_matmul`: the same partition; a step loads ``n`` value planes and the
-  metadata of its groups (half a byte a group for 2:4 / 1:4: one byte row serves two runs
-  of ``block_g`` groups), rebuilds the ``m`` dense row planes
-  with selects (:func:`kernels_pallas.sparse.expand_nm`) and does ``m`` dots against the
-  matching strided columns of ``x`` (``x[:, j::m]``, split by the caller): no gather, no
-  reshape in the kernel.
+  program ``(n, s, mb)`` owns one ``tile_n`` column block and the ``s``-th of
+  ``split_k`` slices of K, for all rows of ``x`` (m <= 64: the tiles are expanded once).
+  A thread owns one column of each ``[32, tile_n]`` word tile: it extracts the 32 bits of
+  its word, ranks them with a prefix sum down its own registers (no shuffles), gathers
+  ``values[bit * (col_ptr + rank)]`` (an unset bit reads the leading zero: no mask) and
+  the expanded tile feeds a tensor-core dot. The next step's words are prefetched.
+  Partial products of the ``split_k`` slices are summed by the caller.
+* :func:`ell_sparse_matmul` (decode, M <= 16): sliced ELL (Kreutzer et al. 2014) of the
+  columns; each slot gathers ``x[i, base + offset]`` (x stays in L1 / L2) and accumulates
+  ``value * x`` in float32 with FMAs: the weight is never expanded, so the work scales
+  with the non-zeros, not with K x N.
+* :func:`nm_sparse_matmul`: the tiled partition; a step loads ``n`` value planes and the
+  metadata of its groups, rebuilds the ``m`` dense row planes with selects
+  (:func:`kernels_pallas.sparse.expand_nm`) and does ``m`` dots against ``x[:, j::m]``.
+  :func:`nm_words_matmul` (2:4 decode): uint32 words (two values, eight groups' offsets),
+  each slot gathers its ``x`` entry, FMA.
 * :func:`bsr_matmul` / :func:`bsr_matmul_t` / :func:`bsr_weight_grad`: block-sparse
   forward ``x @ w``, input gradient ``dy @ w^T`` (walks the transposed index) and weight
   gradient of the kept blocks only (``x_blk^T @ dy_blk``, looping over M).
 * :func:`cats_mlp`: decode-time SwiGLU with thresholded activations (Lee et al., 2024,
-  CATS): given ``a = silu(x @ w_gate)`` zeroed under the threshold and the per-neuron
-  ``active`` flags, each program walks ``blocks_per_program`` hidden blocks, loads only
-  the rows of ``up^T [H, D]`` and ``down [H, D]`` of active neurons (masked loads: masked
-  rows are never fetched) and writes a float32 partial ``[M, D]`` that the caller sums.
+  CATS) in two kernels: gate and up fused per neuron block (only active neurons' up rows
+  are read), then the down projection over active rows only.
 
-Why Triton: the expansion needs per-element gathers / selects and a prefix sum on
-register tiles, which the Triton lowering has (``scan``, pointer gathers, masked loads)
-and Mosaic GPU's Pallas dialect lacks for now; the kernels are also interpretable on CPU.
-None of them has been timed on a GPU yet (notes/sparse.md).
+Why Triton: the expansions need per-lane gathers and selects on register tiles, which the
+Triton lowering has (pointer gathers, masked loads, in-thread scans) and Mosaic GPU's
+Pallas dialect lacks; the kernels are also interpretable on CPU. Measurements and the
+instruction counts behind the designs: notes/sparse.md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.sparse import WORD_BITS, expand_nm
+from kernels_pallas.sparse import WORD_BITS, expand_nm, tile_ranks
 
 MIN_DOT = 16  # Triton's smallest dot dimension
 DEFAULT_NUM_SMS = 132
@@ -137,7 +137,7 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: 
     """``acc + x[:, 32 s : 32 s + 32] @ (the 32 rows of word row s, expanded)``."""
     # one thread owns a column: its 32 rows of this word are consecutive values
     bits = ((word >> bit) & jnp.uint32(1)).astype(jnp.int32)  # [32, tile_n]
-    rank = jnp.cumsum(bits, axis=0)  # in-thread prefix sum along the column
+    rank = tile_ranks(bits, axis=0)  # in-thread prefix sum along the column
     vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
     acc = acc + _dot(x_ref[rows, pl.ds(s * WORD_BITS, WORD_BITS)], vals.astype(x_ref.dtype))
     return acc, ptr + jnp.sum(bits, axis=0, keepdims=True)
@@ -252,7 +252,8 @@ def _ell_kernel(x_ref, d_ref, b_ref, bp_ref, o_ref, *, k: int, m_rows: int, spli
   first = start + sp * per
 
   def load(t):
-    ch = first + jnp.minimum(t, jnp.maximum(n - 1, 0))  # clamped: a spare prefetch
+    # clamped: the prefetch past the last chunk, and splits past a short block's chunks
+    ch = jnp.minimum(first + jnp.minimum(t, jnp.maximum(n - 1, 0)), d_ref.shape[0] - 1)
     return d_ref[ch, 0], d_ref[ch, 1], d_ref[ch, 2], b_ref[pl.ds(ch, 1), :]
 
   def body(t, carry):
