@@ -18,8 +18,9 @@ kernels (``(attn|mlp)/*_proj/kernel``; embeddings and head stay dense) are prune
 
 Perplexity is over the validation windows of :mod:`experiments.data`. On GPU, decode
 tokens/s of :func:`experiments.generate.generate` (greedy, batch ``--batch``) is measured
-with the pruned projections compressed (:func:`jaxeff.nn.sparse.compress_params`: tiled
-bitmap for unstructured, N:M storage for 2:4, dense below the 50% break-even) and served
+with the pruned projections compressed (:func:`jaxeff.nn.sparse.compress_params`: sliced
+ELL (``--unstructured-format``, default) or tiled bitmap for unstructured, the 2:4 decode
+words layout at batch <= 8, dense below the 50% break-even) and served
 by :func:`jaxeff.ops.sparse_matmul.sparse_matmul` through
 :func:`jaxeff.nn.sparse.sparse_inference`; on CPU it is left out (no kernels there).
 The table is printed and written to ``experiments/results/<device>/sparsify_lm.{json,md}``
@@ -163,8 +164,8 @@ def run(args, log=print) -> dict:
            "linear_sparsity": pruning.sparsity_of(p, LINEAR),
            "ppl": lm_tools.perplexity(model, p, val), "prune_s": prune_s, "decode_tokens_per_s": None}
     if on_gpu and not args.no_decode:
-      fmt = "nm" if m.kind == "nm" else "tiled"
-      extra = {"pattern": m.nm} if fmt == "nm" else {}
+      fmt = "nm" if m.kind == "nm" else args.unstructured_format
+      extra = {"pattern": m.nm, "words": args.batch <= 8} if fmt == "nm" else {}
       serve = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
       if m.kind in ("unstructured", "nm"):
         serve = compress_params(serve, LINEAR, fmt=fmt, **extra)
@@ -228,6 +229,9 @@ def parse_args(argv: Sequence[str] | None = None):
   p.add_argument("--new-tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=2, help="decode timing repeats (best kept)")
   p.add_argument("--no-decode", action="store_true", help="skip decode timing on GPU")
+  p.add_argument("--unstructured-format", default="ell", choices=("ell", "tiled"),
+                 help="serving format of unstructured-pruned kernels: sliced ELL (decode "
+                      "kernel that gathers x, batch <= 16) or the tiled bitmap")
   p.add_argument("--out", default=None, help="results folder (default "
                  "experiments/results/<device>, and $OUT when set)")
   args = p.parse_args(argv)

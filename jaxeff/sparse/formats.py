@@ -341,8 +341,8 @@ def ell_chunk(density: float) -> int:
   return c
 
 
-def compress_ell(w: Any, *, block_n: int = ELL_BLOCK_N, chunk: int | None = None
-                 ) -> EllSparse:
+def compress_ell(w: Any, *, block_n: int = ELL_BLOCK_N, chunk: int | None = None,
+                 dtype=None) -> EllSparse:
   """Builds the sliced-ELL format of ``w`` (bfloat16 values; zeros are dropped).
 
   Columns are sorted by their number of non-zeros (so a block's columns need about the
@@ -354,11 +354,14 @@ def compress_ell(w: Any, *, block_n: int = ELL_BLOCK_N, chunk: int | None = None
     w: ``[K, N]`` float array (concrete, pruned); its values are stored as bfloat16.
     block_n: columns a block (a multiple of 32).
     chunk: slots a column a chunk (16, 32 or 64; default :func:`ell_chunk` of the density).
+    dtype: None or bfloat16 (the only storage dtype).
 
   Returns:
     An :class:`EllSparse`; ``decompress`` gives ``w`` in bfloat16 exactly.
   """
   a = _as_matrix(w, "compress_ell")
+  if dtype is not None and jnp.dtype(dtype) != jnp.bfloat16:
+    raise ValueError(f"compress_ell: values are stored as bfloat16, got dtype={dtype}")
   if block_n < 32 or block_n % 32:
     raise ValueError(f"compress_ell: block_n must be a multiple of 32, got {block_n}")
   k, n = a.shape

@@ -167,6 +167,8 @@ def test_format_errors(key):
     F.compress_ell(w, block_n=48)
   with pytest.raises(ValueError, match="chunk must be 16, 32 or 64, got 8"):
     F.compress_ell(w, chunk=8)
+  with pytest.raises(ValueError, match="stored as bfloat16, got dtype=float32"):
+    F.sparsify(w, fmt="ell", min_sparsity=0.0, dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"w must be 2-D \[K, N\], got shape \(2, 3, 4\)"):
     F.compress(jnp.ones((2, 3, 4)))
   with pytest.raises(TypeError, match="w must be a float array"):
