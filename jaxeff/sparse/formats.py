@@ -361,7 +361,7 @@ def compress_ell(w: Any, *, block_n: int = ELL_BLOCK_N, chunk: int | None = None
   """
   a = _as_matrix(w, "compress_ell")
   if dtype is not None and jnp.dtype(dtype) != jnp.bfloat16:
-    raise ValueError(f"compress_ell: values are stored as bfloat16, got dtype={dtype}")
+    raise ValueError(f"compress_ell: values are stored as bfloat16, got dtype={jnp.dtype(dtype)}")
   if block_n < 32 or block_n % 32:
     raise ValueError(f"compress_ell: block_n must be a multiple of 32, got {block_n}")
   k, n = a.shape
