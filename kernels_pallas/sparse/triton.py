@@ -250,11 +250,14 @@ def _ell_kernel(x_ref, d_ref, b_ref, bp_ref, o_ref, *, k: int, m_rows: int, spli
   per = (count + split - 1) // split
   n = jnp.maximum(jnp.minimum(per, count - sp * per), 0)
   first = start + sp * per
+  # the column bases, read through a zero-row-stride index in the planes' own layout
+  # (a [1, block_n] load would need a layout conversion, i.e. a barrier, every step)
+  lane = lax.broadcasted_iota(jnp.int32, d_ref.shape[2:], 1)
 
   def load(t):
     # clamped: the prefetch past the last chunk, and splits past a short block's chunks
     ch = jnp.minimum(first + jnp.minimum(t, jnp.maximum(n - 1, 0)), d_ref.shape[0] - 1)
-    return d_ref[ch, 0], d_ref[ch, 1], d_ref[ch, 2], b_ref[pl.ds(ch, 1), :]
+    return d_ref[ch, 0], d_ref[ch, 1], d_ref[ch, 2], b_ref[ch * block_n + lane]
 
   def body(t, carry):
     # invariant: accs[i] = sum over this program's first t chunks of value * x[i, row]
@@ -311,7 +314,7 @@ def ell_sparse_matmul(x: jax.Array, data: jax.Array, base: jax.Array, block_ptr:
                                               num_stages=cfg.num_stages),
       interpret=interpret,
       name="ell_sparse_matmul",
-  )(x.reshape(-1), data, base, block_ptr)
+  )(x.reshape(-1), data, base.reshape(-1), block_ptr)
   return jnp.sum(partial, axis=0)
 
 
