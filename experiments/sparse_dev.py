@@ -272,7 +272,8 @@ def variant_sweep(k, n, s, w, wh, formats, dense_t, section):
   per = ell.data.shape[0] // nb
   base = T.ell_default_config(nb, per)
   ell_vars = [("ell:split/2", ell, T.EllConfig(split=max(1, base.split // 2))),
-              ("ell:split*2", ell, T.EllConfig(split=base.split * 2))]
+              ("ell:split*2", ell, T.EllConfig(split=base.split * 2)),
+              ("ell:diag_no_x_gather", ell, dataclasses.replace(base, gather_x=False))]
   if elapsed() < BUDGET:
     e16 = F.compress_ell(wh, chunk=16)
     ell_vars.append(("ell:chunk16", e16, None))
@@ -285,7 +286,7 @@ def variant_sweep(k, n, s, w, wh, formats, dense_t, section):
         continue
       fn = ell_fn(cfg)
       x0 = _x(m, k, 0)
-      err = _err(fn(x0, ws), _ref(x0, w))
+      err = None if "diag" in name else _err(fn(x0, ws), _ref(x0, w))
       t = _time(fn, lambda i, m=m: _x(m, k, i), ws)
       nbytes = harness.tree_bytes(ws)
       record(section, f"{int(s * 100)}% m={m} k={k} n={n}", name, t, base=dense_t[m], err=err,
@@ -308,17 +309,20 @@ def variant_sweep(k, n, s, w, wh, formats, dense_t, section):
       record(section, f"{int(s * 100)}% m={m} k={k} n={n}",
              f"tiled:{tile[0]}x{tile[1]}w{warps}s{cfg.split_k}", t, base=dense_t[m], err=err,
              nbytes=nbytes, sparsity=s, m=m, k=k, n=n)
-  # split-K of the default tile, twice and half the default
+  # split-K of the default tile, twice and half the default; the value gather left out
   ws = formats[0][1]
   for m in (1, 16):
     kp, np_ = ws.padded_shape
     d = T.tiled_default_config(m, np_, kp // ws.tile[0], ws.tile[1])
-    for split in (max(1, d.split_k // 2), d.split_k * 2):
-      if elapsed() > BUDGET or (kp // ws.tile[0]) % split:
+    tries = [(f"tiled:split{sp}", dataclasses.replace(d, split_k=sp))
+             for sp in (max(1, d.split_k // 2), d.split_k * 2) if (kp // ws.tile[0]) % sp == 0]
+    if m == 1:
+      tries.append(("tiled:diag_no_value_gather", dataclasses.replace(d, gather=False)))
+    for name, cfg in tries:
+      if elapsed() > BUDGET:
         continue
-      fn = tiled_fn(dataclasses.replace(d, split_k=split))
-      t = _time(fn, lambda i, m=m: _x(m, k, i), ws)
-      record(section, f"{int(s * 100)}% m={m} k={k} n={n}", f"tiled:split{split}", t,
+      t = _time(tiled_fn(cfg), lambda i, m=m: _x(m, k, i), ws)
+      record(section, f"{int(s * 100)}% m={m} k={k} n={n}", name, t,
              base=dense_t[m], nbytes=harness.tree_bytes(ws), sparsity=s, m=m, k=k, n=n)
   # the streaming bandwidth of a dense Triton GEMV (same loads, FMA)
   wd = _weight(k, n, 0.0, 98)

@@ -63,6 +63,7 @@ class SparseMatmulConfig:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  gather: bool = True  # diagnostic (tiled): False skips the value gather (wrong result)
 
   def __post_init__(self):
     if self.block_m < MIN_DOT or self.block_m & (self.block_m - 1):
@@ -138,7 +139,10 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: 
     # one thread owns a column: its 32 rows of this word are consecutive values
     bits = ((word >> bit) & jnp.uint32(1)).astype(jnp.int32)  # [32, tile_n]
     rank = tile_ranks(bits, axis=0)  # in-thread prefix sum along the column
-    vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
+    if cfg.gather:
+      vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
+    else:
+      vals = (bits * (ptr + rank)).astype(x_ref.dtype)
     acc = acc + _dot(x_ref[rows, pl.ds(s * WORD_BITS, WORD_BITS)], vals.astype(x_ref.dtype))
     return acc, ptr + jnp.sum(bits, axis=0, keepdims=True)
 
@@ -228,6 +232,7 @@ class EllConfig:
   split: int = 1
   num_warps: int = 4
   num_stages: int = 1
+  gather_x: bool = True  # diagnostic: False reads x[i, 0] for every slot (wrong result)
 
 
 def ell_default_config(num_blocks: int, chunks_per_block: int, m: int = 1,
@@ -243,7 +248,7 @@ ELL_PROGRAMS_PER_SM = 4
 
 
 def _ell_kernel(x_ref, d_ref, b_ref, bp_ref, o_ref, *, k: int, m_rows: int, split: int,
-                block_n: int):
+                block_n: int, gather_x: bool = True):
   cb, sp = pl.program_id(0), pl.program_id(1)
   start = bp_ref[cb]
   count = bp_ref[cb + 1] - start
@@ -266,6 +271,8 @@ def _ell_kernel(x_ref, d_ref, b_ref, bp_ref, o_ref, *, k: int, m_rows: int, spli
     accs = list(accs)
     for j in range(4):  # slot 4 s + j of every word
       row = base + ((w0 >> (8 * j)) & jnp.uint32(0xFF)).astype(jnp.int32)
+      if not gather_x:
+        row = row * 0
       vw = w1 if j < 2 else w2
       vbits = (vw << 16) if j % 2 == 0 else (vw & jnp.uint32(0xFFFF0000))
       v = lax.bitcast_convert_type(vbits, jnp.float32)  # the bf16 value, exactly
@@ -305,7 +312,8 @@ def ell_sparse_matmul(x: jax.Array, data: jax.Array, base: jax.Array, block_ptr:
   nb = block_ptr.shape[0] - 1
   block_n = data.shape[3]
   cfg = config or ell_default_config(nb, chunks_per_block, m)
-  kernel = functools.partial(_ell_kernel, k=k, m_rows=m, split=cfg.split, block_n=block_n)
+  kernel = functools.partial(_ell_kernel, k=k, m_rows=m, split=cfg.split, block_n=block_n,
+                             gather_x=cfg.gather_x)
   partial = pl.pallas_call(
       kernel,
       grid=(nb, cfg.split),
