@@ -316,6 +316,7 @@ def variant_sweep(k, n, s, w, wh, formats, dense_t, section):
     d = T.tiled_default_config(m, np_, kp // ws.tile[0], ws.tile[1])
     tries = [(f"tiled:split{sp}", dataclasses.replace(d, split_k=sp))
              for sp in (max(1, d.split_k // 2), d.split_k * 2) if (kp // ws.tile[0]) % sp == 0]
+    tries.append(("tiled:by_word", dataclasses.replace(d, whole_tile=False)))
     if m == 1:
       tries.append(("tiled:diag_no_value_gather", dataclasses.replace(d, gather=False)))
     for name, cfg in tries:

@@ -64,6 +64,7 @@ class SparseMatmulConfig:
   num_warps: int = 4
   num_stages: int = 3
   gather: bool = True  # diagnostic (tiled): False skips the value gather (wrong result)
+  whole_tile: bool = True  # tiled: expand tiles of <= 4 words at once (else word by word)
 
   def __post_init__(self):
     if self.block_m < MIN_DOT or self.block_m & (self.block_m - 1):
@@ -89,6 +90,7 @@ def default_config(m: int, n: int, k_steps: int, block_n: int,
 
 
 TILED_PROGRAMS_PER_SM = 4
+MAX_WHOLE_TILE_WORDS = 4  # taller tiles expand word row by word row (no spills)
 
 
 def tiled_default_config(m: int, n: int, k_steps: int, tile_n: int,
@@ -146,15 +148,37 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: 
     acc = acc + _dot(x_ref[rows, pl.ds(s * WORD_BITS, WORD_BITS)], vals.astype(x_ref.dtype))
     return acc, ptr + jnp.sum(bits, axis=0, keepdims=True)
 
+  tk = q_words * WORD_BITS
+  bit3 = lax.broadcasted_iota(jnp.uint32, (q_words, WORD_BITS, tile_n), 1)
+
   def load_index(kt):
-    words = [bm_ref[pl.ds(kt * q_words + q, 1), cols] for q in range(q_words)]
-    return cp_ref[pl.ds(kt, 1), cols], words  # [1, tile_n] each
+    return cp_ref[pl.ds(kt, 1), cols], bm_ref[pl.ds(kt * q_words, q_words), cols]
 
   def step(i, carry):
     # invariant: acc = x @ (this split's first i tile rows of w, expanded)
     acc, (ptr, words) = carry
     kt = split * steps + i
     nxt = load_index(kt + jnp.minimum(i + 1, steps - 1) - i)  # prefetch (clamped)
+    # the whole tile at once: bits [q, 32, tile_n] -> [tile_k, tile_n] (rows stay in the
+    # thread), one prefix sum down the column and one dot a step
+    bits = ((words[:, None, :] >> bit3) & jnp.uint32(1)).astype(jnp.int32).reshape(tk, tile_n)
+    rank = tile_ranks(bits, axis=0)
+    if cfg.gather:
+      vals = v_ref[bits * (ptr + rank)]  # unset bits read values[0] == 0
+    else:
+      vals = (bits * (ptr + rank)).astype(x_ref.dtype)
+    acc = acc + _dot(x_ref[rows, pl.ds(kt * tk, tk)], vals.astype(x_ref.dtype))
+    return acc, nxt
+
+  def load_index_rows(kt):
+    words = [bm_ref[pl.ds(kt * q_words + q, 1), cols] for q in range(q_words)]
+    return cp_ref[pl.ds(kt, 1), cols], words  # [1, tile_n] each
+
+  def step_words(i, carry):
+    # the same, word row by word row (fewer live registers for tall tiles)
+    acc, (ptr, words) = carry
+    kt = split * steps + i
+    nxt = load_index_rows(kt + jnp.minimum(i + 1, steps - 1) - i)  # prefetch (clamped)
     for q in range(q_words):
       acc, ptr = word_product(acc, ptr, words[q], kt * q_words + q)
     return acc, nxt
@@ -175,7 +199,9 @@ def _tiled_kernel(x_ref, v_ref, bm_ref, cp_ref, o_ref, *, q_words: int, tile_n: 
   if bm > 32:
     acc = lax.fori_loop(0, steps, step_lean, acc)
   else:
-    acc, _ = lax.fori_loop(0, steps, step, (acc, load_index(split * steps)))
+    whole = cfg.whole_tile and q_words <= MAX_WHOLE_TILE_WORDS
+    body, first = (step, load_index) if whole else (step_words, load_index_rows)
+    acc, _ = lax.fori_loop(0, steps, body, (acc, first(split * steps)))
   pltriton.store(o_ref.at[split, rows, cols], acc,
                  mask=_row_mask(row_block, bm, m_real, tile_n))
 

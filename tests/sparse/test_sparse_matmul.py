@@ -33,7 +33,8 @@ def _dense_ref(x, w):
 
 
 @pytest.mark.parametrize("m,k,n,sparsity,tile", [(1, 160, 80, 0.9, (32, 64)),
-                                                 (40, 64, 33, 0.7, (64, 32))])
+                                                 (40, 64, 33, 0.7, (64, 32)),
+                                                 (2, 300, 40, 0.8, (256, 32))])
 def test_tiled_kernel_matches_masked_dense(m, k, n, sparsity, tile, key):
   w = _pruned(key, k, n, sparsity)
   ws = F.compress(w, tile=tile)
