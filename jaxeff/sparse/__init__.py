@@ -1,4 +1,4 @@
-"""Sparsity: weight formats (Flash-LLM tiled bitmap, N:M, BSR), pruning (magnitude, Wanda,
+"""Sparsity: weight formats (Flash-LLM tiled bitmap, sliced ELL, N:M, BSR), pruning (magnitude, Wanda,
 N:M, structured), sparse training schedules (SR-STE, mask decay, gradual magnitude
 pruning) and CATS activation-sparsity calibration. The products are in
 :mod:`jaxeff.ops.sparse_matmul`."""
@@ -6,11 +6,13 @@ pruning) and CATS activation-sparsity calibration. The products are in
 from jaxeff.sparse.activation import activation_sparsity, calibrate_cats_threshold
 from jaxeff.sparse.formats import (
     BlockSparse,
+    EllSparse,
     NMSparse,
     TiledSparse,
     bsr_from_block_mask,
     compress,
     compress_bsr,
+    compress_ell,
     compress_nm,
     decompress,
     is_sparse,
