@@ -1,6 +1,6 @@
-"""Sparsity: weight formats (Flash-LLM tiled bitmap, sliced ELL, N:M, BSR), pruning (magnitude, Wanda,
-N:M, structured), sparse training schedules (SR-STE, mask decay, gradual magnitude
-pruning) and CATS activation-sparsity calibration. The products are in
+"""Sparsity: weight formats (Flash-LLM tiled bitmap, sliced ELL, N:M, BSR), pruning
+(magnitude, Wanda, N:M, structured), sparse training schedules (SR-STE, mask decay,
+gradual magnitude pruning) and CATS activation-sparsity calibration. The products are in
 :mod:`jaxeff.ops.sparse_matmul`."""
 
 from jaxeff.sparse.activation import activation_sparsity, calibrate_cats_threshold
