@@ -35,8 +35,8 @@ All store a weight ``w: [K, N]`` (``y = x @ w``, K the contraction axis) and are
   plus the transposed index (``t_cols``, ``t_slots``, ``t_counts``: the blocks of each
   block row) that the backward pass ``dx = dy @ w^T`` walks.
 
-``compress`` / ``compress_ell`` / ``compress_nm`` / ``compress_bsr`` build them (host-side numpy: the
-number of non-zeros is data-dependent), ``decompress`` inverts each exactly.
+``compress`` / ``compress_ell`` / ``compress_nm`` / ``compress_bsr`` build them (host-side
+numpy: the number of non-zeros is data-dependent), ``decompress`` inverts each exactly.
 """
 
 from __future__ import annotations
@@ -643,7 +643,8 @@ def sparsify(w: Any, *, fmt: str = "tiled", min_sparsity: float = 0.5, **kwargs)
 
   Args:
     w: ``[K, N]`` pruned weight (concrete).
-    fmt: ``"tiled"`` (:func:`compress`), ``"ell"`` (:func:`compress_ell`), ``"nm"`` (:func:`compress_nm`, ``pattern=``) or
+    fmt: ``"tiled"`` (:func:`compress`), ``"ell"`` (:func:`compress_ell`), ``"nm"``
+      (:func:`compress_nm`, ``pattern=``) or
       ``"bsr"`` (:func:`compress_bsr`, ``block=``).
     min_sparsity: in ``[0, 1]``.
     **kwargs: passed to the compressor.
