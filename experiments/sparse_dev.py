@@ -208,7 +208,7 @@ def dense_gemv_fn(bk=32, bn=256, split=8, num_warps=4):
 def correctness():
   """Odd shapes, every kernel, against the dense masked product."""
   cases = [("tiled", 1, 300, 200, 0.8, None), ("tiled", 5, 1000, 333, 0.6, (64, 128)),
-           ("tiled", 17, 777, 130, 0.9, (256, 64)),
+           ("tiled", 17, 777, 130, 0.9, (256, 64)), ("tiled", 40, 500, 260, 0.7, None),
            ("ell", 1, 1000, 333, 0.9, None), ("ell", 5, 777, 500, 0.5, None),
            ("ell", 16, 1000, 200, 0.8, None), ("ell", 3, 5000, 129, 0.97, None)]
   for kind, m, k, n, s, tile in cases:
@@ -224,6 +224,11 @@ def correctness():
     out = nm_fn()(x, F.compress_nm(w, "2:4", meta_block=mb))
     record("correctness", f"2:4 m=3 k=1024 n=384 meta_block={mb}", "nm", float("nan"),
            err=_err(out, _ref(x, w)))
+  w = jnp.where(nm_mask(jnp.abs(_weight(1000, 333, 0.0, 5)), "2:4"), _weight(1000, 333, 0.0, 5), 0)
+  x = _x(3, 1000, 5)
+  out = sm.sparse_matmul(x, F.compress_nm(w, "2:4", words=True), implementation=IMPL)
+  record("correctness", "2:4 words m=3 k=1000 n=333", "nm:words", float("nan"),
+         err=_err(out, _ref(x, w)))
   for m in (1, 3):
     d, h = 512, 1536
     ks = jax.random.split(jax.random.key(m), 4)
