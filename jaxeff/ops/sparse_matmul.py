@@ -4,8 +4,11 @@
 :mod:`jaxeff.sparse.formats`:
 
 * :class:`~jaxeff.sparse.TiledSparse` (unstructured, Flash-LLM tiled bitmap; Xia et al.
-  2023), aimed at skinny ``x`` (decode, ``M <= 64``) at 50-95% sparsity;
-* :class:`~jaxeff.sparse.NMSparse` (2:4, 1:4, 2:8, ... along K);
+  2023): expanded on chip for the tensor cores, ``M <= 64``, 50-95% sparsity;
+* :class:`~jaxeff.sparse.EllSparse` (unstructured, sliced ELL): decode (``M <= 16``), the
+  kernel gathers ``x`` per non-zero, so its work falls with the sparsity;
+* :class:`~jaxeff.sparse.NMSparse` (2:4, 1:4, 2:8, ... along K; the 2:4 ``words`` layout
+  is the decode form, ``M <= 8``);
 * :class:`~jaxeff.sparse.BlockSparse` (BSR, blocks 16..128), differentiable in ``x`` and
   the stored blocks (``custom_vjp`` whose backward is two kernels: ``dy @ w^T`` over the
   transposed block index and the kept blocks' ``x^T dy``);
@@ -17,7 +20,7 @@ Implementations (``implementation=``), fastest first:
 * ``"xla"``: the reference: decompress (exact) then one dot in float32.
 
 Break-even: a sparse kernel only pays when it reads fewer bytes than the dense weight.
-With ``implementation=None`` a :class:`TiledSparse` weight whose sparsity is under
+With ``implementation=None`` a tiled or ELL weight whose sparsity is under
 ``min_sparsity`` (default :data:`BREAK_EVEN_SPARSITY`, 0.5: Flash-LLM's reported
 break-even; not yet measured here, see notes/sparse.md) is served by the reference.
 Since that decompresses per call, the real fallback is taken once, offline:
@@ -26,9 +29,10 @@ then multiplies densely. Shapes that are not whole kernel tiles are padded with 
 
 ``cats_mlp(x, w_gate, w_up, w_down, threshold=t)`` is the SwiGLU MLP with CATS
 activation sparsity (Lee et al., 2024): ``a = silu(x @ w_gate)``, entries with
-``|a| <= t`` set to zero, ``y = (a * (x @ w_up)) @ w_down``; the ``"triton"`` kernel loads
-only the up / down weights of neurons active in some row (``t`` from
-:func:`jaxeff.sparse.calibrate_cats_threshold`).
+``|a| <= t`` set to zero, ``y = (a * (x @ w_up)) @ w_down``; the ``"triton"`` kernels read
+every gate row but only the up / down rows of neurons active in some row of ``x`` (``t``
+from :func:`jaxeff.sparse.calibrate_cats_threshold`; pass the gate and up projections
+transposed, ``[H, D]``, to avoid a per-call transpose).
 """
 
 from __future__ import annotations
