@@ -14,8 +14,9 @@ output against the same reference (``err`` column; > 2e-2 is flagged ``BAD``).
   bandwidth a Pallas Triton kernel gets here (calibrates the others);
 * CATS SwiGLU at decode (D 4096, H 14336, 50% activation sparsity, m = 1 and 8) against
   the dense SwiGLU (XLA);
-* 2:4 (K = N = 8192, m = 1, 4, 16): the words layout's decode kernel (gathers x, m <= 8)
-  and the N:M tensor-core kernel at its default and at smaller steps.
+* 2:4 (K = N = 8192, m = 1, 4, 16): the words layout's kernels (gathers x with FMAs, m <=
+  4; tensor cores, 3 and 2 stages) and the planes layout's tensor-core kernel (default and
+  ``meta_block=16``, 2 stages).
 
 Weights are rotated over device copies so that more than twice the L2 is streamed between
 repeats (a compressed 8192^2 weight at 90% is 22 MB). Sections run in priority order and
@@ -174,6 +175,20 @@ def nm_fn(block_n=None, cfg=None):
     out = T.nm_sparse_matmul(planes, w.values, w.meta, n=w.n, m=w.m, meta_block=w.meta_block,
                              m_real=m, config=c, block_n=bn, interpret=INTERPRET)
     return out[:, :n].astype(x.dtype)
+  return jax.jit(f)
+
+
+def words_fn(dot: bool, num_stages: int = 3):
+  """The 2:4 words kernels directly: FMA (gathers x) or tensor cores."""
+  def f(x, w):
+    m = x.shape[0]
+    if dot:
+      xp = jnp.pad(x, ((0, -m % 16), (0, 0)))
+      out = T.nm_words_dot_matmul(xp, w.values, w.meta, m_real=m, num_stages=num_stages,
+                                  interpret=INTERPRET)
+    else:
+      out = T.nm_words_matmul(x, w.values, w.meta, interpret=INTERPRET)
+    return out.astype(x.dtype)
   return jax.jit(f)
 
 
@@ -378,18 +393,25 @@ def nm(ms):
   wd = _weight(k, n, 0.0, 99)
   words = F.compress_nm(wh, "2:4", words=True)
   meta16 = F.compress_nm(wh, "2:4", meta_block=16)
-  variants = [("nm:words", words, None), ("nm:default", F.compress_nm(wh, "2:4"), {}),
-              ("nm:meta16", meta16, {}), ("nm:meta16_bn64", meta16, {"block_n": 64})]
+  variants = [("nm:default", F.compress_nm(wh, "2:4"), {}), ("nm:meta16", meta16, {})]
+  words_fns = {"nm:words_fma": words_fn(dot=False), "nm:words_dot": words_fn(dot=True),
+               "nm:words_dot_s2": words_fn(dot=True, num_stages=2)}
   for m in ms:
     td = _time(jax.jit(jnp.dot), lambda i, m=m: _x(m, k, i), wd)
     record("nm", f"dense m={m} k={k} n={n}", "xla:bf16", td, nbytes=2 * k * n)
+    for name, fn in words_fns.items():
+      if elapsed() > BUDGET or (name == "nm:words_fma" and m > 4):
+        continue
+      x0 = _x(m, k, 0)
+      err = _err(fn(x0, words), _ref(x0, w))
+      t = _time(fn, lambda i, m=m: _x(m, k, i), words)
+      record("nm", f"2:4 m={m} k={k} n={n}", name, t, base=td, err=err,
+             nbytes=harness.tree_bytes(words), m=m)
     for name, ws, kw in variants:
       if elapsed() > BUDGET:
         SKIPPED.append(f"nm {name} m={m}")
         continue
-      if kw is None and m > sm.NM_WORDS_MAX_M:
-        continue
-      fn = tiled_fn() if kw is None else nm_fn(**kw)  # tiled_fn() is the op's dispatch
+      fn = nm_fn(**kw)
       x0 = _x(m, k, 0)
       err = _err(fn(x0, ws), _ref(x0, w))
       t = _time(fn, lambda i, m=m: _x(m, k, i), ws)

@@ -8,7 +8,7 @@
 * :class:`~jaxeff.sparse.EllSparse` (unstructured, sliced ELL): decode (``M <= 16``), the
   kernel gathers ``x`` per non-zero, so its work falls with the sparsity;
 * :class:`~jaxeff.sparse.NMSparse` (2:4, 1:4, 2:8, ... along K; the 2:4 ``words`` layout
-  is the decode form, ``M <= 8``);
+  has a decode kernel that gathers ``x`` (``M <= 2``) and a tensor-core kernel (``M <= 64``));
 * :class:`~jaxeff.sparse.BlockSparse` (BSR, blocks 16..128), differentiable in ``x`` and
   the stored blocks (``custom_vjp`` whose backward is two kernels: ``dy @ w^T`` over the
   transposed block index and the kept blocks' ``x^T dy``);
@@ -53,7 +53,7 @@ FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.f
 BREAK_EVEN_SPARSITY = 0.5
 SKINNY_MAX_M = 64  # tiled / N:M kernels are split-K GEMV-like kernels
 ELL_MAX_M = 16  # the sliced-ELL kernel unrolls over the rows of x
-NM_WORDS_MAX_M = 8  # so does the 2:4 words kernel
+NM_WORDS_FMA_MAX_M = 2  # 2:4 words: the x-gathering FMA kernel up to here, then tensor cores
 CATS_MAX_M = 8  # the CATS kernels unroll over the rows of x
 _BLOCK_N = (128, 64, 32, 16)
 
@@ -109,9 +109,16 @@ def _nm_fn(x2, w: NMSparse, *, out_dtype, min_sparsity, interpret):
     bn = next((b for b in (128, 64, 32) if n % b == 0), None)
     kp = 32 * w.values.shape[0]
     np_ = _round_up(n, bn or 128)
-    out = _triton.nm_words_matmul(_pad_to(x2, (m, kp)), _pad_to(w.values, (kp // 32, 8, np_)),
-                                  _pad_to(w.meta, (kp // 32, np_)), block_n=bn or 128,
-                                  interpret=interpret)
+    values = _pad_to(w.values, (kp // 32, 8, np_))
+    meta = _pad_to(w.meta, (kp // 32, np_))
+    if m <= NM_WORDS_FMA_MAX_M:  # gather x, FMA
+      out = _triton.nm_words_matmul(_pad_to(x2, (m, kp)), values, meta, block_n=bn or 128,
+                                    interpret=interpret)
+    else:  # tensor cores
+      xp = _pad_to(x2, (_round_up(m, _triton.MIN_DOT), kp))
+      out = _triton.nm_words_dot_matmul(xp, values, meta, m_real=m, tile_n=bn or 128,
+                                        num_stages=3 if xp.shape[0] <= 16 else 2,
+                                        interpret=interpret)
     return out[:, :n].astype(out_dtype)
   m, k = x2.shape
   n = w.shape[1]
@@ -174,9 +181,6 @@ def _triton_supports(x2, w, *, out_dtype, min_sparsity):
   del out_dtype
   if not is_sparse(w):
     return "a dense w is multiplied densely (xla)"
-  if isinstance(w, NMSparse) and w.words and x2.shape[0] > NM_WORDS_MAX_M:
-    return (f"m={x2.shape[0]} > {NM_WORDS_MAX_M}: the 2:4 words layout is for decode "
-            "(its kernel gathers x once a row); compress without words=True for wider x")
   if isinstance(w, EllSparse) and x2.shape[0] > ELL_MAX_M:
     return (f"m={x2.shape[0]} > {ELL_MAX_M}: the sliced-ELL kernel gathers x once a row "
             "(decode); use the tiled format for wider x")

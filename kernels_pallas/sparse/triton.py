@@ -518,6 +518,73 @@ def nm_words_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *, block_n
   return jnp.sum(partial, axis=0)
 
 
+def _nm_words_dot_kernel(x_ref, v_ref, m_ref, o_ref, *, rows: int, tile_n: int, steps: int,
+                         m_real: int, block_m: int):
+  cb, sp = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(cb * tile_n, tile_n)
+  nib_shift = lax.broadcasted_iota(jnp.uint32, (rows, 8, tile_n), 1) * 4
+  row_in_group = lax.broadcasted_iota(jnp.uint32, (rows, 8, 4, tile_n), 2)
+  tk = rows * 32
+
+  def step(i, acc):
+    # invariant: acc = x @ (this split's first i steps of 32 * rows dense rows)
+    t = sp * steps + i
+    rs = pl.ds(t * rows, rows)
+    nib = (m_ref[rs, cols][:, None, :] >> nib_shift) & jnp.uint32(0xF)  # [rows, 8, tile_n]
+    vals = v_ref[rs, :, cols]
+    o0, o1 = (nib & 3)[:, :, None, :], (nib >> 2)[:, :, None, :]
+    lo, hi = (vals & jnp.uint32(0xFFFF))[:, :, None, :], (vals >> 16)[:, :, None, :]
+    # dense row 32 r + 4 p + j: slot 0's value where its offset is j, else slot 1's, else 0
+    dense = jnp.where(o0 == row_in_group, lo, jnp.where(o1 == row_in_group, hi, jnp.uint32(0)))
+    dense = lax.bitcast_convert_type(dense.reshape(tk, tile_n).astype(jnp.uint16),
+                                     jnp.bfloat16)
+    return acc + _dot(x_ref[:, pl.ds(t * tk, tk)], dense.astype(x_ref.dtype))
+
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, tile_n), jnp.float32))
+  pltriton.store(o_ref.at[sp, :, cols], acc, mask=_row_mask(0, block_m, m_real, tile_n))
+
+
+def nm_words_dot_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *,
+                        m_real: int | None = None, tile_n: int = 128, rows: int = 4,
+                        split: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                        interpret: bool = False) -> jax.Array:
+  """``x @ w`` for a 2:4 ``w`` in the words layout, on the tensor cores (any ``M <= 64``).
+
+  A step loads ``rows`` word rows (``32 * rows`` dense rows; cp.async-pipelined, feeding
+  the dot), rebuilds the dense bf16 tile with two compares and two selects an element
+  (``[rows, 8, 4, tile_n]`` reshaped in registers to ``[32 * rows, tile_n]``) and multiplies
+  it with the matching columns of ``x``.
+
+  Args:
+    x: ``[M, Kp]`` (M a multiple of 16 up to 64, ``Kp = 32 * values.shape[0]``; pad with
+      zeros).
+    values: uint32 ``[Kp / 32, 8, N]``; meta: uint32 ``[Kp / 32, N]``.
+    m_real: rows of ``x`` that are not padding (default M).
+
+  Returns:
+    ``[m_real, N]`` float32.
+  """
+  m, k = x.shape
+  g8, _, n = values.shape
+  if k != 32 * g8:
+    raise ValueError(f"nm_words_dot_matmul: x has K = {k}, the words hold {32 * g8} rows")
+  _check_tiles("nm_words_dot_matmul", m, g8, n, MIN_DOT, rows, tile_n)
+  row_steps = g8 // rows
+  split = split or nm_words_default_split(n // tile_n, row_steps)
+  if row_steps % split:
+    raise ValueError(f"nm_words_dot_matmul: split {split} must divide the {row_steps} K steps")
+  m_real = m if m_real is None else m_real
+  kernel = functools.partial(_nm_words_dot_kernel, rows=rows, tile_n=tile_n,
+                             steps=row_steps // split, m_real=m_real, block_m=m)
+  partial = pl.pallas_call(
+      kernel, grid=(n // tile_n, split),
+      out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="nm24_words_dot_matmul",
+  )(x, values, meta)
+  return jnp.sum(partial[:, :m_real], axis=0)
+
+
 # ------------------------------------------------------------------------------- BSR
 
 
@@ -776,5 +843,6 @@ def cats_mlp(x: jax.Array, gate_t: jax.Array, up_t: jax.Array, down: jax.Array,
 __all__ = ["BsrConfig", "CatsConfig", "EllConfig", "SparseMatmulConfig", "bsr_matmul",
            "bsr_matmul_t", "bsr_weight_grad", "cats_default_config", "cats_mlp",
            "default_config", "ell_default_config", "ell_sparse_matmul", "nm_block_sizes",
-           "nm_sparse_matmul", "nm_words_default_split", "nm_words_matmul",
+           "nm_sparse_matmul", "nm_words_default_split", "nm_words_dot_matmul",
+           "nm_words_matmul",
            "tiled_default_config", "tiled_sparse_matmul"]

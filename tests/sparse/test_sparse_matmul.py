@@ -65,7 +65,7 @@ def test_nm_kernel_matches_masked_dense(pattern, m, k, n, pack, key):
   assert_close(out, _dense_ref(x, w))
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 136, 48), (3, 256, 100)])
+@pytest.mark.parametrize("m,k,n", [(1, 136, 48), (3, 256, 100)])  # FMA / tensor cores
 def test_nm_words_kernel_matches_masked_dense(m, k, n, key):
   w = jax.random.normal(key, (k, n))
   w = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0).astype(jnp.bfloat16)
@@ -165,10 +165,6 @@ def test_dispatch_and_fallbacks(key):
   assert_close(out, _dense_ref(x, w))
   assert_close(sparse_matmul(x, w), _dense_ref(x, w))  # dense weight: plain dot
   assert_close(sparse_matmul(x[None], ws), _dense_ref(x, w)[None])  # leading dims, default
-  w24 = jnp.where(nm_mask(jnp.abs(w), "2:4"), w, 0)
-  with pytest.raises(NotImplementedError, match="the 2:4 words layout is for decode"):
-    sparse_matmul(_x(key, 9, 64), F.compress_nm(w24, "2:4", words=True),
-                  implementation=INTERPRET)
   with pytest.raises(NotImplementedError, match="skinny"):
     sparse_matmul(_x(key, 65, 64), F.compress(_pruned(key, 64, 64, 0.8), tile=(32, 32)),
                   implementation=INTERPRET)
@@ -231,7 +227,7 @@ def test_nm_gpu_real_sizes(pattern, key):
   w = jnp.where(nm_mask(jnp.abs(w), pattern), w, 0)
   ws = F.compress_nm(w, pattern, words=words)
   f = jax.jit(lambda x, w: sparse_matmul(x, w, implementation="triton"))
-  for m in (1, 4) if words else (1, 16, 64):
+  for m in (1, 4, 16, 64) if words else (1, 16, 64):
     x = _x(key, m, k, jnp.bfloat16)
     assert_close(f(x, ws), _dense_ref(x, w).astype(jnp.bfloat16), name=f"m={m}")
 
@@ -290,6 +286,8 @@ def test_kernels_lower_for_cuda():
       (lambda x, v, m: T.nm_sparse_matmul(x, v, m, n=2, m=4, meta_block=32),
        sds((4, 16, k // 4), bf), sds((2, k // 4, n), bf), sds((k // 8, n), jnp.uint8)),
       (lambda x, v, m: T.nm_words_matmul(x, v, m), sds((2, k), bf),
+       sds((k // 32, 8, n), jnp.uint32), sds((k // 32, n), jnp.uint32)),
+      (lambda x, v, m: T.nm_words_dot_matmul(x, v, m), sds((16, k), bf),
        sds((k // 32, 8, n), jnp.uint32), sds((k // 32, n), jnp.uint32)),
       (lambda x, b, r, c: T.bsr_matmul(x, b, r, c), sds((32, k), bf),
        sds((n // 32, 4, 32, 32), bf), sds((n // 32, 4), i32), sds((n // 32,), i32)),

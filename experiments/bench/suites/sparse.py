@@ -5,7 +5,7 @@ Cases (``y = x @ w``, ``x: [m, k]`` bf16, ``w: [k, n]``):
 * K = N = 8192 at m = 1, 16, 64; unstructured sparsity 50 / 70 / 80 / 90% in both
   unstructured formats (tiled bitmap, :func:`jaxeff.sparse.compress`, and sliced ELL,
   :func:`jaxeff.sparse.compress_ell`, the latter at m <= 16) and 2:4
-  (:func:`jaxeff.sparse.compress_nm`, also its decode ``words`` layout at m <= 8);
+  (:func:`jaxeff.sparse.compress_nm`, also its ``words`` layout);
 * LLM layer shapes 4096x4096, 4096x14336, 14336x4096 at m = 1, 16: 50%, 80%, 2:4;
 * one small case (K = N = 2048, m = 16, 80%) with ``jax.experimental.sparse`` BCOO too
   (its matmul is very slow: it is timed at that size only);
@@ -118,7 +118,7 @@ def _sparse_rows(m, k, n, fmt, dense, rounds):
   kinds = [("nm", "jaxeff")] if isinstance(fmt, str) else [("tiled", "jaxeff:tiled")]
   if not isinstance(fmt, str) and m <= sm.ELL_MAX_M:
     kinds.append(("ell", "jaxeff:ell"))
-  if fmt == "2:4" and m <= sm.NM_WORDS_MAX_M:
+  if fmt == "2:4":
     kinds.append(("words", "jaxeff:words"))
   ours = jax.jit(lambda x, w: sm.sparse_matmul(x, w))
   rows = []
