@@ -205,3 +205,29 @@ def test_sparse_inference_matches_pruned_dense(tiny_gpt, key):
   expected = jax.jit(model.apply)({"params": pruned}, tokens)
   np.testing.assert_allclose(np.asarray(logits(served, tokens)), np.asarray(expected),
                              rtol=2e-4, atol=2e-4)
+
+
+def test_sparse_inference_ell_and_nm_words(tiny_gpt, key):
+  # the decode formats (bf16 storage) through stock Dense layers, kernels in interpret mode
+  from jaxeff.nn.sparse import compress_params, sparse_inference
+  from jaxeff.sparse.formats import EllSparse, NMSparse
+
+  model, params = tiny_gpt
+  tokens = jax.random.randint(key, (1, 8), 0, 256)
+  attn, mlp = r"attn/[^/]+_proj/kernel$", r"mlp/[^/]+_proj/kernel$"
+  pruned, _ = P.prune(params, [P.PruneRule(attn, sparsity=0.8), P.PruneRule(mlp, nm="2:4")])
+  pruned = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), pruned)
+  served = compress_params(compress_params(pruned, attn, fmt="ell"), mlp, fmt="nm",
+                           pattern="2:4", words=True)
+  assert isinstance(served["block_0"]["attn"]["q_proj"]["kernel"], EllSparse)
+  down = served["block_1"]["mlp"]["down_proj"]["kernel"]
+  assert isinstance(down, NMSparse) and down.words
+
+  @jax.jit
+  def logits(p, t):
+    with sparse_inference(implementation="triton:interpret"):
+      return model.apply({"params": p}, t)
+
+  expected = jax.jit(model.apply)({"params": pruned}, tokens)
+  np.testing.assert_allclose(np.asarray(logits(served, tokens)), np.asarray(expected),
+                             rtol=2e-4, atol=2e-4)
