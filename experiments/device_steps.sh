@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Runs named steps in one device call, each under its own time limit, and keeps every log.
 # Usage (repo root):  bash experiments/device_steps.sh TOTAL_S "name|limit_s|command" ...
-# Each step's output goes to $OUT/<name>.log as it runs, its exit status to $OUT/steps.txt;
-# a step gets at most what is left of TOTAL_S (minus 10 s for packing), so a slow step
-# never costs the logs of the others. experiments/results is packed into
-# $OUT/results.tar.gz after every step.
+# (quote \$OUT in a step so that it names the work folder: 'name|60|cmd --out $OUT')
+# Each step's output goes to <name>.log as it runs, its exit status to steps.txt; a step gets
+# at most what is left of TOTAL_S (minus 10 s for packing), so a slow step never costs the
+# logs of the others. Steps see OUT as a work folder; after every step that folder, the
+# logs and experiments/results are packed into $OUT/bundle.tar.gz (the device tool brings
+# back only a few files per call, so everything travels in one).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
-out="${OUT:-/tmp/jaxeff-device-steps}"
-mkdir -p "$out"
+final="${OUT:-/tmp/jaxeff-device-steps}"
+out="$(mktemp -d)/out"
+mkdir -p "$out" "$final"
+export OUT="$out"
 total="$1"; shift
 t0=$(date +%s)
 { python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
@@ -24,6 +28,7 @@ for step in "$@"; do
   timeout -k 5 "$limit" bash -c "$cmd" >"$out/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $(( $(date +%s) - s ))s (limit $limit)" >>"$out/steps.txt"
-  tar -czf "$out/results.tar.gz" experiments/results notes/device_runs 2>/dev/null
+  tar -czf "$final/bundle.tar.gz" experiments/results -C "$out" . 2>/dev/null
+  cp "$out/steps.txt" "$final/steps.txt"
 done
 cat "$out/steps.txt"
