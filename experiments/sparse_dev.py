@@ -397,6 +397,20 @@ def cats(ms):
     nbytes = 2 * d * h * (1 + 2 * active)
     record("cats", f"cats m={m} d={d} h={h}", "jaxeff:cats", to, base=td,
            err=_check(ours, x0, (gt, ut, wd), ref), nbytes=nbytes, active_fraction=active, m=m)
+    if m > 1:
+      continue
+    base = T.cats_default_config(m, d, h)
+    for name, cfg in (("cats:block_h32", dataclasses.replace(base, block_h=32)),
+                      ("cats:down16x512", dataclasses.replace(base, down_block_h=16,
+                                                              down_block_d=512))):
+      if elapsed() > BUDGET:
+        continue
+      fn = jax.jit(lambda x, w, cfg=cfg: T.cats_mlp(
+          x, w[0], w[1], w[2], jnp.full((1,), t, jnp.float32), config=cfg,
+          interpret=INTERPRET)[0].astype(x.dtype))
+      tv = _time(fn, lambda i: _x(m, d, i), (gt, ut, wd))
+      record("cats", f"cats m={m} d={d} h={h}", name, tv, base=td,
+             err=_check(fn, x0, (gt, ut, wd), ref), nbytes=nbytes, active_fraction=active, m=m)
 
 
 def nm(ms):
