@@ -22,8 +22,9 @@ Implementations (``implementation=``), fastest first:
 * ``"mosaic_gpu"``: :mod:`kernels_pallas.matmul.mosaic_gpu`, Hopper ``wgmma`` with the
   scales fused (W8A8 and fp8 with per-tensor / per-row scales; 8-bit operands must be
   K-major, so a QArray weight is transposed per call: :func:`prepack` does it once).
-  fp8 block scales (1 x 128 activation tiles, 128 x 128 weight tiles) run the kernel's
-  per-K-block promotion.
+  fp8 block scales (1 x 128 activation tiles, 128 x 128 weight tiles) have the kernel's
+  per-K-block promotion, dispatched on a GPU only once it has passed there
+  (``BLOCK_SCALED_KERNEL``; until then the reference serves them).
 * ``"triton"``: :mod:`kernels_pallas.matmul.triton`, weight-only int4 / int8 with the
   dequantisation fused and split-K for skinny ``x`` (any CUDA GPU), for ``m <= 64``.
 * ``"xla"``: the reference below: dequantize, then one dot in float32.
@@ -65,7 +66,14 @@ TRITON_MAX_M = 64
 # (notes/quant_matmul.md); experiments/quant_dev.py times every variant.
 WEIGHT_ONLY_DEFAULT = ((TRITON_MAX_M, "triton", None),)
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
+# Block-scaled fp8 (quantized_matmul with 1 x 128 / 128 x 128 scales, fp8_dot(scaling=
+# "block")) through the Mosaic kernel on a real GPU. False until a GPU run passes
+# test_block_scaled_kernel_gpu / test_fp8_dot_gpu[block] (notes/quant_matmul.md): the
+# per-tile scale path crashed the H100 (illegal instruction); the reference serves block
+# scaling meanwhile. Interpret mode (CPU) is not affected.
+BLOCK_SCALED_KERNEL = False
 SCALINGS = ("tensor", "row", "block")
+TILE_SCALE_FORMS = ("columns", "tile_copy", "column_scalar")
 _EPS = 1e-12
 _FP8_BITS = {jnp.dtype(jnp.float8_e4m3fn): (4, 3, 7), jnp.dtype(jnp.float8_e5m2): (5, 2, 15)}
 
@@ -326,14 +334,22 @@ def _pad2(a: jax.Array, rows: int, cols: int, value=0) -> jax.Array:
 
 def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax.Array, *,
                      scale_mode: str, out_dtype, interpret: bool = False,
-                     config: _mosaic_gpu.MatmulConfig | None = None) -> jax.Array:
+                     config: _mosaic_gpu.MatmulConfig | None = None,
+                     tile_scales: str = "columns") -> jax.Array:
   """Mosaic GPU scaled matmul of K-major operands, padded to whole tiles.
 
   ``a: [M, K]``, ``b_t: [N, K]``; ``"outer"``: ``a_scale [M]``, ``b_scale [N]``;
   ``"block"``: ``a_scale [K // 128, M]`` and ``b_scale [K // 128, N]`` (per column) or
-  ``[K // 128, ceil(N / 128)]`` (128 x 128 weight tiles, DeepGEMM's layout; the kernel
-  then reads one scale per tile and step). Returns ``[M, N]``.
+  ``[K // 128, ceil(N / 128)]`` (128 x 128 weight tiles, DeepGEMM's layout). How tile
+  scales reach the kernel (``tile_scales``): ``"columns"`` repeats them over their
+  columns (the kernel form validated on the H100); ``"tile_copy"`` copies one scale per
+  tile and step (crashed on the H100: interpret mode, or
+  ``_mosaic_gpu.TILE_SCALES_ON_GPU``); ``"column_scalar"`` copies the repeated columns
+  but reads one scalar per tile. Returns ``[M, N]``.
   """
+  if tile_scales not in TILE_SCALE_FORMS:
+    raise ValueError(f"scaled_matmul_nt: tile_scales must be one of {TILE_SCALE_FORMS}, got "
+                     f"{tile_scales!r}")
   m, k = a.shape
   n = b_t.shape[0]
   cfg = config or _mosaic_gpu.default_config(m, n, k, a.dtype, scale_mode=scale_mode,
@@ -342,6 +358,7 @@ def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: 
   if scale_mode == "block":
     tk = math.lcm(tk, BLOCK)
   a_p, b_p = _pad2(a, tm, tk), _pad2(b_t, tn, tk)
+  scalar = False  # one scale per tile read from the repeated columns
   if scale_mode == "outer":
     sa, sb = jnp.pad(a_scale, (0, -m % tm)), jnp.pad(b_scale, (0, -n % tn))
   else:
@@ -349,7 +366,8 @@ def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: 
     rep = BLOCK // cfg.block_k
     nb = -(-n // BLOCK)
     compact = b_scale.shape[1] == nb and nb != n
-    if compact and cfg.block_n != BLOCK:
+    scalar = compact and cfg.block_n == BLOCK and tile_scales == "column_scalar"
+    if compact and (cfg.block_n != BLOCK or tile_scales != "tile_copy"):
       b_scale, compact = jnp.repeat(b_scale, BLOCK, axis=1)[:, :n], False
     sa = _pad2(jnp.repeat(a_scale, rep, axis=0), 1, tm)
     sb = jnp.repeat(b_scale, rep, axis=0)
@@ -362,7 +380,7 @@ def scaled_matmul_nt(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: 
       sb = _pad2(sb, 1, tn)
   out = _mosaic_gpu.scaled_matmul(a_p, b_p, sa.astype(jnp.float32), sb.astype(jnp.float32),
                                   scale_mode=scale_mode, out_dtype=out_dtype, config=cfg,
-                                  interpret=interpret)
+                                  interpret=interpret, b_tile_scalar=scalar)
   return out[:m, :n]
 
 
@@ -379,13 +397,23 @@ def _mosaic_supports(x2, w, x_scale2, *, out_dtype):
     return "mosaic_gpu serves 8-bit activations (W8A8 int8, fp8); use triton for weight-only"
   if mode == "w8a8" and info.groups != 1:
     return f"W8A8 needs per-channel weight scales, got {info.groups} groups along K"
-  if (info.groups != 1 or x_scale2.shape[-1] != 1) and (info.k % BLOCK
-                                                         or (info.k // info.groups) % BLOCK):
+  block = info.groups != 1 or x_scale2.shape[-1] != 1
+  if block and (info.k % BLOCK or (info.k // info.groups) % BLOCK):
     return (f"block-scaled fp8 needs K={info.k} and the weight group size "
             f"{info.k // info.groups} to be multiples of {BLOCK}")
+  if block and (why := _block_refused()):
+    return why
   if jnp.dtype(out_dtype) not in FLOAT_X_DTYPES:
     return f"out_dtype {out_dtype} is not a float type"
   return None
+
+
+def _block_refused() -> str | None:
+  """Why block-scaled fp8 is not run through the kernel here (None: it is)."""
+  if BLOCK_SCALED_KERNEL or _registry.current_platform() != "gpu":
+    return None
+  return ("block-scaled fp8 is served by the XLA reference on GPUs until the kernel passes "
+          "there (BLOCK_SCALED_KERNEL, notes/quant_matmul.md)")
 
 
 def _mosaic_fn(x2, w, x_scale2, *, out_dtype, interpret):
@@ -400,7 +428,7 @@ def _mosaic_fn(x2, w, x_scale2, *, out_dtype, interpret):
   sa = jnp.broadcast_to(xs.T, (kb, x2.shape[0])) if xs.shape[-1] == 1 else xs.T
   if info.packed:
     values, sb = w.values, w.scales.T  # [G, N] per column
-  else:  # keep 128 x 128 tile scales compact ([G, N // 128]): one scale per tile and step
+  else:  # 128 x 128 tile scales [G, N // 128] stay compact here (scaled_matmul_nt expands)
     values, sb = w.values.T, w.scales.astype(jnp.float32)
     if sb.shape[1] not in (info.n, -(-info.n // BLOCK)):
       sb = _column_scales(sb, info.n)
@@ -686,6 +714,11 @@ def _fp8_dot_bwd(call, res, dy):
 _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
+def _fp8_dot_supports(x2, w, *, scaling):
+  del x2, w
+  return _block_refused() if scaling == "block" else None
+
+
 def _fp8_dot_impl(backend: str):
   def fn(x2, w, *, scaling, interpret=False):
     return _fp8_dot(x2, w, _Fp8Call(scaling, backend, bool(interpret)))
@@ -694,7 +727,7 @@ def _fp8_dot_impl(backend: str):
 
 FP8_DOT_IMPLS: list[_registry.Implementation] = [
     _registry.Implementation("mosaic_gpu", _fp8_dot_impl("mosaic_gpu"), platforms=("gpu",),
-                             interpretable=True,
+                             supports=_fp8_dot_supports, interpretable=True,
                              device_kinds=_registry.HOPPER_KINDS),
     _registry.Implementation("xla", _fp8_dot_impl("xla")),
 ]
@@ -708,7 +741,8 @@ def fp8_dot(x: jax.Array, w: jax.Array, *, scaling: str = "row",
   both operands along its contraction axis: one scale per tensor (``"tensor"``), per row
   (``"row"``), or per 1 x 128 tile with 128 x 128 tiles for ``w`` (``"block"``,
   DeepSeek-V3's recipe). The ``"xla"`` implementation does the same quantization with an
-  XLA dot (the reference for the kernel's gradients).
+  XLA dot (the reference for the kernel's gradients); on GPUs it also serves ``"block"``
+  until the kernel has passed there (``BLOCK_SCALED_KERNEL``).
 
   Args:
     x: ``[..., K]`` bfloat16 / float16 / float32.

@@ -11,7 +11,10 @@ Computes ``out[m, n] = sum_k a[m, k] * b_t[n, k]`` with the scales fused:
   ``a_scale[kb, m] * b_scale[kb, n]`` ("promotion" every K block), so scales may change
   along K (1 x 128 activation tiles, 128 x 128 or 128 x 1 weight tiles). With
   ``overlap`` the promotion of block ``kb`` runs while block ``kb + 1``'s wgmma is in
-  flight; 128 x 128 weight tiles are read as one scale per tile and step.
+  flight. Weight scales reach shared memory as one ``block_n`` row per K step (the form
+  validated on the H100); a compact ``[K / block_k, tiles]`` per-tile scale (one 128-byte
+  copy per step, one scalar per tile) crashed on the H100 (``CUDA_ERROR_ILLEGAL_
+  INSTRUCTION``, notes/quant_matmul.md) and is refused on GPUs (``TILE_SCALES_ON_GPU``).
 
 Both operands are K-major (``a: [M, K]``, ``b_t: [N, K]``), the only form Hopper's
 ``wgmma`` takes for 8-bit inputs; the op layer transposes (once, offline, for weights).
@@ -35,7 +38,11 @@ Measured on an H100 (notes/quant_matmul.md), 4096 x 8192 x 8192: int8 1394 TOP/s
 1305 TFLOP/s ("outer", 1.95x / 1.83x XLA's bf16 dot); ``"block"`` 0.97x bf16 before the
 promotion overlap (``MatmulConfig.overlap``). The 2.7e-2 "block" error once seen on the
 H100 was the XLA reference's, not the kernel's: XLA dropped the reference's fp8 rounding
-of the weight (``jaxeff.ops.quantized_matmul.fp8_to_float32``).
+of the weight (``jaxeff.ops.quantized_matmul.fp8_to_float32``). With per-column weight
+scales (serial and overlapped promotion) the H100 result is 1.26e-4 from a float64
+product: Hopper's fp8 ``wgmma`` keeps ~13 fraction bits when it adds products (an
+emulation with 13 bits and truncation gives 1.22e-4), so fp8 block results are exact to
+~1e-4, not to float32 rounding.
 """
 
 from __future__ import annotations
@@ -57,6 +64,12 @@ OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(j
 SCALE_MODES = ("outer", "block")
 # Floats per per-tile weight-scale copy: a warpgroup's TMA moves a multiple of 128 bytes.
 TILE_SCALE_VEC = 32
+# Compact per-tile weight scales (one 128-byte copy per step from column ``n_tile`` of a
+# ``[K / block_k, tiles]`` array) crashed the H100 (CUDA_ERROR_ILLEGAL_INSTRUCTION, device
+# call 4 of session 3); interpret mode runs them. False: ``scaled_matmul`` refuses them
+# outside interpret mode. ``b_tile_scalar=True`` keeps the per-column copy and reads one
+# scalar per tile (the bisecting variant: copy or scalar read).
+TILE_SCALES_ON_GPU = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +169,7 @@ def _out_tiled(shape, dtype):
 
 
 def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scale_mode: str,
-            acc_dtype, k_steps: int, b_per_tile: bool):
+            acc_dtype, k_steps: int, b_per_tile: bool, b_tile_scalar: bool):
   bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
   block = scale_mode == "block"
   wg = lax.axis_index("wg")
@@ -200,7 +213,7 @@ def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scal
       def promote(total, part, slot):
         """total + part * a_scale[rows] * b_scale[cols] of K step ``slot``; frees the slot."""
         sa = plgpu.load(s["as"].at[slot, wg], layout=row_layout)
-        if b_per_tile:  # one scale for the whole [block_k, block_n] weight tile
+        if b_per_tile or b_tile_scalar:  # one scale for the [block_k, block_n] weight tile
           sb = s["bs"][slot, 0]
           scaled = part * (row_bcast(sa) * sb)
         else:
@@ -314,18 +327,24 @@ def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scal
 
 def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax.Array, *,
                   scale_mode: str = "outer", out_dtype=jnp.bfloat16,
-                  config: MatmulConfig | None = None, interpret: bool = False) -> jax.Array:
+                  config: MatmulConfig | None = None, interpret: bool = False,
+                  b_tile_scalar: bool = False) -> jax.Array:
   """Scaled matmul of K-major operands on Hopper tensor cores.
 
   Args:
     a: ``[M, K]`` int8 / float8 / bfloat16 / float16 (activations).
     b_t: ``[N, K]`` same dtype as ``a`` (fp8 may mix e4m3 / e5m2): the transposed weight.
     a_scale: float32; ``"outer"``: ``[M]`` per row; ``"block"``: ``[K // block_k, M]``.
-    b_scale: float32; ``"outer"``: ``[N]`` per column; ``"block"``: ``[K // block_k, N]``.
+    b_scale: float32; ``"outer"``: ``[N]`` per column; ``"block"``: ``[K // block_k, N]``
+      (or ``[K // block_k, tile_scale_columns(N)]`` per weight tile: interpret mode only
+      unless ``TILE_SCALES_ON_GPU``).
     scale_mode: ``"outer"`` or ``"block"`` (module docstring).
     out_dtype: output dtype (bfloat16, float16 or float32).
     config: tile sizes; None picks :func:`default_config`.
     interpret: run in Pallas Mosaic GPU interpret mode (any platform).
+    b_tile_scalar: ``"block"`` with per-column ``b_scale`` constant over each
+      ``block_n`` columns (128 x 128 weight tiles, ``block_n = 128``): read one scale per
+      tile and step instead of a column vector (diagnostic variant).
 
   Returns:
     ``[M, N]`` in ``out_dtype``. Shapes must be whole tiles (:func:`tile_multiples`).
@@ -355,6 +374,14 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
       raise ValueError(f"scaled_matmul: block scales must be [K/block_k, M]={(k_steps, m)} and "
                        f"[K/block_k, N]={(k_steps, n)} (or per weight tile "
                        f"{(k_steps, tiles)}), got {a_scale.shape} and {b_scale.shape}")
+    if b_per_tile and not interpret and not TILE_SCALES_ON_GPU:
+      raise ValueError(f"scaled_matmul: per-tile weight scales {b_scale.shape} crashed the H100 "
+                       f"(TILE_SCALES_ON_GPU is False); pass per-column scales "
+                       f"[K/block_k, N]={(k_steps, n)}")
+  if b_tile_scalar and (scale_mode != "block" or b_per_tile):
+    raise ValueError("scaled_matmul: b_tile_scalar needs scale_mode='block' with per-column "
+                     f"b_scale [K/block_k, N], got scale_mode={scale_mode!r}, b_scale "
+                     f"{b_scale.shape}")
   bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
   acc_dtype = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
   scratch = {
@@ -376,7 +403,8 @@ def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax
     scratch["scale_bar"] = plgpu.Barrier(num_barriers=4)
   block = scale_mode == "block"
   kernel = functools.partial(_kernel, cfg=cfg, scale_mode=scale_mode, acc_dtype=acc_dtype,
-                             k_steps=k_steps, b_per_tile=b_per_tile)
+                             k_steps=k_steps, b_per_tile=b_per_tile,
+                             b_tile_scalar=b_tile_scalar)
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -164,33 +165,72 @@ def test_fp8_to_float32_is_exact(dtype):
   np.testing.assert_array_equal(got, want)  # NaNs compare equal here
 
 
-def _block_case(key, m, n, k, per_tile, cfg, interpret):
-  """fp8 operands with per-K-block scales in [0.25, 4): a wrong block's scale shows up."""
+def _block_case(key, m, n, k, scales, cfg, interpret):
+  """fp8 operands with per-K-block scales in [0.25, 4): a wrong block's scale shows up.
+
+  ``scales``: "columns" (one weight scale per column and K block) or a
+  ``scaled_matmul_nt(tile_scales=...)`` form of 128 x 128 tile scales.
+  """
   ka, kb, ksa, ksb = jax.random.split(key, 4)
   steps = k // 128
   a = jax.random.normal(ka, (m, k), jnp.float32).astype(jnp.float8_e4m3fn)
   b = jax.random.normal(kb, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
   sa = 2.0 ** jax.random.uniform(ksa, (steps, m), minval=-2, maxval=2)
-  if per_tile:
+  if scales == "columns":
+    sb = sb_cols = 2.0 ** jax.random.uniform(ksb, (steps, n), minval=-2, maxval=2)
+    form = "columns"
+  else:
     sb = 2.0 ** jax.random.uniform(ksb, (steps, -(-n // 128)), minval=-2, maxval=2)
     sb_cols = np.repeat(np.asarray(sb), 128, axis=1)[:, :n]
-  else:
-    sb = sb_cols = 2.0 ** jax.random.uniform(ksb, (steps, n), minval=-2, maxval=2)
+    form = scales
   af = np.asarray(a.astype(jnp.float32), np.float64) * np.repeat(np.asarray(sa).T, 128, axis=1)
   bf = np.asarray(b.astype(jnp.float32), np.float64) * np.repeat(np.asarray(sb_cols).T, 128,
                                                                    axis=1)
   out = qm.scaled_matmul_nt(a, b, sa, sb, scale_mode="block", out_dtype=jnp.float32,
-                            config=cfg, interpret=interpret)
+                            config=cfg, interpret=interpret, tile_scales=form)
   return out, af @ bf.T
 
 
-@pytest.mark.parametrize("overlap,per_tile,k", [(False, False, 384), (True, True, 512)])
-def test_block_scaled_kernel_interpret(overlap, per_tile, k, key):
+@pytest.mark.parametrize("overlap,scales,k", [(False, "columns", 384), (True, "tile_copy", 512),
+                                              (False, "column_scalar", 256)])
+def test_block_scaled_kernel_interpret(overlap, scales, k, key):
   # More K blocks than pipeline stages (the slot ring wraps), odd and even block counts.
   from kernels_pallas.matmul import mosaic_gpu as mg
   cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, num_stages=2, overlap=overlap)
-  out, ref = _block_case(key, 100, 200, k, per_tile, cfg, True)
+  out, ref = _block_case(key, 100, 200, k, scales, cfg, True)
   assert rel_err(out, ref) < 1e-6
+
+
+def test_block_scaling_refused_on_gpu_until_validated(monkeypatch, key):
+  # Block-scaled fp8 crashed the H100 through the per-tile path: on a GPU the dispatcher
+  # leaves block scaling to the reference (and refuses the kernel by name) until
+  # BLOCK_SCALED_KERNEL is set; per-tile scale copies are refused outside interpret mode.
+  from jaxeff.ops import _registry
+  from kernels_pallas.matmul import mosaic_gpu as mg
+  monkeypatch.setattr(_registry, "current_platform", lambda: "gpu")
+  monkeypatch.setattr(_registry, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")
+  x = jax.random.normal(key, (4, 256), jnp.float32)
+  xq, xs = qm.quantize_activations(x, "fp8_e4m3", block_size=128)
+  w = _weight(key, 256, 128, "fp8_e4m3", group_size=128)
+  assert "XLA reference" in qm._mosaic_supports(xq, w, xs, out_dtype=jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="block-scaled fp8 is served by the XLA"):
+    qm.quantized_matmul(xq, w, x_scale=xs, implementation="mosaic_gpu")
+  with pytest.raises(NotImplementedError, match="BLOCK_SCALED_KERNEL"):
+    qm.fp8_dot(x, jnp.ones((256, 128)), scaling="block", implementation="mosaic_gpu")
+  # per-row scaling is still the kernel's
+  xr, sr = qm.quantize_activations(x, "fp8_e4m3")
+  assert qm._mosaic_supports(xr, _weight(key, 256, 128, "fp8_e4m3"), sr,
+                             out_dtype=jnp.bfloat16) is None
+  monkeypatch.setattr(qm, "BLOCK_SCALED_KERNEL", True)
+  assert qm._mosaic_supports(xq, w, xs, out_dtype=jnp.bfloat16) is None
+  cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128)
+  a = jnp.ones((128, 256), jnp.float8_e4m3fn)
+  with pytest.raises(ValueError, match="per-tile weight scales .* crashed the H100"):
+    mg.scaled_matmul(a, a, jnp.ones((2, 128)), jnp.ones((2, mg.tile_scale_columns(128, cfg))),
+                     scale_mode="block", config=cfg)
+  with pytest.raises(ValueError, match="tile_scales must be one of"):
+    qm.scaled_matmul_nt(a, a, jnp.ones((2, 128)), jnp.ones((2, 1)), scale_mode="block",
+                        out_dtype=jnp.float32, tile_scales="tiles")
 
 
 @pytest.mark.parametrize("fmt,group,sym", [("int4", 64, False), ("int8", None, True)])
@@ -313,10 +353,10 @@ def test_kernels_lower_for_cuda(kernel):
   k, n = 1024, 256
   if kernel == "block_overlap":
     cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, overlap=True)
-    fn = lambda a, b, sa, sb: mg.scaled_matmul(a, b, sa, sb, scale_mode="block", config=cfg)
+    fn = lambda a, b, sa, sb: mg.scaled_matmul(a, b, sa, sb, scale_mode="block", config=cfg,
+                                               b_tile_scalar=True)
     args = (sds((128, k), jnp.float8_e4m3fn), sds((n, k), jnp.float8_e4m3fn),
-            sds((k // 128, 128), jnp.float32), sds((k // 128, mg.tile_scale_columns(n, cfg)),
-                                                   jnp.float32))
+            sds((k // 128, 128), jnp.float32), sds((k // 128, n), jnp.float32))
   elif kernel == "mosaic_int4":
     fn = lambda x, v, s: mg.weight_only_matmul_t(x, v, s, group_size=128)
     args = (sds((16, k), jnp.bfloat16), sds((n, k), jnp.int4), sds((n, k // 128), jnp.float32))
@@ -388,17 +428,42 @@ def test_w8a8_gpu(m, key):
   assert_close(out, qm.quantized_matmul(xq, w, x_scale=xs, implementation="xla"))
 
 
+# Hopper's fp8 wgmma adds products with ~13 fraction bits (truncated), not float32: an
+# emulation of the test's case gives 1.22e-4 (float32 sums: 6e-8) and the H100 measured
+# 1.26e-4 for both promotion orders. A scale of the wrong K block, row, column or
+# warpgroup, a partial product read before its wgmma retired or a slot released early
+# each give errors > 1e-2 (scales span 2^-2..2^2 per block).
+FP8_WGMMA_BOUND = 5e-4
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("per_tile", [False, True])
-def test_block_scaled_kernel_gpu(overlap, per_tile, key):
-  # 12 K blocks (> 4 stages, even) with scales varying per block, row and column: a
-  # partial product read before its wgmma retired, a scale of the wrong block, row or
-  # warpgroup, or a slot released too early each give errors >> 1e-5.
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_block_scaled_kernel_gpu(overlap, key):
+  # 12 K blocks (> 4 stages, even) with scales varying per block, row and column. The
+  # serial form is the one validated in session 2 (per-column weight scales).
   from kernels_pallas.matmul import mosaic_gpu as mg
   cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, num_stages=4, overlap=overlap)
-  out, ref = _block_case(key, 1000, 1000, 1536, per_tile, cfg, False)
-  assert rel_err(out, ref) < 1e-5
+  out, ref = _block_case(key, 1000, 1000, 1536, "columns", cfg, False)
+  err = rel_err(out, ref)
+  print(f"rel_err={err:.3e}")  # shown by quant_dev.py --block-tests (pytest -s)
+  assert err < FP8_WGMMA_BOUND
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("JAXEFF_TILE_SCALES_GPU") != "1",
+                    reason="tile-scale forms crashed the H100: run alone, one process each, "
+                           "with JAXEFF_TILE_SCALES_GPU=1 (experiments/quant_dev.py --block-tests)")
+@pytest.mark.parametrize("scales", ["tile_copy", "column_scalar"])
+def test_block_tile_scales_gpu(scales, monkeypatch, key):
+  # "tile_copy" crashed (CUDA_ERROR_ILLEGAL_INSTRUCTION); "column_scalar" keeps the
+  # validated per-column copy and only reads one scalar per tile: which half is at fault.
+  from kernels_pallas.matmul import mosaic_gpu as mg
+  monkeypatch.setattr(mg, "TILE_SCALES_ON_GPU", True)
+  cfg = mg.MatmulConfig(block_m=64, block_n=128, block_k=128, num_stages=4)
+  out, ref = _block_case(key, 1000, 1000, 1536, scales, cfg, False)
+  err = rel_err(out, ref)
+  print(f"rel_err={err:.3e}")
+  assert err < FP8_WGMMA_BOUND
 
 
 @pytest.mark.gpu
@@ -413,7 +478,8 @@ def test_fp8_reference_keeps_rounding_gpu(key):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scaling", ["row", "block"])
-def test_fp8_dot_gpu(scaling, key):
+def test_fp8_dot_gpu(scaling, monkeypatch, key):
+  monkeypatch.setattr(qm, "BLOCK_SCALED_KERNEL", True)  # run the kernel, not the fallback
   kx, kw, kd = jax.random.split(key, 3)
   x = jax.random.normal(kx, (1000, 1024), jnp.float32).astype(jnp.bfloat16)
   w = (jax.random.normal(kw, (1024, 768), jnp.float32) / 30).astype(jnp.bfloat16)
