@@ -13,6 +13,11 @@ operands, at two shapes; the block kernel's promotion variants; whether this XLA
 float32 -> fp8 -> float32 round trip inside one jit; fp8 block-mode timings at
 4096 x 8192 x 8192. One call says which piece is wrong if something is.
 
+``--wo-floor``: where the weight-only time goes (int4 g128, m = 1): a trivial jitted call
+(the harness's per-call floor), XLA's bf16 dot, ``triton`` and ``mosaic_s2`` at K = 8192
+and K = 2048 (N = 8192; the intercept of time vs bytes is the fixed cost per call), and
+``mosaic_auto`` (split-K from the grid size) vs ``mosaic_s2`` at the LLM shapes.
+
 ``--block-tests``: the fp8 block-scaling GPU tests, each in a fresh process (pytest per
 test id), so a kernel that kills its CUDA context (the per-tile scale copies did:
 CUDA_ERROR_ILLEGAL_INSTRUCTION) cannot fail the others. The validated form and the
@@ -76,14 +81,20 @@ VARIANTS = {
                   "native", 64),
     "mosaic_s4": ("mosaic", mg.WeightOnlyConfig(block_k=128, num_stages=4, split_k=4),
                   "native", 64),
+    # split_k from the grid size (one wave of CTAs): weight_only_config
+    "mosaic_auto": ("mosaic", lambda m, n, k, bits, group: mg.weight_only_config(n, k),
+                    "native", 64),
 }
-SQUARE_VARIANTS = {1: list(VARIANTS), 16: [v for v in VARIANTS if v != "gemv_n32_s8"]}
+SQUARE_VARIANTS = {1: [v for v in VARIANTS if v != "mosaic_auto"],
+                   16: [v for v in VARIANTS if v not in ("gemv_n32_s8", "mosaic_auto")]}
 # (the Triton kernel with a prepacked weight and int -> float conversions was measured in
 # session 2: 78.7 us int4 m = 16, notes/quant_matmul.md)
 LLM_VARIANTS = {1: ["triton", "triton_magic_packed", "gemv_n64_s4", "mosaic_s2"],
                 16: ["triton", "triton_magic_packed", "mosaic_s2"]}
 ROUNDS = 10
 INTERPRET = False  # --smoke: tiny shapes, kernels interpreted on CPU (checks this script)
+# --wo-floor (K, N): two K at one N (intercept of time vs bytes), then the LLM shapes
+WO_FLOOR_SHAPES = ((8192, 8192), (2048, 8192), (4096, 14336), (14336, 4096))
 
 
 def elapsed() -> float:
@@ -360,6 +371,61 @@ def _naive_twin(operands, mode):
                                                                         axis=1)[:, :k]).T
 
 
+# ------------------------------------------------------- weight-only: fixed vs per-byte
+
+
+def wo_floor_main(args, results):
+  rows = results.setdefault("wo_floor", [])
+
+  def record(label, t, nbytes):
+    gbps = nbytes / t / 1e9 if t == t and nbytes else float("nan")
+    print(f"  {label:<44} {harness.fmt_time(t):>10} {gbps:7.0f} GB/s", flush=True)
+    rows.append({"case": label, "median_s": t if t == t else None, "bytes": nbytes})
+    _write(args, results)
+
+  print("\n== per-call floor and time vs bytes (int4 g128, m = 1) ==", flush=True)
+  noop = jax.jit(lambda x: x * 2)
+  record("trivial jit x * 2 [1, 8192] bf16",
+         harness.safe_time(noop, lambda i: (_x(1, 8192, i),), rounds=ROUNDS), 0)
+  noop3 = jax.jit(lambda x: ((x * 2).T + 1).T * 3)  # ~3 small XLA kernels, as the wrappers add
+  record("trivial jit, 3 small ops [8, 8192] f32",
+         harness.safe_time(noop3, lambda i: (_x(8, 8192, i).astype(jnp.float32),),
+                           rounds=ROUNDS), 0)
+  fits = {}
+  for k, n in WO_FLOOR_SHAPES:
+    if elapsed() > args.budget:
+      print(f"  skipped k={k} n={n}: past the {args.budget:.0f} s budget", flush=True)
+      results["skipped"].append(f"wo_floor k={k} n={n}")
+      continue
+    square = n == WO_FLOOR_SHAPES[0][1]
+    record(f"xla bf16 m=1 k={k} n={n}", bf16_time(1, k, n), 2 * k * n)
+    weights = _weights(k, n, "int4_g128", 3)
+    wbytes = harness.tree_bytes(weights[0]["packed"])
+    ref = _reference(_x(1, k, 0), weights[0]["qarray"])
+    for name in (("triton", "mosaic_s2") if square else ("mosaic_s2", "mosaic_auto")):
+      layout = VARIANTS[name][2]
+      f = _fn(name, 1, n, k, "int4_g128")
+      err, t = float("nan"), float("nan")
+      try:
+        err = _rel(f(_x(1, k, 0), weights[0][layout]), ref)
+      except Exception as e:  # report and go on
+        print(f"  ! {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+      if err < 1.5e-2:
+        t = harness.safe_time(f, lambda i: (_x(1, k, i), weights[i % 3][layout]),
+                              rounds=ROUNDS)
+      record(f"{name} m=1 k={k} n={n} err={err:.1e}", t, wbytes)
+      if square:
+        fits.setdefault(name, []).append((wbytes, t))
+    del weights
+  for name, pts in fits.items():
+    if len(pts) == 2 and all(t == t for _, t in pts):
+      (b1, t1), (b2, t2) = pts
+      slope = (t1 - t2) / (b1 - b2)
+      print(f"  {name}: fixed {harness.fmt_time(t1 - slope * b1)} per call + "
+            f"{1 / slope / 1e9:.0f} GB/s", flush=True)
+      results[f"wo_floor_fit_{name}"] = {"fixed_s": t1 - slope * b1, "GBps": 1 / slope / 1e9}
+
+
 # ------------------------------------------------------------ fp8 block tests, isolated
 
 TEST_FILE = "tests/ops/test_quantized_matmul.py"
@@ -429,7 +495,8 @@ def block_tests_main(args, results):
 def _write(args, results):
   os.makedirs(args.out, exist_ok=True)
   name = ("quant_dev_debug.json" if args.debug else
-          "quant_block_tests.json" if args.block_tests else "quant_dev.json")
+          "quant_block_tests.json" if args.block_tests else
+          "quant_wo_floor.json" if args.wo_floor else "quant_dev.json")
   path = os.path.join(args.out, name)
   with open(path, "w") as f:
     json.dump(results, f, indent=1, default=lambda o: None)
@@ -441,6 +508,8 @@ def main():
   p.add_argument("--debug", action="store_true", help="fp8 scaling-mode debug run")
   p.add_argument("--block-tests", action="store_true",
                  help="fp8 block GPU tests, one fresh process per test")
+  p.add_argument("--wo-floor", action="store_true",
+                 help="weight-only: fixed cost per call vs cost per byte, split-K by grid")
   p.add_argument("--budget", type=float, default=200.0,
                  help="seconds after which remaining timing cases are skipped")
   p.add_argument("--smoke", action="store_true",
@@ -449,12 +518,16 @@ def main():
   if args.smoke:
     global INTERPRET, SQUARE, LLM, MS, ODD, ROUNDS
     INTERPRET, SQUARE, LLM, MS, ROUNDS = True, (256, 256), ((128, 384),), (1, 16), 1
+    global WO_FLOOR_SHAPES
+    WO_FLOOR_SHAPES = ((512, 256), (256, 256), (256, 384))
     ODD = ((3, 384, 130, "int4_g128"), (5, 200, 72, "int8"))
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [],
              "timings": [], "skipped": []}
   print(f"device {results['device']}, jax {jax.__version__}", flush=True)
   if args.block_tests:
     block_tests_main(args, results)
+  elif args.wo_floor:
+    wo_floor_main(args, results)
   elif args.debug:
     debug_main(args, results)
   else:

@@ -26,7 +26,9 @@ Implementations (``implementation=``), fastest first:
   per-K-block promotion, dispatched on a GPU only once it has passed there
   (``BLOCK_SCALED_KERNEL``; until then the reference serves them).
 * ``"triton"``: :mod:`kernels_pallas.matmul.triton`, weight-only int4 / int8 with the
-  dequantisation fused and split-K for skinny ``x`` (any CUDA GPU), for ``m <= 64``.
+  dequantisation fused and split-K for skinny ``x`` (any CUDA GPU), for ``m <= 64``; a
+  native int4 :class:`PackedWeight` runs the Mosaic GPU weight-only kernel on Hopper
+  (``WEIGHT_ONLY_DEFAULT``).
 * ``"xla"``: the reference below: dequantize, then one dot in float32.
 
 Shapes that are not whole tiles are padded with zeros by this module (zero activations
@@ -61,10 +63,19 @@ PACKED_FORMATS = ("int4", "int8", "fp8_e4m3", "fp8_e5m2")
 # Measured on H100 (notes/quant_matmul.md): the Triton kernel beats dequantize-then-dot
 # 2.7-3.6x at m <= 16 but loses to it at m = 128 (int4 g128: 265 vs 232 us).
 TRITON_MAX_M = 64
-# Weight-only kernel the "triton" implementation runs, by rows of x: (max m, variant of
-# weight_only_matmul, config or None for its default). Chosen from H100 measurements
-# (notes/quant_matmul.md); experiments/quant_dev.py times every variant.
-WEIGHT_ONLY_DEFAULT = ((TRITON_MAX_M, "triton", None),)
+# Weight-only kernel the "triton" implementation runs: the first row whose weight layout
+# and row bound match, (layout, max m, variant of weight_only_matmul, config or None for
+# its default). Layouts: "native" = a PackedWeight with jnp.int4 values
+# (prepack(native_int4=True); the Mosaic kernel's operand, which any other variant would
+# have to copy on every call), "any" = a QArray or a uint8 / int8 PackedWeight (read in
+# place by "triton"). From the H100 table of notes/quant_matmul.md (session 3, call 4):
+# "triton" is the fastest or within 4% for every QArray case (the gemv and magic
+# variants win nothing that holds across shapes, gemv takes 16 ms at m = 16); "mosaic"
+# on a native int4 weight takes 51.5 / 53.9 / 99.8 us at m = 1 (8192^2, 14336 x 4096,
+# 4096 x 14336) where "triton" needs a 35 MB int4 -> uint8 copy on top of 64.8 / 54.5 /
+# 83.5 us. "mosaic" needs Hopper; elsewhere native weights take the copy.
+WEIGHT_ONLY_DEFAULT = (("native", TRITON_MAX_M, "mosaic", None),
+                       ("any", TRITON_MAX_M, "triton", None))
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
 # Block-scaled fp8 (quantized_matmul with 1 x 128 / 128 x 128 scales, fp8_dot(scaling=
 # "block")) through the Mosaic kernel on a real GPU. False until a GPU run passes
@@ -534,10 +545,27 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
   return out[:m, :info.n]
 
 
+def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:
+  """``(variant, config)`` of ``WEIGHT_ONLY_DEFAULT`` for ``m`` rows of x and weight ``w``."""
+  info = _weight_info(w)
+  native = isinstance(w, PackedWeight) and w.native_int4
+  hopper = interpret or any(k in _registry._device_kind() for k in _registry.HOPPER_KINDS)
+  for layout, max_m, variant, config in WEIGHT_ONLY_DEFAULT:
+    if m > max_m or (layout == "native" and not native):
+      continue
+    if variant == "mosaic":
+      cfg = config or _mosaic_gpu.WeightOnlyConfig()
+      group = None if info.groups == 1 else info.k // info.groups
+      if not hopper or not info.symmetric or _mosaic_gpu.weight_only_unsupported(
+          m, info.n, info.k, bits=4 if info.fmt == "int4" else 8, group_size=group, cfg=cfg):
+        continue
+    return variant, config
+  return "triton", None
+
+
 def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
   del x_scale2
-  m = x2.shape[0]
-  variant, config = next((v, c) for max_m, v, c in WEIGHT_ONLY_DEFAULT if m <= max_m)
+  variant, config = _weight_only_choice(x2.shape[0], w, interpret=interpret)
   return weight_only_matmul(x2, w, variant=variant, config=config,
                             interpret=interpret).astype(out_dtype)
 

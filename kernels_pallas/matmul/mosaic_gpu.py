@@ -552,6 +552,23 @@ def weight_only_unsupported(m: int, n: int, k: int, *, bits: int, group_size: in
   return None
 
 
+def weight_only_config(n: int, k: int, *, num_sms: int = 132) -> WeightOnlyConfig:
+  """A :class:`WeightOnlyConfig` whose grid fills the GPU about once.
+
+  The H100 table (notes/quant_matmul.md) fits a cost per wave of CTAs, not per byte:
+  8192 x 8192 int4 with split 2 (128 CTAs) 51.5 us, split 4 (256 CTAs, two waves) 73.5
+  us; 4096 x 14336 with split 2 (224 CTAs) 99.8 us. So ``split_k`` is the largest of
+  1, 2, 4, 8 with ``ceil(n / 128) * split_k <= num_sms`` (at least 4 K steps a split).
+  """
+  tiles = -(-n // (2 * WO_ROWS))
+  cfg = WeightOnlyConfig()
+  split = 1
+  for s in (2, 4, 8):
+    if tiles * s <= num_sms and k >= 4 * s * cfg.block_k:
+      split = s
+  return dataclasses.replace(cfg, split_k=split)
+
+
 def weight_only_tile_multiples(cfg: WeightOnlyConfig, group_size: int | None
                                ) -> tuple[int, int]:
   """``(N, K)`` multiples the operands must be padded to (whole scale groups per split)."""
@@ -637,5 +654,5 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
 
 
 __all__ = ["MatmulConfig", "WeightOnlyConfig", "default_config", "scaled_matmul",
-           "tile_multiples", "tile_scale_columns", "unsupported", "weight_only_matmul_t",
-           "weight_only_tile_multiples", "weight_only_unsupported"]
+           "tile_multiples", "tile_scale_columns", "unsupported", "weight_only_config",
+           "weight_only_matmul_t", "weight_only_tile_multiples", "weight_only_unsupported"]

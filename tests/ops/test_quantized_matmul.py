@@ -103,6 +103,26 @@ def test_weight_only_batched_float16_and_other_formats(key):
     assert_close(qm.quantized_matmul(x32, w), _expected(x32, w), rtol=1e-5)
 
 
+def test_weight_only_default_by_weight_layout(monkeypatch, key):
+  # A native int4 weight runs the Mosaic kernel on Hopper (no per-call int4 -> uint8 copy);
+  # QArrays and uint8 / int8 PackedWeights run the Triton kernel in place.
+  from jaxeff.ops import _registry
+  kx, kw = jax.random.split(key)
+  w = _weight(kw, 256, 72, "int4", 128)
+  native = qm.prepack(w, native_int4=True)
+  assert qm._weight_only_choice(2, native, interpret=True) == ("mosaic", None)
+  for other in (w, qm.prepack(w), qm.prepack(_weight(kw, 256, 72, "int8"))):
+    assert qm._weight_only_choice(2, other, interpret=True) == ("triton", None)
+  assert qm._weight_only_choice(2, native, interpret=False) == ("triton", None)  # CPU: no Hopper
+  monkeypatch.setattr(_registry, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")
+  assert qm._weight_only_choice(2, native, interpret=False) == ("mosaic", None)
+  g64 = qm.prepack(_weight(kw, 256, 72, "int4", 64), native_int4=True)  # groups < block_k
+  assert qm._weight_only_choice(2, g64, interpret=False) == ("triton", None)
+  x = jax.random.normal(kx, (2, 256), jnp.float32).astype(jnp.bfloat16)
+  out = qm.quantized_matmul(x, native, implementation="triton:interpret")
+  assert_close(out, _expected(x, w).astype(jnp.bfloat16))
+
+
 def test_weight_only_picks_triton_interpreted_and_rejects_mosaic(key):
   w = _weight(key, 128, 64, "int4", 128)
   x = jnp.ones((2, 128), jnp.bfloat16)
@@ -389,8 +409,10 @@ def test_weight_only_gpu(m, fmt, group, key):
   w = _weight(kw, 4096, 2048 + 64, fmt, group)
   x = jax.random.normal(kx, (m, 4096), jnp.float32).astype(jnp.bfloat16)
   expected = _expected(x, w).astype(jnp.bfloat16)
-  for weight in (w, qm.prepack(w)):
-    out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation="triton"))(x, weight)
+  impl = "triton" if m <= qm.TRITON_MAX_M else None  # wide x: dispatch leaves it to XLA
+  weights = [w, qm.prepack(w)] + ([qm.prepack(w, native_int4=True)] if fmt == "int4" else [])
+  for weight in weights:  # native int4: the Mosaic kernel through WEIGHT_ONLY_DEFAULT
+    out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation=impl))(x, weight)
     assert_close(out, expected)
 
 
