@@ -20,9 +20,9 @@ and K = 2048 (N = 8192; the intercept of time vs bytes is the fixed cost per cal
 
 ``--block-tests``: the fp8 block-scaling GPU tests, each in a fresh process (pytest per
 test id), so a kernel that kills its CUDA context (the per-tile scale copies did:
-CUDA_ERROR_ILLEGAL_INSTRUCTION) cannot fail the others. The validated form and the
-fp8_dot / reference tests first (in parallel), then the two tile-scale diagnostics one at
-a time. Prints one line per test (passed / failed / crashed / timeout, rel_err).
+CUDA_ERROR_ILLEGAL_INSTRUCTION) cannot fail the others: six in parallel, then the form
+that crashed alone. Prints one line per test (passed / failed / crashed / timeout,
+rel_err).
 
 Run (repo root): ``PYTHONPATH=. python3 experiments/quant_dev.py --out $OUT [--debug |
 --block-tests]``. Budget: < 240 s on an H100 (``--block-tests``: < 60 s; compile counts
@@ -429,14 +429,15 @@ def wo_floor_main(args, results):
 # ------------------------------------------------------------ fp8 block tests, isolated
 
 TEST_FILE = "tests/ops/test_quantized_matmul.py"
-# (test id, extra environment): the validated form first, in parallel; then the two
-# tile-scale diagnostics one at a time ("column_scalar" first: it keeps the validated copy).
+# Each in its own process (a CUDA context a crash cannot share): the validated form, the
+# fp8_dot / reference tests and the "column_scalar" diagnostic in parallel; the form that
+# crashed ("tile_copy") alone, last.
 BLOCK_TESTS_PARALLEL = ("test_block_scaled_kernel_gpu[serial]",
                         "test_block_scaled_kernel_gpu[overlap]",
                         "test_fp8_dot_gpu[block]", "test_fp8_dot_gpu[row]",
-                        "test_fp8_reference_keeps_rounding_gpu")
-BLOCK_TESTS_SERIAL = ("test_block_tile_scales_gpu[column_scalar]",
-                      "test_block_tile_scales_gpu[tile_copy]")
+                        "test_fp8_reference_keeps_rounding_gpu",
+                        "test_block_tile_scales_gpu[column_scalar]")
+BLOCK_TESTS_SERIAL = ("test_block_tile_scales_gpu[tile_copy]",)
 
 
 def _run_test(test_id, timeout_s, env):
@@ -464,7 +465,8 @@ def _run_test(test_id, timeout_s, env):
 
 
 def block_tests_main(args, results):
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1",
+             JAXEFF_TILE_SCALES_GPU="1")  # lets the tile-scale diagnostics run
   env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
   rows = results.setdefault("block_tests", [])
 
@@ -480,13 +482,12 @@ def block_tests_main(args, results):
     futures = [pool.submit(_run_test, t, min(40.0, left()), env) for t in BLOCK_TESTS_PARALLEL]
     for f in futures:
       report(f.result())
-  tile_env = dict(env, JAXEFF_TILE_SCALES_GPU="1")
   for t in BLOCK_TESTS_SERIAL:
     if left() < 12:
       print(f"  {t:<46} skipped (past the {args.budget:.0f} s budget)", flush=True)
       results["skipped"].append(t)
       continue
-    report(_run_test(t, min(30.0, left()), tile_env))
+    report(_run_test(t, min(30.0, left()), env))
   for r in rows:
     if r["status"] not in ("passed", "skipped"):
       print(f"\n--- {r['test']} ({r['status']}), last lines:\n{r['tail'][-1500:]}", flush=True)
