@@ -29,10 +29,13 @@ time (register pressure bounded for ``n`` up to 8192 and more). One program hand
 twiddles are fetched by the program once per chunk and pair from L1/L2 instead of once per
 signal from L2 by separate programs.
 
-Each complex matrix product is four real ``dot`` calls (or three with ``gauss=True``:
-``(a + ib)(c + id)`` as ``c(a + b) - b(c + d)`` / ``c(a + b) + a(d - c)``, with the constant
-matrix's sums precomputed) on bfloat16/float16 operands with float32 accumulation; twiddles,
-the filter multiply and the gates are float32.
+Each complex matrix product is four real ``dot`` calls on bfloat16/float16 operands with
+float32 accumulation, the two of each output part chained on one MMA accumulator
+(``chain``, the default: ``Re = Mr Xr + Mi (-Xi)`` with the sign in a constant plane or the
+loop-invariant input, no float32 adds), or four independent dots and adds, or three dots
+(``gauss=True``: ``(a + ib)(c + id)`` as ``c(a + b) - b(c + d)`` / ``c(a + b) + a(d - c)``,
+with the constant matrix's sums precomputed); twiddles, the filter multiply and the gates
+are float32.
 
 The input gradient of the convolution (a correlation) is the same kernel with
 ``conj(K)``. The filter gradient's spectrum ``sum_b conj(FFT(w_b)) FFT(d_b)`` is
@@ -78,7 +81,14 @@ class FFTConvConfig:
     inner: largest two-level transform; larger ``n`` use three levels with inner size
       ``inner``.
     gauss: three real dots per complex matrix product instead of four.
-    num_stages: Triton pipelining depth.
+    chain: the two real dots of each part of a complex product accumulate in one MMA
+      accumulator (no float32 adds, one accumulator tile per part; the inverse row DFT
+      accumulates into the chunk loop's accumulator); False: four independent dots and
+      float32 adds (the session-3 form). Ignored with ``gauss``.
+    num_stages: Triton pipelining depth. With 2 or more Triton copies the chunk loop's
+      constants (DFT matrix rows, twiddles, filter spectrum) into shared memory with
+      cp.async (3: one chunk ahead), so no load latency and fewer barriers a chunk (Triton
+      3.9 offline, 4K chunk 32: 27 -> 10 barriers; more shared memory: 196 KB at 3).
     unroll: unroll the chunk loop (static slices; the compiler may schedule the next
       chunk's loads early).
     stack: signals processed together as one tile (side by side for the row DFTs, one
@@ -97,6 +107,7 @@ class FFTConvConfig:
   unroll: bool = False
   stack: int = 1
   lowp_consts: bool = False
+  chain: bool = True
 
   def __post_init__(self):
     for name in ("num_warps", "chunk", "pairs", "inner", "stack"):
@@ -119,6 +130,7 @@ class DkConfig:
     chunk: rows of ``k_1`` per program (clipped to ``n_1``).
     groups: programs per (channel, chunk) over the batch; partial sums are added in XLA.
     gauss: three real dots per complex matrix product.
+    chain: chained MMAs per complex product part (:class:`FFTConvConfig`).
     stack: signals per tile (:class:`FFTConvConfig`).
     inner: largest two-level transform (:class:`FFTConvConfig`; the filter gradient has
       its own layout, independent of the convolution's).
@@ -133,6 +145,7 @@ class DkConfig:
   stack: int = 1
   inner: int = 4096
   lowp_consts: bool = False
+  chain: bool = True
 
   def __post_init__(self):
     for name in ("num_warps", "chunk", "groups", "stack", "inner"):
@@ -146,15 +159,22 @@ class DkConfig:
 DEFAULT_CONFIG = FFTConvConfig()
 DEFAULT_DK_CONFIG = DkConfig()
 
-# Per transform size (n = 2 seq for causal convolutions). Placeholders until the device
-# sweep (experiments/fftconv_dev.py) measures them: chosen so that ptxas reports no spills
-# for sm_90a (Triton 3.9 offline compile), see notes/spectral.md.
+# Per transform size (n = 2 seq for causal convolutions), from the H100 sweep of session 3
+# (notes/spectral.md, notes/device_logs/s3_call4): n <= 2048 the fastest measured
+# configuration (seq 1K: 407 us, 4.60x jnp.fft); n <= 8192 the session-2 kernel's
+# configuration (whole [n_1, n_2] tile, one packed signal per program, 8 warps), which
+# measured 3.18 ms at seq 4K including 2.4 GB of layout glue the current wrappers no longer
+# have, against 3.35 ms for the chunked (chunk 32, 2 pairs) kernel; larger n the measured
+# three-level default (20.4 ms at seq 16K). ``chain`` (on unless noted) was added after the
+# sweep: the same products with fewer registers and barriers (Triton 3.9 offline compile:
+# 4K chunked 172 -> 134 registers, 34 -> 27 barriers a chunk); at n <= 2048 it would cost
+# the measured configuration one program per SM (168 -> 174 registers), so it stays off.
 def config_for(n: int) -> FFTConvConfig:
   """The launch parameters used for a transform of size ``n``."""
   if n <= 2048:
-    return FFTConvConfig(num_warps=8, chunk=32, pairs=4, stack=4)
+    return FFTConvConfig(num_warps=4, chunk=32, pairs=4, stack=2, chain=False)
   if n <= 8192:
-    return FFTConvConfig(num_warps=8, chunk=32, pairs=2)
+    return FFTConvConfig(num_warps=8, chunk=128, pairs=1)
   return FFTConvConfig(num_warps=8, chunk=32, pairs=2, inner=4096)
 
 
@@ -249,13 +269,23 @@ def _dft(n: int) -> np.ndarray:
   return np.exp(-2j * np.pi * (np.outer(k, k) % n) / n)
 
 
-def _planes(m: np.ndarray, gauss: bool, dtype) -> jax.Array:
-  """Real planes of a complex constant: ``(re, im)`` or ``(re, im - re, re + im)``."""
-  if gauss:
+def _planes(m: np.ndarray, mode: str, dtype) -> jax.Array:
+  """Real planes of a complex constant for the product ``mode`` (:func:`_mode`):
+  ``(re, im)`` ("split"), ``(re, im, -im)`` ("chain": the ``-im`` plane lets both real
+  products of each output part accumulate in one MMA accumulator, :func:`_lmul`) or
+  ``(re, im - re, re + im)`` ("gauss")."""
+  if mode == "gauss":
     p = np.stack([m.real, m.imag - m.real, m.real + m.imag])
+  elif mode == "chain":
+    p = np.stack([m.real, m.imag, -m.imag])
   else:
     p = np.stack([m.real, m.imag])
   return jnp.asarray(p, dtype)
+
+
+def _mode(cfg) -> str:
+  """How a complex matrix product is computed: "gauss", "chain" or "split"."""
+  return "gauss" if cfg.gauss else ("chain" if cfg.chain else "split")
 
 
 def _cplanes(m: np.ndarray, dtype=jnp.float32) -> jax.Array:
@@ -276,12 +306,14 @@ def _constants_np(geo: Geometry):
   return f1, f2, tw, outer
 
 
-def _constants(geo: Geometry, gauss: bool, cdt, lowp: bool = False):
+def _constants(geo: Geometry, mode: str, cdt, lowp: bool = False):
   f1, f2, tw, outer = _constants_np(geo)
   tdt = cdt if lowp else jnp.float32
-  mats = dict(f1=_planes(f1[:, :geo.in_rows], gauss, cdt), tw=_cplanes(tw, tdt),
-              f2=_planes(f2, gauss, cdt), h2=_planes(np.conj(f2), gauss, cdt),
-              g1=_planes(np.conj(f1)[:geo.out_rows], gauss, cdt))
+  # chain: the forward row DFT negates X instead (loop-invariant), no -Im plane
+  mats = dict(f1=_planes(f1[:, :geo.in_rows], "split" if mode == "chain" else mode, cdt),
+              tw=_cplanes(tw, tdt),
+              f2=_planes(f2, mode, cdt), h2=_planes(np.conj(f2), mode, cdt),
+              g1=_planes(np.conj(f1)[:geo.out_rows], mode, cdt))
   if outer is not None:
     mats["fo"] = _cplanes(outer[0])
     mats["to"] = _cplanes(outer[1], tdt)
@@ -295,25 +327,49 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _lmul(m, xr, xi, cdt):
-  """``M @ X``: ``m`` the constant's planes (loaded), ``X = xr + i xi`` (any float dtype)."""
-  if len(m) == 3:
+def _lmul(m, xr, xi, cdt, mode: str, acc=None):
+  """``acc + M @ X``: ``m`` the constant's planes (loaded; :func:`_planes`), ``X = xr + i xi``
+  (any float dtype), ``acc`` a float32 ``(re, im)`` pair or None.
+
+  ``mode``:
+
+  * "chain": four real products. Without ``acc``, ``re = Mr Xr + Mi (-Xi)`` and
+    ``im = Mr Xi + Mi Xr`` are written as sums of dots, which Triton folds into two chained
+    MMAs on one accumulator per part (``dot(a, b, c)``): no float32 adds, no separate
+    product tiles. With ``acc`` (the last, inverse row DFT of a chunk) the accumulator is
+    folded into the first dot of each part and the second is subtracted: a dot whose
+    result feeds another dot gets a different warp layout from Triton (its chained-dot
+    heuristic), which would cost an accumulator layout conversion through shared memory
+    on every chunk.
+  * "split": four independent products and float32 adds/subtracts.
+  * "gauss": three products (``k1 - k3``, ``k1 + k2``).
+  """
+  if mode == "gauss":
     k1 = _dot(m[0], (xr.astype(jnp.float32) + xi.astype(jnp.float32)).astype(cdt))
     k2 = _dot(m[1], xr.astype(cdt))
     k3 = _dot(m[2], xi.astype(cdt))
-    return k1 - k3, k1 + k2
-  xr, xi = xr.astype(cdt), xi.astype(cdt)
-  return _dot(m[0], xr) - _dot(m[1], xi), _dot(m[0], xi) + _dot(m[1], xr)
+    re, im = k1 - k3, k1 + k2
+  else:
+    xr, xi = xr.astype(cdt), xi.astype(cdt)
+    if mode == "chain" and acc is None:  # -X_i: loop-invariant for the forward row DFT
+      return _dot(m[0], xr) + _dot(m[1], -xi), _dot(m[0], xi) + _dot(m[1], xr)
+    if mode == "chain":
+      return (acc[0] + _dot(m[0], xr) - _dot(m[1], xi),
+              acc[1] + _dot(m[0], xi) - _dot(m[2], xr))
+    re, im = _dot(m[0], xr) - _dot(m[1], xi), _dot(m[0], xi) + _dot(m[1], xr)
+  return (re, im) if acc is None else (acc[0] + re, acc[1] + im)
 
 
-def _rmul(xr, xi, m, cdt):
+def _rmul(xr, xi, m, cdt, mode: str):
   """``X @ M`` (see :func:`_lmul`)."""
-  if len(m) == 3:
+  if mode == "gauss":
     k1 = _dot((xr.astype(jnp.float32) + xi.astype(jnp.float32)).astype(cdt), m[0])
     k2 = _dot(xr.astype(cdt), m[1])
     k3 = _dot(xi.astype(cdt), m[2])
     return k1 - k3, k1 + k2
   xr, xi = xr.astype(cdt), xi.astype(cdt)
+  if mode == "chain":
+    return _dot(xr, m[0]) + _dot(xi, m[2]), _dot(xr, m[1]) + _dot(xi, m[0])
   return _dot(xr, m[0]) - _dot(xi, m[1]), _dot(xr, m[1]) + _dot(xi, m[0])
 
 
@@ -406,14 +462,14 @@ def _load_signals(z_ref, pre_ref, j, s: int, geo: Geometry, fo_ref, to_ref, cdt)
   return _wide(xr.astype(cdt), s), _wide(xi.astype(cdt), s)
 
 
-def _forward_chunk(xr, xi, rows, s: int, f1_ref, tw_ref, f2, cdt):
+def _forward_chunk(xr, xi, rows, s: int, f1_ref, tw_ref, f2, cdt, mode: str):
   """Spectrum rows ``rows`` of the ``s`` stacked signals (wide ``X``): the tall
   ``[s * chunk, n_2]`` float32 tile in Monarch order."""
   f1 = [f1_ref[p, rows, :] for p in range(f1_ref.shape[0])]
-  ar, ai = _lmul(f1, xr, xi, cdt)
+  ar, ai = _lmul(f1, xr, xi, cdt, mode)
   ar, ai = _cmul(ar, ai, _bcast_wide(tw_ref[0, rows, :], s), _bcast_wide(tw_ref[1, rows, :], s))
   ar, ai = _wide_to_tall(ar.astype(cdt), s), _wide_to_tall(ai.astype(cdt), s)
-  return _rmul(ar, ai, f2, cdt)
+  return _rmul(ar, ai, f2, cdt, mode)
 
 
 def _rows(ch, chunk, n_chunks):
@@ -423,7 +479,7 @@ def _rows(ch, chunk, n_chunks):
 
 
 def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_pre: bool,
-                 n_posts: int, cdt, unroll: bool):
+                 n_posts: int, cdt, unroll: bool, mode: str):
   it = iter(refs)
   z_ref = next(it)  # [pairs, 2, in_a, in_rows, n_2]
   pre_ref = next(it) if has_pre else None
@@ -444,16 +500,15 @@ def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_p
 
     def one_chunk(ch, acc):
       rows = slice(ch * chunk, (ch + 1) * chunk) if unroll else _rows(ch, chunk, n_chunks)
-      yr, yi = _forward_chunk(xr, xi, rows, s, f1_ref, tw_ref, f2, cdt)
+      yr, yi = _forward_chunk(xr, xi, rows, s, f1_ref, tw_ref, f2, cdt, mode)
       yr, yi = _cmul(yr, yi, _bcast_tall(kf_ref[0, rows, :], s),
                      _bcast_tall(kf_ref[1, rows, :], s))
-      br, bi = _rmul(yr, yi, h2, cdt)
+      br, bi = _rmul(yr, yi, h2, cdt, mode)
       tr, ti = _bcast_tall(tw_ref[0, rows, :], s), _bcast_tall(tw_ref[1, rows, :], s)
       br, bi = _cmul_conj(br, bi, tr, ti)
       br, bi = _tall_to_wide(br.astype(cdt), s), _tall_to_wide(bi.astype(cdt), s)
       g1 = [g1_ref[p, :, rows] for p in range(nplanes)]
-      dr, di = _lmul(g1, br, bi, cdt)
-      return acc[0] + dr, acc[1] + di
+      return _lmul(g1, br, bi, cdt, mode, acc)
 
     zero = jnp.zeros((geo.out_rows, s * geo.n_2), jnp.float32)
     if n_chunks == 1:
@@ -483,7 +538,7 @@ def _conv_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_p
 
 
 def _dk_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_pre_w: bool,
-               has_pre_d: bool, cdt):
+               has_pre_d: bool, cdt, mode: str):
   it = iter(refs)
   w_ref = next(it)
   pw_ref = next(it) if has_pre_w else None
@@ -503,9 +558,9 @@ def _dk_kernel(*refs, geo: Geometry, chunk: int, pairs: int, stack: int, has_pre
   def one_stack(j, acc):
     f2 = [f2_ref[p] for p in range(nplanes)]
     wr, wi = _forward_chunk(*_load_signals(w_ref, pw_ref, j, s, geo, fo_ref, to_ref, cdt),
-                            rows, s, f1_ref, tw_ref, f2, cdt)
+                            rows, s, f1_ref, tw_ref, f2, cdt, mode)
     dr, di = _forward_chunk(*_load_signals(d_ref, pd_ref, j, s, geo, fo_ref, to_ref, cdt),
-                            rows, s, f1_ref, tw_ref, f2, cdt)
+                            rows, s, f1_ref, tw_ref, f2, cdt, mode)
     gr, gi = _cmul_conj(dr, di, wr, wi)  # conj(W) D, [s * chunk, n_2]
     if s > 1:
       gr = gr.reshape(s, chunk, geo.n_2).sum(0)
@@ -579,7 +634,7 @@ def fft_conv_fused(z: jax.Array, kf: jax.Array, geo: Geometry, *, pre: jax.Array
     raise ValueError("fft_conv_fused: posts apply to two-level geometries only")
   chunk = min(cfg.chunk, geo.n_1)
   pairs = _largest_pow2_divisor(num_pairs, cfg.pairs)
-  mats = _constants(geo, cfg.gauss, cdt, cfg.lowp_consts)
+  mats = _constants(geo, _mode(cfg), cdt, cfg.lowp_consts)
   if cfg.lowp_consts:
     kf = kf.astype(cdt)
   sig = _signal_spec(geo, pairs, 0)
@@ -611,7 +666,7 @@ def fft_conv_fused(z: jax.Array, kf: jax.Array, geo: Geometry, *, pre: jax.Array
     out_specs = [ospec] * n_out
   kernel = functools.partial(_conv_kernel, geo=geo, chunk=chunk, pairs=pairs,
                              stack=min(cfg.stack, pairs), has_pre=pre is not None,
-                             n_posts=len(posts), cdt=cdt, unroll=cfg.unroll)
+                             n_posts=len(posts), cdt=cdt, unroll=cfg.unroll, mode=_mode(cfg))
   return tuple(pl.pallas_call(
       kernel, out_shape=out_shape, grid=(geo.n_a, num_pairs // pairs, channels),
       in_specs=specs, out_specs=out_specs,
@@ -643,7 +698,7 @@ def filter_grad_spectrum(w: jax.Array, d: jax.Array, geo: Geometry, *,
   n_chunks = geo.n_1 // chunk
   groups = min(cfg.groups, _largest_pow2_divisor(num_pairs, num_pairs))
   pairs = num_pairs // groups
-  mats = _constants(geo, cfg.gauss, cdt, cfg.lowp_consts)
+  mats = _constants(geo, _mode(cfg), cdt, cfg.lowp_consts)
   sig = pl.BlockSpec((pairs, 2, None, geo.in_a, geo.in_rows, geo.n_2),
                      lambda q, g, c: (g, 0, c, 0, 0, 0))
   inputs, specs = [w], [sig]
@@ -664,7 +719,8 @@ def filter_grad_spectrum(w: jax.Array, d: jax.Array, geo: Geometry, *,
               pl.BlockSpec((2, None, geo.n_1, geo.n_2), lambda q, *_: (0, q // n_chunks, 0, 0))]
   kernel = functools.partial(_dk_kernel, geo=geo, chunk=chunk, pairs=pairs,
                              stack=_largest_pow2_divisor(pairs, cfg.stack),
-                             has_pre_w=pre_w is not None, has_pre_d=pre_d is not None, cdt=cdt)
+                             has_pre_w=pre_w is not None, has_pre_d=pre_d is not None, cdt=cdt,
+                             mode=_mode(cfg))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((groups, 2, channels, geo.n_a, geo.n_1, geo.n_2),

@@ -146,6 +146,26 @@ def test_triton_interpret_forward_and_grad(key):
   _triton_grads_vs_reference(key, u, k, gate, True)
 
 
+@pytest.mark.parametrize("mode", ["chain", "split", "gauss"])
+def test_triton_complex_product_modes(mode, key):
+  """The kernels' complex matrix products (outside a kernel, float32 operands) vs complex128:
+  ``M @ X``, ``acc + M @ X`` (the chained forms put the sign in a plane / the input) and
+  ``X @ M`` on a non-square, odd-sized M."""
+  ks = jax.random.split(key, 6)
+  cplx = lambda k1, k2, shape: (np.asarray(jax.random.normal(k1, shape), np.float64)
+                                + 1j * np.asarray(jax.random.normal(k2, shape), np.float64))
+  m, x, a = cplx(ks[0], ks[1], (5, 7)), cplx(ks[2], ks[3], (7, 3)), cplx(ks[4], ks[5], (5, 3))
+  planes = list(T._planes(m, mode, jnp.float32))
+  split = lambda z: (jnp.asarray(z.real, jnp.float32), jnp.asarray(z.imag, jnp.float32))
+  join = lambda p: np.asarray(p[0], np.float64) + 1j * np.asarray(p[1], np.float64)
+  f32 = jnp.float32
+  assert np.abs(join(T._lmul(planes, *split(x), f32, mode)) - m @ x).max() < 1e-4
+  assert np.abs(join(T._lmul(planes, *split(x), f32, mode, split(a))) - (a + m @ x)).max() < 1e-4
+  xt = x.T.copy()  # [3, 7] @ M^T-shaped [7, 5]
+  mt = list(T._planes(m.T.copy(), mode, jnp.float32))
+  assert np.abs(join(T._rmul(*split(xt), mt, f32, mode)) - xt @ m.T).max() < 1e-4
+
+
 def test_triton_chunks_pairs_three_dot(key):
   """Two (unrolled) chunks of k_1 rows, two pairs per program, three-dot complex products."""
   u, k, _ = inputs(key, 4, 2, 256, 256, jnp.bfloat16)  # n = 512 = 32 x 16
@@ -165,9 +185,11 @@ def test_triton_three_levels(key):
 
 
 def test_triton_circular_float16(key):
+  """Circular, float16, three levels (inner 256), the four-dot split products."""
   u, k, gate = inputs(key, 3, 1, 512, 77, jnp.float16, gated=True)
   _triton_grads_vs_reference(key, u, k, gate, False,
-                             config=T.FFTConvConfig(chunk=16, pairs=2, inner=256))
+                             config=T.FFTConvConfig(chunk=16, pairs=2, inner=256, chain=False),
+                             dk_config=T.DkConfig(chunk=16, chain=False))
 
 
 def test_triton_geometry_and_reasons():
@@ -201,6 +223,7 @@ def test_triton_kernels_lower_for_cuda():
             False),
            (1024, T.FFTConvConfig(4, 16, 2, gauss=True), T.DkConfig(4, 64, 1, gauss=True), False),
            (4096, T.FFTConvConfig(8, 64, 1), T.DkConfig(8, 32), False),
+           (4096, T.FFTConvConfig(8, 32, 2, num_stages=3), T.DkConfig(8, 32, chain=False), True),
            (16384, T.config_for(32768), T.dk_config_for(32768), True)]
   for seq, cfg, dk, gated in cases:
     u = sds((4, 8, seq), jnp.bfloat16)
