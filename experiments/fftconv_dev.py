@@ -16,6 +16,12 @@
 Prints one line per row as it goes and a summary table at the end; writes
 ``fftconv_dev.json`` into ``--out`` (default ``$OUT`` or ``experiments/results/<device>``)
 after every size. Stops starting new rows when ``--budget`` seconds (default 225) are spent.
+
+``--focus``: a short run instead (about 90 s): the checks of the default configurations
+at 1K, 4K and 16K, then the rows of :data:`FOCUS` in order of importance (forward: the
+``jnp.fft`` baseline, the default and the few candidate launch configurations at 4K and
+16K, the default at 1K; then forward+backward of the defaults), and per size the fastest
+forward configuration with its error.
 """
 
 from __future__ import annotations
@@ -260,6 +266,100 @@ def time_size(seq, share):
            fb(lambda u, k: fft_conv(u, k, implementation="monarch_xla")), (u, k, dy), base_fb)
 
 
+C_ = T.FFTConvConfig
+# (seq, kind, name, config): kind "base" (jnp.fft fp32 forward), "default", "cfg" (forward
+# with config), "base_fb" / "default_fb" (forward+backward). In order of importance: the
+# run stops starting rows when the budget is spent.
+FOCUS = [
+    (4096, "base", "jnp.fft fp32", None),
+    (4096, "default", "jaxeff default", None),  # w8 c128 p1 (whole tile), chained products
+    (4096, "cfg", "w8 c32 p2 s3", C_(8, 32, 2, num_stages=3)),
+    (4096, "cfg", "w8 c16 p2 s2", C_(8, 16, 2, num_stages=2)),
+    (4096, "cfg", "w8 c128 p1 split", C_(8, 128, 1, chain=False)),  # the session-2 kernel
+    (4096, "cfg", "w8 c128 p1 lowp", C_(8, 128, 1, lowp_consts=True)),
+    (16384, "base", "jnp.fft fp32", None),
+    (16384, "default", "jaxeff default", None),  # w8 c32 p2 i4096, chained products
+    (16384, "cfg", "w8 c64 p1 i4096", C_(8, 64, 1, inner=4096)),
+    (16384, "cfg", "w8 c32 p2 s3 i4096", C_(8, 32, 2, inner=4096, num_stages=3)),
+    (1024, "base", "jnp.fft fp32", None),
+    (1024, "default", "jaxeff default", None),  # w4 c32 p4 st2 split (measured 407 us)
+    (4096, "cfg", "w8 c32 p2 split", C_(8, 32, 2, chain=False)),  # session-3 default
+    (16384, "cfg", "w8 c32 p2 i4096 split", C_(8, 32, 2, inner=4096, chain=False)),
+    (4096, "base_fb", "jnp.fft fp32", None),
+    (4096, "default_fb", "jaxeff default", None),
+    (4096, "cfg", "w8 c16 p2", C_(8, 16, 2)),
+    (1024, "cfg", "w4 c32 p4 st2 s3", C_(4, 32, 4, stack=2, num_stages=3, chain=False)),
+    (1024, "cfg", "w2 c64 p1", C_(2, 64, 1)),  # the session-2 kernel's 1K configuration
+    (1024, "base_fb", "jnp.fft fp32", None),
+    (1024, "default_fb", "jaxeff default", None),
+    (16384, "base_fb", "jnp.fft fp32", None),
+    (16384, "default_fb", "jaxeff default", None),
+]
+
+
+def run_focus():
+  """The :data:`FOCUS` rows (module doc)."""
+  global DEADLINE
+  DEADLINE = float("inf")
+  data, base = {}, {}
+
+  def get(seq):
+    if seq not in data:
+      key = jax.random.key(seq)
+      ks = jax.random.split(key, 3)
+      u = jax.random.normal(ks[0], (BATCH, CHANNELS, seq), jnp.float32).astype(jnp.bfloat16)
+      k = jax.random.normal(ks[1], (CHANNELS, seq), jnp.float32) / np.sqrt(seq)
+      dy = jax.random.normal(ks[2], (BATCH, CHANNELS, seq), jnp.float32).astype(jnp.bfloat16)
+      data[seq] = (u, k, dy, np_conv(u[:2, :8], k[:8]))
+    return data[seq]
+
+  def fb(conv):
+    def f(u, k, dy):
+      y, vjp = jax.vjp(conv, u, k)
+      return y, vjp(dy.astype(y.dtype))
+    return jax.jit(f)
+
+  for seq, kind, name, cfg in FOCUS:
+    need = 12 if (seq >= 16384 or kind.endswith("_fb")) else 6
+    if left() < need:
+      print(f"  {seq:>6} {kind:<10} {name:<36} skipped (budget)", flush=True)
+      continue
+    u, k, dy, ref = get(seq)
+    err_of = lambda fn, *a: (lambda: rel(fn(*a)[:2, :8], ref))
+    n = 2 * seq
+    if kind == "base":
+      fn = jax.jit(lambda u, k: fft_conv_reference(u.astype(jnp.float32), k))
+      base[seq, "fwd"] = record(seq, "fwd", name, fn, (u, k), err_fn=err_of(fn, u, k), must=True)
+    elif kind == "default":
+      fn = jax.jit(lambda u, k: fft_conv(u, k))
+      record(seq, "fwd", name, fn, (u, k), base.get((seq, "fwd")), err_of(fn, u, k),
+             {"config": repr(T.config_for(n))}, must=True)
+    elif kind == "cfg":
+      fn = jax.jit(lambda u, k, c=cfg: fft_conv_triton(u, k, config=c, interpret=INTERPRET))
+      record(seq, "fwd", "triton " + name, fn, (u, k), base.get((seq, "fwd")), err_of(fn, u, k),
+             {"config": repr(cfg)}, must=True)
+    elif kind == "base_fb":
+      base[seq, "fb"] = record(seq, "fwd_bwd", name, fb(
+          lambda u, k: fft_conv_reference(u.astype(jnp.float32), k)), (u, k, dy), must=True)
+    elif kind == "default_fb":
+      record(seq, "fwd_bwd", name, fb(lambda u, k: fft_conv(u, k)), (u, k, dy),
+             base.get((seq, "fb")), extra={"config": repr(T.config_for(n)),
+                                           "dk_config": repr(T.dk_config_for(n))}, must=True)
+    if seq >= 16384 and kind.endswith("_fb"):
+      data.pop(seq, None)
+
+
+def best_per_size():
+  """The fastest correct forward row per size (err < 1e-2), to set ``config_for``."""
+  print("\n== fastest forward per size (err < 1e-2) ==")
+  rows = [r for r in RESULTS["time"] if r.get("mode") == "fwd" and r.get("time_s")
+          and "config" in r and r.get("err", 1.0) < 1e-2]
+  for seq in sorted({r["seq"] for r in rows}):
+    r = min((r for r in rows if r["seq"] == seq), key=lambda r: r["time_s"])
+    print(f"{seq:>6} {r['name']:<36} {harness.fmt_time(r['time_s']):>10} "
+          f"{r.get('speedup', float('nan')):5.2f}x  {r['config']}")
+
+
 def write(out: Path):
   out.mkdir(parents=True, exist_ok=True)
   RESULTS["device"] = harness.device_name()
@@ -285,6 +385,7 @@ def main():
   p.add_argument("--out", default=None)
   p.add_argument("--skip-check", action="store_true")
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--focus", action="store_true")
   a = p.parse_args()
   BUDGET = a.budget
   if a.smoke:
@@ -296,6 +397,23 @@ def main():
                                ("dk w4 c16 i256", T.DkConfig(4, 16, 1, inner=256))]
   out = Path(a.out or os.environ.get("OUT") or f"experiments/results/{harness.device_name()}")
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  if a.focus:
+    if a.smoke:
+      global FOCUS
+      BATCH, CHANNELS, INTERPRET = 2, 2, True
+      FOCUS = [(256, "base", "jnp.fft fp32", None), (256, "default", "jaxeff default", None),
+               (256, "cfg", "w4 c16 p1 split", T.FFTConvConfig(4, 16, 1, chain=False)),
+               (256, "base_fb", "jnp.fft fp32", None), (256, "default_fb", "jaxeff default", None)]
+      check(256, T.FFTConvConfig(4, 16, 2), T.DkConfig(4, 16, 2), b=4, c=2)
+    elif not a.skip_check:
+      for seq in (1024, 4096, 16384):
+        check(seq)
+    write(out)
+    run_focus()
+    summary()
+    best_per_size()
+    write(out)
+    return
   if a.smoke:
     check(256, T.FFTConvConfig(4, 16, 2), T.DkConfig(4, 16, 2), b=4, c=2)
     check(512, T.FFTConvConfig(4, 16, 1, inner=256), T.DkConfig(4, 16), b=2, c=2)

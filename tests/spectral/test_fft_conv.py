@@ -174,6 +174,14 @@ def test_triton_chunks_pairs_three_dot(key):
                              dk_config=T.DkConfig(chunk=16, groups=2, gauss=True))
 
 
+def test_triton_default_4k_whole_tile(key):
+  """The seq-4K default (n = 8192 = 128 x 64, whole tile in one step, chained products)."""
+  cfg = T.config_for(8192)
+  assert (cfg.chunk, cfg.pairs, cfg.chain) == (128, 1, True)
+  u, k, _ = inputs(key, 2, 1, 4096, 4096, jnp.bfloat16)
+  _triton_grads_vs_reference(key, u, k, None, True, config=cfg)
+
+
 def test_triton_three_levels(key):
   """n = 2048 = 4 x (32 x 16): two outer input rows (one padded), chunks, pairs, gates."""
   u, k, gate = inputs(key, 4, 1, 600, 600, jnp.bfloat16, gated=True)
