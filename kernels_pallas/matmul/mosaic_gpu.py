@@ -168,6 +168,25 @@ def _out_tiled(shape, dtype):
                                               plgpu.SwizzleTransform(swizzle)))
 
 
+def _produce(issue, stages: int, steps: int, consumed) -> None:
+  """The loader warpgroup's loop over ``steps`` K blocks in a ring of ``stages`` slots.
+
+  ``issue(i, slot, wait)`` starts the copies of block ``i`` into ``slot`` (after waiting for
+  the slot's previous consumer when ``wait``). The last ``stages`` consumptions are observed
+  too, so every barrier phase is waited on before the kernel ends.
+  """
+  for i in range(min(stages, steps)):
+    issue(i, i, False)
+
+  @pl.loop(stages, max(steps, stages))
+  def _(i):
+    issue(i, lax.rem(i, stages), True)
+
+  @pl.loop(max(steps - stages, 0), steps)
+  def _(i):
+    plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
+
+
 def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scale_mode: str,
             acc_dtype, k_steps: int, b_per_tile: bool, b_tile_scalar: bool):
   bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
@@ -312,17 +331,7 @@ def _kernel(a_ref, b_ref, as_ref, bs_ref, out_ref, s, *, cfg: MatmulConfig, scal
           plgpu.copy_gmem_to_smem(bs_ref.at[i, pl.ds(col0, bn)], s["bs"].at[slot],
                                   s["bs_bar"].at[slot])
 
-    for i in range(min(stages, k_steps)):
-      issue(i, i, False)
-
-    @pl.loop(stages, max(k_steps, stages))
-    def _(i):
-      issue(i, lax.rem(i, stages), True)
-
-    # Observe the last consumptions too, so every barrier phase is waited on.
-    @pl.loop(max(k_steps - stages, 0), k_steps)
-    def _(i):
-      plgpu.barrier_wait(s["consumed"].at[lax.rem(i, stages)])
+    _produce(issue, stages, k_steps, s["consumed"])
 
 
 def scaled_matmul(a: jax.Array, b_t: jax.Array, a_scale: jax.Array, b_scale: jax.Array, *,
@@ -528,16 +537,7 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
           plgpu.copy_gmem_to_smem(s_ref.at[g, pl.ds(row0 + half * WO_ROWS, WO_ROWS)],
                                   s["scale"].at[slot, half], s["s_bar"].at[2 * slot + half])
 
-    for i in range(min(stages, steps)):
-      issue(i, i, False)
-
-    @pl.loop(stages, max(steps, stages))
-    def _(i):
-      issue(i, lax.rem(i, stages), True)
-
-    @pl.loop(max(steps - stages, 0), steps)
-    def _(i):
-      plgpu.barrier_wait(s["consumed"].at[lax.rem(i, stages)])
+    _produce(issue, stages, steps, s["consumed"])
 
 
 def weight_only_unsupported(m: int, n: int, k: int, *, bits: int, group_size: int | None,
