@@ -250,8 +250,9 @@ def run_fwd_variants():
 
 
 def run_dq_alternate():
-  """Backward with the two warpgroups taking turns on a whole-width dQ (``bwd_dq_alternate``):
-  gradients against the reference first, then fwd+bwd against the default and cuDNN."""
+  """Backward with the two warpgroups taking turns on a whole-width dQ (``bwd_dq_alternate``,
+  the head_dim-64 default): gradients against the reference first, then fwd+bwd of the
+  default against the other dQ form (``dqalt`` at 128, ``splitdq`` at 64) and cuDNN."""
   import dataclasses
   for d, causal, t, s_len, h, kvh in [(128, True, 1000, 1000, 8, 2), (64, False, 777, 1500, 4, 4)]:
     cfg = dataclasses.replace(mg.default_config(d, causal), bwd_dq_alternate=True)
@@ -269,11 +270,13 @@ def run_dq_alternate():
           + " ".join(f"{e:.1e}" for e in errs), flush=True)
   s, h = 4096, 16
   b = 16384 // s
-  for d, causal in [(128, False), (128, True), (64, False)]:
+  for d, causal in [(128, False), (128, True), (64, False), (64, True)]:
     base = mg.default_config(d, causal)
     timed("jaxeff", _config_attn(base, causal, d), b, s, h, h, d, causal, "fwd_bwd")
-    timed("jaxeff:dqalt", _config_attn(dataclasses.replace(base, bwd_dq_alternate=True),
-                                       causal, d), b, s, h, h, d, causal, "fwd_bwd")
+    flip = not base.bwd_dq_alternate
+    timed("jaxeff:dqalt" if flip else "jaxeff:splitdq",
+          _config_attn(dataclasses.replace(base, bwd_dq_alternate=flip), causal, d),
+          b, s, h, h, d, causal, "fwd_bwd")
     cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=c, implementation="cudnn")
     timed("cudnn", cud, b, s, h, h, d, causal, "fwd_bwd")

@@ -95,13 +95,16 @@ def default_config(head_dim: int, is_causal: bool = False) -> Config:
   head_dim 64 without a causal mask streams 256 keys per step (measured on H100 at seq
   4096: 436 vs 413 TFLOP/s with 128; with a causal mask 128 is as fast and masks less).
   Backward: 240/24 registers a thread (compute/memory warpgroups; fwd+bwd +6% at
-  head_dim 128 on H100, seq 4096) and, at head_dim 64, K/V kept in registers (+4%).
-  ``bwd_dq_alternate`` is an option (notes/attention.md).
+  head_dim 128 on H100, seq 4096) and, at head_dim 64, K/V kept in registers (+4%) and
+  the two warpgroups taking turns on a whole-width dQ (``bwd_dq_alternate``: fwd+bwd 450
+  vs 399 TFLOP/s at seq 4096, non-causal; at head_dim 128 it lost 2-8%, so off there;
+  notes/attention.md).
   """
   if head_dim > 128:
     return Config(block_kv=64)
   if head_dim <= 64:
-    return Config(block_kv=128 if is_causal else 256, bwd_kv_in_registers=True)
+    return Config(block_kv=128 if is_causal else 256, bwd_kv_in_registers=True,
+                  bwd_dq_alternate=True)
   return Config()
 
 

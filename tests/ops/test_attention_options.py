@@ -118,12 +118,13 @@ def test_alternating_dq_matches_reference_interpret(key):
     assert_close(g, w.astype(g.dtype), name=name)
 
 
-# Backward configurations measured on H100 but not (yet) the defaults, and the register
-# settings of the default: each must match the reference at real sizes.
+# Backward configurations measured on H100: the defaults' pieces and the alternatives
+# (split dQ at head_dim 64, alternating dQ at 128); each must match the reference at real sizes.
 GPU_CONFIGS = [
     dict(bwd_dq_alternate=True),
-    dict(bwd_compute_registers=240, bwd_memory_registers=24),
-    dict(bwd_compute_registers=240, bwd_memory_registers=24, bwd_kv_in_registers=True),
+    dict(bwd_compute_registers=240, bwd_memory_registers=24, bwd_dq_alternate=False),
+    dict(bwd_compute_registers=240, bwd_memory_registers=24, bwd_kv_in_registers=True,
+         bwd_dq_alternate=False),
     dict(bwd_compute_registers=240, bwd_memory_registers=24, bwd_kv_in_registers=True,
          bwd_dq_alternate=True),
 ]

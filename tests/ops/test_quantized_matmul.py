@@ -222,11 +222,13 @@ def test_block_scaled_kernel_interpret(overlap, scales, k, key):
 
 
 def test_block_scaling_refused_on_gpu_until_validated(monkeypatch, key):
-  # Block-scaled fp8 crashed the H100 through the per-tile path: on a GPU the dispatcher
-  # leaves block scaling to the reference (and refuses the kernel by name) until
-  # BLOCK_SCALED_KERNEL is set; per-tile scale copies are refused outside interpret mode.
+  # With BLOCK_SCALED_KERNEL off, the dispatcher on a GPU leaves block scaling to the
+  # reference (and refuses the kernel by name); per-tile scale copies (which crashed the
+  # H100) are refused outside interpret mode either way.
   from jaxeff.ops import _registry
   from kernels_pallas.matmul import mosaic_gpu as mg
+  assert qm.BLOCK_SCALED_KERNEL  # validated on the H100: on by default
+  monkeypatch.setattr(qm, "BLOCK_SCALED_KERNEL", False)
   monkeypatch.setattr(_registry, "current_platform", lambda: "gpu")
   monkeypatch.setattr(_registry, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")
   x = jax.random.normal(key, (4, 256), jnp.float32)
