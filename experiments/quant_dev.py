@@ -180,7 +180,7 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
     t = float("nan")
     if math.isfinite(err):
       t = harness.safe_time(f, lambda i: (_x(m, k, i), weights[i % len(weights)][layout]),
-                            rounds=ROUNDS)
+                            rounds=ROUNDS, chain=True)
     speed = bf16_t / t if t == t else float("nan")
     gbps = wbytes / t / 1e9 if t == t else float("nan")
     print(f"  {case:<28} {name:<20} {harness.fmt_time(t):>10} {gbps:7.0f} GB/s "
@@ -195,7 +195,7 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
 def bf16_time(m, k, n):
   make = lambda i: (_x(m, k, i), (jax.random.normal(jax.random.key(50 + i), (k, n),
                                                     jnp.float32) / 64).astype(jnp.bfloat16))
-  return harness.safe_time(jax.jit(jnp.dot), make, rounds=ROUNDS)
+  return harness.safe_time(jax.jit(jnp.dot), make, rounds=ROUNDS, chain=True)
 
 
 def weight_only_main(args, results):

@@ -5,7 +5,8 @@ on the same device. Timing (``time_fn``): compile and warm up, then ``rounds`` r
 ``inner`` back-to-back calls, each round closed by ``block_until_ready``; the per-call time
 of a round is its wall time over ``inner`` and the reported figure is the median over
 rounds. When one input set fits in L2, calls rotate over several copies so repeated calls
-do not time the cache.
+do not time the cache. Ops that take less time than a dispatch (skinny matmuls) are timed
+with ``chain=True``: many chained calls inside one jitted program (device time per call).
 
 Results follow the schema in ARCHITECTURE.md and are written to
 ``experiments/results/<device>/<suite>.json`` (plus ``<suite>.png`` when matplotlib is
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
@@ -66,13 +68,20 @@ def tree_bytes(tree) -> int:
 
 def time_fn(fn: Callable, make_args: Callable[[int], Sequence], *, rounds: int = 30,
             inner: int | None = None, warmup: int = 3, max_sets: int = 8,
-            target_round_s: float = 0.02) -> float:
+            target_round_s: float = 0.02, chain: bool = False) -> float:
   """Median seconds per call of ``fn(*make_args(i))``.
 
   ``make_args(i)`` builds the i-th input set (fresh random data, different per i).
   ``fn`` should already be jitted. Inputs smaller than 2x L2 are rotated over up to
   ``max_sets`` sets.
+
+  ``chain=True`` measures device time for ops shorter than a dispatch: each round runs one
+  jitted program of ``calls`` chained calls (``chained_program``), so the per-call cost of
+  dispatching a jitted function (~30-40 us on the H100 machine, more than a skinny matmul
+  takes) is paid once per program instead of once per op, as inside a model's step.
   """
+  if chain:
+    return _time_chained(fn, make_args, rounds=rounds, warmup=warmup, max_sets=max_sets)
   first = tuple(make_args(0))
   nbytes = tree_bytes(first)
   n_sets = 1 if nbytes >= 2 * L2_BYTES else min(max_sets, max(2, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
@@ -94,6 +103,65 @@ def time_fn(fn: Callable, make_args: Callable[[int], Sequence], *, rounds: int =
       out = fn(*sets[(r * inner + j) % n_sets])
     jax.block_until_ready(out)
     per_call.append((time.perf_counter() - t0) / inner)
+  return statistics.median(per_call)
+
+
+def chained_program(fn: Callable, n_sets: int, calls: int) -> Callable:
+  """``program(sets, zero)``: ``calls`` calls of ``fn`` over the input sets in turn, each
+  call's first argument offset by ``zero`` times a scalar of the previous call's output.
+
+  ``zero`` is a runtime 0.0, so the offset changes no value, but the compiler can neither
+  merge two calls on the same inputs nor run them out of order: the calls execute one
+  after another on the device, as consecutive layers of a model do. The offset is one
+  small elementwise pass over the first argument (the activations), paid alike by every
+  implementation timed this way.
+  """
+
+  def program(sets, zero):
+    carry = jnp.zeros((), jnp.float32)
+    for j in range(calls):
+      args = list(sets[j % n_sets])
+      first = args[0]
+      offset = (carry * zero).astype(jnp.float32)
+      if jnp.issubdtype(first.dtype, jnp.floating) and jnp.dtype(first.dtype).itemsize == 1:
+        args[0] = (first.astype(jnp.float32) + offset).astype(first.dtype)  # fp8: no fp8 add
+      else:
+        args[0] = first + offset.astype(first.dtype)
+      out = fn(*args)
+      carry = jax.tree.leaves(out)[0].reshape(-1)[0].astype(jnp.float32)
+    return carry
+
+  return jax.jit(program)
+
+
+def _time_chained(fn: Callable, make_args: Callable[[int], Sequence], *, rounds: int,
+                  warmup: int, max_sets: int, target_program_s: float = 2e-3,
+                  max_calls: int = 64, programs_per_round: int = 4) -> float:
+  first = tuple(make_args(0))
+  nbytes = tree_bytes(first)
+  n_sets = 1 if nbytes >= 2 * L2_BYTES else min(max_sets, max(2, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
+  sets = tuple([first] + [tuple(make_args(i)) for i in range(1, n_sets)])
+  zero = jnp.zeros((), jnp.float32)
+  jax.block_until_ready((sets, zero))
+  # One dispatched call bounds the device time from above; size the program from it.
+  out = fn(*sets[0])
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*sets[0]))
+  once = max(time.perf_counter() - t0, 1e-6)
+  calls = int(min(max_calls, max(1, target_program_s / once)))
+  calls = max(n_sets, calls - calls % n_sets)
+  program = chained_program(fn, n_sets, calls)
+  for _ in range(max(1, warmup)):
+    out = program(sets, zero)
+  jax.block_until_ready(out)
+  per_call = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(programs_per_round):  # dispatch of the next overlaps the running one
+      out = program(sets, zero)
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - t0) / (programs_per_round * calls))
   return statistics.median(per_call)
 
 

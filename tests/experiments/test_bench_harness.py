@@ -22,6 +22,35 @@ def test_time_fn_positive_and_rotates_inputs():
   assert len(seen) > 1, "small inputs must be rotated over several sets"
 
 
+def test_chained_program_keeps_every_call_and_its_values():
+  # Every call of the chain must run on its own input set (none merged or dropped) and the
+  # zero offset must not change a value; int8 and fp8 first arguments are offset too.
+  calls = []
+
+  def fn(x, w):
+    calls.append(1)  # once per traced call
+    return (x.astype(jnp.float32) @ w.astype(jnp.float32)) * 2
+
+  sets = tuple((jax.random.normal(jax.random.key(i), (3, 5)).astype(dt),
+                jax.random.normal(jax.random.key(10 + i), (5, 4)))
+               for i, dt in enumerate((jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn)))
+  program = harness.chained_program(fn, n_sets=3, calls=6)
+  out = program(sets, jnp.zeros((), jnp.float32))
+  assert len(calls) == 6
+  want = fn(*sets[2])
+  assert float(out) == float(want.reshape(-1)[0])
+  hlo = program.lower(sets, jnp.zeros((), jnp.float32)).as_text()
+  assert hlo.count("dot_general") == 6
+
+
+def test_chained_timing_is_positive():
+  t = harness.time_fn(jax.jit(lambda x, w: x @ w),
+                      lambda i: (jax.random.normal(jax.random.key(i), (8, 64)),
+                                 jax.random.normal(jax.random.key(i + 1), (64, 64))),
+                      rounds=2, warmup=1, chain=True)
+  assert 0 < t < 1
+
+
 def test_safe_time_reports_failure_as_nan(capsys):
   def boom(x):
     raise RuntimeError("no such kernel")
