@@ -65,16 +65,16 @@ PACKED_FORMATS = ("int4", "int8", "fp8_e4m3", "fp8_e5m2")
 TRITON_MAX_M = 64
 # Weight-only kernel the "triton" implementation runs: the first row whose weight layout
 # and row bound match, (layout, max m, variant of weight_only_matmul, config or None for
-# its default). Layouts: "native" = a PackedWeight with jnp.int4 values
-# (prepack(native_int4=True); the Mosaic kernel's operand, which any other variant would
-# have to copy on every call), "any" = a QArray or a uint8 / int8 PackedWeight (read in
-# place by "triton"). From the H100 table of notes/quant_matmul.md (session 3, call 4):
-# "triton" is the fastest or within 4% for every QArray case (the gemv and magic
-# variants win nothing that holds across shapes, gemv takes 16 ms at m = 16); "mosaic"
-# on a native int4 weight takes 51.5 / 53.9 / 99.8 us at m = 1 (8192^2, 14336 x 4096,
-# 4096 x 14336) where "triton" needs a 35 MB int4 -> uint8 copy on top of 64.8 / 54.5 /
-# 83.5 us. "mosaic" needs Hopper; elsewhere native weights take the copy.
-WEIGHT_ONLY_DEFAULT = (("native", TRITON_MAX_M, "mosaic", None),
+# its default). Layouts: "kmajor" = a PackedWeight the Mosaic kernel reads in place
+# (int8, or int4 stored as jnp.int4: prepack's default on Hopper), "any" = a QArray or a
+# uint8-packed int4 PackedWeight (read in place by "triton"). H100, device time of
+# chained calls (session 4, notes/quant_matmul.md), m = 1 / 16: "mosaic" (split 2) int4
+# g128 31.2 / 34.5 us at 8192^2 (1.68x / 1.56x XLA bf16), 33.8 / 36.4 at 4096 x 14336,
+# 49.5 / 54.2 at 14336 x 4096; int8 33.0 / 34.6, 31.4 / 36.4, 42.3 / 45.1. "triton" on a
+# QArray: int4 44.6 / 46.9, 41.5 / 41.5, 41.8 / 41.2; int8 41.6 / 43.2, 40.8 / 43.1,
+# 41.6 / 41.9; on a uint8-packed int4 PackedWeight 75 us. "mosaic" needs Hopper;
+# elsewhere K-major weights run "triton" (native int4 after a copy to uint8).
+WEIGHT_ONLY_DEFAULT = (("kmajor", TRITON_MAX_M, "mosaic", None),
                        ("any", TRITON_MAX_M, "triton", None))
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
 # Block-scaled fp8 (quantized_matmul with 1 x 128 / 128 x 128 scales, fp8_dot(scaling=
@@ -230,14 +230,16 @@ def _column_scales(scales: jax.Array, n: int) -> jax.Array:
   return jnp.repeat(scales, n // scales.shape[1], axis=1) if scales.shape[1] != n else scales
 
 
-def prepack(w: Any, *, native_int4: bool = False) -> PackedWeight:
+def prepack(w: Any, *, native_int4: bool | None = None) -> PackedWeight:
   """Lays a QArray weight out K-major for the kernels (once, offline).
 
   Args:
     w: a ``QArray`` ``[K, N]`` quantized along K, format int4, int8 or fp8 (or a
       PackedWeight, returned as is unless ``native_int4`` changes its int4 storage).
     native_int4: store symmetric int4 as ``jnp.int4 [N, K]`` (the Mosaic GPU kernel's
-      operand type) rather than ``uint8 [N, K // 2]`` (the Triton kernels').
+      operand type) rather than ``uint8 [N, K // 2]`` (the Triton kernels'). None (the
+      default): the layout of the fastest kernel where this runs, i.e. ``jnp.int4`` on a
+      Hopper GPU for symmetric int4, ``uint8`` elsewhere.
 
   Returns:
     A :class:`PackedWeight` (``values`` transposed, scales / zeros ``[N, G]`` float32).
@@ -251,6 +253,9 @@ def prepack(w: Any, *, native_int4: bool = False) -> PackedWeight:
     zeros = None if w.zeros is None else _column_scales(w.zeros, info.n).T
     pw = PackedWeight(w.values.T, _column_scales(w.scales, info.n).T, zeros, info.fmt,
                       (info.k, info.n))
+  if native_int4 is None:
+    native_int4 = pw.fmt == "int4" and pw.symmetric and (
+        pw.native_int4 or (_registry.current_platform() == "gpu" and _on_hopper()))
   if pw.fmt != "int4" or native_int4 == pw.native_int4:
     return pw
   if not pw.symmetric:
@@ -546,13 +551,17 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
   return out[:m, :info.n]
 
 
+def _on_hopper() -> bool:
+  return any(k in _registry._device_kind() for k in _registry.HOPPER_KINDS)
+
+
 def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:
   """``(variant, config)`` of ``WEIGHT_ONLY_DEFAULT`` for ``m`` rows of x and weight ``w``."""
   info = _weight_info(w)
-  native = isinstance(w, PackedWeight) and w.native_int4
-  hopper = interpret or any(k in _registry._device_kind() for k in _registry.HOPPER_KINDS)
+  kmajor = isinstance(w, PackedWeight) and (w.native_int4 or w.fmt == "int8")
+  hopper = interpret or _on_hopper()
   for layout, max_m, variant, config in WEIGHT_ONLY_DEFAULT:
-    if m > max_m or (layout == "native" and not native):
+    if m > max_m or (layout == "kmajor" and not kmajor):
       continue
     if variant == "mosaic":
       cfg = config or _mosaic_gpu.WeightOnlyConfig()

@@ -104,20 +104,28 @@ def test_weight_only_batched_float16_and_other_formats(key):
 
 
 def test_weight_only_default_by_weight_layout(monkeypatch, key):
-  # A native int4 weight runs the Mosaic kernel on Hopper (no per-call int4 -> uint8 copy);
-  # QArrays and uint8 / int8 PackedWeights run the Triton kernel in place.
+  # K-major weights the Mosaic kernel reads in place (native int4, int8 PackedWeight) run
+  # it on Hopper; QArrays and uint8-packed int4 PackedWeights run the Triton kernel.
   from jaxeff.ops import _registry
   kx, kw = jax.random.split(key)
   w = _weight(kw, 256, 72, "int4", 128)
+  w8 = _weight(kw, 256, 72, "int8")
   native = qm.prepack(w, native_int4=True)
-  assert qm._weight_only_choice(2, native, interpret=True) == ("mosaic", None)
-  for other in (w, qm.prepack(w), qm.prepack(_weight(kw, 256, 72, "int8"))):
+  for kmajor in (native, qm.prepack(w8)):
+    assert qm._weight_only_choice(2, kmajor, interpret=True) == ("mosaic", None)
+  for other in (w, w8, qm.prepack(w, native_int4=False)):
     assert qm._weight_only_choice(2, other, interpret=True) == ("triton", None)
+  assert qm._weight_only_choice(128, native, interpret=True) == ("triton", None)  # m > max
   assert qm._weight_only_choice(2, native, interpret=False) == ("triton", None)  # CPU: no Hopper
   monkeypatch.setattr(_registry, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")
   assert qm._weight_only_choice(2, native, interpret=False) == ("mosaic", None)
   g64 = qm.prepack(_weight(kw, 256, 72, "int4", 64), native_int4=True)  # groups < block_k
   assert qm._weight_only_choice(2, g64, interpret=False) == ("triton", None)
+  # prepack's default layout: uint8 nibbles off Hopper, jnp.int4 on a Hopper GPU
+  assert not qm.prepack(w).native_int4
+  monkeypatch.setattr(_registry, "current_platform", lambda: "gpu")
+  assert qm.prepack(w).native_int4 and qm.prepack(w8).fmt == "int8"
+  assert not qm.prepack(w, native_int4=False).native_int4
   x = jax.random.normal(kx, (2, 256), jnp.float32).astype(jnp.bfloat16)
   out = qm.quantized_matmul(x, native, implementation="triton:interpret")
   assert_close(out, _expected(x, w).astype(jnp.bfloat16))
