@@ -198,9 +198,11 @@ def run(quick: bool) -> list[harness.Row]:
   rounds = QUICK_ROUNDS if quick else ROUNDS
   rows = []
   k, n = SQUARE
-  for m in ((1, 128, 4096) if quick else SQUARE_M):
+  for m in SQUARE_M:
     bf16 = _bf16_time(m, k, n, rounds)
-    for fmt_name in (("int4_g128",) if quick or m > 256 else WEIGHT_ONLY):
+    # --quick: the formats the targets name (int4 g128 everywhere, int8 at m <= 16)
+    fmts = ("int4_g128", "int8") if quick and m <= 16 else WEIGHT_ONLY
+    for fmt_name in (("int4_g128",) if m > 256 or (quick and m > 16) else fmts):
       rows += _weight_only_rows(m, k, n, fmt_name, bf16, rounds)
     if m in ACT_M:
       rows += _w8a8_rows(m, k, n, bf16, rounds)

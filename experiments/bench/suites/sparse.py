@@ -64,10 +64,10 @@ def _sizes(on_gpu: bool, quick: bool):
   square = (8192 // scale, 8192 // scale)
   llm = tuple((a // scale, b // scale) for a, b in ((4096, 4096), (4096, 14336), (14336, 4096)))
   if quick:
-    return dict(square=square, square_m=(1, 16), square_fmts=(0.8, "2:4"),
-                llm=llm[1:2], llm_m=(16,), llm_fmts=(0.8,), cats_m=(1,),
+    return dict(square=square, square_m=(1, 16), square_fmts=(0.6, 0.8, "2:4"),
+                llm=llm[1:2], llm_m=(1, 16), llm_fmts=(0.8,), cats_m=(1, 8),
                 cats=(4096 // scale, 14336 // scale), bcoo=(2048 // scale, 16, 0.8))
-  return dict(square=square, square_m=(1, 16, 64), square_fmts=(0.5, 0.7, 0.8, 0.9, "2:4"),
+  return dict(square=square, square_m=(1, 16, 64), square_fmts=(0.5, 0.6, 0.7, 0.8, 0.9, "2:4"),
               llm=llm, llm_m=(1, 16), llm_fmts=(0.5, 0.8, "2:4"), cats_m=(1, 8),
               cats=(4096 // scale, 14336 // scale), bcoo=(2048 // scale, 16, 0.8))
 
