@@ -263,16 +263,17 @@ class EllConfig:
 
 def ell_default_config(num_blocks: int, chunks_per_block: int, m: int = 1,
                        num_sms: int = DEFAULT_NUM_SMS) -> EllConfig:
-  """About ``ELL_PROGRAMS_PER_SM[m == 1]`` programs an SM, at least two chunks a program;
-  8 warps past 4 rows of x (the per-row accumulators spread over twice the threads)."""
-  per_sm = ELL_PROGRAMS_PER_SM[1 if m == 1 else 0]
-  split = max(1, min(-(-per_sm * num_sms // max(num_blocks, 1)), chunks_per_block // 2))
+  """About ``ELL_PROGRAMS_PER_SM`` programs an SM, at least two chunks a program, twice
+  that split at m = 1; 8 warps past 4 rows of x (the per-row accumulators spread over
+  twice the threads)."""
+  split = max(1, min(-(-ELL_PROGRAMS_PER_SM * num_sms // max(num_blocks, 1)),
+                     chunks_per_block // 2))
+  if m == 1:  # H100, 80% sparse 8192^2 (session 4): split 18 26.5 us, 9 30.4 us, 4 40.8 us
+    split *= 2
   return EllConfig(split=split, num_warps=4 if m <= 4 else 8)
 
 
-# Programs an SM (m > 1, m == 1). H100, 80% sparse 8192^2, m = 1 (session 4): 8 a SM 26.5
-# us, 4 a SM 30.4 us, 2 a SM 40.8 us (dense bf16 53.3 us); m > 1 not measured past 4.
-ELL_PROGRAMS_PER_SM = (4, 8)
+ELL_PROGRAMS_PER_SM = 4
 
 
 def _ell_kernel(x_ref, d_ref, b_ref, bp_ref, o_ref, *, k: int, m_rows: int, split: int,
