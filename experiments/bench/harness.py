@@ -66,6 +66,17 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
+def _input_sets(make_args: Callable[[int], Sequence], max_sets: int) -> tuple:
+  """Input sets to rotate over: one when a set is at least twice the L2, else enough
+  (up to ``max_sets``) that repeated calls stream more than the L2 holds."""
+  first = tuple(make_args(0))
+  nbytes = tree_bytes(first)
+  n_sets = 1 if nbytes >= 2 * L2_BYTES else min(max_sets, max(2, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
+  sets = tuple([first] + [tuple(make_args(i)) for i in range(1, n_sets)])
+  jax.block_until_ready(sets)
+  return sets
+
+
 def time_fn(fn: Callable, make_args: Callable[[int], Sequence], *, rounds: int = 30,
             inner: int | None = None, warmup: int = 3, max_sets: int = 8,
             target_round_s: float = 0.02, chain: bool = False) -> float:
@@ -82,11 +93,8 @@ def time_fn(fn: Callable, make_args: Callable[[int], Sequence], *, rounds: int =
   """
   if chain:
     return _time_chained(fn, make_args, rounds=rounds, warmup=warmup, max_sets=max_sets)
-  first = tuple(make_args(0))
-  nbytes = tree_bytes(first)
-  n_sets = 1 if nbytes >= 2 * L2_BYTES else min(max_sets, max(2, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
-  sets = [first] + [tuple(make_args(i)) for i in range(1, n_sets)]
-  jax.block_until_ready(sets)
+  sets = _input_sets(make_args, max_sets)
+  n_sets = len(sets)
   out = None
   for i in range(warmup):
     out = fn(*sets[i % n_sets])
@@ -137,12 +145,9 @@ def chained_program(fn: Callable, n_sets: int, calls: int) -> Callable:
 def _time_chained(fn: Callable, make_args: Callable[[int], Sequence], *, rounds: int,
                   warmup: int, max_sets: int, target_program_s: float = 2e-3,
                   max_calls: int = 64, programs_per_round: int = 4) -> float:
-  first = tuple(make_args(0))
-  nbytes = tree_bytes(first)
-  n_sets = 1 if nbytes >= 2 * L2_BYTES else min(max_sets, max(2, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
-  sets = tuple([first] + [tuple(make_args(i)) for i in range(1, n_sets)])
+  sets = _input_sets(make_args, max_sets)
+  n_sets = len(sets)
   zero = jnp.zeros((), jnp.float32)
-  jax.block_until_ready((sets, zero))
   # One dispatched call bounds the device time from above; size the program from it.
   out = fn(*sets[0])
   jax.block_until_ready(out)

@@ -239,7 +239,8 @@ def prepack(w: Any, *, native_int4: bool | None = None) -> PackedWeight:
     native_int4: store symmetric int4 as ``jnp.int4 [N, K]`` (the Mosaic GPU kernel's
       operand type) rather than ``uint8 [N, K // 2]`` (the Triton kernels'). None (the
       default): the layout of the fastest kernel where this runs, i.e. ``jnp.int4`` on a
-      Hopper GPU for symmetric int4, ``uint8`` elsewhere.
+      Hopper GPU for symmetric int4 whose groups the Mosaic kernel takes (per-channel or
+      multiples of 128), ``uint8`` otherwise.
 
   Returns:
     A :class:`PackedWeight` (``values`` transposed, scales / zeros ``[N, G]`` float32).
@@ -255,7 +256,8 @@ def prepack(w: Any, *, native_int4: bool | None = None) -> PackedWeight:
                       (info.k, info.n))
   if native_int4 is None:
     native_int4 = pw.fmt == "int4" and pw.symmetric and (
-        pw.native_int4 or (_registry.current_platform() == "gpu" and _on_hopper()))
+        pw.native_int4 or (_registry.current_platform() == "gpu" and _on_hopper()
+                           and _mosaic_takes_groups(pw.group_size)))
   if pw.fmt != "int4" or native_int4 == pw.native_int4:
     return pw
   if not pw.symmetric:
@@ -553,6 +555,12 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
 
 def _on_hopper() -> bool:
   return any(k in _registry._device_kind() for k in _registry.HOPPER_KINDS)
+
+
+def _mosaic_takes_groups(group_size: int | None) -> bool:
+  """Whether the Mosaic weight-only kernel serves int4 scale groups of this size."""
+  return _mosaic_gpu.weight_only_unsupported(1, 1, 1, bits=4, group_size=group_size,
+                                             cfg=_mosaic_gpu.WeightOnlyConfig()) is None
 
 
 def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:

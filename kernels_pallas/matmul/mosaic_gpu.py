@@ -555,10 +555,11 @@ def weight_only_unsupported(m: int, n: int, k: int, *, bits: int, group_size: in
 def weight_only_config(n: int, k: int, *, num_sms: int = 132) -> WeightOnlyConfig:
   """A :class:`WeightOnlyConfig` whose grid fills the GPU about once.
 
-  The H100 table (notes/quant_matmul.md) fits a cost per wave of CTAs, not per byte:
-  8192 x 8192 int4 with split 2 (128 CTAs) 51.5 us, split 4 (256 CTAs, two waves) 73.5
-  us; 4096 x 14336 with split 2 (224 CTAs) 99.8 us. So ``split_k`` is the largest of
-  1, 2, 4, 8 with ``ceil(n / 128) * split_k <= num_sms`` (at least 4 K steps a split).
+  ``split_k`` is the largest of 1, 2, 4, 8 with ``ceil(n / 128) * split_k <= num_sms``
+  (at least 4 K steps a split). It came from per-call H100 times that suggested a cost
+  per wave of CTAs (8192^2 int4 split 2 51.5 us, split 4 73.5 us); in device time (chained
+  calls, session 4) the gap is 31.2 vs 34.4 us and the two-wave 4096 x 14336 split 2 runs
+  in 33.8 us, so the dispatch keeps the fixed ``WeightOnlyConfig()`` (notes/quant_matmul.md).
   """
   tiles = -(-n // (2 * WO_ROWS))
   cfg = WeightOnlyConfig()

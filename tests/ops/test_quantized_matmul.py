@@ -126,6 +126,7 @@ def test_weight_only_default_by_weight_layout(monkeypatch, key):
   monkeypatch.setattr(_registry, "current_platform", lambda: "gpu")
   assert qm.prepack(w).native_int4 and qm.prepack(w8).fmt == "int8"
   assert not qm.prepack(w, native_int4=False).native_int4
+  assert not qm.prepack(_weight(kw, 256, 72, "int4", 64)).native_int4  # g64: Triton's layout
   x = jax.random.normal(kx, (2, 256), jnp.float32).astype(jnp.bfloat16)
   out = qm.quantized_matmul(x, native, implementation="triton:interpret")
   assert_close(out, _expected(x, w).astype(jnp.bfloat16))
