@@ -99,8 +99,8 @@ def _weight_only_rows(m, k, n, fmt_name, bf16, rounds, implementation=None):
   make_packed = lambda i: (_x(m, k, i), qm.prepack(quant(_wf(k, n, i))))
   rows = [_row(case, params, "jaxeff", _time(m, ours, make, rounds=rounds), m, k, n,
                wbytes),
-          _row(case, params, "jaxeff:prepacked", _time(m, ours, make_packed,
-                                                                   rounds=rounds), m, k, n, wbytes),
+          _row(case, params, "jaxeff:prepacked", _time(m, ours, make_packed, rounds=rounds),
+               m, k, n, wbytes),
           _row(case, params, "xla:dequant", _time(m, deq, make, rounds=rounds), m, k, n,
                wbytes),
           _row(case, params, "xla:bf16", bf16[0], m, k, n, bf16[1])]
