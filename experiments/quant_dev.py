@@ -81,6 +81,9 @@ VARIANTS = {
                   "native", 64),
     "mosaic_s4": ("mosaic", mg.WeightOnlyConfig(block_k=128, num_stages=4, split_k=4),
                   "native", 64),
+    # the next weight tile upcast while the current wgmma runs (session 4, untimed)
+    "mosaic_s2_pipe": ("mosaic", mg.WeightOnlyConfig(block_k=128, num_stages=4, split_k=2,
+                                                     pipeline_upcast=True), "native", 64),
     # split_k from the grid size (one wave of CTAs): weight_only_config
     "mosaic_auto": ("mosaic", lambda m, n, k, bits, group: mg.weight_only_config(n, k),
                     "native", 64),
@@ -89,8 +92,9 @@ SQUARE_VARIANTS = {1: [v for v in VARIANTS if v != "mosaic_auto"],
                    16: [v for v in VARIANTS if v not in ("gemv_n32_s8", "mosaic_auto")]}
 # (the Triton kernel with a prepacked weight and int -> float conversions was measured in
 # session 2: 78.7 us int4 m = 16, notes/quant_matmul.md)
-LLM_VARIANTS = {1: ["triton", "triton_magic_packed", "gemv_n64_s4", "mosaic_s2"],
-                16: ["triton", "triton_magic_packed", "mosaic_s2"]}
+LLM_VARIANTS = {1: ["triton", "triton_magic_packed", "gemv_n64_s4", "mosaic_s2", "mosaic_s4",
+                    "mosaic_auto", "mosaic_s2_pipe"],
+                16: ["triton", "triton_magic_packed", "mosaic_s2", "mosaic_s4", "mosaic_s2_pipe"]}
 ROUNDS = 10
 INTERPRET = False  # --smoke: tiny shapes, kernels interpreted on CPU (checks this script)
 # --wo-floor (K, N): two K at one N (intercept of time vs bytes), then the LLM shapes
@@ -139,7 +143,8 @@ def _rel(a, b) -> float:
 
 def check_odd_shapes(results):
   print("\n== correctness at odd shapes (rel. error vs dequantize-then-dot) ==", flush=True)
-  kinds = ["triton", "triton_magic", "triton_magic_packed", "gemv_n64_s4", "mosaic_s2"]
+  kinds = ["triton", "triton_magic", "triton_magic_packed", "gemv_n64_s4", "mosaic_s2",
+           "mosaic_s2_pipe"]
   for m, k, n, fmt_name in ODD:
     w = _weights(k, n, fmt_name, 1)[0]
     x = _x(m, k, 0)

@@ -442,6 +442,10 @@ class WeightOnlyConfig:
   split_k: int = 2
   compute_registers: int = 232
   memory_registers: int = 40
+  # Software-pipelined upcast: step i's wgmma is issued, then step i + 1's weight tile is
+  # loaded, upcast and scaled while it runs (one more weight tile live in registers).
+  # False: load, upcast, wgmma, wait, one step at a time. Not yet timed on a GPU.
+  pipeline_upcast: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -488,27 +492,45 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
       plgpu.barrier_wait(s["scale_bar"].at[wg])
       channel_scale = plgpu.load(s["scale"].at[wg, 0], layout=row_layout)
 
-    def run(acc_ref):
-      def step(i, carry):
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(s["w_bar"].at[slot])
-        w = plgpu.load(s["w"].at[slot, pl.ds(wg * WO_ROWS, WO_ROWS)], layout=upcast)
-        w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(xdtype)
-        if not per_channel:  # the group's scale, per weight row, in x.dtype (HMUL2)
-          plgpu.barrier_wait(s["s_bar"].at[2 * slot + wg])
-          scale = plgpu.load(s["scale"].at[slot, wg], layout=row_layout).astype(xdtype)
-          w = w * lax.broadcast_in_dim(scale, w.shape, [0])
-        plgpu.barrier_wait(s["x_bar"].at[slot])
-        if a_via_smem:  # interpret mode takes wgmma operands from refs only
-          s["a16"].at[wg][...] = w
-          plgpu.commit_smem()
-          w = s["a16"].at[wg]
-        plgpu.wgmma(acc_ref, w, s["x"].at[slot].T)
-        plgpu.wgmma_wait(0)  # the register operand and the slot are free again
-        plgpu.barrier_arrive(s["consumed"].at[slot])
-        return carry
+    def weight_tile(i):
+      """Step i's weight rows of this warpgroup, upcast to x.dtype and group-scaled."""
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(s["w_bar"].at[slot])
+      w = plgpu.load(s["w"].at[slot, pl.ds(wg * WO_ROWS, WO_ROWS)], layout=upcast)
+      w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(xdtype)
+      if not per_channel:  # the group's scale, per weight row, in x.dtype (HMUL2)
+        plgpu.barrier_wait(s["s_bar"].at[2 * slot + wg])
+        scale = plgpu.load(s["scale"].at[slot, wg], layout=row_layout).astype(xdtype)
+        w = w * lax.broadcast_in_dim(scale, w.shape, [0])
+      return w
 
-      lax.fori_loop(0, steps, step, None)
+    def multiply(acc_ref, i, w, prefetch):
+      """acc += w @ x_i^T; ``prefetch()`` runs while the wgmma is in flight and its
+      result (the next weight tile) is returned."""
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(s["x_bar"].at[slot])
+      if a_via_smem:  # interpret mode takes wgmma operands from refs only
+        s["a16"].at[wg][...] = w
+        plgpu.commit_smem()
+        w = s["a16"].at[wg]
+      plgpu.wgmma(acc_ref, w, s["x"].at[slot].T)
+      nxt = prefetch()
+      plgpu.wgmma_wait(0)  # the register operand and the slot are free again
+      plgpu.barrier_arrive(s["consumed"].at[slot])
+      return nxt
+
+    def run(acc_ref):
+      if not cfg.pipeline_upcast:
+        def step(i, carry):
+          multiply(acc_ref, i, weight_tile(i), lambda: None)
+          return carry
+
+        lax.fori_loop(0, steps, step, None)
+      else:  # invariant: the carry is step i's weight tile, loaded and upcast
+        w_last = lax.fori_loop(
+            0, steps - 1, lambda i, w: multiply(acc_ref, i, w, lambda: weight_tile(i + 1)),
+            weight_tile(0))
+        multiply(acc_ref, steps - 1, w_last, lambda: None)
       return acc_ref[...]
 
     acc = pl.run_scoped(run, plgpu.ACC((WO_ROWS, mp), jnp.float32))

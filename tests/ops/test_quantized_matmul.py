@@ -71,12 +71,18 @@ def _variant_config(variant):
   from kernels_pallas.matmul import triton as tr
   return {"triton_magic": tr.WeightOnlyConfig(16, 64, 64, 2, dequant="magic"),
           "gemv": tr.GemvConfig(block_n=32, group_bytes=64, groups_per_step=2, split_k=2),
-          "mosaic": mg.WeightOnlyConfig(block_k=128, num_stages=2, split_k=2)}[variant]
+          "mosaic": mg.WeightOnlyConfig(block_k=128, num_stages=2, split_k=2),
+          "mosaic_pipelined": mg.WeightOnlyConfig(block_k=128, num_stages=2, split_k=2,
+                                                  pipeline_upcast=True)}[variant]
 
 
 @pytest.mark.parametrize("variant,case", [
     ("triton_magic", (3, 384, 130, "int4", 128)), ("gemv", (5, 300, 72, "int8", None)),
-    ("mosaic", (16, 384, 130, "int4", 128)), ("mosaic", (1, 300, 72, "int8", None))], ids=str)
+    ("mosaic", (16, 384, 130, "int4", 128)), ("mosaic", (1, 300, 72, "int8", None)),
+    # pipelined upcast: 2 steps a split (= stages), 5 (> stages), 1 (no loop iteration)
+    ("mosaic_pipelined", (16, 384, 130, "int4", 128)),
+    ("mosaic_pipelined", (3, 1100, 72, "int8", None)),
+    ("mosaic_pipelined", (1, 200, 72, "int4", None))], ids=str)
 def test_weight_only_variants(variant, case, key):
   # K not a multiple of the tiles, N odd, prepacked (int4 typed for mosaic) and QArray.
   m, k, n, fmt, group = case
@@ -374,7 +380,8 @@ def test_bad_inputs(key):
 # ------------------------------------------------------------------------ cross-lowering
 
 
-@pytest.mark.parametrize("kernel", ["block_overlap", "triton_magic", "gemv", "mosaic_int4"])
+@pytest.mark.parametrize("kernel", ["block_overlap", "triton_magic", "gemv", "mosaic_int4",
+                                    "mosaic_int4_pipelined"])
 def test_kernels_lower_for_cuda(kernel):
   # Interpret mode never builds a Mosaic GPU module or Triton IR (and takes the mosaic
   # weight-only A operand from shared memory); lowering for an abstract H100 does.
@@ -388,8 +395,9 @@ def test_kernels_lower_for_cuda(kernel):
                                                b_tile_scalar=True)
     args = (sds((128, k), jnp.float8_e4m3fn), sds((n, k), jnp.float8_e4m3fn),
             sds((k // 128, 128), jnp.float32), sds((k // 128, n), jnp.float32))
-  elif kernel == "mosaic_int4":
-    fn = lambda x, v, s: mg.weight_only_matmul_t(x, v, s, group_size=128)
+  elif kernel.startswith("mosaic_int4"):
+    cfg = mg.WeightOnlyConfig(pipeline_upcast=kernel.endswith("pipelined"))
+    fn = lambda x, v, s: mg.weight_only_matmul_t(x, v, s, group_size=128, config=cfg)
     args = (sds((16, k), jnp.bfloat16), sds((n, k), jnp.int4), sds((n, k // 128), jnp.float32))
   elif kernel == "gemv":
     fn = lambda x, v, s: tr.gemv_weight_only(x, v, s, bits=4, group_size=128)
@@ -430,8 +438,9 @@ def test_weight_only_gpu(m, fmt, group, key):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", None)])
-@pytest.mark.parametrize("variant", ["triton_magic", "gemv", "mosaic"])
+@pytest.mark.parametrize("variant", ["triton_magic", "gemv", "mosaic", "mosaic_pipelined"])
 def test_weight_only_variants_gpu(variant, m, fmt, group, key):
+  from kernels_pallas.matmul import mosaic_gpu as mg
   from kernels_pallas.matmul import triton as tr
   kx, kw = jax.random.split(key)
   w = _weight(kw, 4096, 2048 + 64, fmt, group)
@@ -440,9 +449,10 @@ def test_weight_only_variants_gpu(variant, m, fmt, group, key):
   cfg = {"triton_magic": dataclasses.replace(tr.default_config(m, 2112, 4096, bits=8,
                                                                group_size=group),
                                              dequant="magic"),
-         "gemv": None, "mosaic": None}[variant]
+         "gemv": None, "mosaic": None,
+         "mosaic_pipelined": mg.WeightOnlyConfig(pipeline_upcast=True)}[variant]
   weights = [w, qm.prepack(w)] if variant == "triton_magic" else [
-      qm.prepack(w, native_int4=variant == "mosaic")]
+      qm.prepack(w, native_int4=variant.startswith("mosaic"))]
   for weight in weights:
     out = jax.jit(lambda x, w: qm.weight_only_matmul(
         x, w, variant=variant.split("_")[0], config=cfg).astype(jnp.bfloat16))(x, weight)
