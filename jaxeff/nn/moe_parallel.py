@@ -41,7 +41,8 @@ def _device_of_rows(ends: jax.Array, num_rows: int) -> jax.Array:
 def expert_parallel_experts(x: jax.Array, router: jax.Array, w_gate_up: jax.Array,
                             w_down: jax.Array, cfg: _moe.MoEConfig, *, mesh: Mesh,
                             expert_axis: str = "expert",
-                            token_axes: tuple[str, ...] | None = None
+                            token_axes: tuple[str, ...] | None = None,
+                            check_vma: bool | None = None
                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The routed experts of :class:`MoE` run expert-parallel (module docstring).
 
@@ -52,6 +53,10 @@ def expert_parallel_experts(x: jax.Array, router: jax.Array, w_gate_up: jax.Arra
     cfg: routing options (``capacity_factor`` must be None).
     mesh: the device mesh; expert_axis: its axis the experts are split over;
     token_axes: axes the tokens are split over (default: all of the mesh's axes).
+    check_vma: ``jax.shard_map``'s varying-axes type checking. None = on for CPU and off
+      on GPU/TPU, where the grouped-matmul Pallas kernels run inside the map and their
+      output shapes carry no varying-axes types yet (as
+      :class:`jaxeff.parallel.gpt.ParallelOptions`); the gradients are the same.
 
   Returns:
     ``(y [T, d], {"load_balancing_loss", "router_z_loss"})``.
@@ -114,8 +119,11 @@ def expert_parallel_experts(x: jax.Array, router: jax.Array, w_gate_up: jax.Arra
 
   tokens = P(token_axes, None)
   experts = P(expert_axis, None, None)
+  if check_vma is None:
+    check_vma = jax.default_backend() == "cpu"
   y, lb, z = jax.shard_map(local, mesh=mesh, in_specs=(tokens, P(), experts, experts),
-                           out_specs=(tokens, P(), P()))(x, router, w_gate_up, w_down)
+                           out_specs=(tokens, P(), P()), check_vma=check_vma)(
+                               x, router, w_gate_up, w_down)
   return y, {"load_balancing_loss": lb, "router_z_loss": z}
 
 

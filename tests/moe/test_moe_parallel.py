@@ -43,6 +43,33 @@ def test_expert_parallel_equals_single_device(key, shape, names):
     assert_close(a, b, name=jax.tree_util.keystr(path))
 
 
+def test_expert_parallel_without_vma_checks_equals_single_device(key):
+  # GPUs run the map with check_vma=False (the Pallas kernels inside carry no
+  # varying-axes types): output, losses and every gradient must still match.
+  from jaxeff.nn.moe import load_balancing_loss, routed_experts, router_z_loss
+  mesh = _mesh((2, 4), ("data", "expert"))
+  kx, kr, kg, kd = jax.random.split(key, 4)
+  x = jax.random.normal(kx, (32, 6))
+  router, wgu = jax.random.normal(kr, (6, 8)), 0.3 * jax.random.normal(kg, (8, 6, 16))
+  wd = 0.3 * jax.random.normal(kd, (8, 8, 6))
+  cfg = MoEConfig(num_experts=8, k=2)
+
+  def single(x, router, wgu, wd):
+    y, routing, logits = routed_experts(x, router, wgu, wd, cfg)
+    return jnp.sum(jnp.sin(y)) + load_balancing_loss(routing, 8) + router_z_loss(logits)
+
+  def parallel(x, router, wgu, wd):
+    y, aux = expert_parallel_experts(x, router, wgu, wd, cfg, mesh=mesh, check_vma=False)
+    return jnp.sum(jnp.sin(y)) + aux["load_balancing_loss"] + aux["router_z_loss"]
+
+  args = (x, router, wgu, wd)
+  l1, g1 = jax.jit(jax.value_and_grad(single, argnums=(0, 1, 2, 3)))(*args)
+  l2, g2 = jax.jit(jax.value_and_grad(parallel, argnums=(0, 1, 2, 3)))(*args)
+  assert_close(l2, l1, name="loss")
+  for name, a, b in zip(("dx", "drouter", "dw_gate_up", "dw_down"), g2, g1):
+    assert_close(a, b, name=name)
+
+
 def test_expert_parallel_bad_inputs(key):
   mesh = _mesh((2, 4), ("data", "expert"))
   x = jax.random.normal(key, (16, 4))

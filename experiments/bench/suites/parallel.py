@@ -20,7 +20,9 @@ for ``n`` = 2, 4, 8 up to the device count, so one command measures everything):
   times (the same per-device FLOPs), so the ratio is the per-GPU efficiency;
 * pipeline: GPipe and 1F1B over ``n`` stages of a 4-layer MLP stack, measured bubble
   ``1 - M t_stage / t_step`` vs the theoretical ``(n - 1) / (M + n - 1)``;
-* expert parallelism: left to the MoE layer (no rows).
+* expert parallelism: the MoE layer (8 experts, top-2) forward+backward with a fixed
+  number of tokens per device, experts split over ``n`` devices (all-to-all dispatch),
+  against one device with its own tokens (weak-scaling efficiency).
 
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0`` is set here unless already set).
 ``--quick`` times a 4-layer model and fewer rounds. On CPU a tiny model runs so the suite
@@ -61,6 +63,8 @@ SHAPES = {
     "ring": ((32768, 16, 128), (8192, 16, 128), (64, 2, 16)),
     "pipeline": ((4096, 2048, 4), (2048, 1024, 2), (32, 8, 2)),
     "weak": (dict(batch=4, seq=2048), dict(batch=4, seq=2048), dict(batch=2, seq=32)),
+    # (tokens per device, d_model, expert hidden); 8 experts, top-2 (the moe suite's layer)
+    "expert": ((16384, 2048, 1408), (4096, 2048, 1408), (64, 32, 64)),
 }
 
 
@@ -346,6 +350,54 @@ def pipeline_rows(quick: bool, counts) -> list[harness.Row]:
   return rows
 
 
+def expert_parallel_rows(quick: bool, counts) -> list[harness.Row]:
+  """The MoE layer (8 experts, top-2) forward+backward, weak scaling: a fixed number of
+  tokens per device, experts split over an ``expert`` axis of ``n`` devices (all-to-all
+  dispatch), against the same layer on one device with one device's tokens
+  (efficiency = n t_1 / t_n per device, i.e. t_1 / t_n)."""
+  from jaxeff.nn.moe import MoE
+
+  tokens, d, h = _shape("expert", quick)
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  impl = "mosaic_gpu" if on_gpu else None
+  kw = dict(num_experts=8, experts_per_token=2, hidden_dim=h, dtype=dtype, param_dtype=dtype,
+            implementation=impl)
+
+  def step_time(layer, n, devices):
+    x = jax.random.normal(jax.random.key(1), (n * tokens, d), jnp.float32).astype(dtype)
+    variables = jax.jit(layer.init)(jax.random.key(0), x[:tokens])
+    if n > 1:
+      mesh = layer.mesh
+      x = jax.device_put(x, NamedSharding(mesh, P(mesh.axis_names)))
+      variables = jax.device_put(variables, NamedSharding(mesh, P()))
+
+    def loss(v, x):
+      y, aux = layer.apply(v, x)
+      return jnp.mean(y.astype(jnp.float32) ** 2) + sum(aux.values(), 0.0)
+
+    return _time(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), variables, x,
+                 rounds=QUICK_ROUNDS if quick else ROUNDS)
+
+  rows = []
+  t1 = step_time(MoE(**kw), 1, jax.devices()[:1])
+  params = dict(experts=8, k=2, d_model=d, hidden=h, tokens_per_device=tokens, mode="fwd_bwd")
+  for n in counts:
+    mesh = pmesh.make_mesh(f"expert={n}", jax.devices()[:n])
+    tn = step_time(MoE(**kw, mesh=mesh, expert_axis="expert"), n, jax.devices()[:n])
+    case = f"expert-parallel MoE n{n} tokens/gpu {tokens} d{d}"
+    rows.append(harness.Row(case=case, params=dict(params, devices=1),
+                            implementation="one device (its tokens)", median_s=t1,
+                            throughput=tokens / t1, unit="tokens/s"))
+    rows.append(harness.Row(case=case, params=dict(params, devices=n),
+                            implementation="jaxeff:expert_parallel", median_s=tn,
+                            throughput=n * tokens / tn, unit="tokens/s",
+                            extra=dict(efficiency=t1 / tn)))
+    print(f"  expert-parallel MoE n{n}: {n * tokens / tn:12,.0f} tokens/s, weak-scaling "
+          f"efficiency {t1 / tn:.1%}")
+  return rows
+
+
 def run(quick: bool = False) -> list[harness.Row]:
   deadline = time.perf_counter() + float(os.environ.get("JAXEFF_BENCH_DEADLINE_S", "inf"))
   rows = overhead_rows(quick)
@@ -354,8 +406,8 @@ def run(quick: bool = False) -> list[harness.Row]:
     print("parallel suite: one device: the scaling cases need several; skipped")
     return rows
   counts = [n for n in (2, 4, 8) if n <= count]
-  print("parallel suite: expert-parallel MoE scaling is left to the MoE layer (no rows)")
-  for fn in (collective_matmul_rows, ring_attention_rows, pipeline_rows, weak_scaling_rows):
+  for fn in (collective_matmul_rows, ring_attention_rows, pipeline_rows, expert_parallel_rows,
+             weak_scaling_rows):
     if time.perf_counter() > deadline:
       print(f"parallel suite: deadline reached, {fn.__name__} not run")
       continue
