@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.nn import moe as _moe
+from jaxeff.parallel.mesh import default_check_vma
 
 
 def _device_of_rows(ends: jax.Array, num_rows: int) -> jax.Array:
@@ -53,10 +54,9 @@ def expert_parallel_experts(x: jax.Array, router: jax.Array, w_gate_up: jax.Arra
     cfg: routing options (``capacity_factor`` must be None).
     mesh: the device mesh; expert_axis: its axis the experts are split over;
     token_axes: axes the tokens are split over (default: all of the mesh's axes).
-    check_vma: ``jax.shard_map``'s varying-axes type checking. None = on for CPU and off
-      on GPU/TPU, where the grouped-matmul Pallas kernels run inside the map and their
-      output shapes carry no varying-axes types yet (as
-      :class:`jaxeff.parallel.gpt.ParallelOptions`); the gradients are the same.
+    check_vma: ``jax.shard_map``'s varying-axes type checking; None =
+      :func:`jaxeff.parallel.mesh.default_check_vma` (off where the grouped-matmul
+      kernels run inside the map); the gradients are the same.
 
   Returns:
     ``(y [T, d], {"load_balancing_loss", "router_z_loss"})``.
@@ -120,7 +120,7 @@ def expert_parallel_experts(x: jax.Array, router: jax.Array, w_gate_up: jax.Arra
   tokens = P(token_axes, None)
   experts = P(expert_axis, None, None)
   if check_vma is None:
-    check_vma = jax.default_backend() == "cpu"
+    check_vma = default_check_vma()
   y, lb, z = jax.shard_map(local, mesh=mesh, in_specs=(tokens, P(), experts, experts),
                            out_specs=(tokens, P(), P()), check_vma=check_vma)(
                                x, router, w_gate_up, w_down)

@@ -93,7 +93,7 @@ class ParallelOptions:
   def vma(self) -> bool:
     if self.check_vma is not None:
       return self.check_vma
-    return jax.default_backend() == "cpu"
+    return mesh_lib.default_check_vma()
 
   @property
   def rule_dict(self) -> dict[str, Any]:

@@ -262,6 +262,14 @@ def sharding(mesh: Mesh, spec: P) -> NamedSharding:
 # ----------------------------------------------------------------------------- inside shard_map
 
 
+def default_check_vma() -> bool:
+  """``jax.shard_map``'s ``check_vma`` for maps that run jaxeff's Pallas kernels: on for
+  CPU (pure XLA), off on GPU/TPU, where ``pallas_call`` output shapes carry no
+  varying-axes types yet. Off, JAX's transpose psums the gradients of replicated inputs
+  instead (same gradients)."""
+  return jax.default_backend() == "cpu"
+
+
 def varying_axes(x) -> frozenset:
   """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
   t = jax.typeof(x)

@@ -102,6 +102,11 @@ def _copies(tree):
   return lambda i: tree if i == 0 else jax.tree.map(jnp.copy, tree)
 
 
+def _time(fn, make, **kw) -> float:
+  """Device seconds per call (chained calls in one program; module docstring)."""
+  return harness.safe_time(fn, make, chain=True, **kw)
+
+
 def _row(case, params, impl, t, m, k, n, wbytes):
   flops = 2 * m * k * n
   extra = {"weight_GBps": wbytes / t / 1e9 if t == t else float("nan")}
@@ -132,8 +137,7 @@ def _sparse_rows(m, k, n, fmt, dense, rounds):
     w = _compressed(k, n, fmt, kind)
     weight = _copies(w)
     make = lambda i: (_x(m, k, i), weight(i))  # noqa: E731
-    t = harness.safe_time(ours, make, rounds=rounds, max_sets=MAX_WEIGHT_SETS,
-                          chain=True)
+    t = _time(ours, make, rounds=rounds, max_sets=MAX_WEIGHT_SETS)
     rows.append(_row(case, dict(params, format=kind), impl, t, m, k, n, harness.tree_bytes(w)))
   rows.append(_row(case, params, "xla:bf16", dense, m, k, n, 2 * k * n))
   return rows
@@ -141,7 +145,7 @@ def _sparse_rows(m, k, n, fmt, dense, rounds):
 
 def _dense_time(m, k, n, rounds):
   make = lambda i: (_x(m, k, i), _pruned(k, n, 0.5, i % 2))  # noqa: E731
-  return harness.safe_time(jax.jit(jnp.dot), make, rounds=rounds, max_sets=2, chain=True)
+  return _time(jax.jit(jnp.dot), make, rounds=rounds, max_sets=2)
 
 
 def _bcoo_rows(k, m, sparsity, rounds):
@@ -185,7 +189,7 @@ def _cats_rows(m, d, h, rounds):
   flops = 2 * m * d * h * 3
   rows = []
   for impl, fn in (("jaxeff", ours), ("xla:cats", ref), ("xla:dense_mlp", dense)):
-    tm = harness.safe_time(fn, make, rounds=rounds, max_sets=2, chain=True)
+    tm = _time(fn, make, rounds=rounds, max_sets=2)
     print(f"  {case:<48} {impl:<14} {harness.fmt_time(tm):>10}", flush=True)
     rows.append(harness.Row(case, params, impl, tm, flops / tm / 1e12, "TFLOP/s"))
   return rows
@@ -204,8 +208,8 @@ def _tile_sweep_rows(m, k, n, sparsity, rounds):
               "tile": f"{tile[0]}x{tile[1]}"}
     fn = jax.jit(lambda x, w: sm.sparse_matmul(x, w))
     weight = _copies(w)
-    t = harness.safe_time(fn, lambda i: (_x(m, k, i), weight(i)), rounds=rounds,
-                          max_sets=MAX_WEIGHT_SETS, chain=True)
+    t = _time(fn, lambda i: (_x(m, k, i), weight(i)), rounds=rounds,
+              max_sets=MAX_WEIGHT_SETS)
     rows.append(_row(case, params, f"jaxeff:tile{tile[0]}x{tile[1]}", t, m, k, n,
                      harness.tree_bytes(w)))
   _pruned.cache_clear()
