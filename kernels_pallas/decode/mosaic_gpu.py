@@ -71,6 +71,15 @@ class Config:
   num_workers: int | None = None
   interpret_workers: int = 3
   alias_output: bool = False  # the output staging reuses the dequantization buffers
+  # Quantized caches only: the keys-major form (``S^T = K Q^T``, module docstring) instead
+  # of the query-major one with 64 padded query rows.
+  keys_major: bool = False
+
+
+# Whether ``default_config`` picks the keys-major form for quantized caches where it
+# applies (``keys_major_supported``). Off until timed against the query-major form on a GPU.
+KEYS_MAJOR_BY_DEFAULT = False
+KEYS_MAJOR_BLOCK_KV = 64  # keys per block: the 64-row M dimension of one wgmma
 
 
 def default_config(head_dim: int, fmt: str) -> Config:
@@ -85,10 +94,27 @@ def default_config(head_dim: int, fmt: str) -> Config:
   """
   if fmt == "none":
     return Config(num_stages=4 if head_dim <= 64 else 2)
+  if KEYS_MAJOR_BY_DEFAULT and keys_major_supported(head_dim, fmt):
+    return keys_major_config()
   stages = 3 if fmt == "int4" else 2
   if head_dim <= 64:
     return Config(block_kv=128, num_stages=stages, ctas_per_sm=2, alias_output=True)
   return Config(block_kv=64, num_stages=stages, ctas_per_sm=2, alias_output=True)
+
+
+def keys_major_config(**overrides) -> Config:
+  """The keys-major form's blocks: 64-key blocks (one wgmma M tile), 3 stages, 2 CTAs per
+  SM (shared memory at d 128: K/V ring 3 x 16 KB int8 (8 KB int4), V tile 16 KB, query,
+  probability and output tiles < 10 KB)."""
+  return dataclasses.replace(
+      Config(block_kv=KEYS_MAJOR_BLOCK_KV, num_stages=3, ctas_per_sm=2, keys_major=True),
+      **overrides)
+
+
+def keys_major_supported(head_dim: int, fmt: str) -> bool:
+  """The keys-major form serves int8/fp8 at head_dim 64/128 and int4 at head_dim 128 (each
+  half of head_dim is a 64-row wgmma M tile of ``O^T``)."""
+  return fmt in ("int8", "fp8") or (fmt == "int4" and head_dim == 128)
 
 
 def contiguous_page_size(capacity: int) -> int:
@@ -158,9 +184,36 @@ def _token_scale(scales):
   return plgpu.load(scales, layout=plgpu.Layout.WGMMA.reduce(0))
 
 
+def _exact16(x, fmt: str, dtype):
+  """A raw int8 / float8_e4m3fn register tile as ``dtype`` (16-bit), exactly: int8 -> bf16
+  directly (Mosaic GPU's byte-permute conversion, no integer-to-float unit), e4m3 -> f16
+  (one ``cvt`` per pair) and on to bf16 through f32 when the queries are bf16."""
+  if fmt == "int8":
+    return x.astype(dtype)
+  h = x.astype(jnp.float16)
+  return h if jnp.dtype(dtype) == jnp.dtype(jnp.float16) else h.astype(jnp.float32).astype(dtype)
+
+
+def _int4_halves(x, dtype):
+  """Packed int4 bytes ``x [bk, d/2]`` (uint8, offset binary, ``common``) -> the two halves
+  of head_dim as exact 16-bit tiles ``(lo, hi)``, with bitwise byte operations only (Mosaic
+  GPU has no 8-bit arithmetic or shifts) and the byte conversion of :func:`_exact16`:
+  low nibble ``n`` is the byte ``n`` (0..15) minus 8 in 16 bits; the high nibble with its top
+  bit flipped, ``(x & 0xF0) ^ 0x80``, is the signed byte ``16 (n - 8)``, scaled by 1/16."""
+  if x.dtype != jnp.uint8:
+    x = lax.bitcast_convert_type(x, jnp.uint8)
+
+  def as16(byte):
+    return lax.bitcast_convert_type(byte, jnp.int8).astype(dtype)
+
+  lo = as16(x & jnp.uint8(0x0F)) - common.INT4_OFFSET
+  hi = as16((x & jnp.uint8(0xF0)) ^ jnp.uint8(0x80)) * (1.0 / 16)
+  return lo, hi
+
+
 def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_ref, len_ref,
             table_ref, q_ref, k_ref, v_ref, *refs, fmt, q_len, group, page_size, block_kv,
-            stages, window, scale, soft_cap, alias_output, interpret):
+            stages, window, scale, soft_cap, alias_output, interpret, keys_major=False):
   quant = fmt != "none"
   token_scales = fmt in ("int8", "fp8")  # applied to logits/probabilities, not tiles
   if quant:
@@ -169,7 +222,9 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
     ks_ref = vs_ref = None
     o_ref, lse_ref, s = refs
   kdq = vdq = None
-  if alias_output:
+  if keys_major:
+    pass  # its buffers are named in _keys_major_compute
+  elif alias_output:
     dq_group, o_group = s["dq_o"]
     kdq, vdq, o_stage = dq_group["kdq"], dq_group["vdq"], o_group["o"]
   else:
@@ -199,7 +254,13 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
   def first_token(i, p):
     return (blk_ref[i] + p - start_ref[i]) * bk
 
-  @pl.when(wg == 0)
+  def _compute_keys_major():
+    _keys_major_compute(
+        s, q_ref, o_ref, lse_ref, piece=piece, first_token=first_token, lo=lo,
+        i_first=i_first, i_last=i_last, w=w, len_ref=len_ref, fmt=fmt, q_len=q_len,
+        group=group, block_kv=bk, stages=stages, window=window, scale=scale,
+        soft_cap=soft_cap, interpret=interpret)
+
   def _compute():
     def load_q(i, qslot):
       _, _, b, h = piece(i)
@@ -316,6 +377,8 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
     lax.fori_loop(0, jnp.maximum(i_last - i_first + 1, 0), piece_body, 0)
     plgpu.wait_smem_to_gmem(0)
 
+  pl.when(wg == 0)(_compute_keys_major if keys_major else _compute)
+
   @pl.when(wg == 1)
   def _memory():
     def issue(i, p, slot, wait):
@@ -363,6 +426,161 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
       plgpu.barrier_wait(s["v_cons"].at[lax.rem(t, stages)])
 
 
+def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_first, i_last,
+                        w, len_ref, fmt, q_len, group, block_kv, stages, window, scale,
+                        soft_cap, interpret):
+  """The compute warpgroup in the keys-major form (quantized caches).
+
+  Per block of ``bk = 64`` keys: ``S^T [bk, N] = K Q^T`` with the converted K tile as the
+  wgmma's register A operand (M = the 64 keys; N = the ``q_len * group`` query rows rounded
+  up to 8, so nothing is padded to 64) and the query tile as the shared-memory B operand;
+  the online softmax runs on ``S^T`` (per-query max and sum are reductions over axis 0,
+  across the 4 warps); ``O^T [d, N] += V^T P^T`` with the converted V tile (shared memory,
+  transposed A) and ``P^T`` (shared memory, transposed B). Per-token K/V scales multiply
+  the rows of ``S^T`` and ``P^T`` (int4: per half of head_dim, so each half has its own
+  logits accumulator and probability tile). Invariant after each block: ``acc = O^T``
+  unnormalised, ``m_i`` the running max (log2 units), ``l_i`` the running sum, per query
+  column.
+  """
+  bk = block_kv
+  layout = plgpu.Layout.WGMMA
+  key_layout = layout.reduce(1)  # [bk] vectors along S^T's rows
+  col_layout = layout.reduce(0)  # [N] vectors along S^T's columns
+  _, n_rows, d = s["q"].shape
+  dtype = s["q"].dtype
+  int4 = fmt == "int4"
+  groups = s["ks"].shape[1]
+  # Column ranges of head_dim that share one K/V scale group: int4 splits at d/2.
+  parts = [(0, d // 2), (d // 2, d // 2)] if int4 else [(0, d)]
+  part_group = [min(j, groups - 1) for j in range(len(parts))]
+  n_probs = s["p"].shape[0]
+
+  def load_q(i, qslot):
+    _, _, b, h = piece(i)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], s["q"].at[qslot], s["q_bar"].at[qslot])
+
+  @pl.when(i_last >= i_first)
+  def _():
+    load_q(i_first, 0)
+
+  def piece_body(j, _):
+    i = i_first + j
+    qslot = lax.rem(j, 2)
+    p0, p1, b, h = piece(i)
+    length = len_ref[b]
+    plgpu.barrier_wait(s["q_bar"].at[qslot])
+
+    @pl.when(i < i_last)
+    def _():
+      load_q(i + 1, 1 - qslot)
+
+    q_smem = s["q"].at[qslot]
+    q_pos = length - q_len + _query_token(
+        plgpu.broadcasted_iota(jnp.int32, (bk, n_rows), 1, layout=layout), q_len, group)
+
+    def key_scales(name, slot):
+      return [plgpu.load(s[name].at[slot, g], layout=key_layout) for g in range(groups)]
+
+    def converted(raw_ref):
+      """The slot's raw tile as exact 16-bit tiles, one per part of head_dim."""
+      x = plgpu.load(raw_ref, layout=layout, optimized=True)
+      return list(_int4_halves(x, dtype)) if int4 else [_exact16(x, fmt, dtype)]
+
+    def step(p, carry):
+      accs, m_i, l_i = carry
+      slot = lax.rem(p - lo, stages)
+      tok0 = first_token(i, p)
+      plgpu.barrier_wait(s["k_bar"].at[slot])
+      k_sc = key_scales("ks", slot)
+      k_tiles = converted(s["k"].at[slot])
+      if interpret:  # the interpreter takes wgmma operands from shared memory only
+        for (c0, width), t in zip(parts, k_tiles):
+          s["kdq"].at[:, pl.ds(c0, width)][...] = t
+        plgpu.commit_smem()
+        k_tiles = [s["kdq"].at[:, pl.ds(c0, width)] for c0, width in parts]
+      plgpu.barrier_arrive(s["k_cons"].at[slot])  # the slot's K and scales are read
+
+      def compute_qk(*acc_refs):
+        for j, ((c0, width), t) in enumerate(zip(parts, k_tiles)):
+          acc_ref = acc_refs[part_group[j]]
+          plgpu.wgmma(acc_ref, t, q_smem.at[:, pl.ds(c0, width)].transpose((1, 0)))
+        return tuple(a[...] for a in acc_refs)
+
+      qk_g = pl.run_scoped(compute_qk, *[plgpu.ACC((bk, n_rows), jnp.float32)
+                                         for _ in range(groups)])
+      qk = None
+      for g in range(groups):
+        term = qk_g[g] * lax.broadcast_in_dim(k_sc[g], (bk, n_rows), [0])
+        qk = term if qk is None else qk + term
+      if soft_cap is None:
+        x = qk * (scale * common.LOG2E)
+      else:
+        x = jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * common.LOG2E)
+      kv_pos = plgpu.broadcasted_iota(jnp.int32, (bk, n_rows), 0, layout=layout) + tok0
+      x = jnp.where(common.allowed(q_pos, kv_pos, length, window), x, -jnp.inf)
+      m_new = jnp.maximum(m_i, x.max(axis=0))
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # columns with nothing allowed yet
+      alpha = jnp.exp2(m_i - m_use)
+      prob = jnp.exp2(x - lax.broadcast_in_dim(m_use, (bk, n_rows), [1]))
+      l_i = l_i * alpha + prob.sum(axis=0)
+      accs = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in accs)
+
+      plgpu.barrier_wait(s["v_bar"].at[slot])
+      v_sc = key_scales("vs", slot)
+      v_tiles = converted(s["v"].at[slot])
+      for (c0, width), t in zip(parts, v_tiles):
+        s["vdq"].at[:, pl.ds(c0, width)][...] = t
+      for g in range(n_probs):
+        p_g = prob * lax.broadcast_in_dim(v_sc[g], (bk, n_rows), [0])
+        s["p"].at[g].transpose((1, 0))[...] = p_g.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(s["v_cons"].at[slot])
+
+      new_accs = []
+      for j, (c0, width) in enumerate(parts):
+        def pv(acc_ref, c0=c0, width=width, g=part_group[j]):
+          # O^T [width, N] += V^T [width, bk] P^T [bk, N] (the refs are sliced in here:
+          # run_state cannot close over statically indexed refs).
+          plgpu.wgmma(acc_ref, s["vdq"].at[:, pl.ds(c0, width)].transpose((1, 0)),
+                      s["p"].at[g].transpose((1, 0)))
+
+        if interpret:
+          def compute_pv(acc_ref, pv=pv):
+            pv(acc_ref)
+            return acc_ref[...]
+
+          new_accs.append(accs[j] + pl.run_scoped(
+              compute_pv, plgpu.ACC((width, n_rows), jnp.float32)))
+        else:
+          new_accs.append(pl.run_state(pv)(plgpu.ACC.init(accs[j])))
+      return tuple(new_accs), m_new, l_i
+
+    carry = (tuple(plgpu.layout_cast(jnp.full((width, n_rows), 0.0, jnp.float32), layout)
+                   for _, width in parts),
+             plgpu.layout_cast(jnp.full((n_rows,), -jnp.inf, jnp.float32), col_layout),
+             plgpu.layout_cast(jnp.full((n_rows,), 0.0, jnp.float32), col_layout))
+    accs, m_i, l_i = lax.fori_loop(p0, p1, step, carry)
+
+    # The piece's partial result (O^T normalised, and the lse) to slot i + w.
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous piece's stores
+    for (c0, width), a in zip(parts, accs):
+      s["o"].at[pl.ds(c0, width)][...] = a * lax.broadcast_in_dim(inv, a.shape, [1])
+    s["lse"][...] = lse
+    plgpu.commit_smem()
+    slot_id = i + w
+    plgpu.copy_smem_to_gmem(s["o"], o_ref.at[slot_id], commit_group=False)
+    plgpu.copy_smem_to_gmem(s["lse"], lse_ref.at[slot_id], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    return 0
+
+  lax.fori_loop(0, jnp.maximum(i_last - i_first + 1, 0), piece_body, 0)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _query_token(row, q_len: int, group: int):
   """Query token ``row // group`` of each row, by comparisons (``q_len`` is small)."""
   t = jnp.zeros_like(row)
@@ -407,12 +625,25 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
                             capacity=capacity, window=window,
                             num_workers=_num_workers(cfg, interpret))
   table = common.padded_page_table(page_table, num_pages, ppb)
-  q_rows = common.query_rows(query, kv_heads, ROWS)
+  keys_major = cfg.keys_major and fmt != "none"
+  if keys_major and (not keys_major_supported(d, fmt) or bk != KEYS_MAJOR_BLOCK_KV):
+    raise ValueError(f"the keys-major form serves int8/fp8 (head_dim 64/128) and int4 "
+                     f"(head_dim 128) with block_kv {KEYS_MAJOR_BLOCK_KV}; got fmt {fmt!r}, "
+                     f"head_dim {d}, block_kv {bk}")
+  q_rows = common.query_rows(query, kv_heads, out_rows if keys_major else ROWS)
   meta = jnp.stack([plan.blocks_per_worker, plan.total]).astype(jnp.int32)
   args = [meta, plan.item_start, plan.item_seq, plan.item_head, plan.item_block,
           plan.worker_item, plan.worker_last, jnp.clip(lengths, 0, capacity), table, q_rows,
           k_pages, v_pages]
   dc = k_pages.shape[-1]
+  if keys_major:
+    ks, vs = head_major_scales(k_scale), head_major_scales(v_scale)
+    args += [ks, vs]
+    return _keys_major_call(args, plan, cfg, ks.shape[1], fmt=fmt, q_len=t, group=group,
+                            batch=b, kv_heads=kv_heads, head_dim=d, rows=out_rows,
+                            raw_dtypes=(k_pages.dtype, v_pages.dtype), dc=dc, dtype=dtype,
+                            page_size=page_size, window=window, scale=scale,
+                            soft_cap=soft_cap, interpret=interpret)
   # Every 16-bit wgmma operand shares one swizzle; int4 writes the dequantized halves of
   # head_dim as separate column ranges, so the swizzle spans half a row then.
   swz = min(128, (d // 2 if fmt == "int4" else d) * jnp.dtype(dtype).itemsize)
@@ -467,6 +698,57 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
   o_items, lse_items = common.merge_partials(o_part, lse_part, plan)
   o, lse = common.scatter_items(o_items, lse_items, plan, b, kv_heads)
   return common.rows_to_output(o, lse, q_len=t, group=group, dtype=dtype)
+
+
+def _keys_major_call(args, plan, cfg: Config, groups: int, *, fmt, q_len, group, batch,
+                     kv_heads, head_dim, rows, raw_dtypes, dc, dtype, page_size, window,
+                     scale, soft_cap, interpret):
+  """The keys-major kernel launch: its shared memory, ``O^T`` partials, and the merge."""
+  bk, stages, d = cfg.block_kv, cfg.num_stages, head_dim
+  ppb, _ = common.block_pages(page_size, bk)
+  int4 = fmt == "int4"
+  swz = min(128, (d // 2 if int4 else d) * jnp.dtype(dtype).itemsize)
+  o_swz = next(sw for sw in (128, 64, 32) if rows % (sw // 4) == 0)
+  n_probs = groups if int4 else 1
+  scratch = {
+      "q": _tiled((2, rows, d), dtype, swz),
+      "k": _tiled((stages, bk, dc), raw_dtypes[0]),
+      "v": _tiled((stages, bk, dc), raw_dtypes[1]),
+      "ks": plgpu.SMEM((stages, groups, bk), jnp.float32),
+      "vs": plgpu.SMEM((stages, groups, bk), jnp.float32),
+      "vdq": _tiled((bk, d), dtype, swz),
+      "p": _tiled((n_probs, rows, bk), dtype),
+      "o": _tiled((d, rows), jnp.float32, o_swz),
+      "lse": plgpu.SMEM((rows,), jnp.float32),
+      "q_bar": plgpu.Barrier(num_barriers=2),
+      "k_bar": plgpu.Barrier(num_arrivals=ppb * (1 + groups), num_barriers=stages),
+      "v_bar": plgpu.Barrier(num_arrivals=ppb * (1 + groups), num_barriers=stages),
+      "k_cons": plgpu.Barrier(num_barriers=stages),
+      "v_cons": plgpu.Barrier(num_barriers=stages),
+  }
+  if interpret:
+    scratch["kdq"] = _tiled((bk, d), dtype, swz)
+  kernel = functools.partial(
+      _kernel, fmt=fmt, q_len=q_len, group=group, page_size=page_size, block_kv=bk,
+      stages=stages, window=window, scale=scale, soft_cap=soft_cap, alias_output=False,
+      interpret=interpret, keys_major=True)
+  slots = plan.num_slots
+  o_part_t, lse_part = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((slots, d, rows), jnp.float32),
+                jax.ShapeDtypeStruct((slots, rows), jnp.float32)),
+      scratch_types=(scratch,),
+      grid=(plan.num_workers,),
+      grid_names=("workers",),
+      num_threads=2,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*args)
+  o_part = jnp.swapaxes(o_part_t, 1, 2)  # [slots, rows, d] (small: rows <= 64)
+  o_items, lse_items = common.merge_partials(o_part, lse_part, plan)
+  o, lse = common.scatter_items(o_items, lse_items, plan, batch, kv_heads)
+  return common.rows_to_output(o, lse, q_len=q_len, group=group, dtype=dtype)
 
 
 # ------------------------------------------------------------------------- self-check
