@@ -322,6 +322,96 @@ def test_unsupported_calls_name_the_reason(key):
     ops.decode_attention(query, k, v, implementation="mosaic_gpu:interpret", **kw)
 
 
+# --- Mosaic GPU keys-major form for quantized caches (Config.keys_major) ------------------
+#
+# S^T = K Q^T with the converted K tile as the register A operand (on CPU: through shared
+# memory, the interpreter's form), O^T = V^T P^T. Called through the kernel module with an
+# explicit config, so these run whichever form the registry's default picks.
+
+KEYS_MAJOR_CASES = {
+    # Contiguous int8, GQA 4, lengths 1 / capacity / odd, several workers per item.
+    "int8_gqa4_contiguous": Case(3, 1, 8, 2, 64, 192, (1, 192, 77), fmt="int8"),
+    # Paged (64) fp8, GQA 8 with two query tokens (16 query columns), window and soft cap;
+    # length 0 (an empty slot) and 1 (the first query token sees nothing).
+    "fp8_gqa8_paged64_window": Case(3, 2, 16, 2, 64, 128, (128, 1, 0), page_size=64,
+                                    fmt="fp8", window=(70, 0), soft_cap=10.0),
+    # int4, head_dim 128, one scale group: both halves accumulate into one logits tile.
+    "int4_d128_contiguous": Case(2, 1, 8, 2, 128, 128, (128, 50), fmt="int4"),
+    # int4 with two scale groups (one per half), paged (32), three query tokens, MHA.
+    "int4_groups2_paged32_mha": Case(2, 3, 4, 4, 128, 128, (3, 128), page_size=32,
+                                     fmt="int4", int4_groups=2),
+}
+
+
+def _kernel_direct(case: Case, key, config):
+  """The Mosaic GPU kernel in interpret mode with ``config`` and the reference, on one input."""
+  query, k, v, kw = make_inputs(case, key)
+  spec = da.validate(query, k, v, kw["lengths"], kw.get("page_table"), kw.get("k_scale"),
+                     kw.get("v_scale"), logits_soft_cap=case.soft_cap,
+                     local_window_size=case.window, scale=None)
+  ps = spec.page_size if spec.paged else mgpu_kernels.contiguous_page_size(spec.capacity)
+  kp, vp, table, ks, vs = da._paged_view(k, v, kw.get("page_table"), kw.get("k_scale"),
+                                         kw.get("v_scale"), spec, ps)
+  out, lse = jax.jit(lambda *a: mgpu_kernels.decode_attention(
+      *a, fmt=case.fmt, window=case.window, scale=spec.scale, soft_cap=case.soft_cap,
+      config=config, interpret=True))(query, kp, vp, table, kw["lengths"], ks, vs)
+  return (out, lse), _run("xla", case, query, k, v, kw)
+
+
+@pytest.mark.parametrize("name", sorted(KEYS_MAJOR_CASES))
+def test_mosaic_gpu_keys_major_interpret(name, key):
+  case = KEYS_MAJOR_CASES[name]
+  (out, lse), (ref_out, ref_lse) = _kernel_direct(
+      case, key, mgpu_kernels.keys_major_config(num_workers=4))
+  assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+  assert_close(out, ref_out, name="out")
+  lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+  fin = np.isfinite(ref_lse)
+  np.testing.assert_allclose(lse[fin], ref_lse[fin], rtol=2e-3, atol=2e-3)
+
+
+def test_mosaic_gpu_int4_halves_are_exact(key):
+  # The bitwise int4 unpacking (no 8-bit arithmetic on the GPU) gives the nibble values.
+  nib = jax.random.randint(key, (8, 64), 0, 16)
+  lo, hi = mgpu_kernels._int4_halves(common.pack_int4(nib), jnp.bfloat16)
+  np.testing.assert_array_equal(np.concatenate([lo, hi], -1).astype(np.int32),
+                                np.asarray(nib) - common.INT4_OFFSET)
+  # int8 storage of the same bits too.
+  lo8, hi8 = mgpu_kernels._int4_halves(common.pack_int4(nib).view(jnp.int8), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(lo8), np.asarray(lo))
+  np.testing.assert_array_equal(np.asarray(hi8), np.asarray(hi))
+
+
+def test_mosaic_gpu_keys_major_rejects_what_it_cannot_serve(key):
+  case = Case(2, 1, 8, 2, 64, 128, (128, 5), fmt="int4")
+  with pytest.raises(ValueError, match="keys-major form serves int8/fp8 .* got fmt 'int4', "
+                                       "head_dim 64, block_kv 64"):
+    _kernel_direct(case, key, mgpu_kernels.keys_major_config(num_workers=2))
+  case = Case(2, 1, 8, 2, 64, 128, (128, 5), fmt="int8")
+  with pytest.raises(ValueError, match="block_kv 64; got fmt 'int8', head_dim 64, block_kv 128"):
+    _kernel_direct(case, key, mgpu_kernels.keys_major_config(block_kv=128))
+
+
+@pytest.mark.parametrize("fmt,groups,q_heads", [("int8", 1, 8), ("fp8", 1, 16),
+                                                ("int4", 2, 8)])
+def test_mosaic_gpu_keys_major_lowers_for_cuda(fmt, groups, q_heads):
+  # The register-operand wgmma, the cross-warp softmax reductions, the transposed
+  # probability store and the bitwise int4 unpacking exist only in the GPU lowering.
+  b, s, kh, d, ps = 2, 512, 2, 128, 256
+  dc = d // 2 if fmt == "int4" else d
+  cdtype = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.uint8}[fmt]
+  sds = jax.ShapeDtypeStruct
+  kv = sds((b * s // ps, ps, kh, dc), cdtype)
+  scale = sds((b * s // ps, ps, kh) + ((groups,) if fmt == "int4" else ()), jnp.float32)
+  cfg = mgpu_kernels.keys_major_config(num_workers=4)
+  fn = lambda q, k, v, t, l, ks, vs: mgpu_kernels.decode_attention(
+      q, k, v, t, l, ks, vs, fmt=fmt, window=None, scale=0.1, soft_cap=None, config=cfg)
+  text = lower_for_cuda(fn, sds((b, 1, q_heads, d), jnp.bfloat16), kv, kv,
+                        sds((b, s // ps), jnp.int32), sds((b,), jnp.int32), scale, scale)
+  assert "mosaic_gpu" in text
+
+
 # --- bad inputs ---------------------------------------------------------------------------
 
 
