@@ -1,0 +1,167 @@
+"""Device check and timing of the Mosaic GPU FFT convolution (issue #8), forward only.
+
+``PYTHONPATH=. python3 experiments/fftconv_mosaic_dev.py [--out DIR] [--budget S] [--smoke]``
+
+1. ``check``: :func:`kernels_pallas.fftconv.mosaic_gpu.fft_conv_mosaic` against float64
+   NumPy (direct FFT formula) at seq 1024 and 4096 (batch 64 x 768, error over 4 batch
+   rows x 64 channels of the full-size call), and small odd / gated / circular cases.
+2. ``time``: batch 64 x 768 channels, bf16, causal, filter as long as the input, at seq
+   1024 and 4096: the float32 ``jnp.fft`` convolution (``fft_conv(implementation="xla")``,
+   the baseline), the Triton default (``implementation="triton"``) and a few Mosaic GPU
+   launch configurations; every row with ``experiments.bench.harness.time_fn`` in this
+   process.
+
+Prints a table; writes ``fftconv_mosaic_dev.json`` into ``--out`` (default ``$OUT``) after
+every row. ``--smoke``: tiny shapes in interpret mode (CPU check of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import harness
+from jaxeff.ops.fft_conv import fft_conv
+from kernels_pallas.fftconv import mosaic_gpu as M
+
+BATCH, CHANNELS = 64, 768
+RESULTS: dict = {"check": [], "time": []}
+T0 = time.time()
+C = M.MosaicFFTConvConfig
+VARIANTS = {
+    1024: [("default", None), ("wg2 st1 lowp", C(compute_wgs=2, stages=1, const_dtype="bfloat16")),
+           ("wg2 st2 ppc8", C(compute_wgs=2, stages=2, pairs_per_cta=8)),
+           ("wg1 st2", C(compute_wgs=1, stages=2))],
+    4096: [("default", None), ("wg1 st1 lowp", C(compute_wgs=1, stages=1, const_dtype="bfloat16")),
+           ("wg1 st2 lowp ppc8", C(compute_wgs=1, stages=2, const_dtype="bfloat16",
+                                   pairs_per_cta=8))],
+}
+
+
+def np_conv(u, k, x=None, v=None, causal=True):
+  """float64 ``v * conv(k, u x)``."""
+  f64 = lambda a: None if a is None else np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  u, k, x, v = f64(u), f64(k), f64(x), f64(v)
+  seq = u.shape[-1]
+  n = M.fft_size(seq, k.shape[-1], causal=causal)
+  w = u if x is None else u * x
+  y = np.fft.irfft(np.fft.rfft(w, n) * np.fft.rfft(k, n), n)[..., :seq]
+  return y if v is None else y * v
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def inputs(seed, b, c, seq, flen=None):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  flen = flen or seq
+  u = jax.random.normal(ks[0], (b, c, seq), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(ks[1], (c, flen), jnp.float32) / np.sqrt(flen)
+  x = jax.random.normal(ks[2], (b, c, seq), jnp.float32).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[3], (b, c, seq), jnp.float32).astype(jnp.bfloat16)
+  return u, k, x, v
+
+
+def save(out: Path):
+  out.mkdir(parents=True, exist_ok=True)
+  RESULTS.update(device=harness.device_name(), jax_version=jax.__version__,
+                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
+  (out / "fftconv_mosaic_dev.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def check(name, fn, ref):
+  try:
+    err = rel(fn(), ref())
+    ok = bool(err < 1e-2)
+  except Exception as e:  # one failure must not cost the other rows
+    err, ok = float("nan"), False
+    print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+    traceback.print_exc(limit=4, file=sys.stdout)
+  print(f"check {name:<44} {'OK ' if ok else 'BAD'} err {err:.2e}", flush=True)
+  RESULTS["check"].append({"name": name, "ok": ok, "err": err})
+  return ok
+
+
+def checks(sizes, smoke):
+  interp = dict(interpret=True) if smoke else {}
+  b, c = (4, 2) if smoke else (BATCH, CHANNELS)
+  for seq in sizes:
+    u, k, _, _ = inputs(seq, b, c, seq)
+    sub = (slice(0, 4), slice(0, min(c, 64)))
+    f = jax.jit(lambda u, k: M.fft_conv_mosaic(u, k, **interp))
+    check(f"seq={seq} B{b}xC{c} default", lambda: f(u, k)[sub], lambda: np_conv(u[sub], k[:64]))
+  u, k, x, v = inputs(7, 3, 3, 1000, flen=37)
+  check("seq=1000 flen=37 B3 gated", lambda: M.fft_conv_mosaic(u, k, x, v, **interp),
+        lambda: np_conv(u, k, x, v))
+  u, k, _, _ = inputs(8, 4, 2, 2048, flen=300)
+  check("seq=2048 circular", lambda: M.fft_conv_mosaic(u, k, causal=False, **interp),
+        lambda: np_conv(u, k, causal=False))
+
+
+def timing(sizes, smoke, budget, out):
+  b, c = (4, 2) if smoke else (BATCH, CHANNELS)
+  interp = dict(interpret=True) if smoke else {}
+  table = []
+  for seq in sizes:
+    make = lambda i, seq=seq: inputs(100 + i, b, c, seq)[:2]
+    rows = [("jnp.fft", jax.jit(lambda u, k: fft_conv(u, k, implementation="xla")))]
+    if not smoke:
+      rows.append(("triton default", jax.jit(lambda u, k: fft_conv(u, k, implementation="triton"))))
+    for name, cfg in VARIANTS[seq]:
+      rows.append((f"mosaic {name}", jax.jit(
+          lambda u, k, cfg=cfg: M.fft_conv_mosaic(u, k, config=cfg, **interp))))
+    base = None
+    for name, fn in rows:
+      if time.time() - T0 > budget:
+        print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
+        continue
+      try:
+        t = harness.time_fn(fn, make, rounds=3 if smoke else 15, max_sets=2)
+      except Exception as e:
+        print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              flush=True)
+        RESULTS["time"].append({"seq": seq, "name": name, "error": str(e)[:400]})
+        continue
+      base = t if name == "jnp.fft" else base
+      x = base / t if base else float("nan")
+      RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, "vs_jnp_fft": x,
+                              "batch": b, "channels": c})
+      table.append((seq, name, t, x))
+      print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x jnp.fft", flush=True)
+      save(out)
+  print("\nseq    implementation                   time   vs jnp.fft")
+  for seq, name, t, x in table:
+    print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/fftconv_mosaic_dev"))
+  ap.add_argument("--budget", type=float, default=170.0)
+  ap.add_argument("--smoke", action="store_true")
+  ap.add_argument("--sizes", default="1024,4096")
+  a = ap.parse_args()
+  sizes = [int(s) for s in a.sizes.split(",")]
+  out = Path(a.out)
+  print("device", harness.device_name(), "jax", jax.__version__, flush=True)
+  checks(sizes, a.smoke)
+  save(out)
+  timing(sizes, a.smoke, a.budget, out)
+  save(out)
+
+
+if __name__ == "__main__":
+  main()
