@@ -74,6 +74,10 @@ class Config:
   # Quantized caches only: the keys-major form (``S^T = K Q^T``, module docstring) instead
   # of the query-major one with 64 padded query rows.
   keys_major: bool = False
+  # Keys-major form: load raw K/V tiles in Mosaic GPU's upcast layout (4 bytes per thread
+  # and load), convert there, then relayout to the wgmma layout (one shuffle per register);
+  # False: load straight in the wgmma layout (2-byte loads).
+  upcast_layout: bool = True
 
 
 # Whether ``default_config`` picks the keys-major form for quantized caches where it
@@ -213,7 +217,8 @@ def _int4_halves(x, dtype):
 
 def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_ref, len_ref,
             table_ref, q_ref, k_ref, v_ref, *refs, fmt, q_len, group, page_size, block_kv,
-            stages, window, scale, soft_cap, alias_output, interpret, keys_major=False):
+            stages, window, scale, soft_cap, alias_output, interpret, keys_major=False,
+            upcast_layout=False):
   quant = fmt != "none"
   token_scales = fmt in ("int8", "fp8")  # applied to logits/probabilities, not tiles
   if quant:
@@ -259,7 +264,7 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
         s, q_ref, o_ref, lse_ref, piece=piece, first_token=first_token, lo=lo,
         i_first=i_first, i_last=i_last, w=w, len_ref=len_ref, fmt=fmt, q_len=q_len,
         group=group, block_kv=bk, stages=stages, window=window, scale=scale,
-        soft_cap=soft_cap, interpret=interpret)
+        soft_cap=soft_cap, interpret=interpret, upcast_layout=upcast_layout)
 
   def _compute():
     def load_q(i, qslot):
@@ -428,7 +433,7 @@ def _kernel(meta_ref, start_ref, seq_ref, head_ref, blk_ref, wfirst_ref, wlast_r
 
 def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_first, i_last,
                         w, len_ref, fmt, q_len, group, block_kv, stages, window, scale,
-                        soft_cap, interpret):
+                        soft_cap, interpret, upcast_layout):
   """The compute warpgroup in the keys-major form (quantized caches).
 
   Per block of ``bk = 64`` keys: ``S^T [bk, N] = K Q^T`` with the converted K tile as the
@@ -482,9 +487,11 @@ def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_f
       return [plgpu.load(s[name].at[slot, g], layout=key_layout) for g in range(groups)]
 
     def converted(raw_ref):
-      """The slot's raw tile as exact 16-bit tiles, one per part of head_dim."""
-      x = plgpu.load(raw_ref, layout=layout, optimized=True)
-      return list(_int4_halves(x, dtype)) if int4 else [_exact16(x, fmt, dtype)]
+      """The slot's raw tile as exact 16-bit tiles (wgmma layout), one per part of head_dim."""
+      load_layout = plgpu.Layout.WGMMA_UPCAST_2X if upcast_layout else layout
+      x = plgpu.load(raw_ref, layout=load_layout, optimized=True)
+      tiles = list(_int4_halves(x, dtype)) if int4 else [_exact16(x, fmt, dtype)]
+      return [plgpu.layout_cast(t, layout) for t in tiles] if upcast_layout else tiles
 
     def step(p, carry):
       accs, m_i, l_i = carry
@@ -731,7 +738,7 @@ def _keys_major_call(args, plan, cfg: Config, groups: int, *, fmt, q_len, group,
   kernel = functools.partial(
       _kernel, fmt=fmt, q_len=q_len, group=group, page_size=page_size, block_kv=bk,
       stages=stages, window=window, scale=scale, soft_cap=soft_cap, alias_output=False,
-      interpret=interpret, keys_major=True)
+      interpret=interpret, keys_major=True, upcast_layout=cfg.upcast_layout)
   slots = plan.num_slots
   o_part_t, lse_part = plgpu.kernel(
       kernel,
@@ -754,11 +761,12 @@ def _keys_major_call(args, plan, cfg: Config, groups: int, *, fmt, q_len, group,
 # ------------------------------------------------------------------------- self-check
 
 
-def self_check(fmt: str, seed: int = 0) -> float:
+def self_check(fmt: str, seed: int = 0, config: Config | None = None, q_heads: int = 8) -> float:
   """Runs the kernel on a small paged cache of format ``fmt`` (several CTAs, pieces that
-  cross items, lengths 0, 1 and the capacity) on the current device; returns the relative
-  error against a float32 jnp computation (inf when the output is not finite)."""
-  b, n, kh, d, ps, per_seq = 5, 8, 2, 128, 32, 12
+  cross items, lengths 0, 1 and the capacity; 2 KV heads) on the current device with
+  ``config`` (default: ``default_config`` on 7 workers); returns the relative error against
+  a float32 jnp computation (inf when the output is not finite)."""
+  b, n, kh, d, ps, per_seq = 5, q_heads, 2, 128, 32, 12
   keys = jax.random.split(jax.random.key(seed), 5)
   q = jax.random.normal(keys[0], (b, 1, n, d), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(keys[1], (b, per_seq * ps, kh, d), jnp.float32)
@@ -777,7 +785,7 @@ def self_check(fmt: str, seed: int = 0) -> float:
     flat = x.reshape(b * per_seq, ps, *x.shape[2:])
     return jnp.zeros_like(flat).at[table.reshape(-1)].set(flat)
 
-  cfg = dataclasses.replace(default_config(d, fmt), num_workers=7)
+  cfg = dataclasses.replace(config or default_config(d, fmt), num_workers=7)
   fn = jax.jit(lambda *a: decode_attention(*a, fmt=fmt, window=None, scale=d ** -0.5,
                                            soft_cap=None, config=cfg))
   out, _ = fn(q, pages(kq), pages(vq), table, lengths, pages(ks), pages(vs))
