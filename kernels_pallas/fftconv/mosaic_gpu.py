@@ -262,7 +262,7 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
   w1 = [s["w1"].at[i] for i in range(3)]  # Re, Im, -Im of F1[:, :rows]
   f2 = [s["f2"].at[i] for i in range(3)]  # Re, Im, -Im of F2
   if geo.transposed_inverse:
-    e1 = [plgpu.transpose_ref(r, (1, 0)) for r in w1]  # F1[:rows, :] = F1[:, :rows]^T
+    e1 = [r.T for r in w1]  # F1[:rows, :] = F1[:, :rows]^T
   else:
     e1 = [s["e1"].at[i] for i in range(3)]
   p_re, p_im = s["p"].at[wg, 0], s["p"].at[wg, 1]
@@ -280,7 +280,7 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
   def load_const(ref):
-    return plgpu.load(ref, (), layout=layout).astype(jnp.float32)
+    return plgpu.load(ref, layout=layout).astype(jnp.float32)
 
   def cmul_store(a_re, a_im, m_ref, conj: bool):
     """``P = A * M`` (or ``A * conj(M)``) into the operand planes in ``dtype``."""

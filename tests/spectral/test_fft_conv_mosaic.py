@@ -1,0 +1,151 @@
+"""Mosaic GPU FFT convolution (kernels_pallas.fftconv.mosaic_gpu) vs float64 NumPy.
+
+Interpret mode on CPU (every supported factorisation: 64 x 32, 64 x 64 with its own
+inverse planes, 128 x 64 with one warpgroup; odd batch and lengths, short filters, gates,
+circular convolution, several CTAs per channel), lowering for an abstract H100 (builds the
+Mosaic GPU module: wgmma operands, swizzles, TMA boxes), the constants and filter
+spectrum against the DFT definition, bad inputs, and real sizes under the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.fftconv import mosaic_gpu as M
+from tests.helpers import rel_err
+
+TOL = 1e-2  # bf16 operands, float32 accumulation (measured 4e-3 .. 5e-3)
+
+
+def _inputs(key, b, c, seq, flen, gated=False):
+  ks = jax.random.split(key, 4)
+  u = jax.random.normal(ks[0], (b, c, seq), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(ks[1], (c, flen), jnp.float32) / np.sqrt(flen)
+  if not gated:
+    return u, k, None, None
+  x = jax.random.normal(ks[2], (b, c, seq), jnp.float32).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[3], (b, c, seq), jnp.float32).astype(jnp.bfloat16)
+  return u, k, x, v
+
+
+def _reference(u, k, x=None, v=None, causal=True):
+  """float64 ``v * conv(k, u x)`` by NumPy's FFT (bf16 inputs taken exactly)."""
+  f64 = lambda a: None if a is None else np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  u, k, x, v = f64(u), f64(k), f64(x), f64(v)
+  seq = u.shape[-1]
+  n = M.fft_size(seq, k.shape[-1], causal=causal)
+  w = u if x is None else u * x
+  y = np.fft.irfft(np.fft.rfft(w, n) * np.fft.rfft(k, n), n)[..., :seq]
+  return y if v is None else y * v
+
+
+CASES = {
+    # name: (batch, channels, seq, filter_len, causal, gated, config)
+    "n2048_64x32": (4, 2, 1024, 1024, True, False, None),
+    "n2048_odd_gated": (3, 3, 1000, 37, True, True, None),
+    "n4096_own_inverse": (2, 1, 2048, 2048, True, False, None),
+    "n8192_128x64": (2, 1, 4096, 4096, True, False, None),
+    "circular_2048": (4, 1, 2048, 300, False, False, None),
+    "one_wg_bf16_consts": (4, 2, 1024, 512, True, False,
+                           M.MosaicFFTConvConfig(compute_wgs=1, stages=1,
+                                                 const_dtype="bfloat16")),
+    "ctas_per_channel": (8, 1, 1024, 1024, True, False,
+                         M.MosaicFFTConvConfig(compute_wgs=2, stages=2, pairs_per_cta=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mosaic_fft_conv_interpret(case, key):
+  b, c, seq, flen, causal, gated, cfg = CASES[case]
+  u, k, x, v = _inputs(key, b, c, seq, flen, gated)
+  y = M.fft_conv_mosaic(u, k, x, v, causal=causal, config=cfg, interpret=True)
+  assert y.shape == u.shape and y.dtype == u.dtype
+  err = rel_err(np.asarray(y.astype(jnp.float32), np.float64), _reference(u, k, x, v, causal))
+  assert err < TOL, (case, err)
+
+
+def test_mosaic_geometry_and_config():
+  g = M.geometry(2048, 1024)
+  assert (g.n_1, g.n_2, g.rows, g.out_m, g.transposed_inverse) == (64, 32, 32, 64, False)
+  g = M.geometry(8192, 4096)
+  assert (g.n_1, g.n_2, g.rows, g.transposed_inverse) == (128, 64, 64, True)
+  assert M.geometry(2048, 1000).rows == 32  # ceil(1000 / 32) rows, a multiple of 16
+  for n, seq in ((2048, 1024), (4096, 2048), (8192, 4096)):
+    cfg = M.default_config(n, seq)
+    assert M.smem_bytes(M.geometry(n, seq, cfg), cfg) <= M.SMEM_BUDGET_BYTES
+    assert M.unsupported(n, seq, jnp.bfloat16) is None
+  assert M.default_config(2048, 1024).compute_wgs == 2
+  assert M.default_config(8192, 4096).const_dtype == "bfloat16"
+
+
+def test_mosaic_constants_match_dft():
+  geo = M.geometry(2048, 1024)
+  c = M.dft_constants(geo, np.float64)
+  f1 = np.fft.fft(np.eye(64))  # F1[k, t] = w^(k t)
+  np.testing.assert_allclose(c["w1"][0] + 1j * c["w1"][1], f1[:, :32], atol=1e-12)
+  np.testing.assert_allclose(c["w1"][2], -c["w1"][1])
+  np.testing.assert_allclose(c["e1"][0, :32] + 1j * c["e1"][1, :32], f1[:32], atol=1e-12)
+  assert not c["e1"][:, 32:].any()  # padded rows of the inverse are zero
+  k = jax.random.normal(jax.random.key(1), (3, 100), jnp.float32)
+  kf = np.asarray(M.filter_spectrum(k, geo), np.float64)
+  full = np.fft.fft(np.asarray(k, np.float64), 2048) / 2048
+  k1, k2 = 5, 17
+  np.testing.assert_allclose(kf[:, 0, k1, k2] + 1j * kf[:, 1, k1, k2], full[:, k1 + 64 * k2],
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_mosaic_bad_inputs(key):
+  u, k, _, _ = _inputs(key, 2, 1, 1024, 1024)
+  with pytest.raises(NotImplementedError, match="dtype float32 is not bfloat16"):
+    M.fft_conv_mosaic(u.astype(jnp.float32), k, interpret=True)
+  with pytest.raises(NotImplementedError, match="transform size 128 is not n_1"):
+    M.fft_conv_mosaic(u[..., :64], k[:, :64], interpret=True)
+  with pytest.raises(ValueError, match=r"u must be \[batch, channels, seq\]"):
+    M.fft_conv_mosaic(u[0], k, interpret=True)
+  with pytest.raises(NotImplementedError, match="bytes of shared memory"):
+    M.fft_conv_mosaic(jnp.zeros((2, 1, 4096), jnp.bfloat16) + 1, jnp.ones((1, 4096)),
+                      config=M.MosaicFFTConvConfig(compute_wgs=2), interpret=True)
+  with pytest.raises(ValueError, match="compute_wgs must be 1 or 2, got 3"):
+    M.MosaicFFTConvConfig(compute_wgs=3)
+  with pytest.raises(ValueError, match="n_1 must be 0, 64 or 128, got 32"):
+    M.MosaicFFTConvConfig(n_1=32)
+  geo = M.geometry(2048, 1024)
+  z = jnp.zeros((2, 2, 1, 32, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"kf must be \[channels=1, 2, 64, 32\]"):
+    M.fft_conv_fused_mosaic(z, jnp.zeros((1, 2, 32, 64)), geo, interpret=True)
+  with pytest.raises(ValueError, match="pairs=3 must be a multiple of compute_wgs=2"):
+    M.fft_conv_fused_mosaic(jnp.zeros((3, 2, 1, 32, 32), jnp.bfloat16),
+                            jnp.zeros((1, 2, 64, 32)), geo, interpret=True)
+
+
+@pytest.mark.parametrize("seq,causal,cfg", [
+    (1024, True, None),
+    (2048, True, None),
+    (4096, True, None),
+    (2048, False, None),
+    (1024, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=1, const_dtype="bfloat16")),
+])
+def test_mosaic_lowers_for_cuda(seq, causal, cfg):
+  # Interpret mode never builds the Mosaic GPU module; lowering for an abstract H100 does
+  # (wgmma swizzles and transposed operands, TMA boxes, register layouts).
+  sds = jax.ShapeDtypeStruct
+  fn = lambda u, k: M.fft_conv_mosaic(u, k, causal=causal, config=cfg)
+  args = (sds((64, 16, seq), jnp.bfloat16), sds((16, seq), jnp.float32))
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="cuda")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                abstract_device=device)):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [1024, 4096])
+def test_mosaic_fft_conv_gpu(seq, key):
+  u, k, x, v = _inputs(key, 64, 96, seq, seq, gated=True)
+  y = jax.jit(M.fft_conv_mosaic)(u, k, x, v)
+  err = rel_err(np.asarray(y.astype(jnp.float32), np.float64), _reference(u, k, x, v))
+  assert err < TOL, err
