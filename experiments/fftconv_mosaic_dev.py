@@ -37,13 +37,18 @@ BATCH, CHANNELS = 64, 768
 RESULTS: dict = {"check": [], "time": []}
 T0 = time.time()
 C = M.MosaicFFTConvConfig
-VARIANTS = {
-    1024: [("default", None), ("wg2 st1 lowp", C(compute_wgs=2, stages=1, const_dtype="bfloat16")),
+VARIANTS = {  # name: config (None: default_config)
+    1024: [("default", None),
+           ("wg2 st2 staging", C(compute_wgs=2, stages=2, o_in_p=False)),
+           ("wg2 st1 lowp", C(compute_wgs=2, stages=1, const_dtype="bfloat16")),
            ("wg2 st2 ppc8", C(compute_wgs=2, stages=2, pairs_per_cta=8)),
            ("wg1 st2", C(compute_wgs=1, stages=2))],
-    4096: [("default", None), ("wg1 st1 lowp", C(compute_wgs=1, stages=1, const_dtype="bfloat16")),
-           ("wg1 st2 lowp ppc8", C(compute_wgs=1, stages=2, const_dtype="bfloat16",
-                                   pairs_per_cta=8))],
+    4096: [("default", None),
+           ("wg1 st2 lowp", C(compute_wgs=1, stages=2, const_dtype="bfloat16")),
+           ("wg1 st2 lowp half", C(compute_wgs=1, stages=2, const_dtype="bfloat16",
+                                   half_twiddles=True)),
+           ("wg2 st1 lowp half ppc8", C(compute_wgs=2, stages=1, const_dtype="bfloat16",
+                                        half_twiddles=True, pairs_per_cta=8))],
 }
 
 

@@ -42,7 +42,6 @@ multiple of 16; bfloat16/float16 input; the whole working set in shared memory
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +71,12 @@ class MosaicFFTConvConfig:
       divisor of the pair count that is a multiple of ``compute_wgs`` when possible).
     const_dtype: "float32" or the compute dtype ("bfloat16"): twiddles and filter spectrum
       in shared memory (the low-precision form halves their bytes, one more rounding).
+    o_in_p: stage the output tile for its TMA store in the warpgroup's operand planes
+      (free after the last product; the next signal's first write waits for the store to
+      have read them) instead of a staging tile of its own.
+    half_twiddles: keep only the first 64 rows of the twiddle table; row block ``h`` of
+      64 rows uses ``T[r, t_2] * w_n^(64 h t_2)`` (a per-column factor, one more complex
+      multiply of constants in registers). Saves half the table at ``n_1 = 128``.
   """
 
   n_1: int = 0
@@ -79,6 +84,8 @@ class MosaicFFTConvConfig:
   stages: int = 1
   pairs_per_cta: int = 0
   const_dtype: str = "float32"
+  o_in_p: bool = True
+  half_twiddles: bool = False
 
   def __post_init__(self):
     if self.n_1 not in (0,) + N1_CHOICES:
@@ -127,14 +134,16 @@ def geometry(n: int, seq: int, config: MosaicFFTConvConfig | None = None) -> Mos
 
 
 def default_config(n: int, seq: int, dtype=jnp.bfloat16) -> MosaicFFTConvConfig:
-  """The launch parameters used for a transform of size ``n``: the largest of (two
-  warpgroups, float32 constants, a 2-deep ring) that fits shared memory, in that order of
-  preference dropped from the back."""
+  """The launch parameters used for a transform of size ``n``: the first that fits shared
+  memory of (two warpgroups, a 2-deep ring, float32 constants), dropping the ring, then
+  float32 constants, then half the twiddle table, then the second warpgroup."""
+  low = jnp.dtype(dtype).name
   for cfg in (MosaicFFTConvConfig(compute_wgs=2, stages=2),
               MosaicFFTConvConfig(compute_wgs=2, stages=1),
-              MosaicFFTConvConfig(compute_wgs=2, stages=1, const_dtype=jnp.dtype(dtype).name),
-              MosaicFFTConvConfig(compute_wgs=1, stages=2, const_dtype=jnp.dtype(dtype).name),
-              MosaicFFTConvConfig(compute_wgs=1, stages=1, const_dtype=jnp.dtype(dtype).name)):
+              MosaicFFTConvConfig(compute_wgs=2, stages=1, const_dtype=low),
+              MosaicFFTConvConfig(compute_wgs=2, stages=1, const_dtype=low, half_twiddles=True),
+              MosaicFFTConvConfig(compute_wgs=1, stages=2, const_dtype=low),
+              MosaicFFTConvConfig(compute_wgs=1, stages=1, const_dtype=low)):
     if smem_bytes(geometry(n, seq, cfg), cfg, dtype) <= SMEM_BUDGET_BYTES:
       return cfg
   return cfg
@@ -145,10 +154,15 @@ def smem_bytes(geo: MosaicGeometry, cfg: MosaicFFTConvConfig, dtype=jnp.bfloat16
   b = jnp.dtype(dtype).itemsize
   cb = jnp.dtype(cfg.const_dtype).itemsize
   n_1, n_2, rows = geo.n_1, geo.n_2, geo.rows
-  consts = 3 * n_1 * rows * b + 3 * n_2 * n_2 * b + 4 * n_1 * n_2 * cb
+  tw_rows = WGMMA_M if cfg.half_twiddles else n_1
+  consts = 3 * n_1 * rows * b + 3 * n_2 * n_2 * b + 2 * (tw_rows + n_1) * n_2 * cb
+  if cfg.half_twiddles:
+    consts += 2 * (n_1 // WGMMA_M) * n_2 * 4
   if not geo.transposed_inverse:
     consts += 3 * geo.out_m * n_1 * b
-  per_wg = cfg.stages * 2 * rows * n_2 * b + 2 * n_1 * n_2 * b + 2 * geo.out_m * n_2 * b
+  per_wg = cfg.stages * 2 * rows * n_2 * b + 2 * n_1 * n_2 * b
+  if not cfg.o_in_p:
+    per_wg += 2 * geo.out_m * n_2 * b
   return consts + cfg.compute_wgs * per_wg + 1024
 
 
@@ -188,6 +202,7 @@ def dft_constants(geo: MosaicGeometry, dtype) -> dict[str, np.ndarray]:
 
   ``w1 [3, n_1, rows]``: ``Re, Im, -Im`` of ``F1[:, :rows]``; ``f2 [3, n_2, n_2]``:
   ``Re, Im, -Im`` of ``F2``; ``tw [2, n_1, n_2]``: ``w_n^(k_1 t_2)`` (float32);
+  ``twc [n_1 / 64, 2, n_2]``: ``w_n^(64 h t_2)`` (float32, for ``half_twiddles``);
   ``e1 [3, out_m, n_1]``: ``Re, Im, -Im`` of ``F1[:rows, :]`` with zero rows up to ``out_m``
   (only when the inverse cannot read ``w1`` transposed).
   """
@@ -198,8 +213,11 @@ def dft_constants(geo: MosaicGeometry, dtype) -> dict[str, np.ndarray]:
   f2 = np.exp(-2j * np.pi * np.outer(k2, k2) / n_2)
   tw = np.exp(-2j * np.pi * np.outer(k1, k2) / n)
   planes = lambda m: np.stack([m.real, m.imag, -m.imag])
+  blocks = np.arange(n_1 // WGMMA_M)
+  twc = np.exp(-2j * np.pi * np.outer(WGMMA_M * blocks, k2) / n)  # w_n^(64 h t_2)
   out = {"w1": planes(f1[:, :rows]).astype(dtype), "f2": planes(f2).astype(dtype),
-         "tw": np.stack([tw.real, tw.imag]).astype(np.float32)}
+         "tw": np.stack([tw.real, tw.imag]).astype(np.float32),
+         "twc": np.stack([twc.real, twc.imag], axis=1).astype(np.float32)}
   if not geo.transposed_inverse:
     e1 = np.zeros((geo.out_m, n_1), np.complex128)
     e1[:rows] = f1[:rows]
@@ -220,7 +238,7 @@ def filter_spectrum(k: jax.Array, geo: MosaicGeometry) -> jax.Array:
 # --------------------------------------------------------------------------- kernel
 
 
-def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
+def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
             geo: MosaicGeometry, cfg: MosaicFFTConvConfig, pairs_per_cta: int, dtype):
   """One CTA: channel ``c``, packed signals ``[g * pairs_per_cta, (g + 1) * pairs_per_cta)``.
 
@@ -235,6 +253,7 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
   nw, stages = cfg.compute_wgs, cfg.stages
   count = pairs_per_cta // nw
   layout = plgpu.Layout.WGMMA
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
   rows = geo.rows
 
   @pl.when(wg == 0)
@@ -247,6 +266,8 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
     for plane in range(2):
       plgpu.copy_gmem_to_smem(tw_ref.at[plane], s["tw"].at[plane], s["const_bar"])
       plgpu.copy_gmem_to_smem(kf_ref.at[c, plane], s["kf"].at[plane], s["const_bar"])
+    if twc_ref is not None:
+      plgpu.copy_gmem_to_smem(twc_ref, s["twc"], s["const_bar"])
 
   def fetch(j, slot):
     """Starts the copies of this warpgroup's signal ``j`` into ring slot ``slot``."""
@@ -282,13 +303,27 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
   def load_const(ref):
     return plgpu.load(ref, layout=layout).astype(jnp.float32)
 
-  def cmul_store(a_re, a_im, m_ref, conj: bool):
-    """``P = A * M`` (or ``A * conj(M)``) into the operand planes in ``dtype``."""
-    m_re, m_im = load_const(m_ref.at[0]), load_const(m_ref.at[1])
-    if conj:
-      m_im = -m_im
-    p_re[...] = (a_re * m_re - a_im * m_im).astype(dtype)
-    p_im[...] = (a_re * m_im + a_im * m_re).astype(dtype)
+  def cmul_store(a_re, a_im, m_ref, conj: bool, twiddle: bool = False):
+    """``P = A * M`` (or ``A * conj(M)``) into the operand planes in ``dtype``, one
+    64-row block at a time (``half_twiddles``: block ``h`` of the twiddles is the first
+    block times the column factor ``w_n^(64 h t_2)``)."""
+    blocks = [(0, geo.n_1)]
+    if twiddle and cfg.half_twiddles:
+      blocks = [(h * WGMMA_M, WGMMA_M) for h in range(geo.n_1 // WGMMA_M)]
+    for r0, size in blocks:
+      m_re = load_const(m_ref.at[0, pl.ds(0, size)])
+      m_im = load_const(m_ref.at[1, pl.ds(0, size)])
+      if r0:
+        col = lambda i: lax.broadcast_in_dim(
+            plgpu.load(s["twc"].at[r0 // WGMMA_M, i], layout=col_layout), m_re.shape, [1])
+        c_re, c_im = col(0), col(1)
+        m_re, m_im = m_re * c_re - m_im * c_im, m_re * c_im + m_im * c_re
+      if conj:
+        m_im = -m_im
+      x_re, x_im = (a_re, a_im) if size == geo.n_1 else (a_re[r0:r0 + size],
+                                                            a_im[r0:r0 + size])
+      p_re.at[pl.ds(r0, size)][...] = (x_re * m_re - x_im * m_im).astype(dtype)
+      p_im.at[pl.ds(r0, size)][...] = (x_re * m_im + x_im * m_re).astype(dtype)
     plgpu.commit_smem()
 
   @pl.loop(0, count)
@@ -304,7 +339,9 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
     def _():
       fetch(j + stages, slot)
 
-    cmul_store(a_re, a_im, s["tw"], conj=False)
+    if cfg.o_in_p:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left the planes
+    cmul_store(a_re, a_im, s["tw"], conj=False, twiddle=True)
     # Column DFT and the filter: Y = (A T) F2; P = Y K.
     y_re, y_im = complex_product(((p_re, f2[0]), (p_im, f2[2])),
                                  ((p_re, f2[1]), (p_im, f2[0])), (geo.n_1, geo.n_2))
@@ -312,18 +349,21 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, e1_ref, y_ref, s, *,
     # Inverse column DFT: B = P conj(F2); P = B conj(T).
     b_re, b_im = complex_product(((p_re, f2[0]), (p_im, f2[1])),
                                  ((p_im, f2[0]), (p_re, f2[2])), (geo.n_1, geo.n_2))
-    cmul_store(b_re, b_im, s["tw"], conj=True)
+    cmul_store(b_re, b_im, s["tw"], conj=True, twiddle=True)
     # Inverse row DFT, kept rows: y = conj(F1)[:rows, :] P.
     o_re, o_im = complex_product(((e1[0], p_re), (e1[1], p_im)),
                                  ((e1[0], p_im), (e1[2], p_re)), (geo.out_m, geo.n_2))
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile is free
-    o_smem = s["o"].at[wg]
-    o_smem.at[0][...] = o_re.astype(dtype)
-    o_smem.at[1][...] = o_im.astype(dtype)
+    if cfg.o_in_p:  # the operand planes are free once the last product is waited
+      o_smem = [p_re.at[pl.ds(0, geo.out_m)], p_im.at[pl.ds(0, geo.out_m)]]
+    else:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile is free
+      o_smem = [s["o"].at[wg, 0], s["o"].at[wg, 1]]
+    o_smem[0][...] = o_re.astype(dtype)
+    o_smem[1][...] = o_im.astype(dtype)
     plgpu.commit_smem()
     p = p0 + wg + j * nw
     for part in range(2):
-      plgpu.copy_smem_to_gmem(o_smem.at[part, pl.ds(0, rows)], y_ref.at[p, part, c])
+      plgpu.copy_smem_to_gmem(o_smem[part].at[pl.ds(0, rows)], y_ref.at[p, part, c])
 
   plgpu.wait_smem_to_gmem(0)
 
@@ -374,25 +414,37 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
   scratch = {
       "w1": _swizzled((3, geo.n_1, rows), dtype, sw),
       "f2": _swizzled((3, n_2, n_2), dtype, sw),
-      "tw": _swizzled((2, geo.n_1, n_2), cdt),
+      "tw": _swizzled((2, WGMMA_M if cfg.half_twiddles else geo.n_1, n_2), cdt),
       "kf": _swizzled((2, geo.n_1, n_2), cdt),
       "z": _swizzled((nw, stages, 2, rows, n_2), dtype, sw),
       "p": _swizzled((nw, 2, geo.n_1, n_2), dtype, sw),
-      "o": _swizzled((nw, 2, geo.out_m, n_2), dtype, sw),
-      # one arrival per TMA copy: 3 + 3 (+ 3) DFT planes, 2 twiddle and 2 filter planes
-      "const_bar": plgpu.Barrier(num_arrivals=10 if geo.transposed_inverse else 13),
       "z_bar": plgpu.Barrier(num_arrivals=2, num_barriers=nw * stages),
   }
+  if not cfg.o_in_p:
+    scratch["o"] = _swizzled((nw, 2, geo.out_m, n_2), dtype, sw)
+  tw = consts["tw"][:, :WGMMA_M] if cfg.half_twiddles else consts["tw"]
   args = [z, kf.astype(cdt), jnp.asarray(consts["w1"]), jnp.asarray(consts["f2"]),
-          jnp.asarray(consts["tw"]).astype(cdt)]
-  if geo.transposed_inverse:
-    kernel_fn = lambda z_, kf_, w1_, f2_, tw_, y_, s_: _kernel(
-        z_, kf_, w1_, f2_, tw_, None, y_, s_, geo=geo, cfg=cfg, pairs_per_cta=ppc,
-        dtype=dtype)
-  else:
+          jnp.asarray(tw).astype(cdt)]
+  names = ["z", "kf", "w1", "f2", "tw"]
+  copies = 3 + 3 + 2 + 2  # TMA copies (barrier arrivals) of the constants
+  if cfg.half_twiddles:
+    scratch["twc"] = plgpu.SMEM(consts["twc"].shape, jnp.float32)
+    args.append(jnp.asarray(consts["twc"]))
+    names.append("twc")
+    copies += 1
+  if not geo.transposed_inverse:
     scratch["e1"] = _swizzled((3, geo.out_m, geo.n_1), dtype, sw)
     args.append(jnp.asarray(consts["e1"]))
-    kernel_fn = functools.partial(_kernel, geo=geo, cfg=cfg, pairs_per_cta=ppc, dtype=dtype)
+    names.append("e1")
+    copies += 3
+  scratch["const_bar"] = plgpu.Barrier(num_arrivals=copies)
+
+  def kernel_fn(*refs):
+    named = dict(zip(names, refs[:len(names)]))
+    y_ref, s_ = refs[len(names):]
+    _kernel(named["z"], named["kf"], named["w1"], named["f2"], named["tw"], named.get("twc"),
+            named.get("e1"), y_ref, s_, geo=geo, cfg=cfg, pairs_per_cta=ppc, dtype=dtype)
+
   return plgpu.kernel(
       kernel_fn,
       out_type=jax.ShapeDtypeStruct(z.shape, dtype),

@@ -54,6 +54,12 @@ CASES = {
                                                  const_dtype="bfloat16")),
     "ctas_per_channel": (8, 1, 1024, 1024, True, False,
                          M.MosaicFFTConvConfig(compute_wgs=2, stages=2, pairs_per_cta=2)),
+    "staging_tile": (4, 1, 1024, 1024, True, False,
+                     M.MosaicFFTConvConfig(compute_wgs=2, stages=1, o_in_p=False)),
+    "n8192_one_wg_full_twiddles": (2, 1, 4096, 4096, True, False,
+                                   M.MosaicFFTConvConfig(compute_wgs=1, stages=2,
+                                                         const_dtype="bfloat16",
+                                                         half_twiddles=False)),
 }
 
 
@@ -78,7 +84,8 @@ def test_mosaic_geometry_and_config():
     assert M.smem_bytes(M.geometry(n, seq, cfg), cfg) <= M.SMEM_BUDGET_BYTES
     assert M.unsupported(n, seq, jnp.bfloat16) is None
   assert M.default_config(2048, 1024).compute_wgs == 2
-  assert M.default_config(8192, 4096).const_dtype == "bfloat16"
+  cfg = M.default_config(8192, 4096)
+  assert (cfg.compute_wgs, cfg.const_dtype, cfg.half_twiddles) == (2, "bfloat16", True)
 
 
 def test_mosaic_constants_match_dft():
@@ -95,6 +102,11 @@ def test_mosaic_constants_match_dft():
   k1, k2 = 5, 17
   np.testing.assert_allclose(kf[:, 0, k1, k2] + 1j * kf[:, 1, k1, k2], full[:, k1 + 64 * k2],
                              rtol=1e-4, atol=1e-6)
+  # half_twiddles: row block h of the table = the first block times w_n^(64 h t_2)
+  c8 = M.dft_constants(M.geometry(8192, 4096), np.float64)
+  tw = c8["tw"][0] + 1j * c8["tw"][1]
+  twc = c8["twc"][:, 0] + 1j * c8["twc"][:, 1]
+  np.testing.assert_allclose(tw[64:], tw[:64] * twc[1][None, :], atol=1e-6)
 
 
 def test_mosaic_bad_inputs(key):
@@ -127,6 +139,8 @@ def test_mosaic_bad_inputs(key):
     (4096, True, None),
     (2048, False, None),
     (1024, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=1, const_dtype="bfloat16")),
+    (1024, True, M.MosaicFFTConvConfig(compute_wgs=2, stages=1, o_in_p=False)),
+    (4096, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=2, const_dtype="bfloat16")),
 ])
 def test_mosaic_lowers_for_cuda(seq, causal, cfg):
   # Interpret mode never builds the Mosaic GPU module; lowering for an abstract H100 does
