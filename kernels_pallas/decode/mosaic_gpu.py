@@ -486,12 +486,15 @@ def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_f
     def key_scales(name, slot):
       return [plgpu.load(s[name].at[slot, g], layout=key_layout) for g in range(groups)]
 
-    def converted(raw_ref):
-      """The slot's raw tile as exact 16-bit tiles (wgmma layout), one per part of head_dim."""
+    def converted(raw_ref, relayout: bool):
+      """The slot's raw tile as exact 16-bit tiles, one per part of head_dim; in the wgmma
+      layout with ``relayout`` (register operands), else as loaded (for a shared store)."""
       load_layout = plgpu.Layout.WGMMA_UPCAST_2X if upcast_layout else layout
       x = plgpu.load(raw_ref, layout=load_layout, optimized=True)
       tiles = list(_int4_halves(x, dtype)) if int4 else [_exact16(x, fmt, dtype)]
-      return [plgpu.layout_cast(t, layout) for t in tiles] if upcast_layout else tiles
+      if upcast_layout and relayout:
+        tiles = [plgpu.layout_cast(t, layout) for t in tiles]
+      return tiles
 
     def step(p, carry):
       accs, m_i, l_i = carry
@@ -499,7 +502,7 @@ def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_f
       tok0 = first_token(i, p)
       plgpu.barrier_wait(s["k_bar"].at[slot])
       k_sc = key_scales("ks", slot)
-      k_tiles = converted(s["k"].at[slot])
+      k_tiles = converted(s["k"].at[slot], relayout=True)
       if interpret:  # the interpreter takes wgmma operands from shared memory only
         for (c0, width), t in zip(parts, k_tiles):
           s["kdq"].at[:, pl.ds(c0, width)][...] = t
@@ -534,7 +537,7 @@ def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_f
 
       plgpu.barrier_wait(s["v_bar"].at[slot])
       v_sc = key_scales("vs", slot)
-      v_tiles = converted(s["v"].at[slot])
+      v_tiles = converted(s["v"].at[slot], relayout=False)
       for (c0, width), t in zip(parts, v_tiles):
         s["vdq"].at[:, pl.ds(c0, width)][...] = t
       for g in range(n_probs):
