@@ -25,6 +25,16 @@ Per CTA, two warpgroups:
   dequantization; int4 tiles are unpacked as the two halves of head_dim (``common``) and
   multiplied by their group scale (1 or 2 groups; one bf16 rounding).
 
+*Keys-major form* for quantized caches (``Config.keys_major``, ``_keys_major_compute``):
+the compute warpgroup computes ``S^T = K Q^T`` instead, with the 64 keys of a block as the
+wgmma's M dimension and the ``q_len * group`` query rows (rounded up to 8) as N, so no
+query row is padded to 64 and the converted K tile goes straight into the register A
+operand (no shared-memory round trip); the online softmax runs on ``S^T`` (reductions
+over keys cross the 4 warps), and ``O^T += V^T P^T`` reads the converted V tile and the
+transposed probabilities from shared memory. The conversions are exact and avoid the
+integer-to-float units (byte permutes for int8, ``cvt`` for e4m3, bitwise nibble
+extraction for int4). int8/fp8 at head_dim 64/128, int4 at head_dim 128.
+
 Why this layout: decode is bandwidth-bound (``group`` flops per byte of KV), so the 64-row
 wgmma tile's wasted rows cost tensor-core time the kernel has to spare; what matters is
 that every SM keeps ``num_stages`` blocks of K/V in flight at all times, which the
