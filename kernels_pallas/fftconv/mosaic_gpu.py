@@ -287,7 +287,6 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
   else:
     e1 = [s["e1"].at[i] for i in range(3)]
   p_re, p_im = s["p"].at[wg, 0], s["p"].at[wg, 1]
-  acc_shape = plgpu.ACC((geo.n_1, geo.n_2), jnp.float32)
 
   def complex_product(terms_re, terms_im, shape):
     """Two accumulators: ``sum a @ b`` over each part's (a, b) terms, waited."""
