@@ -31,8 +31,14 @@ Structure: a CTA owns one channel and ``pairs_per_cta`` packed signals; it loads
 constants (DFT planes, twiddles, the channel's filter spectrum) once by TMA, then
 ``compute_wgs`` warpgroups (FlashAttention-3-style ping-pong: while one warpgroup does its
 elementwise work the other's ``wgmma`` runs) each loop over every ``compute_wgs``-th
-signal with their own operand buffers; each warpgroup prefetches its next signals' input
-rows by TMA into a ``stages``-deep ring and writes its outputs by TMA from a staging tile.
+signal with their own operand planes; each warpgroup prefetches its next signals' input
+rows by TMA into a ``stages``-deep ring and writes its outputs by TMA, staged in its
+operand planes (``o_in_p``) or a tile of their own.
+
+Why Mosaic GPU: the Triton kernels of :mod:`kernels_pallas.fftconv.triton` fetch the
+constants from L2 per signal and chunk and issue mostly ``mma.sync`` with one program per
+SM; measured latency-bound at 12% of the tensor-core peak (notes/spectral.md). Here the
+constants are fetched once per CTA and every product is a ``wgmma`` with M >= 64.
 
 Limits: ``n_1`` in {64, 128}, ``n_2`` in {32, 64} (``n`` in 2048 .. 8192), ``rows`` a
 multiple of 16; bfloat16/float16 input; the whole working set in shared memory
@@ -244,8 +250,8 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
 
   Invariant of warpgroup ``wg``'s loop at signal ``j`` (its ``j``-th, global pair
   ``p0 + wg + j * compute_wgs``): the copies of its signals ``j .. j + stages - 1`` into
-  ring slots ``j % stages ..`` have been issued; the staging tile may still be read by the
-  previous signal's output copy.
+  ring slots ``j % stages ..`` have been issued; the operand planes (or the staging
+  tile) may still be read by the previous signal's output copy.
   """
   c = lax.axis_index("channels")
   p0 = lax.axis_index("groups") * pairs_per_cta
