@@ -343,8 +343,9 @@ KEYS_MAJOR_CASES = {
 }
 
 
-def _kernel_direct(case: Case, key, config):
-  """The Mosaic GPU kernel in interpret mode with ``config`` and the reference, on one input."""
+def _kernel_direct(case: Case, key, config, interpret: bool = True):
+  """The Mosaic GPU kernel (interpret mode by default) with ``config`` and the reference,
+  on one input."""
   query, k, v, kw = make_inputs(case, key)
   spec = da.validate(query, k, v, kw["lengths"], kw.get("page_table"), kw.get("k_scale"),
                      kw.get("v_scale"), logits_soft_cap=case.soft_cap,
@@ -354,21 +355,34 @@ def _kernel_direct(case: Case, key, config):
                                          kw.get("v_scale"), spec, ps)
   out, lse = jax.jit(lambda *a: mgpu_kernels.decode_attention(
       *a, fmt=case.fmt, window=case.window, scale=spec.scale, soft_cap=case.soft_cap,
-      config=config, interpret=True))(query, kp, vp, table, kw["lengths"], ks, vs)
+      config=config, interpret=interpret))(query, kp, vp, table, kw["lengths"], ks, vs)
   return (out, lse), _run("xla", case, query, k, v, kw)
 
 
-@pytest.mark.parametrize("name", sorted(KEYS_MAJOR_CASES))
-def test_mosaic_gpu_keys_major_interpret(name, key):
-  case = KEYS_MAJOR_CASES[name]
+def _check_keys_major(case: Case, key, interpret: bool):
   (out, lse), (ref_out, ref_lse) = _kernel_direct(
-      case, key, mgpu_kernels.keys_major_config(num_workers=4))
+      case, key, mgpu_kernels.keys_major_config(num_workers=4), interpret)
   assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
   assert_close(out, ref_out, name="out")
   lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
   np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
   fin = np.isfinite(ref_lse)
   np.testing.assert_allclose(lse[fin], ref_lse[fin], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", sorted(KEYS_MAJOR_CASES))
+def test_mosaic_gpu_keys_major_interpret(name, key):
+  _check_keys_major(KEYS_MAJOR_CASES[name], key, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(KEYS_MAJOR_CASES))
+def test_mosaic_gpu_keys_major_gpu(name, key):
+  # The register-operand wgmma and the transposed probability store run only here.
+  from jaxeff.ops import _registry
+  if not any(k in jax.devices()[0].device_kind for k in _registry.HOPPER_KINDS):
+    pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
+  _check_keys_major(KEYS_MAJOR_CASES[name], key, interpret=False)
 
 
 def test_mosaic_gpu_int4_halves_are_exact(key):
