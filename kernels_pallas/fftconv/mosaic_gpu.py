@@ -375,7 +375,7 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
 
 def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
                           config: MosaicFFTConvConfig | None = None,
-                          interpret: bool = False) -> jax.Array:
+                          interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
   """The fused convolution of packed signals with per-channel filter spectra.
 
   Args:
@@ -385,7 +385,8 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
     kf: ``[channels, 2, n_1, n_2]`` float32 from :func:`filter_spectrum`.
     geo: :func:`geometry` of the transform.
     config: launch parameters (None: :func:`default_config`).
-    interpret: run in Pallas Mosaic GPU interpret mode (CPU).
+    interpret: run in Pallas Mosaic GPU interpret mode (CPU); True or an
+      ``plgpu.InterpretGPUParams`` (e.g. with ``detect_races=True``).
 
   Returns:
     ``[pairs, 2, channels, rows, n_2]`` in ``z.dtype``: the first ``rows * n_2`` time
@@ -459,7 +460,7 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
       num_threads=nw,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      interpret=(plgpu.InterpretGPUParams() if interpret is True else interpret or None),
       kernel_name=f"fft_conv_mosaic_{geo.n}",
   )(*args)
 
@@ -474,7 +475,7 @@ def fft_size(seq: int, filter_len: int, *, causal: bool) -> int:
 def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
                     v: jax.Array | None = None, *, causal: bool = True,
                     config: MosaicFFTConvConfig | None = None,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
   """``v * conv(k, u * x)`` (forward only), ``jaxeff.ops.fft_conv`` semantics.
 
   Args:
@@ -485,7 +486,7 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
     causal: linear causal convolution (transform size ``next_pow2(seq + filter_len - 1)``)
       or circular of period ``seq``.
     config: launch parameters (None: :func:`default_config`).
-    interpret: Pallas Mosaic GPU interpret mode.
+    interpret: Pallas Mosaic GPU interpret mode (True or ``plgpu.InterpretGPUParams``).
 
   Returns:
     ``[batch, channels, seq]`` in ``u.dtype``.

@@ -1,8 +1,9 @@
 """Mosaic GPU FFT convolution (kernels_pallas.fftconv.mosaic_gpu) vs float64 NumPy.
 
 Interpret mode on CPU (every supported factorisation: 64 x 32, 64 x 64 with its own
-inverse planes, 128 x 64 with one warpgroup; odd batch and lengths, short filters, gates,
-circular convolution, several CTAs per channel), lowering for an abstract H100 (builds the
+inverse planes, 128 x 64 with two warpgroups and half the twiddle table or one warpgroup;
+odd batch and lengths, short filters, gates, circular convolution, several CTAs per
+channel, float16), the interpreter's race detector, lowering for an abstract H100 (builds the
 Mosaic GPU module: wgmma operands, swizzles, TMA boxes), the constants and filter
 spectrum against the DFT definition, bad inputs, and real sizes under the ``gpu`` marker.
 """
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.fftconv import mosaic_gpu as M
 from tests.helpers import rel_err
@@ -71,6 +73,23 @@ def test_mosaic_fft_conv_interpret(case, key):
   assert y.shape == u.shape and y.dtype == u.dtype
   err = rel_err(np.asarray(y.astype(jnp.float32), np.float64), _reference(u, k, x, v, causal))
   assert err < TOL, (case, err)
+
+
+@pytest.mark.parametrize("seq,cfg", [
+    (1024, None),  # two warpgroups, 2-deep ring, output staged in the operand planes
+    (1024, M.MosaicFFTConvConfig(compute_wgs=2, stages=1, o_in_p=False)),
+    (4096, None),  # two warpgroups at n = 8192, half twiddle table
+])
+def test_mosaic_no_races(seq, cfg, key):
+  # The interpreter's happen-before race detector: every shared-memory write, wgmma read
+  # and TMA copy of the kernel is ordered by a barrier, a wgmma wait or a TMA wait (it
+  # reports a race when the wait before reusing the operand planes is removed).
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  u, k, _, _ = _inputs(key, 8, 1, seq, seq)
+  y = M.fft_conv_mosaic(u, k, config=cfg,
+                        interpret=plgpu.InterpretGPUParams(detect_races=True))
+  jax.block_until_ready(y)
+  assert not gpu_callbacks.get_races().races_found
 
 
 def test_mosaic_fft_conv_float16(key):
