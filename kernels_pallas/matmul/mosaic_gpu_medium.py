@@ -24,6 +24,10 @@ x rows <= 64, 64 weight rows per warpgroup) grown for wider x:
   the GPU (float32 partials summed by XLA together with the transpose to ``[M, N]``).
 * ``pipeline_upcast``: a 64-row sub-tile's ``wgmma`` is issued, then the next sub-tile
   (of this step or the next) is loaded, converted and scaled while it runs.
+* ``cluster_n = 2``: two CTAs with neighbouring weight tiles form a cluster and receive
+  each x tile through one TMA multicast (each loads half), halving x's L2 reads; a ring
+  slot is refilled only when the compute warpgroups of both CTAs have released it (a
+  cluster barrier), as in the Pallas Hopper matmul's collective pipeline.
 
 Structure: three warpgroups per CTA (FlashAttention-3 / the Pallas Hopper matmul): a TMA
 warpgroup streams weight, x and scale tiles into the ring ("loaded" / "consumed"
@@ -70,6 +74,10 @@ class MediumConfig:
   wg_rows: int = 64
   block_m: int = 128
   pipeline_upcast: bool = True
+  # CTAs per cluster along the weight tiles (1 or 2). 2: the pair shares each x tile
+  # through one TMA multicast (half the L2 reads of x) and frees a ring slot only when
+  # both CTAs have consumed it.
+  cluster_n: int = 1
   compute_registers: int = 232
   memory_registers: int = 40
 
@@ -81,6 +89,8 @@ class MediumConfig:
     if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
       raise ValueError(f"MediumConfig.block_m must be a multiple of 8 in [8, {MAX_BLOCK_M}], "
                        f"got {self.block_m}")
+    if self.cluster_n not in (1, 2):
+      raise ValueError(f"MediumConfig.cluster_n must be 1 or 2, got {self.cluster_n}")
     if self.num_stages < 1 or self.split_k < 1:
       raise ValueError(f"MediumConfig needs num_stages >= 1 and split_k >= 1, got "
                        f"{self.num_stages} and {self.split_k}")
@@ -116,7 +126,7 @@ def tile_multiples(cfg: MediumConfig, group_size: int | None) -> tuple[int, int]
   tk = cfg.block_k * cfg.split_k
   if group_size is not None:
     tk = math.lcm(tk, group_size * cfg.split_k)
-  return 2 * cfg.wg_rows, tk
+  return 2 * cfg.wg_rows * cfg.cluster_n, tk
 
 
 def medium_config(m: int, n: int, k: int, *, bits: int, group_size: int | None = None,
@@ -135,7 +145,7 @@ def medium_config(m: int, n: int, k: int, *, bits: int, group_size: int | None =
   cfg = dataclasses.replace(cfg, **{k_: v for k_, v in overrides.items()
                                     if k_ not in ("split_k", "num_stages")})
   m_tiles = -(-m // cfg.block_m)
-  tiles = -(-n // (2 * cfg.wg_rows)) * m_tiles
+  tiles = -(-n // (2 * cfg.wg_rows * cfg.cluster_n)) * cfg.cluster_n * m_tiles
   split = 1
   if "split_k" in overrides:
     split = overrides["split_k"]
@@ -163,7 +173,10 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: MediumConfig, steps: int,
   subtiles = wr // WGMMA_M
   wg = lax.axis_index("wg")
   split = lax.axis_index("splits")
-  row0 = lax.axis_index("n_tiles") * (2 * wr)
+  n_tile = lax.axis_index("n_tiles")
+  if cfg.cluster_n > 1:
+    n_tile = n_tile * cfg.cluster_n + lax.axis_index("cluster")
+  row0 = n_tile * (2 * wr)
   col0 = lax.axis_index("m_tiles") * bm
   step0 = split * steps
   upcast = (plgpu.Layout.WGMMA_UPCAST_4X if _bits(w_ref.dtype) == 4
@@ -175,8 +188,7 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: MediumConfig, steps: int,
     plgpu.set_max_registers(cfg.compute_registers, action="increase")
     if per_channel:
       plgpu.copy_gmem_to_smem(
-          s_ref.at[0, pl.ds(lax.axis_index("n_tiles") * 2 * subtiles + wg * subtiles,
-                            subtiles)],
+          s_ref.at[0, pl.ds(n_tile * 2 * subtiles + wg * subtiles, subtiles)],
           s["scale"].at[0, wg], s["s_bar"].at[wg])
       plgpu.barrier_wait(s["s_bar"].at[wg])
 
@@ -269,11 +281,12 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: MediumConfig, steps: int,
       plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(row0, 2 * wr), ks], s["w"].at[slot],
                               s["w_bar"].at[slot])
       plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(col0, bm), ks], s["x"].at[slot],
-                              s["x_bar"].at[slot])
+                              s["x_bar"].at[slot],
+                              collective_axes="cluster" if cfg.cluster_n > 1 else None)
       if not per_channel:
         g = (step0 + i) // group_steps
         for half in range(2):  # [G, N / 64, 64]: this warpgroup's sub-tiles of group g
-          first = lax.axis_index("n_tiles") * 2 * subtiles + half * subtiles
+          first = n_tile * 2 * subtiles + half * subtiles
           plgpu.copy_gmem_to_smem(s_ref.at[g, pl.ds(first, subtiles)],
                                   s["scale"].at[slot, half], s["s_bar"].at[2 * slot + half])
 
@@ -331,7 +344,10 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
       "out": _swizzled((2, WGMMA_M, bm), jnp.float32),
       "w_bar": plgpu.Barrier(num_barriers=stages),
       "x_bar": plgpu.Barrier(num_barriers=stages),
-      "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      # released by both compute warpgroups (of both CTAs when the x tile is multicast)
+      "consumed": (plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2,
+                                        num_barriers=stages) if cfg.cluster_n > 1 else
+                   plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
   }
   if per_channel:
     scratch["scale"] = plgpu.SMEM((1, 2, subtiles, WGMMA_M), jnp.float32)
@@ -346,12 +362,15 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
                              per_channel=per_channel, xdtype=x.dtype, a_via_smem=interpret)
   # [G, N / 64, 64]: one TMA row per 64-row sub-tile and K group
   s3 = scales.astype(jnp.float32).T.reshape(groups, n // WGMMA_M, WGMMA_M)
+  cluster = dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",)) if (
+      cfg.cluster_n > 1) else {}
   partial = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((cfg.split_k, n, m_tiles * bm), jnp.float32),
       scratch_types=(scratch,),
       grid=(m_tiles, n // tn, cfg.split_k),
       grid_names=("m_tiles", "n_tiles", "splits"),
+      **cluster,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),

@@ -65,6 +65,8 @@ def test_medium_config_heuristic():
   assert (cfg.block_m, cfg.split_k) == (128, 2) and mm.smem_bytes(cfg, 8) <= mm.SMEM_BUDGET_BYTES
   assert mm.medium_config(200, 4096, 4096, bits=4).block_m == 104  # two x tiles of 104
   assert mm.medium_config(64, 14336, 4096, bits=4).split_k == 1  # 112 tiles fill the GPU
+  cfg = mm.medium_config(128, 8192, 8192, bits=4, cluster_n=2)  # 32 pairs of CTAs, split 2
+  assert cfg.split_k == 2 and mm.tile_multiples(cfg, 128) == (256, 256)
 
 
 def test_medium_bad_inputs(key):
@@ -89,10 +91,12 @@ def test_medium_bad_inputs(key):
     mm.MediumConfig(wg_rows=96)
   with pytest.raises(ValueError, match="block_m must be a multiple of 8"):
     mm.MediumConfig(block_m=132)
+  with pytest.raises(ValueError, match="cluster_n must be 1 or 2"):
+    mm.MediumConfig(cluster_n=4)
 
 
 @pytest.mark.parametrize("variant", ["int4_pipe_wg64", "int4_serial_wg128", "int8_pipe_wg128",
-                                     "int8_channel"])
+                                     "int8_channel", "int4_pipe_wg64_cluster2"])
 def test_medium_lowers_for_cuda(variant):
   # Interpret mode never builds the Mosaic GPU module (and takes the A operand from shared
   # memory); lowering for an abstract H100 does: register wgmma operands, upcast layouts,
@@ -103,7 +107,8 @@ def test_medium_lowers_for_cuda(variant):
   group = None if variant == "int8_channel" else 128
   cfg = mm.medium_config(m, n, k, bits=bits, group_size=group,
                          wg_rows=128 if "wg128" in variant else 64,
-                         pipeline_upcast="serial" not in variant)
+                         pipeline_upcast="serial" not in variant,
+                         cluster_n=2 if variant.endswith("cluster2") else 1)
   fn = lambda x, v, s: mm.weight_only_matmul_medium(x, v, s, group_size=group, config=cfg)
   args = (sds((m, k), jnp.bfloat16), sds((n, k), jnp.int4 if bits == 4 else jnp.int8),
           sds((n, 1 if group is None else k // group), jnp.float32))
@@ -118,11 +123,12 @@ def test_medium_lowers_for_cuda(variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [33, 128, 256])
 @pytest.mark.parametrize("bits,group", [(4, 128), (8, None)])
-@pytest.mark.parametrize("wg_rows", [64, 128])
-def test_medium_kernel_gpu(m, bits, group, wg_rows, key):
+@pytest.mark.parametrize("wg_rows,cluster_n", [(64, 1), (128, 1), (64, 2)])
+def test_medium_kernel_gpu(m, bits, group, wg_rows, cluster_n, key):
   k, n = 4096, 2048
   x, q, s = _operands(key, m, k, n, bits, group)
-  cfg = mm.medium_config(m, n, k, bits=bits, group_size=group, wg_rows=wg_rows)
+  cfg = mm.medium_config(m, n, k, bits=bits, group_size=group, wg_rows=wg_rows,
+                         cluster_n=cluster_n)
   out = jax.jit(lambda x, q, s: mm.weight_only_matmul_medium(x, q, s, group_size=group,
                                                              config=cfg))(x, q, s)
   assert_close(out, _expected(x, q, s), rtol=1.5e-2)
