@@ -25,6 +25,7 @@ import importlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -60,6 +61,10 @@ PLAN = [
     (8192, 8192, "int8", (128, 64, 256), ("wg64", "wg128")),
     (4096, 14336, "int4_g128", (128, 256), ("wg64", "wg128")),
     (4096, 14336, "int8", (128,), ("wg64", "wg128")),
+]
+# Run by a child process with its own time limit (--cluster), after the rest: a cluster
+# barrier protocol error would hang the GPU rather than fail.
+CLUSTER_PLAN = [
     (8192, 8192, "int4_g128", (128,), CLUSTER),
     (8192, 8192, "int8", (128,), CLUSTER),
     (8192, 8192, "int4_g128", (256,), CLUSTER),
@@ -215,7 +220,8 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
 
 def _write(args, results):
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "quant_medium_dev.json"), "w") as f:
+  name = "quant_medium_dev_cluster.json" if args.cluster else "quant_medium_dev.json"
+  with open(os.path.join(args.out, name), "w") as f:
     json.dump(results, f, indent=1, default=lambda o: None)
 
 
@@ -243,21 +249,30 @@ def main():
   p.add_argument("--budget", type=float, default=170.0,
                  help="seconds after which remaining timed configs are skipped")
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted on CPU")
+  p.add_argument("--cluster", action="store_true",
+                 help="only the cluster-pair configs (run in a child process by default)")
+  p.add_argument("--total", type=float, default=190.0,
+                 help="seconds after which the cluster child process is killed")
   args = p.parse_args()
   if args.smoke:
     INTERPRET, ROUNDS = True, 2
     PLAN = [(512, 256, "int4_g128", (40,), ("wg64", "wg128")),
-            (256, 512, "int8", (72,), ("wg64_serial", "wg64_c2"))]
+            (256, 512, "int8", (72,), ("wg64_serial",))]
+    CLUSTER_PLAN[:] = [(512, 512, "int8", (40,), ("wg64_c2",))]
     ODD = ((33, 384, 200, "int4_g128"),)
   dev = jax.devices()[0]
   results = {"device": dev.device_kind, "jax_version": jax.__version__, "checks": [],
              "timings": [], "skipped": [], "budget": args.budget}
   print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
-  check_odd(results)
-  _write(args, results)
+  if args.cluster:
+    plan = CLUSTER_PLAN
+  else:
+    check_odd(results)
+    _write(args, results)
+    plan = PLAN
   print(f"\n== timings (chained device time), t={elapsed():.0f}s ==", flush=True)
   bf16: dict[tuple[int, int, int], float] = {}
-  for k, n, fmt_name, ms, names in PLAN:
+  for k, n, fmt_name, ms, names in plan:
     if elapsed() > args.budget:
       print(f"  skipped {fmt_name} k={k} n={n} m={ms}: past the budget")
       results["skipped"].append(f"{fmt_name} k={k} n={n} m={ms}")
@@ -273,6 +288,18 @@ def main():
   summary(results)
   print(f"done in {elapsed():.0f}s", flush=True)
   _write(args, results)
+  if not args.cluster:
+    limit = args.total - elapsed()
+    if limit < 25:
+      print(f"cluster configs skipped: {limit:.0f} s left")
+      return
+    cmd = [sys.executable, os.path.abspath(__file__), "--cluster", "--out", args.out,
+           "--budget", str(limit - 15)] + (["--smoke"] if args.smoke else [])
+    print(f"\n== cluster pairs (child process, limit {limit:.0f} s) ==", flush=True)
+    try:
+      subprocess.run(cmd, timeout=limit, check=False)
+    except subprocess.TimeoutExpired:
+      print(f"cluster child process killed after {limit:.0f} s (hang or slow)", flush=True)
 
 
 if __name__ == "__main__":
