@@ -198,6 +198,7 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
     t = harness.safe_time(dec, lambda i: (_x(m, k, i), weights[i % nsets]["packed"]),
                           rounds=ROUNDS, chain=True) if math.isfinite(err) else float("nan")
     report("decode", t, err)
+  names = list(names)
   for name in names:
     if elapsed() > results["budget"]:
       print(f"  skipped {case} {name}: past the budget")
@@ -214,6 +215,8 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
       t = harness.safe_time(f, lambda i: (_x(m, k, i), weights[i % nsets]["values"],
                                           weights[i % nsets]["scales"]),
                             rounds=ROUNDS, chain=True)
+    elif f"{name}_serial" in CONFIGS and f"{name}_serial" not in names:
+      names.append(f"{name}_serial")  # the pipelined upcast failed: time the serial twin
     report(name, t, err, cfg)
   results["timings"].append(row)
 
