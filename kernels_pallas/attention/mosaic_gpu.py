@@ -64,7 +64,11 @@ class Config:
   register budget at head_dim 64 only). ``bwd_dq_alternate``: the two backward warpgroups
   take turns computing a step's whole ``dQ = dS K`` (N = head_dim) instead of half of
   its columns each (N = head_dim / 2), and only the one whose turn it is waits for the
-  other's half of ``dS``."""
+  other's half of ``dS``. ``bwd_dq_deferred`` (split dQ only; ignored with
+  ``bwd_dq_alternate``): a step's ``dQ = dS K`` stays in flight on the tensor cores while
+  the warpgroup starts the next step's ``S^T``/``dP^T``; it is read out of registers,
+  staged and reduce-added into HBM under the next step's ``dP^T``, so no step ends by
+  draining the tensor cores."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -79,6 +83,7 @@ class Config:
   bwd_memory_registers: int = 24
   bwd_kv_in_registers: bool = False
   bwd_dq_alternate: bool = False
+  bwd_dq_deferred: bool = False
 
   @property
   def fwd_q_tile(self) -> int:
@@ -402,6 +407,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
   # at head_dim 128 that is 1 KB over the shared memory.
   alternate = cfg.bwd_dq_alternate and not (has_seg and d > 64)
   half = d if alternate else d // 2  # dQ columns one warpgroup computes in one step
+  deferred = cfg.bwd_dq_deferred and not alternate
   dtype = q.dtype
   has_seg = q_seg is not None
   dense = sparsity.dense
@@ -465,9 +471,34 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
       if cfg.bwd_kv_in_registers and not interpret:
         k_rows, v_rows = k_rows[...], v_rows[...]  # register A operands from here on
       k_cols = s["k"] if alternate else s["k"].at[:, pl.ds(wg * half, half)]
+      acc_refs = {}  # deferred dQ on GPU: the accumulators live across the whole loop
+
+      def issue_dq_copy(t_):
+        """Reduce-add (or, for partial sums, copy) the staged dQ of step ``t_`` into HBM."""
+        hg_ = lax.div(t_, n_total)
+        qb_ = q_block(lax.rem(t_, n_total))
+        rows = pl.ds(qb_ * bq, bq)
+        cols = pl.ds(wg * half, half)
+        head_ = kvh * group + hg_
+        if dq_partials:
+          plgpu.copy_smem_to_gmem(s["dq"].at[wg], dq_ref.at[kt, b, rows, head_, cols])
+        else:
+          plgpu.copy_smem_to_gmem(s["dq"].at[wg], dq_ref.at[b, rows, head_, cols],
+                                  reduction_op="add")
+
+      def store_previous_dq(t):
+        """Deferred dQ: step ``t - 1``'s dQ is finished once ``S^T`` of step ``t`` is (the
+        wgmma groups complete in order); stage it and issue its reduce-add while ``dP^T``
+        is on the tensor cores. (Interpret mode staged it at the end of step ``t - 1``.)"""
+        if not interpret:
+          dq_prev = plgpu.wgmma_accumulator_load(acc_refs["dq"], wait_n=None)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          s["dq"].at[wg][...] = dq_prev
+          plgpu.commit_smem()
+        _when(t > 0, lambda: issue_dq_copy(t - 1))
 
       def step(i, carry, *, hg, masked: bool):
-        dk_acc, dv_acc = carry
+        dk_acc, dv_acc = carry if carry else (None, None)
         t = hg * n_total + i
         slot = lax.rem(t, stages)
         parity = lax.rem(t, 2)
@@ -486,6 +517,8 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
           plgpu.wgmma(st_ref, k_rows, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
           st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)
+          if deferred:
+            store_previous_dq(t)
           lse_col = lax.broadcast_in_dim(
               plgpu.load(s["lse"].at[slot], layout=col_layout), (bkv, bq), [1])
           if soft_cap is None:
@@ -554,6 +587,19 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
             plgpu.barrier_wait(s["ds_bar"].at[parity])
             pl.run_scoped(compute_dq, plgpu.ACC((bq, half), jnp.float32))
 
+        def deferred_dq_interpret():
+          """Deferred dQ in interpret mode: dQ of this step is computed now and staged; its
+          copy into HBM is issued in the next step (or after the loop)."""
+          plgpu.commit_smem()
+          _schedule(s["ds_bar"])
+          dq = pl.run_scoped(
+              lambda r: (plgpu.wgmma(r, s["ds"].at[parity].transpose((1, 0)), k_cols),
+                         r[...])[1],
+              plgpu.ACC((bq, half), jnp.float32))
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          s["dq"].at[wg][...] = dq
+          plgpu.commit_smem()
+
         if interpret:
           s["pt"].at[wg][...] = pt16
           plgpu.commit_smem()
@@ -565,7 +611,25 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
           dk_acc = dk_acc + pl.run_scoped(
               lambda r: (plgpu.wgmma(r, ds_rows, q_smem), r[...])[1],
               plgpu.ACC((bkv, d), jnp.float32))
-          d_query()
+          if deferred:
+            deferred_dq_interpret()
+          else:
+            d_query()
+        elif deferred:
+          # dV += P^T dO and dK += dS^T Q as below; dQ = dS K is issued last and left in
+          # flight: only dV and dK are waited for (their register operands and this slot's
+          # Q/dO are then free), and the next step's S^T/dP^T queue behind dQ.
+          dv_r, dk_r, dq_r = acc_refs["dv"], acc_refs["dk"], acc_refs["dq"]
+          plgpu.wgmma(dv_r, pt16, do_smem)
+          dst16 = d_scores()
+          plgpu.wgmma(dk_r, dst16, q_smem)
+          plgpu.commit_smem()
+          _schedule(s["ds_bar"])  # both halves of dS^T are in shared memory
+          dq_r[...] = plgpu.layout_cast(jnp.full((bq, half), 0.0, jnp.float32), layout)
+          plgpu.wgmma(dq_r, s["ds"].at[parity].transpose((1, 0)), k_cols)
+          plgpu.wgmma_accumulator_load(dk_r, wait_n=1)
+          plgpu.barrier_arrive(s["q_cons"].at[slot])
+          return carry
         else:
           # dV += P^T dO runs while dS^T is computed; dK += dS^T Q and dQ = dS K are
           # issued behind it, and the one wait at the end covers all three.
@@ -585,8 +649,28 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
         return lax.fori_loop(n_full, n_total, functools.partial(step, hg=hg, masked=True),
                              carry)
 
+      def flush_last_dq(dq_last):
+        """Deferred dQ: the last step's dQ (staged here on GPU, already in interpret mode)."""
+        if dq_last is not None:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          s["dq"].at[wg][...] = dq_last
+          plgpu.commit_smem()
+        _when(n_steps > 0, lambda: issue_dq_copy(n_steps - 1))
+
       acc0 = plgpu.layout_cast(jnp.full((bkv, d), 0.0, jnp.float32), layout)
-      dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (acc0, acc0))
+      if deferred and not interpret:
+        def deferred_loop(refs):
+          acc_refs.update(dv=refs[0], dk=refs[1], dq=refs[2])
+          lax.fori_loop(0, group, head_loop, ())
+          flush_last_dq(refs[2][...])
+
+        dq0 = plgpu.layout_cast(jnp.full((bq, half), 0.0, jnp.float32), layout)
+        dv_acc, dk_acc, _ = pl.run_state(deferred_loop)(
+            (plgpu.ACC.init(acc0), plgpu.ACC.init(acc0), plgpu.ACC.init(dq0)))
+      else:
+        dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (acc0, acc0))
+        if deferred:
+          flush_last_dq(None)
       _schedule(s["end_bar"])  # the other warpgroup is done reading K
       s["k"].at[pl.ds(wg * bkv, bkv)][...] = (dk_acc * scale).astype(dtype)
       s["v"].at[pl.ds(wg * bkv, bkv)][...] = dv_acc.astype(dtype)
