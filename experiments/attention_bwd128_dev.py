@@ -1,0 +1,201 @@
+"""Device check and timing of the head_dim-128 flash-attention backward with deferred dQ.
+
+``PYTHONPATH=. python3 experiments/attention_bwd128_dev.py --out DIR [--budget-s 185]``
+
+1. Gradient check of ``Config.bwd_dq_deferred`` (alone and with a 3-stage Q/dO ring)
+   against the float32 XLA reference, in a child process with a time limit (a hang or a
+   crash costs only the check; variants that fail are not timed).
+2. fwd+bwd TFLOP/s (FLOPs 3.5 x 4*B*H*S*S*D, halved when causal), b*s = 16k tokens, 16
+   heads, head_dim 128, causal and not: the default backward, the variants that passed and
+   cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``) in this one process,
+   seq 4096 first, then 2048 and 8192 while the time budget lasts.
+
+Prints a table and writes ``attention_bwd128_dev.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import harness
+from jaxeff.ops import attention as A
+from kernels_pallas.attention import mosaic_gpu as mg
+
+D = 128
+VARIANTS = {
+    "deferred": dict(bwd_dq_deferred=True),
+    "deferred_3stage": dict(bwd_dq_deferred=True, bwd_num_stages=3),
+}
+CHECKS = [  # (batch, q_len, kv_len, heads, kv_heads, causal, segments)
+    (1, 1000, 1000, 8, 2, True, False),
+    (1, 777, 1500, 4, 4, False, True),
+    (2, 2048, 2048, 4, 4, False, False),
+]
+
+
+def config(variant: str | None, causal: bool) -> mg.Config:
+  base = mg.default_config(D, causal)
+  return base if variant is None else dataclasses.replace(base, **VARIANTS[variant])
+
+
+def attention_fn(cfg: mg.Config, causal: bool, segment_ids=None):
+  """custom_vjp around the Mosaic GPU kernels with an explicit config."""
+  scale = D ** -0.5
+  qs, ks = segment_ids if segment_ids is not None else (None, None)
+
+  @jax.custom_vjp
+  def attn(q, k, v):
+    return mg.forward(q, k, v, qs, ks, is_causal=causal, scale=scale, config=cfg)[0]
+
+  def fwd(q, k, v):
+    o, lse = mg.forward(q, k, v, qs, ks, is_causal=causal, scale=scale, config=cfg)
+    return o, (q, k, v, o, lse)
+
+  def bwd(res, do):
+    q, k, v, o, lse = res
+    return mg.backward(q, k, v, o, lse, do, qs, ks, is_causal=causal, scale=scale,
+                       config=cfg)
+
+  attn.defvjp(fwd, bwd)
+  return attn
+
+
+def inputs(seed, b, t, s, n, kh, seg=False):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  q = jax.random.normal(ks[0], (b, t, n, D), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (b, s, kh, D), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, s, kh, D), jnp.bfloat16)
+  do = jax.random.normal(ks[3], (b, t, n, D), jnp.bfloat16)
+  ids = None
+  if seg:
+    ids = (jnp.sort(jax.random.randint(ks[4], (b, t), 0, 4), axis=1),
+           jnp.sort(jax.random.randint(ks[5], (b, s), 0, 4), axis=1))
+  return q, k, v, do, ids
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_checks(out: Path) -> None:
+  """Child process: every variant (and the default, as a control) against the reference."""
+  results = []
+  for i, (b, t, s, n, kh, causal, seg) in enumerate(CHECKS):
+    q, k, v, do, ids = inputs(11 + i, b, t, s, n, kh, seg)
+    up = lambda x: x.astype(jnp.float32)
+    ref = lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=causal, segment_ids=ids,
+                                                  implementation="xla")
+    want = jax.vjp(ref, up(q), up(k), up(v))[1](up(do))
+    for variant in (None, *VARIANTS):
+      name = f"{variant or 'default'} b{b} t{t} s{s} h{n}/{kh} causal={causal} seg={seg}"
+      if variant == "deferred_3stage" and seg:
+        continue  # segment-id buffers do not fit beside a 3-stage ring at head_dim 128
+      try:
+        f = jax.jit(lambda q, k, v, do, cfg=config(variant, causal): jax.vjp(
+            attention_fn(cfg, causal, ids), q, k, v)[1](do))
+        got = jax.block_until_ready(f(q, k, v, do))
+        errs = [rel(g, w) for g, w in zip(got, want)]
+        ok = all(e < 2e-2 for e in errs)
+        rec = {"case": name, "variant": variant or "default", "ok": ok, "errs": errs}
+        print(f"{'PASS' if ok else 'FAIL'} {name}: dq={errs[0]:.1e} dk={errs[1]:.1e} "
+              f"dv={errs[2]:.1e}", flush=True)
+      except Exception as e:  # reported; the variant is then not timed
+        rec = {"case": name, "variant": variant or "default", "ok": False,
+               "error": f"{type(e).__name__}: {str(e)[:1500]}"}
+        print(f"ERROR {name}: {rec['error'][:600]}", flush=True)
+      results.append(rec)
+      (out / "checks.json").write_text(json.dumps(results, indent=1))
+
+
+def flops(b, s, h, causal):
+  return 3.5 * 4 * b * h * s * s * D / (2 if causal else 1)
+
+
+def timed(rows, impl, attn, s, causal, h=16):
+  b = 16384 // s
+
+  def make(i):
+    q, k, v, do, _ = inputs(100 + i, b, s, s, h, h)
+    return (q, k, v, do)
+
+  f = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
+  t = harness.safe_time(f, make, rounds=10, warmup=2)
+  tf = flops(b, s, h, causal) / t / 1e12 if np.isfinite(t) else float("nan")
+  rows.append({"impl": impl, "seq": s, "batch": b, "heads": h, "head_dim": D, "causal": causal,
+               "mode": "fwd_bwd", "median_s": t, "tflops": tf})
+  print(f"TIME {impl:<24} s{s:<5} causal={causal!s:<5} {t * 1e3:8.3f} ms {tf:7.1f} TFLOP/s",
+        flush=True)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("what", nargs="?", default="all", choices=["all", "check"])
+  p.add_argument("--out", default="/tmp/attention_bwd128_dev")
+  p.add_argument("--budget-s", type=float, default=185.0)
+  p.add_argument("--check-limit-s", type=float, default=75.0)
+  args = p.parse_args(argv)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if args.what == "check":
+    run_checks(out)
+    return 0
+
+  t0 = time.time()
+  try:  # the child gets the GPU first; this process touches it only afterwards
+    subprocess.run([sys.executable, __file__, "check", "--out", str(out)],
+                   timeout=args.check_limit_s, check=False)
+  except subprocess.TimeoutExpired:
+    print(f"CHECK TIMED OUT after {args.check_limit_s:.0f} s (hang?)", flush=True)
+  checks = json.loads((out / "checks.json").read_text()) if (out / "checks.json").exists() else []
+  passed = [v for v in VARIANTS
+            if any(c["variant"] == v for c in checks)
+            and all(c["ok"] for c in checks if c["variant"] == v)]
+  print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+        f"variants passing the check: {passed or 'none'}", flush=True)
+
+  rows = []
+  for s, causal in [(4096, False), (4096, True), (2048, False), (2048, True), (8192, False),
+                    (8192, True)]:
+    if time.time() - t0 > args.budget_s - 25:
+      print(f"budget: skipping s{s} causal={causal} and later", flush=True)
+      break
+    for variant in (None, *passed):
+      if variant == "deferred_3stage" and s != 4096:
+        continue
+      timed(rows, "jaxeff" if variant is None else f"jaxeff:{variant}",
+            attention_fn(config(variant, causal), causal), s, causal)
+    cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c,
+                                                                 implementation="cudnn")
+    timed(rows, "cudnn", cud, s, causal)
+
+  print("\n== fwd+bwd TFLOP/s, head_dim 128, 16 heads, 16k tokens ==")
+  by = {}
+  for r in rows:
+    by.setdefault((r["seq"], r["causal"]), {})[r["impl"]] = r["tflops"]
+  for (s, causal), v in by.items():
+    cud = v.get("cudnn", float("nan"))
+    cells = "  ".join(f"{k}={x:.0f} ({x / cud:.2f}x)" for k, x in v.items() if k != "cudnn")
+    print(f"s{s:<5} causal={causal!s:<5} cudnn={cud:.0f}  {cells}")
+  (out / "attention_bwd128_dev.json").write_text(json.dumps(
+      {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": checks, "rows": rows},
+      indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
