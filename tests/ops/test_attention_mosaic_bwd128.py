@@ -34,19 +34,20 @@ def _inputs(key, b, t, s, n, kh, d, seg=False):
   return q, k, v, do, ids
 
 
-def _kernel_grads(q, k, v, do, ids, *, is_causal, interpret, **changes):
+def _kernel_grads(q, k, v, do, ids, *, is_causal, interpret, window=None, **changes):
   d = q.shape[-1]
   cfg = dataclasses.replace(mosaic_gpu.default_config(d, is_causal), **changes)
   qs, ks = ids if ids is not None else (None, None)
-  kw = dict(is_causal=is_causal, scale=d ** -0.5, config=cfg, interpret=interpret)
+  kw = dict(is_causal=is_causal, window=window, scale=d ** -0.5, config=cfg,
+            interpret=interpret)
   out, lse = mosaic_gpu.forward(q, k, v, qs, ks, **kw)
   return mosaic_gpu.backward(q, k, v, out, lse, do, qs, ks, **kw)
 
 
-def _reference_grads(q, k, v, do, ids, *, is_causal):
+def _reference_grads(q, k, v, do, ids, *, is_causal, window=None):
   up = lambda x: x.astype(jnp.float32)
   fn = lambda q, k, v: dot_product_attention(q, k, v, is_causal=is_causal, segment_ids=ids,
-                                             implementation="xla")
+                                             local_window_size=window, implementation="xla")
   return jax.vjp(fn, up(q), up(k), up(v))[1](up(do))
 
 
@@ -56,15 +57,18 @@ def test_deferred_dq_is_off_by_default():
       assert not mosaic_gpu.default_config(d, causal).bwd_dq_deferred
 
 
-@pytest.mark.parametrize("is_causal,seg", [(True, False), (False, True)])
-def test_deferred_dq_matches_reference_interpret(key, is_causal, seg):
-  # head_dim 128, GQA 2 (the CTA loops over two query heads), odd lengths: two key tiles,
-  # several query blocks, full and partial blocks, and (causal) a key tile with no
-  # visible query in the second head's list boundary.
-  q, k, v, do, ids = _inputs(key, 1, 150, 200, 2, 1, 128, seg=seg)
+@pytest.mark.parametrize("is_causal,seg,window,s", [(True, False, None, 200),
+                                                    (False, True, None, 200),
+                                                    (False, False, (20, 0), 300)])
+def test_deferred_dq_matches_reference_interpret(key, is_causal, seg, window, s):
+  # head_dim 128, GQA 2 (the CTA loops over two query heads, so the previous step's dQ
+  # crosses the head loop), odd lengths: two or three key tiles, several query blocks,
+  # full then partial blocks. The window case has a key tile that no query sees (nothing
+  # to flush) next to tiles with one or two visible query blocks.
+  q, k, v, do, ids = _inputs(key, 1, 150, s, 2, 1, 128, seg=seg)
   got = jax.jit(lambda *a: _kernel_grads(*a, ids, is_causal=is_causal, interpret=True,
-                                         bwd_dq_deferred=True))(q, k, v, do)
-  want = _reference_grads(q, k, v, do, ids, is_causal=is_causal)
+                                         window=window, bwd_dq_deferred=True))(q, k, v, do)
+  want = _reference_grads(q, k, v, do, ids, is_causal=is_causal, window=window)
   for name, g, w in zip(("dq", "dk", "dv"), got, want):
     assert g.dtype == jnp.bfloat16
     assert_close(g, w.astype(g.dtype), name=name)
@@ -74,11 +78,14 @@ def test_deferred_dq_lowers_for_cuda(key):
   """The GPU form (accumulators carried through the loops, dQ left in flight) passes
   Mosaic GPU's lowering for CUDA, with and without a causal mask and GQA."""
   q, k, v, do, _ = _inputs(key, 1, 300, 300, 4, 2, 128)
-  for causal in (False, True):
-    fn = jax.jit(lambda q, k, v, do, c=causal: _kernel_grads(
-        q, k, v, do, None, is_causal=c, interpret=False, bwd_dq_deferred=True))
+  modules = {}
+  for causal, deferred in ((False, True), (True, True), (True, False)):
+    fn = jax.jit(lambda q, k, v, do, c=causal, f=deferred: _kernel_grads(
+        q, k, v, do, None, is_causal=c, interpret=False, bwd_dq_deferred=f))
     text = jax.export.export(fn, platforms=["cuda"])(q, k, v, do).mlir_module()
     assert text.count("mosaic_gpu") >= 2  # forward and backward kernels
+    modules[causal, deferred] = text
+  assert modules[True, True] != modules[True, False]  # the flag reaches the kernel
 
 
 @pytest.mark.gpu
