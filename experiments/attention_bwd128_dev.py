@@ -34,6 +34,7 @@ from kernels_pallas.attention import mosaic_gpu as mg
 D = 128
 VARIANTS = {
     "deferred": dict(bwd_dq_deferred=True),
+    "deferred_late_store": dict(bwd_dq_deferred=True, bwd_dq_store_before_dp=False),
     "deferred_3stage": dict(bwd_dq_deferred=True, bwd_num_stages=3),
     "3stage": dict(bwd_num_stages=3),
 }
@@ -42,7 +43,8 @@ VARIANTS = {
 CHECKS = [
     (1, 1000, 1000, 8, 2, True, False, ("deferred", "deferred_3stage")),
     (1, 777, 1500, 4, 4, False, True, ("deferred",)),
-    (2, 2048, 2048, 4, 4, False, False, ("deferred", "deferred_3stage", "3stage")),
+    (2, 2048, 2048, 4, 4, False, False, ("deferred", "deferred_3stage", "3stage",
+                                         "deferred_late_store")),
 ]
 
 

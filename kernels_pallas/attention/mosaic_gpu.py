@@ -67,8 +67,11 @@ class Config:
   other's half of ``dS``. ``bwd_dq_deferred`` (split dQ only; ignored with
   ``bwd_dq_alternate``): a step's ``dQ = dS K`` stays in flight on the tensor cores while
   the warpgroup starts the next step's ``S^T``/``dP^T``; it is read out of registers,
-  staged and reduce-added into HBM under the next step's ``dP^T``, so no step ends by
-  draining the tensor cores."""
+  staged and reduce-added into HBM under the next step's scores, so no step ends by
+  draining the tensor cores. ``bwd_dq_store_before_dp`` (deferred only): issue ``S^T``,
+  stage the previous dQ, then issue ``dP^T`` (dQ, S^T and dP^T accumulators are never
+  live together: 192 instead of 224 accumulator registers a thread at head_dim 128);
+  False issues both and stages dQ under ``dP^T``."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -84,6 +87,7 @@ class Config:
   bwd_kv_in_registers: bool = False
   bwd_dq_alternate: bool = False
   bwd_dq_deferred: bool = False
+  bwd_dq_store_before_dp: bool = True
 
   @property
   def fwd_q_tile(self) -> int:
@@ -486,12 +490,13 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
           plgpu.copy_smem_to_gmem(s["dq"].at[wg], dq_ref.at[b, rows, head_, cols],
                                   reduction_op="add")
 
-      def store_previous_dq(t):
-        """Deferred dQ: step ``t - 1``'s dQ is finished once ``S^T`` of step ``t`` is (the
-        wgmma groups complete in order); stage it and issue its reduce-add while ``dP^T``
-        is on the tensor cores. (Interpret mode staged it at the end of step ``t - 1``.)"""
+      def store_previous_dq(t, wait_n):
+        """Deferred dQ: stage step ``t - 1``'s dQ (in flight behind this step's ``S^T``
+        until ``wait_n`` wgmma groups are left; they complete in order) and issue its
+        reduce-add while this step's scores are on the tensor cores. (Interpret mode staged
+        it at the end of step ``t - 1``.)"""
         if not interpret:
-          dq_prev = plgpu.wgmma_accumulator_load(acc_refs["dq"], wait_n=None)
+          dq_prev = plgpu.wgmma_accumulator_load(acc_refs["dq"], wait_n=wait_n)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           s["dq"].at[wg][...] = dq_prev
           plgpu.commit_smem()
@@ -515,10 +520,12 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
         # computed while dP^T is still on the tensor cores.
         def scores(st_ref, dpt_ref):
           plgpu.wgmma(st_ref, k_rows, q_smem.transpose((1, 0)))
+          if deferred and cfg.bwd_dq_store_before_dp:
+            store_previous_dq(t, wait_n=1)  # only S^T may still be in flight
           plgpu.wgmma(dpt_ref, v_rows, do_smem.transpose((1, 0)))
           st = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)
-          if deferred:
-            store_previous_dq(t)
+          if deferred and not cfg.bwd_dq_store_before_dp:
+            store_previous_dq(t, wait_n=None)  # done: it was issued before S^T
           lse_col = lax.broadcast_in_dim(
               plgpu.load(s["lse"].at[slot], layout=col_layout), (bkv, bq), [1])
           if soft_cap is None:

@@ -75,17 +75,21 @@ def test_deferred_dq_matches_reference_interpret(key, is_causal, seg, window, s)
 
 
 def test_deferred_dq_lowers_for_cuda(key):
-  """The GPU form (accumulators carried through the loops, dQ left in flight) passes
-  Mosaic GPU's lowering for CUDA, with and without a causal mask and GQA."""
+  """The GPU form (accumulators carried through the loops, dQ left in flight; previous dQ
+  staged before or after dP^T is issued) passes Mosaic GPU's lowering for CUDA, with and
+  without a causal mask, with GQA."""
   q, k, v, do, _ = _inputs(key, 1, 300, 300, 4, 2, 128)
   modules = {}
-  for causal, deferred in ((False, True), (True, True), (True, False)):
-    fn = jax.jit(lambda q, k, v, do, c=causal, f=deferred: _kernel_grads(
-        q, k, v, do, None, is_causal=c, interpret=False, bwd_dq_deferred=f))
+  for causal, deferred, before_dp in ((False, True, True), (True, True, True),
+                                      (True, True, False), (True, False, True)):
+    fn = jax.jit(lambda q, k, v, do, c=causal, f=deferred, e=before_dp: _kernel_grads(
+        q, k, v, do, None, is_causal=c, interpret=False, bwd_dq_deferred=f,
+        bwd_dq_store_before_dp=e))
     text = jax.export.export(fn, platforms=["cuda"])(q, k, v, do).mlir_module()
     assert text.count("mosaic_gpu") >= 2  # forward and backward kernels
-    modules[causal, deferred] = text
-  assert modules[True, True] != modules[True, False]  # the flag reaches the kernel
+    modules[causal, deferred, before_dp] = text
+  assert modules[True, True, True] != modules[True, False, True]  # the flag reaches the kernel
+  assert modules[True, True, True] != modules[True, True, False]
 
 
 @pytest.mark.gpu
