@@ -407,6 +407,8 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
   tile = cfg.bwd_kv_tile
   n_kt = sp // tile
   has_seg = q_seg is not None
+  if has_seg and d > 64 and stages > 2:
+    stages = 2  # segment-id buffers beside a 3-stage Q/dO ring exceed shared memory at d128
   # Alternating needs a whole-width float32 dQ buffer per warpgroup; with segment ids
   # at head_dim 128 that is 1 KB over the shared memory.
   alternate = cfg.bwd_dq_alternate and not (has_seg and d > 64)
