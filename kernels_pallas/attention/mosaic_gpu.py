@@ -22,7 +22,9 @@ Backward: one kernel per key tile computes dK and dV in registers and the dQ
 contribution ``dS K`` of every visited query block; the two warpgroups share ``dS`` via
 shared memory, each computes half of dQ's columns, and adds it into a float32 dQ
 accumulator in HBM with a TMA reduce-add (``cp.reduce.async.bulk``), so the backward does
-the five matmuls of the algorithm and no more. ``deterministic=True`` instead computes dQ
+the five matmuls of the algorithm and no more. ``Config.bwd_dq_deferred`` leaves each
+step's dQ matmul in flight into the next step (its result is staged and reduce-added
+there), so the tensor cores do not drain between steps. ``deterministic=True`` instead computes dQ
 in a second kernel parallel over query tiles (two more matmuls, bitwise reproducible);
 interpret mode always uses that path because TMA reductions cannot be interpreted.
 
