@@ -407,14 +407,20 @@ def test_mosaic_gpu_keys_major_rejects_what_it_cannot_serve(key):
     _kernel_direct(case, key, mgpu_kernels.keys_major_config(block_kv=128))
 
 
-def test_mosaic_gpu_keys_major_by_default_through_the_op(monkeypatch, key):
-  # The switch the GPU timing decides (KEYS_MAJOR_BY_DEFAULT): the op's registry then runs
-  # the keys-major form for int8/fp8 (and int4 at head_dim 128), the query-major one else.
-  monkeypatch.setattr(mgpu_kernels, "KEYS_MAJOR_BY_DEFAULT", True)
+def test_mosaic_gpu_keys_major_by_default_through_the_op(key):
+  # KEYS_MAJOR_BY_DEFAULT (on since the H100 timing): the op's registry runs the keys-major
+  # form for int8/fp8 (and int4 at head_dim 128), the query-major one else.
   assert mgpu_kernels.default_config(64, "fp8").keys_major
   assert mgpu_kernels.default_config(128, "int4").keys_major
   assert not mgpu_kernels.default_config(64, "int4").keys_major
   assert not mgpu_kernels.default_config(128, "none").keys_major
+  _check("mosaic_gpu:interpret", CASES["contiguous_fp8_window"], key)
+
+
+def test_mosaic_gpu_query_major_still_serves_through_the_op(monkeypatch, key):
+  # With the switch off the op falls back to the query-major form (64 padded query rows).
+  monkeypatch.setattr(mgpu_kernels, "KEYS_MAJOR_BY_DEFAULT", False)
+  assert not mgpu_kernels.default_config(64, "fp8").keys_major
   _check("mosaic_gpu:interpret", CASES["contiguous_fp8_window"], key)
 
 
