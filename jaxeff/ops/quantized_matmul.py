@@ -27,7 +27,9 @@ Implementations (``implementation=``), fastest first:
   (``BLOCK_SCALED_KERNEL``; until then the reference serves them).
 * ``"triton"``: :mod:`kernels_pallas.matmul.triton`, weight-only int4 / int8 with the
   dequantisation fused and split-K for skinny ``x`` (any CUDA GPU), for ``m <= 64``; a
-  native int4 :class:`PackedWeight` runs the Mosaic GPU weight-only kernel on Hopper
+  K-major :class:`PackedWeight` (native int4 or int8) runs the Mosaic GPU weight-only
+  kernels on Hopper instead: :mod:`kernels_pallas.matmul.mosaic_gpu` for ``m <= 32`` and
+  :mod:`kernels_pallas.matmul.mosaic_gpu_medium` for ``32 < m <= 256``
   (``WEIGHT_ONLY_DEFAULT``).
 * ``"xla"``: the reference below: dequantize, then one dot in float32.
 
@@ -52,6 +54,7 @@ from kernels_pallas.matmul import dequantize_values as _dequantize_values
 from kernels_pallas.matmul import int4_high as _int4_high
 from kernels_pallas.matmul import int4_low as _int4_low
 from kernels_pallas.matmul import mosaic_gpu as _mosaic_gpu
+from kernels_pallas.matmul import mosaic_gpu_medium as _medium
 from kernels_pallas.matmul import triton as _triton
 
 FLOAT_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -74,7 +77,15 @@ TRITON_MAX_M = 64
 # QArray: int4 44.6 / 46.9, 41.5 / 41.5, 41.8 / 41.2; int8 41.6 / 43.2, 40.8 / 43.1,
 # 41.6 / 41.9; on a uint8-packed int4 PackedWeight 75 us. "mosaic" needs Hopper;
 # elsewhere K-major weights run "triton" (native int4 after a copy to uint8).
-WEIGHT_ONLY_DEFAULT = (("kmajor", TRITON_MAX_M, "mosaic", None),
+# Session 5 (same card, chained, 8192^2, notes/quant_matmul.md): "medium" (Hopper wgmma with
+# x rows as N, `_medium.medium_config(..., wg_rows=128)`) int4 g128 m = 64 / 128 / 256
+# 34.6 / 45.2 / 78.2 us (1.88x / 1.47x / 0.86x XLA bf16; XLA dequantize-then-dot, the
+# previous path for m > 64, 0.26-0.27x), int8 42.3 / 52.5 / 76.6 us; "mosaic" at m = 64:
+# int4 42.2, int8 40.8 us. So "mosaic" keeps m <= 32 and "medium" serves m <= 256.
+MOSAIC_MAX_M = _medium.MEDIUM_MIN_M - 1
+MEDIUM_WG_ROWS = 128  # weight rows a compute warpgroup: best or within 3% in every case timed
+WEIGHT_ONLY_DEFAULT = (("kmajor", MOSAIC_MAX_M, "mosaic", None),
+                       ("kmajor", _medium.MEDIUM_MAX_M, "medium", None),
                        ("any", TRITON_MAX_M, "triton", None))
 BLOCK = 128  # K tile of block (1 x 128 / 128 x 128) scales
 # Block-scaled fp8 (quantized_matmul with 1 x 128 / 128 x 128 scales, fp8_dot(scaling=
@@ -466,8 +477,11 @@ def _triton_supports(x2, w, x_scale2, *, out_dtype):
   if info.fmt not in ("int4", "int8"):
     return f"triton serves int4 / int8 weights, got {info.fmt}"
   if x2.shape[0] > TRITON_MAX_M:
+    if _weight_only_choice(x2.shape[0], w, interpret=False)[0] == "medium":
+      return None  # its own limits were checked by the choice
     return (f"m={x2.shape[0]} > {TRITON_MAX_M}: dequantize-then-dot (XLA) is faster for wide x "
-            f"(notes/quant_matmul.md)")
+            f"unless a prepacked symmetric weight on Hopper takes the medium-m kernel "
+            f"(m <= {_medium.MEDIUM_MAX_M}; notes/quant_matmul.md)")
   bits = 4 if info.fmt == "int4" else 8
   group = None if info.groups == 1 else info.k // info.groups
   return _triton.unsupported(bits=bits, group_size=group, k=info.k)
@@ -496,10 +510,12 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
     w: int4 / int8 ``QArray`` or :class:`PackedWeight` ``[K, N]``.
     variant: ``"triton"`` (tensor-core dot, ``_triton.WeightOnlyConfig``; ``dequant=
       "magic"`` skips int -> float conversions), ``"gemv"`` (CUDA cores, symmetric,
-      ``_triton.GemvConfig``, M <= 16) or ``"mosaic"`` (Hopper wgmma on ``out^T``,
-      symmetric, ``_mosaic_gpu.WeightOnlyConfig``, M <= 64). ``"gemv"`` / ``"mosaic"``
-      read K-major weights: pass a PackedWeight (``prepack``; ``native_int4=True`` for
-      ``"mosaic"``) or the QArray is transposed on every call.
+      ``_triton.GemvConfig``, M <= 16), ``"mosaic"`` (Hopper wgmma on ``out^T``,
+      symmetric, ``_mosaic_gpu.WeightOnlyConfig``, M <= 64) or ``"medium"`` (Hopper
+      wgmma on ``out^T`` with up to 128 x rows as N, symmetric, ``_medium.MediumConfig``,
+      M <= 256). ``"gemv"`` / ``"mosaic"`` / ``"medium"`` read K-major weights: pass a
+      PackedWeight (``prepack``; ``native_int4=True`` for the Mosaic ones) or the QArray is
+      transposed on every call.
     config: the variant's config; None picks its defaults.
     interpret: Pallas interpret mode.
 
@@ -519,6 +535,15 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
     return _mosaic_gpu.weight_only_matmul_t(_pad2(x2, 1, kp), values, scales,
                                             group_size=group, config=cfg,
                                             interpret=interpret)[:, :info.n]
+  if variant == "medium":
+    pw = prepack(w, native_int4=True)
+    cfg = config or _medium_config(m, info, group)
+    tn, tk = _medium.tile_multiples(cfg, group)
+    kp = info.k + (-info.k % tk)
+    values, scales, _ = _pad_k_major(pw, tn, kp)
+    return _medium.weight_only_matmul_medium(_pad2(x2, 1, kp), values, scales,
+                                             group_size=group, config=cfg,
+                                             interpret=interpret)[:, :info.n]
   if info.packed and w.native_int4:
     w = prepack(w, native_int4=False)
   if variant == "gemv":
@@ -534,8 +559,8 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
                                     group_size=group, config=cfg,
                                     interpret=interpret)[:, :info.n]
   if variant != "triton":
-    raise ValueError(f"weight_only_matmul: variant must be 'triton', 'gemv' or 'mosaic', got "
-                     f"{variant!r}")
+    raise ValueError(f"weight_only_matmul: variant must be 'triton', 'gemv', 'mosaic' or "
+                     f"'medium', got {variant!r}")
   cfg = config or _triton.default_config(m, info.n, info.k, bits=bits, group_size=group)
   tm, tn, tk = _triton.tile_multiples(cfg)
   kp = info.k + (-info.k % tk)
@@ -563,6 +588,11 @@ def _mosaic_takes_groups(group_size: int | None) -> bool:
                                              cfg=_mosaic_gpu.WeightOnlyConfig()) is None
 
 
+def _medium_config(m: int, info: Any, group: int | None) -> _medium.MediumConfig:
+  return _medium.medium_config(m, info.n, info.k, bits=4 if info.fmt == "int4" else 8,
+                               group_size=group, wg_rows=MEDIUM_WG_ROWS)
+
+
 def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:
   """``(variant, config)`` of ``WEIGHT_ONLY_DEFAULT`` for ``m`` rows of x and weight ``w``."""
   info = _weight_info(w)
@@ -575,6 +605,12 @@ def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:
       cfg = config or _mosaic_gpu.WeightOnlyConfig()
       group = None if info.groups == 1 else info.k // info.groups
       if not hopper or not info.symmetric or _mosaic_gpu.weight_only_unsupported(
+          m, info.n, info.k, bits=4 if info.fmt == "int4" else 8, group_size=group, cfg=cfg):
+        continue
+    if variant == "medium":
+      group = None if info.groups == 1 else info.k // info.groups
+      cfg = config or _medium_config(m, info, group)
+      if not hopper or not info.symmetric or _medium.unsupported(
           m, info.n, info.k, bits=4 if info.fmt == "int4" else 8, group_size=group, cfg=cfg):
         continue
     return variant, config

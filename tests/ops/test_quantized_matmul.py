@@ -121,10 +121,21 @@ def test_weight_only_default_by_weight_layout(monkeypatch, key):
     assert qm._weight_only_choice(2, kmajor, interpret=True) == ("mosaic", None)
   for other in (w, w8, qm.prepack(w, native_int4=False)):
     assert qm._weight_only_choice(2, other, interpret=True) == ("triton", None)
-  assert qm._weight_only_choice(128, native, interpret=True) == ("triton", None)  # m > max
+  # wider x on K-major weights: the medium-m kernel from m = 33 up to 256, then none
+  for m in (qm.MOSAIC_MAX_M + 1, 128, 256):
+    assert qm._weight_only_choice(m, native, interpret=True) == ("medium", None)
+  assert qm._weight_only_choice(qm.MOSAIC_MAX_M, native, interpret=True) == ("mosaic", None)
+  assert qm._weight_only_choice(257, native, interpret=True) == ("triton", None)  # m > max
+  assert qm._weight_only_choice(128, w, interpret=True) == ("triton", None)  # QArray
   assert qm._weight_only_choice(2, native, interpret=False) == ("triton", None)  # CPU: no Hopper
+  assert "dequantize-then-dot" in qm._triton_supports(
+      jnp.zeros((128, 256), jnp.bfloat16), native, None, out_dtype=jnp.float32)
   monkeypatch.setattr(_registry, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")
   assert qm._weight_only_choice(2, native, interpret=False) == ("mosaic", None)
+  assert qm._weight_only_choice(128, native, interpret=False) == ("medium", None)
+  assert qm._triton_supports(jnp.zeros((128, 256), jnp.bfloat16), native, None,
+                             out_dtype=jnp.float32) is None
+  assert qm._weight_only_choice(300, native, interpret=False) == ("triton", None)
   g64 = qm.prepack(_weight(kw, 256, 72, "int4", 64), native_int4=True)  # groups < block_k
   assert qm._weight_only_choice(2, g64, interpret=False) == ("triton", None)
   # prepack's default layout: uint8 nibbles off Hopper, jnp.int4 on a Hopper GPU
@@ -420,15 +431,30 @@ def test_kernels_lower_for_cuda(kernel):
 # ------------------------------------------------------------------------ GPU, real sizes
 
 
+def test_medium_variant_through_weight_only_matmul_interpret(key):
+  # The dispatch's "medium" row (m = 33..256 on K-major weights) in interpret mode, odd m
+  # and N, against dequantize-then-dot.
+  kx, kw = jax.random.split(key)
+  for fmt, group in (("int4", 128), ("int8", None)):
+    w = _weight(kw, 256, 72, fmt, group)
+    x = jax.random.normal(kx, (40, 256), jnp.float32).astype(jnp.bfloat16)
+    weight = qm.prepack(w, native_int4=True)
+    variant, config = qm._weight_only_choice(40, weight, interpret=True)
+    assert variant == "medium"
+    out = qm.weight_only_matmul(x, weight, variant=variant, config=config, interpret=True)
+    assert out.shape == (40, 72)
+    assert_close(out, _expected(x, w), rtol=4e-3)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 128])
+@pytest.mark.parametrize("m", [1, 16, 40, 128, 256])
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", None), ("int8", None)])
 def test_weight_only_gpu(m, fmt, group, key):
   kx, kw = jax.random.split(key)
   w = _weight(kw, 4096, 2048 + 64, fmt, group)
   x = jax.random.normal(kx, (m, 4096), jnp.float32).astype(jnp.bfloat16)
   expected = _expected(x, w).astype(jnp.bfloat16)
-  impl = "triton" if m <= qm.TRITON_MAX_M else None  # wide x: dispatch leaves it to XLA
+  impl = "triton" if m <= qm.TRITON_MAX_M else None  # wide x: medium kernel or XLA
   weights = [w, qm.prepack(w)] + ([qm.prepack(w, native_int4=True)] if fmt == "int4" else [])
   for weight in weights:  # native int4: the Mosaic kernel through WEIGHT_ONLY_DEFAULT
     out = jax.jit(lambda x, w: qm.quantized_matmul(x, w, implementation=impl))(x, weight)
