@@ -19,6 +19,12 @@ computed. The reference applies the same band mask to ``jnp.fft.rfft``.
 
 Implementations (``implementation=``), fastest first:
 
+* ``"mosaic_gpu"``: the forward as one Hopper kernel per packed signal batch
+  (:mod:`kernels_pallas.fftconv.mosaic_gpu`: every DFT a ``wgmma``, the DFT matrices,
+  twiddles and the channel's filter spectrum resident in shared memory across the batch)
+  for transform sizes 2048..8192 (causal seq 1024..4096); its backward is the
+  ``"triton"`` path's. Measured on H100 (batch 64, 768 channels, forward): 6.0x jnp.fft
+  at seq 1024 and 6.4x at 4096, vs 4.4x / 3.7x for ``"triton"`` (notes/spectral.md).
 * ``"triton"``: fused Pallas kernels (:mod:`kernels_pallas.fftconv.triton`) reading
   ``u`` and the gates in place and writing ``y`` in ``u.dtype`` (no transposes, no float32
   intermediates): FFT -> filter -> iFFT -> gates per packed signal for ``n`` up to 8192
@@ -56,6 +62,7 @@ import numpy as np
 
 from jaxeff.ops import _registry
 from jaxeff.spectral import monarch
+from kernels_pallas.fftconv import mosaic_gpu as _mosaic
 from kernels_pallas.fftconv import triton as _triton
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -494,7 +501,64 @@ def _reference_impl(u, k, *, causal, gate, frequency_keep):
   return fft_conv_reference(u, k, x, v, causal=causal, frequency_keep=frequency_keep)
 
 
+# --------------------------------------------------------------------------- Mosaic GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class _MosaicCall:
+  """Static description of a Mosaic GPU forward whose backward is the Triton path."""
+
+  causal: bool
+  triton: _TritonCall
+  config: _mosaic.MosaicFFTConvConfig | None = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _mosaic_conv(u, k, x, v, call: _MosaicCall):
+  """``v * conv(k, u * x)`` ``[batch, channels, seq]`` in ``u.dtype`` (x, v may be None)."""
+  return _mosaic.fft_conv_mosaic(u, k, x, v, causal=call.causal, config=call.config,
+                                 interpret=call.triton.interpret)
+
+
+def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
+  y = _mosaic_conv(u, k, x, v, call)
+  return y, (u, k, x, v, _plan_filter_spectrum(k, call.triton.plan))
+
+
+def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
+  return _triton_conv_bwd(call.triton, residuals, dy)
+
+
+_mosaic_conv.defvjp(_mosaic_conv_fwd, _mosaic_conv_bwd)
+
+
+def _triton_call(u, k, *, causal: bool, interpret: bool) -> _TritonCall:
+  seq, filter_len = u.shape[-1], k.shape[-1]
+  n = fft_size(seq, filter_len, causal=causal)
+  cfg = _triton.config_for(n)
+  return _TritonCall(_triton.geometry(n, seq, inner=cfg.inner), seq, filter_len,
+                     jnp.dtype(u.dtype).name, cfg, _triton.dk_config_for(n), bool(interpret))
+
+
+def _mosaic_impl(u, k, *, causal, gate, frequency_keep, interpret=False):
+  del frequency_keep  # supports() sends frequency-sparse calls elsewhere
+  x, v = gate if gate is not None else (None, None)
+  call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret))
+  return _mosaic_conv(u, k, x, v, call)
+
+
+def _mosaic_supports(u, k, *, causal, gate, frequency_keep):
+  reason = _triton_supports(u, k, causal=causal, gate=gate, frequency_keep=frequency_keep)
+  if reason is not None:
+    return f"backward (Triton): {reason}"
+  n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
+  return _mosaic.unsupported(n, u.shape[-1], u.dtype)
+
+
 FFT_CONV_IMPLS: list[_registry.Implementation] = [
+    _registry.Implementation("mosaic_gpu", _mosaic_impl, platforms=("gpu",),
+                             supports=_mosaic_supports, interpretable=True,
+                             device_kinds=_registry.HOPPER_KINDS),
     _registry.Implementation("triton", _triton_impl, platforms=("gpu",),
                              supports=_triton_supports, interpretable=True),
     _registry.Implementation("monarch_xla", _monarch_impl("monarch_xla"),
@@ -518,7 +582,8 @@ def fft_conv(u: jax.Array, k: jax.Array, *, causal: bool = True,
     frequency_keep: None, or the fraction in (0, 1] of the spectrum kept
       (:func:`frequency_band`).
     implementation: None (fastest available), a name, or a sequence of names
-      (``"triton"``, ``"monarch_xla"``, ``"xla"``; kernels accept ``":interpret"``).
+      (``"mosaic_gpu"``, ``"triton"``, ``"monarch_xla"``, ``"xla"``; kernels accept
+      ``":interpret"``).
 
   Returns:
     ``[batch, channels, seq]`` in ``u.dtype``.
