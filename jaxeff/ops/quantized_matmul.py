@@ -526,24 +526,19 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
   bits = 4 if info.fmt == "int4" else 8
   group = None if info.groups == 1 else info.k // info.groups
   m = x2.shape[0]
-  if variant == "mosaic":
+  if variant in ("mosaic", "medium"):  # Hopper wgmma kernels on K-major weights
     pw = prepack(w, native_int4=True)
-    cfg = config or _mosaic_gpu.WeightOnlyConfig()
-    tn, tk = _mosaic_gpu.weight_only_tile_multiples(cfg, group)
+    if variant == "mosaic":
+      cfg = config or _mosaic_gpu.WeightOnlyConfig()
+      tiles, kernel = _mosaic_gpu.weight_only_tile_multiples, _mosaic_gpu.weight_only_matmul_t
+    else:
+      cfg = config or _medium_config(m, info, group)
+      tiles, kernel = _medium.tile_multiples, _medium.weight_only_matmul_medium
+    tn, tk = tiles(cfg, group)
     kp = info.k + (-info.k % tk)
     values, scales, _ = _pad_k_major(pw, tn, kp)
-    return _mosaic_gpu.weight_only_matmul_t(_pad2(x2, 1, kp), values, scales,
-                                            group_size=group, config=cfg,
-                                            interpret=interpret)[:, :info.n]
-  if variant == "medium":
-    pw = prepack(w, native_int4=True)
-    cfg = config or _medium_config(m, info, group)
-    tn, tk = _medium.tile_multiples(cfg, group)
-    kp = info.k + (-info.k % tk)
-    values, scales, _ = _pad_k_major(pw, tn, kp)
-    return _medium.weight_only_matmul_medium(_pad2(x2, 1, kp), values, scales,
-                                             group_size=group, config=cfg,
-                                             interpret=interpret)[:, :info.n]
+    return kernel(_pad2(x2, 1, kp), values, scales, group_size=group, config=cfg,
+                  interpret=interpret)[:, :info.n]
   if info.packed and w.native_int4:
     w = prepack(w, native_int4=False)
   if variant == "gemv":
