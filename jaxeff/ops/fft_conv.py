@@ -503,14 +503,29 @@ def _reference_impl(u, k, *, causal, gate, frequency_keep):
 
 # --------------------------------------------------------------------------- Mosaic GPU
 
+# The "mosaic_gpu" backward: True runs its convolutions on the Mosaic GPU kernel too (the
+# input gradient as the correlation, ``conjugate=True``; the gate products in XLA; the
+# filter gradient on the Triton kernel); False runs the "triton" path's backward. Read when
+# the op is traced: set it before the first call (the registry keeps one trace per call
+# signature; after a change, `_registry._jitted.cache_clear()`), or pass `backward=` to
+# `fft_conv_mosaic_gpu`.
+MOSAIC_BACKWARD = False
+
 
 @dataclasses.dataclass(frozen=True)
 class _MosaicCall:
-  """Static description of a Mosaic GPU forward whose backward is the Triton path."""
+  """Static description of a Mosaic GPU forward and its backward.
+
+  ``backward``: "triton" (the Triton path's backward, residuals ``(u, k, x, v, kf)`` with
+  the Triton plan's spectrum) or "mosaic" (residuals ``(u, k, x, v, kf, c)``: the Mosaic
+  filter spectrum and the ungated convolution ``c = conv(k, u x)`` when ``v`` is given,
+  so that ``dv = dy c`` needs no second convolution).
+  """
 
   causal: bool
   triton: _TritonCall
   config: _mosaic.MosaicFFTConvConfig | None = None
+  backward: str = "triton"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -521,12 +536,37 @@ def _mosaic_conv(u, k, x, v, call: _MosaicCall):
 
 
 def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
-  y = _mosaic_conv(u, k, x, v, call)
-  return y, (u, k, x, v, _plan_filter_spectrum(k, call.triton.plan))
+  if call.backward != "mosaic":
+    y = _mosaic_conv(u, k, x, v, call)
+    return y, (u, k, x, v, _plan_filter_spectrum(k, call.triton.plan))
+  geo, _ = _mosaic.conv_geometry(u.shape[-1], k.shape[-1], u.dtype, causal=call.causal,
+                                 config=call.config)
+  kf = _mosaic.filter_spectrum(k, geo)
+  c = _mosaic.fft_conv_mosaic(u, k, x, None, causal=call.causal, config=call.config, kf=kf,
+                              interpret=call.triton.interpret)
+  # The same rounding as fft_conv_mosaic's post-gate: float32 product of the u.dtype output.
+  y = c if v is None else (c.astype(jnp.float32) * v.astype(jnp.float32)).astype(u.dtype)
+  return y, (u, k, x, v, kf, None if v is None else c)
 
 
 def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
-  return _triton_conv_bwd(call.triton, residuals, dy)
+  if call.backward != "mosaic":
+    return _triton_conv_bwd(call.triton, residuals, dy)
+  u, k, x, v, kf, c = residuals
+  dy = dy.astype(u.dtype)
+  # dw = corr(k, dy * v): the Mosaic kernel with the conjugated filter spectrum.
+  dw = _mosaic.fft_conv_mosaic(dy, k, v, None, causal=call.causal, config=call.config,
+                               conjugate=True, kf=kf, interpret=call.triton.interpret)
+  if x is None:
+    du, dx = dw, None
+  else:
+    dw32 = dw.astype(jnp.float32)
+    du = (dw32 * x.astype(jnp.float32)).astype(u.dtype)
+    dx = (dw32 * u.astype(jnp.float32)).astype(x.dtype)
+  dv = None if v is None else (
+      (dy.astype(jnp.float32) * c.astype(jnp.float32)).astype(u.dtype).astype(v.dtype))
+  dk = _triton_filter_grad(u, x, dy, v, call.triton)
+  return du, dk.astype(k.dtype), dx, dv
 
 
 _mosaic_conv.defvjp(_mosaic_conv_fwd, _mosaic_conv_bwd)
@@ -543,7 +583,33 @@ def _triton_call(u, k, *, causal: bool, interpret: bool) -> _TritonCall:
 def _mosaic_impl(u, k, *, causal, gate, frequency_keep, interpret=False):
   del frequency_keep  # supports() sends frequency-sparse calls elsewhere
   x, v = gate if gate is not None else (None, None)
-  call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret))
+  call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret),
+                     backward="mosaic" if MOSAIC_BACKWARD else "triton")
+  return _mosaic_conv(u, k, x, v, call)
+
+
+def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
+                        gate: tuple[jax.Array | None, jax.Array | None] | None = None,
+                        config: _mosaic.MosaicFFTConvConfig | None = None,
+                        backward: str | None = None, interpret: bool = False) -> jax.Array:
+  """The ``"mosaic_gpu"`` implementation with explicit choices (benchmarks, tuning).
+
+  Shapes and semantics as :func:`fft_conv` (bfloat16/float16 ``u``, transform sizes the
+  Mosaic kernel serves); ``config``: the kernel's launch parameters (None: its default);
+  ``backward``: "mosaic" or "triton" (None: ``MOSAIC_BACKWARD``).
+  """
+  _validate(u, k, causal, gate, None)
+  if backward is None:
+    backward = "mosaic" if MOSAIC_BACKWARD else "triton"
+  if backward not in ("mosaic", "triton"):
+    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic' or 'triton', "
+                     f"got {backward!r}")
+  reason = _mosaic_supports(u, k, causal=causal, gate=gate, frequency_keep=None)
+  if reason is not None:
+    raise NotImplementedError(f"fft_conv_mosaic_gpu: {reason}")
+  x, v = gate if gate is not None else (None, None)
+  call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret), config,
+                     backward)
   return _mosaic_conv(u, k, x, v, call)
 
 

@@ -20,7 +20,10 @@ rows hold the input (the causal zero padding is never read or multiplied). Per s
     y = conj(F1)[:rows, :] @ P        inverse row DFT, only the rows kept (M = rows,
                                       padded to 64 with zero matrix rows when rows < 64)
 
-``y``'s real and imaginary parts are the two batch rows' outputs. Each complex product is
+``y``'s real and imaginary parts are the two batch rows' outputs. With ``conjugate`` the
+filter step multiplies by ``conj(K)``: the correlation with the filter (the backward's
+input gradient), with the same unread input rows and dropped output rows (the
+anti-causal sum reaches ``t + filter_len - 1 < n`` and the input is zero from ``seq`` on). Each complex product is
 two ``wgmma`` accumulators (real, imaginary), each the chain of two real products over the
 real and imaginary planes, with the sign in a constant ``-Im`` plane (``F1``, ``F2``), so
 no float32 adds; ``conj(F1)[:rows, :]`` is ``F1[:, :rows]`` read transposed (when ``rows``
@@ -250,8 +253,12 @@ def filter_spectrum(k: jax.Array, geo: MosaicGeometry) -> jax.Array:
 
 
 def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
-            geo: MosaicGeometry, cfg: MosaicFFTConvConfig, pairs_per_cta: int, dtype):
+            geo: MosaicGeometry, cfg: MosaicFFTConvConfig, pairs_per_cta: int, dtype,
+            conjugate: bool = False):
   """One CTA: channel ``c``, packed signals ``[g * pairs_per_cta, (g + 1) * pairs_per_cta)``.
+
+  ``conjugate``: multiply by ``conj(K)`` instead of ``K`` (the correlation with the filter,
+  the backward's input gradient; the sign flip runs on the loaded constant in registers).
 
   Invariant of warpgroup ``wg``'s loop at signal ``j`` (its ``j``-th, global pair
   ``p0 + wg + j * compute_wgs``): the copies of its signals ``j .. j + stages - 1`` into
@@ -355,7 +362,7 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
     # Column DFT and the filter: Y = (A T) F2; P = Y K.
     y_re, y_im = complex_product(((p_re, f2[0]), (p_im, f2[2])),
                                  ((p_re, f2[1]), (p_im, f2[0])), (geo.n_1, geo.n_2))
-    cmul_store(y_re, y_im, s["kf"], conj=False)
+    cmul_store(y_re, y_im, s["kf"], conj=conjugate)
     # Inverse column DFT: B = P conj(F2); P = B conj(T).
     b_re, b_im = complex_product(((p_re, f2[0]), (p_im, f2[1])),
                                  ((p_im, f2[0]), (p_re, f2[2])), (geo.n_1, geo.n_2))
@@ -379,9 +386,9 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
 
 
 def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
-                          config: MosaicFFTConvConfig | None = None,
+                          config: MosaicFFTConvConfig | None = None, conjugate: bool = False,
                           interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
-  """The fused convolution of packed signals with per-channel filter spectra.
+  """The fused convolution (or correlation) of packed signals with per-channel filters.
 
   Args:
     z: ``[pairs, 2, channels, rows, n_2]`` bfloat16/float16: batch rows ``2p`` and
@@ -390,13 +397,15 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
     kf: ``[channels, 2, n_1, n_2]`` float32 from :func:`filter_spectrum`.
     geo: :func:`geometry` of the transform.
     config: launch parameters (None: :func:`default_config`).
+    conjugate: multiply by ``conj(kf)``: the circular correlation
+      ``y[t] = sum_j k[j] z[(t + j) mod n]`` instead of the convolution.
     interpret: run in Pallas Mosaic GPU interpret mode (CPU); True or an
       ``plgpu.InterpretGPUParams`` (e.g. with ``detect_races=True``).
 
   Returns:
     ``[pairs, 2, channels, rows, n_2]`` in ``z.dtype``: the first ``rows * n_2`` time
-    steps of the circular convolution of size ``n`` of each batch row with its channel's
-    filter.
+    steps of the circular convolution (correlation) of size ``n`` of each batch row with
+    its channel's filter.
   """
   pairs, two, channels, rows, n_2 = z.shape
   dtype = jnp.dtype(z.dtype)
@@ -454,7 +463,8 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
     named = dict(zip(names, refs[:len(names)]))
     y_ref, s_ = refs[len(names):]
     _kernel(named["z"], named["kf"], named["w1"], named["f2"], named["tw"], named.get("twc"),
-            named.get("e1"), y_ref, s_, geo=geo, cfg=cfg, pairs_per_cta=ppc, dtype=dtype)
+            named.get("e1"), y_ref, s_, geo=geo, cfg=cfg, pairs_per_cta=ppc, dtype=dtype,
+            conjugate=conjugate)
 
   return plgpu.kernel(
       kernel_fn,
@@ -466,7 +476,7 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=(plgpu.InterpretGPUParams() if interpret is True else interpret or None),
-      kernel_name=f"fft_conv_mosaic_{geo.n}",
+      kernel_name=f"fft_{'corr' if conjugate else 'conv'}_mosaic_{geo.n}",
   )(*args)
 
 
@@ -477,11 +487,28 @@ def fft_size(seq: int, filter_len: int, *, causal: bool) -> int:
   return 1 << max(0, (seq + filter_len - 2).bit_length())
 
 
+def conv_geometry(seq: int, filter_len: int, dtype, *, causal: bool = True,
+                  config: MosaicFFTConvConfig | None = None
+                  ) -> tuple[MosaicGeometry, MosaicFFTConvConfig]:
+  """The geometry and launch parameters :func:`fft_conv_mosaic` uses for these sizes.
+
+  (For :func:`filter_spectrum` computed once and passed to several calls as ``kf``.)
+  Raises NotImplementedError naming the reason when the kernel cannot serve them.
+  """
+  n = fft_size(seq, filter_len, causal=causal)
+  cfg = config or default_config(n, seq, dtype)
+  why = unsupported(n, seq, dtype, cfg)
+  if why:
+    raise NotImplementedError(f"fft_conv_mosaic: {why}")
+  return geometry(n, seq, cfg), cfg
+
+
 def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
                     v: jax.Array | None = None, *, causal: bool = True,
-                    config: MosaicFFTConvConfig | None = None,
+                    config: MosaicFFTConvConfig | None = None, conjugate: bool = False,
+                    kf: jax.Array | None = None,
                     interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
-  """``v * conv(k, u * x)`` (forward only), ``jaxeff.ops.fft_conv`` semantics.
+  """``v * conv(k, u * x)`` (or ``v * corr(k, u * x)``), ``jaxeff.ops.fft_conv`` semantics.
 
   Args:
     u: ``[batch, channels, seq]`` bfloat16/float16.
@@ -491,6 +518,15 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
     causal: linear causal convolution (transform size ``next_pow2(seq + filter_len - 1)``)
       or circular of period ``seq``.
     config: launch parameters (None: :func:`default_config`).
+    conjugate: the correlation with the filter, the adjoint of the convolution (the
+      input gradient of ``fft_conv``): causal ``y[t] = sum_{j < filter_len, t + j < seq}
+      k[j] w[t + j]`` (anti-causal; the transform size already holds ``t + j < seq +
+      filter_len - 1`` without wrapping, and ``w`` is zero from ``seq`` on, so the kernel's
+      unread padded rows and dropped output rows are the same as the convolution's), or
+      circular ``y[t] = sum_j k[j] w[(t + j) mod seq]``. The kernel multiplies by
+      ``conj(FFT(k))``.
+    kf: None, or the precomputed :func:`filter_spectrum` ``[channels, 2, n_1, n_2]`` for
+      :func:`conv_geometry` of these sizes (``k`` then only gives ``filter_len``).
     interpret: Pallas Mosaic GPU interpret mode (True or ``plgpu.InterpretGPUParams``).
 
   Returns:
@@ -499,13 +535,10 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
   if u.ndim != 3 or k.ndim != 2 or k.shape[0] != u.shape[1]:
     raise ValueError(f"fft_conv_mosaic: u must be [batch, channels, seq] and k "
                      f"[channels, filter_len], got {u.shape} and {k.shape}")
+  if not isinstance(conjugate, bool):
+    raise TypeError(f"fft_conv_mosaic: conjugate must be a bool, got {conjugate!r}")
   batch, channels, seq = u.shape
-  n = fft_size(seq, k.shape[1], causal=causal)
-  cfg = config or default_config(n, seq, u.dtype)
-  why = unsupported(n, seq, u.dtype, cfg)
-  if why:
-    raise NotImplementedError(f"fft_conv_mosaic: {why}")
-  geo = geometry(n, seq, cfg)
+  geo, cfg = conv_geometry(seq, k.shape[1], u.dtype, causal=causal, config=config)
   a = u
   if x is not None:
     a = (u.astype(jnp.float32) * x.astype(jnp.float32)).astype(u.dtype)
@@ -515,7 +548,12 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
   if 2 * pairs != batch or length != seq:
     a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
   z = a.reshape(pairs, 2, channels, geo.rows, geo.n_2)
-  y = fft_conv_fused_mosaic(z, filter_spectrum(k, geo), geo, config=cfg, interpret=interpret)
+  if kf is None:
+    kf = filter_spectrum(k, geo)
+  elif kf.shape != (channels, 2, geo.n_1, geo.n_2):
+    raise ValueError(f"fft_conv_mosaic: kf must be [channels={channels}, 2, {geo.n_1}, "
+                     f"{geo.n_2}] (filter_spectrum for these sizes), got {kf.shape}")
+  y = fft_conv_fused_mosaic(z, kf, geo, config=cfg, conjugate=conjugate, interpret=interpret)
   y = y.reshape(2 * pairs, channels, length)
   if y.shape != (batch, channels, seq):
     y = y[:batch, :, :seq]
@@ -524,6 +562,6 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
   return y
 
 
-__all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "default_config", "dft_constants",
-           "fft_conv_fused_mosaic", "fft_conv_mosaic", "filter_spectrum", "geometry",
+__all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "conv_geometry", "default_config",
+           "dft_constants", "fft_conv_fused_mosaic", "fft_conv_mosaic", "filter_spectrum", "geometry",
            "smem_bytes", "unsupported"]

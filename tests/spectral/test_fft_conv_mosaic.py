@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxeff.ops import _registry
 from kernels_pallas.fftconv import mosaic_gpu as M
 from tests.helpers import rel_err
 
@@ -165,20 +166,24 @@ def test_mosaic_bad_inputs(key):
                             interpret=True)
 
 
-@pytest.mark.parametrize("seq,causal,cfg", [
-    (1024, True, None),
-    (2048, True, None),
-    (4096, True, None),
-    (2048, False, None),
-    (1024, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=1, const_dtype="bfloat16")),
-    (1024, True, M.MosaicFFTConvConfig(compute_wgs=2, stages=1, o_in_p=False)),
-    (4096, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=2, const_dtype="bfloat16")),
+@pytest.mark.parametrize("seq,causal,cfg,conjugate", [
+    (1024, True, None, False),
+    (2048, True, None, False),
+    (4096, True, None, False),
+    (2048, False, None, False),
+    (1024, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=1, const_dtype="bfloat16"), False),
+    (1024, True, M.MosaicFFTConvConfig(compute_wgs=2, stages=1, o_in_p=False), False),
+    (4096, True, M.MosaicFFTConvConfig(compute_wgs=1, stages=2, const_dtype="bfloat16"), False),
+    # the backward's correlation (conjugated filter spectrum) at the two timed sizes
+    (1024, True, None, True),
+    (4096, True, None, True),
+    (2048, False, None, True),
 ])
-def test_mosaic_lowers_for_cuda(seq, causal, cfg):
+def test_mosaic_lowers_for_cuda(seq, causal, cfg, conjugate):
   # Interpret mode never builds the Mosaic GPU module; lowering for an abstract H100 does
   # (wgmma swizzles and transposed operands, TMA boxes, register layouts).
   sds = jax.ShapeDtypeStruct
-  fn = lambda u, k: M.fft_conv_mosaic(u, k, causal=causal, config=cfg)
+  fn = lambda u, k: M.fft_conv_mosaic(u, k, causal=causal, config=cfg, conjugate=conjugate)
   args = (sds((64, 16, seq), jnp.bfloat16), sds((16, seq), jnp.float32))
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="cuda")
@@ -186,29 +191,119 @@ def test_mosaic_lowers_for_cuda(seq, causal, cfg):
                                                                 abstract_device=device)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+  assert ("fft_corr_mosaic" if conjugate else "fft_conv_mosaic") in text
 
 
-def test_op_dispatches_mosaic_forward_with_triton_backward(key):
-  # jaxeff.ops.fft_conv's "mosaic_gpu" entry: the Mosaic forward, the Triton backward
-  # (custom_vjp), gated, against the jnp.fft reference; forward and every gradient.
+def _np_correlation(w, k, causal):
+  """float64 ``y[t] = sum_j k[j] w[t + j]`` by direct sums (``w`` zero from ``seq`` on, or
+  periodic when circular): the adjoint of the convolution, no FFT."""
+  w = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+  k = np.asarray(jnp.asarray(k, jnp.float32), np.float64)
+  b, c, seq = w.shape
+  flen = k.shape[-1]
+  tail = w[..., :flen - 1] if not causal else np.zeros((b, c, flen - 1))
+  wp = np.concatenate([w, tail], axis=-1)
+  out = np.empty((b, c, seq))
+  for i in range(b):
+    for j in range(c):
+      out[i, j] = np.correlate(wp[i, j], k[j], mode="valid")
+  return out
+
+
+@pytest.mark.parametrize("b,c,seq,flen,causal", [
+    (3, 2, 1000, 1000, True),  # n = 2048, odd batch, the sums reach t + 999 (padded rows)
+    (2, 1, 2048, 300, False),  # circular: wraps around the period
+])
+def test_mosaic_correlation_interpret(b, c, seq, flen, causal, key):
+  # conjugate=True: the kernel multiplies by conj(FFT(k)); checked against direct sums.
+  u, k, _, _ = _inputs(key, b, c, seq, flen)
+  y = M.fft_conv_mosaic(u, k, causal=causal, conjugate=True, interpret=True)
+  assert y.shape == u.shape and y.dtype == u.dtype
+  err = rel_err(np.asarray(y.astype(jnp.float32), np.float64), _np_correlation(u, k, causal))
+  assert err < TOL, err
+  # a precomputed spectrum gives the same kernel result
+  geo, _ = M.conv_geometry(seq, flen, u.dtype, causal=causal)
+  y2 = M.fft_conv_mosaic(u, k, causal=causal, conjugate=True, kf=M.filter_spectrum(k, geo),
+                         interpret=True)
+  np.testing.assert_array_equal(np.asarray(y2, np.float32), np.asarray(y, np.float32))
+
+
+def test_mosaic_correlation_bad_inputs(key):
+  u, k, _, _ = _inputs(key, 2, 1, 1024, 1024)
+  with pytest.raises(TypeError, match="conjugate must be a bool, got 'yes'"):
+    M.fft_conv_mosaic(u, k, conjugate="yes", interpret=True)
+  with pytest.raises(ValueError, match=r"kf must be \[channels=1, 2, 64, 32\]"):
+    M.fft_conv_mosaic(u, k, kf=jnp.zeros((1, 2, 64, 64)), interpret=True)
+
+
+_GRAD_CASES = {
+    # name: (MOSAIC_BACKWARD, batch, channels, seq, filter_len, causal, gated)
+    "triton_bwd_gated_causal": (False, 2, 2, 1024, 300, True, True),
+    "mosaic_bwd_gated_causal": (True, 3, 2, 1024, 1024, True, True),
+    "mosaic_bwd_plain_circular": (True, 2, 1, 2048, 300, False, False),
+    "triton_bwd_plain_circular": (False, 2, 1, 2048, 300, False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(_GRAD_CASES))
+def test_op_mosaic_forward_and_backward(case, key, monkeypatch, request):
+  # jaxeff.ops.fft_conv's "mosaic_gpu" entry: the Mosaic forward under a custom_vjp whose
+  # backward convolutions run on the Mosaic kernel (MOSAIC_BACKWARD, the correlation with
+  # conjugate=True) or on the Triton path, against the jnp.fft reference: forward and every
+  # gradient (du, dk, dx, dv).
   import importlib
   F = importlib.import_module("jaxeff.ops.fft_conv")  # the module (jaxeff.ops exports the op)
-  u, k, x, v = _inputs(key, 2, 2, 1024, 300, gated=True)
+  flag, b, c, seq, flen, causal, gated = _GRAD_CASES[case]
+  monkeypatch.setattr(F, "MOSAIC_BACKWARD", flag)
+  # the flag is read when the op is traced: drop the registry's traces of earlier cases
+  _registry._jitted.cache_clear()
+  request.addfinalizer(_registry._jitted.cache_clear)  # and leave none for later tests
+  seen = {"conjugate": [], "triton": 0}
+  mosaic_conv, triton_apply = F._mosaic.fft_conv_mosaic, F._triton_apply
 
+  def spy_mosaic(*args, **kw):
+    seen["conjugate"].append(kw.get("conjugate", False))
+    return mosaic_conv(*args, **kw)
+
+  def spy_triton(*args, **kw):
+    seen["triton"] += 1
+    return triton_apply(*args, **kw)
+
+  monkeypatch.setattr(F._mosaic, "fft_conv_mosaic", spy_mosaic)
+  monkeypatch.setattr(F, "_triton_apply", spy_triton)
+  u, k, x, v = _inputs(key, b, c, seq, flen, gated=gated)
   dy = jax.random.normal(jax.random.fold_in(key, 1), u.shape, jnp.float32).astype(u.dtype)
 
   def run(impl):
-    f = lambda u, k, x, v: F.fft_conv(u, k, gate=(x, v), implementation=impl)
+    f = lambda u, k, x, v: F.fft_conv(u, k, causal=causal, gate=(x, v), implementation=impl)
     y, vjp = jax.vjp(f, u, k, x, v)
     return y, vjp(dy)
 
   y, grads = run("mosaic_gpu:interpret")
+  # the flag picks the backward: the correlation on the Mosaic kernel, or Triton's
+  assert False in seen["conjugate"] and (True in seen["conjugate"]) == flag
+  assert (seen["triton"] > 0) != flag
   y_ref, grads_ref = run("xla")
   assert rel_err(np.asarray(y, np.float64), np.asarray(y_ref, np.float64)) < TOL
-  for g, w in zip(grads, grads_ref):
-    assert rel_err(np.asarray(g, np.float64), np.asarray(w, np.float64)) < TOL
+  for name, g, w in zip(("du", "dk", "dx", "dv"), grads, grads_ref):
+    if not gated and name in ("dx", "dv"):
+      assert g is None and w is None
+      continue
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    err = rel_err(np.asarray(g, np.float64), np.asarray(w, np.float64))
+    assert err < TOL, (case, name, err)
+
+
+def test_op_mosaic_supports(key):
+  import importlib
+  F = importlib.import_module("jaxeff.ops.fft_conv")
+  u, k, _, _ = _inputs(key, 2, 2, 1024, 300)
   reason = F._mosaic_supports(u, k, causal=True, gate=None, frequency_keep=None)
   assert reason is None
+  with pytest.raises(ValueError, match="backward must be None, 'mosaic' or 'triton', got 'xla'"):
+    F.fft_conv_mosaic_gpu(u, k, backward="xla", interpret=True)
+  with pytest.raises(NotImplementedError, match="fft_conv_mosaic_gpu: .*transform size 512"):
+    F.fft_conv_mosaic_gpu(u[..., :256], k[:, :64], interpret=True)
   short = F._mosaic_supports(u[..., :256], k[:, :64], causal=True, gate=None,
                              frequency_keep=None)
   assert short is not None  # transform size 512: below the kernel's 2048
@@ -221,3 +316,22 @@ def test_mosaic_fft_conv_gpu(seq, key):
   y = jax.jit(M.fft_conv_mosaic)(u, k, x, v)
   err = rel_err(np.asarray(y.astype(jnp.float32), np.float64), _reference(u, k, x, v))
   assert err < TOL, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [1024, 4096])
+def test_mosaic_backward_gpu(seq, key):
+  # fwd + bwd with the backward's correlation on the Mosaic kernel, gated, vs jnp.fft.
+  import importlib
+  F = importlib.import_module("jaxeff.ops.fft_conv")
+  u, k, x, v = _inputs(key, 8, 96, seq, seq, gated=True)
+  dy = jax.random.normal(jax.random.fold_in(key, 1), u.shape, jnp.float32).astype(u.dtype)
+
+  def grads(f):
+    return jax.jit(lambda *a: jax.vjp(f, *a)[1](dy))(u, k, x, v)
+
+  got = grads(lambda u, k, x, v: F.fft_conv_mosaic_gpu(u, k, gate=(x, v), backward="mosaic"))
+  ref = grads(lambda u, k, x, v: F.fft_conv(u, k, gate=(x, v), implementation="xla"))
+  for name, g, w in zip(("du", "dk", "dx", "dv"), got, ref):
+    err = rel_err(np.asarray(g, np.float64), np.asarray(w, np.float64))
+    assert err < TOL, (name, err)
