@@ -1,6 +1,9 @@
-"""Device check and timing of the Mosaic GPU FFT convolution (issue #8), forward only.
+"""Device check and timing of the Mosaic GPU FFT convolution (issue #8).
 
-``PYTHONPATH=. python3 experiments/fftconv_mosaic_dev.py [--out DIR] [--budget S] [--smoke]``
+``PYTHONPATH=. python3 experiments/fftconv_mosaic_dev.py [--out DIR] [--budget S] [--smoke]
+[--backward]``
+
+Forward (default):
 
 1. ``check``: :func:`kernels_pallas.fftconv.mosaic_gpu.fft_conv_mosaic` against float64
    NumPy (direct FFT formula) at seq 1024 and 4096 (batch 64 x 768, error over 4 batch
@@ -13,11 +16,24 @@
 
 Prints a table; writes ``fftconv_mosaic_dev.json`` into ``--out`` (default ``$OUT``) after
 every row. ``--smoke``: tiny shapes in interpret mode (CPU check of this script).
+
+``--backward`` (forward + backward, ``jaxeff.ops.fft_conv.fft_conv_mosaic_gpu``):
+
+1. ``check`` (child process, ``--check-timeout``): the gradients (u, k, x, v) of the
+   Mosaic forward with the Mosaic backward (the correlation, ``conjugate=True``) and with
+   the Triton backward, gated, batch 8 x 64 channels, causal at each size; the Mosaic
+   backward ungated at full size (batch 64 x 768: forward, du, dk); circular at seq 2048;
+   all against the float32 ``jnp.fft`` reference's autodiff (relative error < 1e-2).
+2. ``time``: ``jax.grad`` of the sum over (u, k), batch 64 x 768, bf16, causal,
+   filter as long as the input, at seq 1024 and 4096: ``jnp.fft``, the Triton path, the
+   Mosaic forward with the Triton backward, the Mosaic forward with the Mosaic backward
+   (the last only where its check passed). Writes ``fftconv_mosaic_bwd.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -36,6 +52,7 @@ from kernels_pallas.fftconv import mosaic_gpu as M
 
 BATCH, CHANNELS = 64, 768
 RESULTS: dict = {"check": [], "time": []}
+JSON_NAME = ["fftconv_mosaic_dev.json"]
 T0 = time.time()
 C = M.MosaicFFTConvConfig
 VARIANTS = {  # name: config (None: default_config)
@@ -85,7 +102,7 @@ def save(out: Path):
   out.mkdir(parents=True, exist_ok=True)
   RESULTS.update(device=harness.device_name(), jax_version=jax.__version__,
                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
-  (out / "fftconv_mosaic_dev.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+  (out / JSON_NAME[0]).write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 def check(name, fn, ref):
@@ -162,6 +179,135 @@ def timing(sizes, smoke, budget, out, passed):
     print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x")
 
 
+# --------------------------------------------------------------------------- backward
+
+
+def _impls(smoke):
+  """name -> ``conv(u, k, gate, causal)`` for the forward + backward rows."""
+  F = importlib.import_module("jaxeff.ops.fft_conv")  # the module (jaxeff.ops exports the op)
+  sfx = ":interpret" if smoke else ""
+  mosaic = lambda bwd: (lambda u, k, gate=None, causal=True: F.fft_conv_mosaic_gpu(
+      u, k, causal=causal, gate=gate, backward=bwd, interpret=smoke))
+  return {
+      "jnp.fft": lambda u, k, gate=None, causal=True: fft_conv(
+          u, k, causal=causal, gate=gate, implementation="xla"),
+      "triton": lambda u, k, gate=None, causal=True: fft_conv(
+          u, k, causal=causal, gate=gate, implementation="triton" + sfx),
+      "mosaic fwd + triton bwd": mosaic("triton"),
+      "mosaic fwd + mosaic bwd": mosaic("mosaic"),
+  }
+
+
+def _grads(conv, u, k, x, v, dy, causal=True):
+  """``(y, du, dk, dx, dv)`` of ``conv`` (x, v None: ungated, their gradients None)."""
+  def f(u, k, x, v):
+    return conv(u, k, None if x is None else (x, v), causal)
+  y, vjp = jax.vjp(f, u, k, x, v)
+  return (y,) + tuple(vjp(dy))
+
+
+def grad_check(name, conv, u, k, x, v, causal=True, parts=("y", "du", "dk", "dx", "dv")):
+  """One check row per gradient of ``conv`` vs the jnp.fft reference's autodiff."""
+  ref_conv = _impls(False)["jnp.fft"]
+  dy = jax.random.normal(jax.random.key(99), u.shape, jnp.float32).astype(u.dtype)
+  try:
+    got = jax.jit(lambda *a: _grads(conv, *a, causal=causal))(u, k, x, v, dy)
+    ref = jax.jit(lambda *a: _grads(ref_conv, *a, causal=causal))(u, k, x, v, dy)
+    errs = {}
+    for part, g, r in zip(("y", "du", "dk", "dx", "dv"), got, ref):
+      if part in parts and r is not None:
+        errs[part] = rel(g, np.asarray(jnp.asarray(r, jnp.float32), np.float64))
+  except Exception as e:
+    print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+    traceback.print_exc(limit=4, file=sys.stdout)
+    errs = {"error": float("nan")}
+  ok = all(np.isfinite(e) and e < 1e-2 for e in errs.values())
+  text = " ".join(f"{p} {e:.2e}" for p, e in errs.items())
+  print(f"check {name:<44} {'OK ' if ok else 'BAD'} {text}", flush=True)
+  RESULTS["check"].append({"name": name, "ok": ok, "errs": errs})
+  return ok
+
+
+def backward_checks(sizes, smoke):
+  impls = _impls(smoke)
+  b, c = (4, 2) if smoke else (8, 64)
+  for seq in sizes:
+    u, k, x, v = inputs(seq + 3, b, c, seq)
+    for bwd in ("mosaic", "triton"):
+      grad_check(f"seq={seq} B{b}xC{c} gated {bwd} bwd", impls[f"mosaic fwd + {bwd} bwd"],
+                 u, k, x, v)
+  if not smoke:
+    for seq in sizes:  # full size, ungated (the timed case), the Mosaic backward
+      u, k, _, _ = inputs(seq + 5, BATCH, CHANNELS, seq)
+      grad_check(f"seq={seq} B{BATCH}xC{CHANNELS} mosaic bwd", impls["mosaic fwd + mosaic bwd"],
+                 u, k, None, None, parts=("y", "du", "dk"))
+  u, k, _, _ = inputs(11, 4, 8 if not smoke else 2, 2048, flen=300)
+  grad_check("seq=2048 circular mosaic bwd", impls["mosaic fwd + mosaic bwd"], u, k, None,
+             None, causal=False)
+
+
+def backward_timing(sizes, smoke, budget, out, passed):
+  b, c = (4, 2) if smoke else (BATCH, CHANNELS)
+  impls = _impls(smoke)
+  table = []
+  for seq in sizes:
+    make = lambda i, seq=seq: inputs(200 + i, b, c, seq)[:2]
+    base = None
+    for name, conv in impls.items():
+      if name == "mosaic fwd + mosaic bwd" and not passed.get(seq, False):
+        print(f"{seq:>6} {name:<28} skipped (check failed or did not finish)", flush=True)
+        continue
+      if time.time() - T0 > budget:
+        print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
+        continue
+      fn = jax.jit(jax.grad(lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32)),
+                            argnums=(0, 1)))
+      try:
+        t = harness.time_fn(fn, make, rounds=3 if smoke else 15, max_sets=2)
+      except Exception as e:
+        print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              flush=True)
+        RESULTS["time"].append({"seq": seq, "name": name, "error": str(e)[:400]})
+        continue
+      base = t if name == "jnp.fft" else base
+      x = base / t if base else float("nan")
+      RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, "vs_jnp_fft": x,
+                              "batch": b, "channels": c, "kind": "fwd_bwd"})
+      table.append((seq, name, t, x))
+      print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x jnp.fft", flush=True)
+      save(out)
+  print("\nfwd+bwd (grad of sum over u, k)")
+  print("seq    implementation                   time   vs jnp.fft")
+  for seq, name, t, x in table:
+    print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x")
+
+
+def main_backward(a, sizes, out):
+  JSON_NAME[0] = "fftconv_mosaic_bwd.json"
+  if a.checks_only:
+    backward_checks(sizes, a.smoke)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fftconv_mosaic_bwd_checks.json").write_text(json.dumps(RESULTS["check"],
+                                                                   default=str))
+    return
+  print("device", harness.device_name(), "jax", jax.__version__, "(fwd+bwd)", flush=True)
+  cmd = [sys.executable, __file__, "--checks-only", "--backward", "--out", str(out),
+         "--sizes", a.sizes] + (["--smoke"] if a.smoke else [])
+  try:
+    subprocess.run(cmd, timeout=a.check_timeout, check=False)
+  except subprocess.TimeoutExpired:
+    print(f"checks did not finish in {a.check_timeout:.0f} s (hang?)", flush=True)
+  path = out / "fftconv_mosaic_bwd_checks.json"
+  RESULTS["check"] = json.loads(path.read_text()) if path.exists() else []
+  ok = {r["name"]: r["ok"] for r in RESULTS["check"]}
+  passed = {seq: any(n.startswith(f"seq={seq} ") and n.endswith("mosaic bwd") for n in ok)
+            and all(v for n, v in ok.items() if n.startswith(f"seq={seq} ")
+                    and n.endswith("mosaic bwd")) for seq in sizes}
+  save(out)
+  backward_timing(sizes, a.smoke, a.budget, out, passed)
+  save(out)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/fftconv_mosaic_dev"))
@@ -170,9 +316,14 @@ def main():
   ap.add_argument("--sizes", default="1024,4096")
   ap.add_argument("--checks-only", action="store_true")
   ap.add_argument("--check-timeout", type=float, default=80.0)
+  ap.add_argument("--backward", action="store_true",
+                  help="forward + backward checks and timing (module docstring)")
   a = ap.parse_args()
   sizes = [int(s) for s in a.sizes.split(",")]
   out = Path(a.out)
+  if a.backward:
+    main_backward(a, sizes, out)
+    return
   if a.checks_only:
     checks(sizes, a.smoke)
     out.mkdir(parents=True, exist_ok=True)
