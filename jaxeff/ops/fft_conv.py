@@ -660,5 +660,5 @@ def fft_conv(u: jax.Array, k: jax.Array, *, causal: bool = True,
                             gate=gate, frequency_keep=frequency_keep)
 
 
-__all__ = ["FFT_CONV_IMPLS", "fft_conv", "fft_conv_reference", "fft_conv_triton", "fft_size",
-           "frequency_band"]
+__all__ = ["FFT_CONV_IMPLS", "fft_conv", "fft_conv_mosaic_gpu", "fft_conv_reference",
+           "fft_conv_triton", "fft_size", "frequency_band"]
