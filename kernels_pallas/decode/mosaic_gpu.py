@@ -96,6 +96,22 @@ class Config:
 # (bf16 KV 424 us in the same run).
 KEYS_MAJOR_BY_DEFAULT = True
 KEYS_MAJOR_BLOCK_KV = 64  # keys per block: the 64-row M dimension of one wgmma
+# Keys-major blocks may also span two 64-row M tiles (``keys_major_wide_config``; the op's
+# default when ``KEYS_MAJOR_WIDE_BY_DEFAULT``): ``S^T [128, N]`` is one wgmma accumulator of two M tiles, so the
+# per-block cross-warp max/sum reductions (their shared-memory exchange and warpgroup
+# barriers), the ring's barrier waits and arrivals, the scale loads' address arithmetic
+# and the loop overhead are paid once per 128 keys instead of once per 64; the PV wgmma's
+# contraction grows from 64 to 128 keys.
+KEYS_MAJOR_BLOCK_KVS = (64, 128)
+KEYS_MAJOR_WIDE_BY_DEFAULT = False  # not timed on a GPU yet (notes/decode.md, session 6)
+
+
+def keys_major_wide_config(fmt: str, **overrides) -> Config:
+  """128-key blocks (two M tiles) in the keys-major form, sized for 2 CTAs per SM at
+  head_dim 128: int8/fp8 2 stages (ring 2 x 32 KB, V tile 32 KB: ~108 KB per CTA), int4 3
+  stages (ring 3 x 16 KB: ~92 KB)."""
+  stages = 3 if fmt == "int4" else 2
+  return keys_major_config(**{"block_kv": 128, "num_stages": stages, **overrides})
 
 
 def default_config(head_dim: int, fmt: str) -> Config:
@@ -111,7 +127,7 @@ def default_config(head_dim: int, fmt: str) -> Config:
   if fmt == "none":
     return Config(num_stages=4 if head_dim <= 64 else 2)
   if KEYS_MAJOR_BY_DEFAULT and keys_major_supported(head_dim, fmt):
-    return keys_major_config()
+    return keys_major_wide_config(fmt) if KEYS_MAJOR_WIDE_BY_DEFAULT else keys_major_config()
   stages = 3 if fmt == "int4" else 2
   if head_dim <= 64:
     return Config(block_kv=128, num_stages=stages, ctas_per_sm=2, alias_output=True)
@@ -448,9 +464,10 @@ def _keys_major_compute(s, q_ref, o_ref, lse_ref, *, piece, first_token, lo, i_f
                         soft_cap, interpret, upcast_layout):
   """The compute warpgroup in the keys-major form (quantized caches).
 
-  Per block of ``bk = 64`` keys: ``S^T [bk, N] = K Q^T`` with the converted K tile as the
-  wgmma's register A operand (M = the 64 keys; N = the ``q_len * group`` query rows rounded
-  up to 8, so nothing is padded to 64) and the query tile as the shared-memory B operand;
+  Per block of ``bk`` = 64 or 128 keys (one or two M tiles): ``S^T [bk, N] = K Q^T`` with
+  the converted K tile as the wgmma's register A operand (M = the block's keys; N = the
+  ``q_len * group`` query rows rounded up to 8, so nothing is padded to 64) and the query
+  tile as the shared-memory B operand;
   the online softmax runs on ``S^T`` (per-query max and sum are reductions over axis 0,
   across the 4 warps); ``O^T [d, N] += V^T P^T`` with the converted V tile (shared memory,
   transposed A) and ``P^T`` (shared memory, transposed B). Per-token K/V scales multiply
@@ -648,10 +665,10 @@ def decode_attention(query, k_pages, v_pages, page_table, lengths, k_scale=None,
                             num_workers=_num_workers(cfg, interpret))
   table = common.padded_page_table(page_table, num_pages, ppb)
   keys_major = cfg.keys_major and fmt != "none"
-  if keys_major and (not keys_major_supported(d, fmt) or bk != KEYS_MAJOR_BLOCK_KV):
+  if keys_major and (not keys_major_supported(d, fmt) or bk not in KEYS_MAJOR_BLOCK_KVS):
     raise ValueError(f"the keys-major form serves int8/fp8 (head_dim 64/128) and int4 "
-                     f"(head_dim 128) with block_kv {KEYS_MAJOR_BLOCK_KV}; got fmt {fmt!r}, "
-                     f"head_dim {d}, block_kv {bk}")
+                     f"(head_dim 128) with block_kv in {KEYS_MAJOR_BLOCK_KVS}; got fmt "
+                     f"{fmt!r}, head_dim {d}, block_kv {bk}")
   q_rows = common.query_rows(query, kv_heads, out_rows if keys_major else ROWS)
   meta = jnp.stack([plan.blocks_per_worker, plan.total]).astype(jnp.int32)
   args = [meta, plan.item_start, plan.item_seq, plan.item_head, plan.item_block,

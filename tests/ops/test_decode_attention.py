@@ -359,9 +359,10 @@ def _kernel_direct(case: Case, key, config, interpret: bool = True):
   return (out, lse), _run("xla", case, query, k, v, kw)
 
 
-def _check_keys_major(case: Case, key, interpret: bool):
-  (out, lse), (ref_out, ref_lse) = _kernel_direct(
-      case, key, mgpu_kernels.keys_major_config(num_workers=4), interpret)
+def _check_keys_major(case: Case, key, interpret: bool, wide: bool = False):
+  cfg = (mgpu_kernels.keys_major_wide_config(case.fmt, num_workers=4) if wide
+         else mgpu_kernels.keys_major_config(num_workers=4))
+  (out, lse), (ref_out, ref_lse) = _kernel_direct(case, key, cfg, interpret)
   assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
   assert_close(out, ref_out, name="out")
   lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
@@ -385,6 +386,36 @@ def test_mosaic_gpu_keys_major_gpu(name, key):
   _check_keys_major(KEYS_MAJOR_CASES[name], key, interpret=False)
 
 
+# 128-key blocks (two wgmma M tiles per block, one cross-warp reduction per 128 keys):
+# int8 GQA 4 contiguous with lengths 1 / capacity / odd; fp8 GQA 8 paged (64: two pages per
+# block) with lengths 0 and 1, window and soft cap; int4 with 2 groups on pages of 32 (four
+# page copies per block), q_len 3.
+WIDE_CASES = ("int8_gqa4_contiguous", "fp8_gqa8_paged64_window", "int4_groups2_paged32_mha")
+
+
+@pytest.mark.parametrize("name", WIDE_CASES)
+def test_mosaic_gpu_keys_major_wide_interpret(name, key):
+  _check_keys_major(KEYS_MAJOR_CASES[name], key, interpret=True, wide=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(KEYS_MAJOR_CASES))
+def test_mosaic_gpu_keys_major_wide_gpu(name, key):
+  from jaxeff.ops import _registry
+  if not any(k in jax.devices()[0].device_kind for k in _registry.HOPPER_KINDS):
+    pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
+  _check_keys_major(KEYS_MAJOR_CASES[name], key, interpret=False, wide=True)
+
+
+def test_mosaic_gpu_keys_major_wide_by_default_switch(monkeypatch):
+  assert mgpu_kernels.default_config(128, "int8").block_kv == 64
+  monkeypatch.setattr(mgpu_kernels, "KEYS_MAJOR_WIDE_BY_DEFAULT", True)
+  cfg = mgpu_kernels.default_config(128, "int8")
+  assert (cfg.keys_major, cfg.block_kv, cfg.num_stages, cfg.ctas_per_sm) == (True, 128, 2, 2)
+  assert mgpu_kernels.default_config(128, "int4").num_stages == 3
+  assert not mgpu_kernels.default_config(128, "none").keys_major
+
+
 def test_mosaic_gpu_int4_halves_are_exact(key):
   # The bitwise int4 unpacking (no 8-bit arithmetic on the GPU) gives the nibble values.
   nib = jax.random.randint(key, (8, 64), 0, 16)
@@ -403,8 +434,9 @@ def test_mosaic_gpu_keys_major_rejects_what_it_cannot_serve(key):
                                        "head_dim 64, block_kv 64"):
     _kernel_direct(case, key, mgpu_kernels.keys_major_config(num_workers=2))
   case = Case(2, 1, 8, 2, 64, 128, (128, 5), fmt="int8")
-  with pytest.raises(ValueError, match="block_kv 64; got fmt 'int8', head_dim 64, block_kv 128"):
-    _kernel_direct(case, key, mgpu_kernels.keys_major_config(block_kv=128))
+  with pytest.raises(ValueError, match=r"block_kv in \(64, 128\); got fmt 'int8', head_dim 64, "
+                                       "block_kv 256"):
+    _kernel_direct(case, key, mgpu_kernels.keys_major_config(block_kv=256))
 
 
 def test_mosaic_gpu_keys_major_by_default_through_the_op(key):
@@ -424,9 +456,10 @@ def test_mosaic_gpu_query_major_still_serves_through_the_op(monkeypatch, key):
   _check("mosaic_gpu:interpret", CASES["contiguous_fp8_window"], key)
 
 
-@pytest.mark.parametrize("fmt,groups,q_heads", [("int8", 1, 8), ("fp8", 1, 16),
-                                                ("int4", 2, 8)])
-def test_mosaic_gpu_keys_major_lowers_for_cuda(fmt, groups, q_heads):
+@pytest.mark.parametrize("fmt,groups,q_heads,wide", [
+    ("int8", 1, 8, False), ("fp8", 1, 16, False), ("int4", 2, 8, False),
+    ("int8", 1, 8, True), ("fp8", 1, 16, True), ("int4", 1, 8, True)])
+def test_mosaic_gpu_keys_major_lowers_for_cuda(fmt, groups, q_heads, wide):
   # The register-operand wgmma, the cross-warp softmax reductions, the transposed
   # probability store and the bitwise int4 unpacking exist only in the GPU lowering.
   b, s, kh, d, ps = 2, 512, 2, 128, 256
@@ -435,7 +468,8 @@ def test_mosaic_gpu_keys_major_lowers_for_cuda(fmt, groups, q_heads):
   sds = jax.ShapeDtypeStruct
   kv = sds((b * s // ps, ps, kh, dc), cdtype)
   scale = sds((b * s // ps, ps, kh) + ((groups,) if fmt == "int4" else ()), jnp.float32)
-  cfg = mgpu_kernels.keys_major_config(num_workers=4)
+  cfg = (mgpu_kernels.keys_major_wide_config(fmt, num_workers=4) if wide
+         else mgpu_kernels.keys_major_config(num_workers=4))
   fn = lambda q, k, v, t, l, ks, vs: mgpu_kernels.decode_attention(
       q, k, v, t, l, ks, vs, fmt=fmt, window=None, scale=0.1, soft_cap=None, config=cfg)
   text = lower_for_cuda(fn, sds((b, 1, q_heads, d), jnp.bfloat16), kv, kv,
