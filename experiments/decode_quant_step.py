@@ -1,13 +1,15 @@
-"""Quantized-KV decode attention on one Hopper GPU: the keys-major Mosaic GPU form vs the
-query-major one, against bf16 KV, in one process (issue 4; notes/decode.md).
+"""Quantized-KV decode attention on one Hopper GPU: the keys-major Mosaic GPU form with
+64-key blocks (the default) vs 128-key blocks (two M tiles), against bf16 KV, in one process
+(issue 4; notes/decode.md, sessions 5 and 6).
 
 1. Correctness, in a subprocess with a timeout (a fault or hang cannot take the timings
    with it): ``mosaic_gpu.self_check`` (ragged paged cache, lengths 0 / 1 / capacity,
-   pieces crossing items) for bf16 and for int8 / fp8 / int4 in both forms, GQA 4 and 8.
+   pieces crossing items): the 128-key-block form (``keys_major_wide_config``) of int8 /
+   fp8 / int4 at GQA 4 and 8 first, then the 64-key default and bf16.
 2. Timing on the TARGETS.md GQA shape (batch 32, 32 query / 8 KV heads, 8192 tokens,
-   head_dim 128, contiguous): bf16 KV, then each quantized format in the query-major form
-   (``default_config``) and the keys-major form (``keys_major_config``) plus a few
-   keys-major variants; every variant's output is first compared with the op's reference
+   head_dim 128, contiguous): bf16 KV, then each quantized format with 64-key blocks
+   (``keys_major_config``, today's default) and 128-key blocks, plus a few 128-key
+   variants; every variant's output is first compared with the op's reference
    on the same cache (not timed when wrong). Prints one line per variant as it goes and a
    table at the end; writes ``$OUT/decode_quant.json`` after every variant.
 
@@ -44,21 +46,19 @@ CHECK_TOLERANCE = 2e-2
 
 
 def _variants():
-  """(name, fmt, config) in timing order: baselines first."""
-  km = mk.keys_major_config
+  """(name, fmt, config) in timing order: baselines first, then the 128-key-block variants
+  (session 6). The query-major form and the variants settled in session 5 (2-byte loads,
+  3 CTAs/SM) are no longer timed."""
+  km, wide = mk.keys_major_config, mk.keys_major_wide_config
   out = [("bf16", "none", mk.default_config(D, "none"))]
   for fmt in ("int8", "fp8", "int4"):
-    out.append((f"{fmt} query-major (old)", fmt,
-                dataclasses.replace(mk.default_config(D, fmt), keys_major=False)))
-    out.append((f"{fmt} keys-major (new)", fmt, km()))
+    out.append((f"{fmt} keys-major bk64", fmt, km()))
+    out.append((f"{fmt} keys-major bk128", fmt, wide(fmt)))
   out += [
-      ("int8 keys-major s4", "int8", km(num_stages=4)),
-      ("int4 keys-major s4", "int4", km(num_stages=4)),
-      ("int8 keys-major 2B loads", "int8", km(upcast_layout=False)),
-      ("int4 keys-major 2B loads", "int4", km(upcast_layout=False)),
-      # 3 CTAs per SM fit in shared memory with 2 stages (int8 ~60 KB, int4 ~45 KB each).
-      ("int8 keys-major 3 CTA/SM s2", "int8", km(ctas_per_sm=3, num_stages=2)),
-      ("int4 keys-major 3 CTA/SM s2", "int4", km(ctas_per_sm=3, num_stages=2)),
+      ("int4 keys-major bk128 s4", "int4", wide("int4", num_stages=4)),
+      ("int8 keys-major bk128 2B", "int8", wide("int8", upcast_layout=False)),
+      # One CTA per SM with 3 stages (~140 KB): deeper ring, no second CTA to overlap.
+      ("int8 keys-major bk128 1CTA s3", "int8", wide("int8", ctas_per_sm=1, num_stages=3)),
   ]
   return out
 
@@ -66,22 +66,26 @@ def _variants():
 def _form(cfg) -> str:
   if not cfg.keys_major:
     return "query-major"
+  if cfg.block_kv == 128:
+    return "keys-major-wide" if cfg.upcast_layout else "keys-major-wide-2B"
   return "keys-major" if cfg.upcast_layout else "keys-major-2B"
 
 
 def _check_config(fmt: str, form: str):
   if form == "query-major":
     return dataclasses.replace(mk.default_config(128, fmt), keys_major=False)
+  if form.startswith("keys-major-wide"):
+    return mk.keys_major_wide_config(fmt, upcast_layout=not form.endswith("2B"))
   return mk.keys_major_config(upcast_layout=form == "keys-major")
 
 
-# Most needed first (a timeout loses only the tail): every format at GQA 4 in both forms,
-# then the keys-major form at GQA 8 (16 query columns), then its 2-byte-load variant.
+# Most needed first (a timeout loses only the tail): the new 128-key-block form of every
+# format at GQA 4 and 8 (8 / 16 query columns), then today's default (64-key blocks) and
+# bf16 for the baselines, then the 2-byte-load wide variant.
 _QUANT = ("int8", "fp8", "int4")
-CHECKS = ([("none", "query-major", 8)]
-          + [(f, form, 8) for f in _QUANT for form in ("query-major", "keys-major")]
-          + [(f, "keys-major", 16) for f in _QUANT]
-          + [(f, "keys-major-2B", 8) for f in _QUANT])
+CHECKS = ([(f, "keys-major-wide", h) for f in _QUANT for h in (8, 16)]
+          + [(f, "keys-major", 8) for f in _QUANT]
+          + [("none", "query-major", 8), ("int8", "keys-major-wide-2B", 8)])
 
 
 def check_main() -> int:
