@@ -33,7 +33,9 @@ operand (no shared-memory round trip); the online softmax runs on ``S^T`` (reduc
 over keys cross the 4 warps), and ``O^T += V^T P^T`` reads the converted V tile and the
 transposed probabilities from shared memory. The conversions are exact and avoid the
 integer-to-float units (byte permutes for int8, ``cvt`` for e4m3, bitwise nibble
-extraction for int4). int8/fp8 at head_dim 64/128, int4 at head_dim 128.
+extraction for int4). int8/fp8 at head_dim 64/128, int4 at head_dim 128. Blocks of 64
+keys (one M tile) or 128 (two M tiles: one cross-warp reduction and one ring handshake per
+128 keys; ``keys_major_wide_config``).
 
 Why this layout: decode is bandwidth-bound (``group`` flops per byte of KV), so the 64-row
 wgmma tile's wasted rows cost tensor-core time the kernel has to spare; what matters is
