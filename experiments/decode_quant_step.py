@@ -47,7 +47,7 @@ CHECK_TOLERANCE = 2e-2
 
 def _variants():
   """(name, fmt, config) in timing order: baselines first, then the 128-key-block variants
-  (session 6). The query-major form and the variants settled in session 5 (2-byte loads,
+  (session 5, not yet timed). The query-major form and the variants settled in session 5 (2-byte loads,
   3 CTAs/SM) are no longer timed."""
   km, wide = mk.keys_major_config, mk.keys_major_wide_config
   out = [("bf16", "none", mk.default_config(D, "none"))]

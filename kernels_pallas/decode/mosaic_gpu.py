@@ -105,7 +105,7 @@ KEYS_MAJOR_BLOCK_KV = 64  # keys per block: the 64-row M dimension of one wgmma
 # and the loop overhead are paid once per 128 keys instead of once per 64; the PV wgmma's
 # contraction grows from 64 to 128 keys.
 KEYS_MAJOR_BLOCK_KVS = (64, 128)
-KEYS_MAJOR_WIDE_BY_DEFAULT = False  # not timed on a GPU yet (notes/decode.md, session 6)
+KEYS_MAJOR_WIDE_BY_DEFAULT = False  # not timed on a GPU yet (notes/decode.md, 128-key blocks)
 
 
 def keys_major_wide_config(fmt: str, **overrides) -> Config:
