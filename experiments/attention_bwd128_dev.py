@@ -91,13 +91,6 @@ def inputs(seed, b, t, s, n, kh, seg=False):
   return q, k, v, do, ids
 
 
-def rel(a, b) -> float:
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  if not np.isfinite(a).all():
-    return float("nan")
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def run_checks(out: Path) -> None:
   """Child process: every variant against the reference."""
@@ -114,7 +107,7 @@ def run_checks(out: Path) -> None:
         f = jax.jit(lambda q, k, v, do, cfg=config(variant, causal): jax.vjp(
             attention_fn(cfg, causal, ids), q, k, v)[1](do))
         got = jax.block_until_ready(f(q, k, v, do))
-        errs = [rel(g, w) for g, w in zip(got, want)]
+        errs = [harness.rel_err(g, w) for g, w in zip(got, want)]
         ok = all(e < 2e-2 for e in errs)
         rec = {"case": name, "variant": variant or "default", "ok": ok, "errs": errs}
         print(f"{'PASS' if ok else 'FAIL'} {name}: dq={errs[0]:.1e} dk={errs[1]:.1e} "

@@ -26,13 +26,6 @@ from kernels_pallas.attention import mosaic_gpu as mg
 RESULTS: dict = {"check": [], "time": []}
 
 
-def rel(a, b) -> float:
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  if not np.isfinite(a).all():
-    return float("nan")
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def inputs(key, b, t, s, n, k, d, dtype=jnp.bfloat16, seg=False):
   ks = jax.random.split(key, 6)
@@ -70,7 +63,7 @@ def check_case(impl, b, t, s, n, k, d, dtype=jnp.bfloat16, seg=False, **kw):
     fin = np.isfinite(np.asarray(rlse))
     lse_ok = bool((np.isfinite(np.asarray(lse)) == fin).all())
     lse_err = float(np.max(np.abs(np.where(fin, np.asarray(lse) - np.asarray(rlse), 0)))) if fin.any() else 0.0
-    errs = [rel(o, ro)] + [rel(g, rg) for g, rg in zip(grads, rgrads)]
+    errs = [harness.rel_err(o, ro)] + [harness.rel_err(g, rg) for g, rg in zip(grads, rgrads)]
     ok = all(e < 2e-2 for e in errs) and lse_ok and lse_err < 1e-2
     line = (f"{'PASS' if ok else 'FAIL'} {name}: o={errs[0]:.1e} dq={errs[1]:.1e} dk={errs[2]:.1e} "
             f"dv={errs[3]:.1e} lse={lse_err:.1e} inf_ok={lse_ok} ({dt:.1f}s)")
@@ -263,7 +256,7 @@ def run_dq_alternate():
     want = jax.vjp(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=causal,
                                                            implementation="xla"),
                    up(q), up(k), up(v))[1](up(do))
-    errs = [rel(g, w) for g, w in zip(got, want)]
+    errs = [harness.rel_err(g, w) for g, w in zip(got, want)]
     ok = all(e < 2e-2 for e in errs)
     RESULTS["check"].append({"case": f"dq_alternate d{d} causal={causal}", "ok": ok, "errs": errs})
     print(f"{'PASS' if ok else 'FAIL'} dq_alternate d{d} causal={causal} t{t} s{s_len}: "

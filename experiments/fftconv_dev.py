@@ -55,13 +55,6 @@ def left() -> float:
   return BUDGET - (time.time() - T0)
 
 
-def rel(a, b) -> float:
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(b, np.float64)
-  if not np.isfinite(a).all():
-    return float("nan")
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def np_conv_and_grads(u, k, x, v, dy, causal=True):
   """float64 ``y = v * conv(k, u x)`` and its gradients from direct FFT formulas."""
@@ -110,7 +103,7 @@ def check(seq, cfg=None, dk_cfg=None, causal=True, b=4, c=16, label=""):
 
     got = jax.jit(f)(u, k, x, v, dy)
     ref = np_conv_and_grads(u, k, x, v, dy, causal)
-    errs = {nm: rel(g, r) for nm, g, r in zip(("y", "du", "dk", "dx", "dv"), got, ref)}
+    errs = {nm: harness.rel_err(g, r) for nm, g, r in zip(("y", "du", "dk", "dx", "dv"), got, ref)}
     ok = all(e < 1e-2 for e in errs.values())
     print(f"{name:<58} {'OK ' if ok else 'BAD'} " +
           " ".join(f"{nm} {e:.1e}" for nm, e in errs.items()), flush=True)
@@ -228,7 +221,7 @@ def time_size(seq, share):
   ref = np_conv(u[:2, :8], k[:8])
 
   def err_of(fn, *args):
-    return lambda: rel(fn(*args)[:2, :8], ref)
+    return lambda: harness.rel_err(fn(*args)[:2, :8], ref)
 
   def fb(conv):
     def f(u, k, dy):
@@ -327,7 +320,7 @@ def run_focus(out: Path):
       print(f"  {seq:>6} {kind:<10} {name:<36} skipped (budget)", flush=True)
       continue
     u, k, dy, ref = get(seq)
-    err_of = lambda fn, *a: (lambda: rel(fn(*a)[:2, :8], ref))
+    err_of = lambda fn, *a: (lambda: harness.rel_err(fn(*a)[:2, :8], ref))
     n = 2 * seq
     if kind == "base":
       fn = jax.jit(lambda u, k: fft_conv_reference(u.astype(jnp.float32), k))

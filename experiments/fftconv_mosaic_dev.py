@@ -81,12 +81,6 @@ def np_conv(u, k, x=None, v=None, causal=True):
   return y if v is None else y * v
 
 
-def rel(a, b) -> float:
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  if not np.isfinite(a).all():
-    return float("nan")
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
 
 def inputs(seed, b, c, seq, flen=None):
   ks = jax.random.split(jax.random.key(seed), 4)
@@ -107,7 +101,7 @@ def save(out: Path):
 
 def check(name, fn, ref):
   try:
-    err = rel(fn(), ref())
+    err = harness.rel_err(fn(), ref())
     ok = bool(err < 1e-2)
   except Exception as e:  # one failure must not cost the other rows
     err, ok = float("nan"), False
@@ -155,26 +149,38 @@ def timing(sizes, smoke, budget, out, passed):
         continue
       rows.append((f"mosaic {name}", jax.jit(
           lambda u, k, cfg=cfg: M.fft_conv_mosaic(u, k, config=cfg, **interp))))
-    base = None
-    for name, fn in rows:
-      if time.time() - T0 > budget:
-        print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
-        continue
-      try:
-        t = harness.time_fn(fn, make, rounds=3 if smoke else 15, max_sets=2)
-      except Exception as e:
-        print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-              flush=True)
-        RESULTS["time"].append({"seq": seq, "name": name, "error": str(e)[:400]})
-        continue
-      base = t if name == "jnp.fft" else base
-      x = base / t if base else float("nan")
-      RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, "vs_jnp_fft": x,
-                              "batch": b, "channels": c})
-      table.append((seq, name, t, x))
-      print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x jnp.fft", flush=True)
-      save(out)
-  print("\nseq    implementation                   time   vs jnp.fft")
+    _time_rows(seq, rows, make, smoke=smoke, budget=budget, out=out, table=table, batch=b,
+               channels=c)
+  _print_table("", table)
+
+
+def _time_rows(seq, rows, make, *, smoke, budget, out, table, **record):
+  """Times each ``(name, jitted fn)`` of one sequence length in order (ratios to the
+  "jnp.fft" row), skipping past ``budget`` seconds; appends to ``RESULTS`` (with
+  ``record``'s fields) and ``table``, and saves the JSON after every row."""
+  base = None
+  for name, fn in rows:
+    if time.time() - T0 > budget:
+      print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
+      continue
+    try:
+      t = harness.time_fn(fn, make, rounds=3 if smoke else 15, max_sets=2)
+    except Exception as e:
+      print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            flush=True)
+      RESULTS["time"].append({"seq": seq, "name": name, "error": str(e)[:400]})
+      continue
+    base = t if name == "jnp.fft" else base
+    x = base / t if base else float("nan")
+    RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, "vs_jnp_fft": x, **record})
+    table.append((seq, name, t, x))
+    print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x jnp.fft", flush=True)
+    save(out)
+
+
+def _print_table(title, table):
+  print(f"\n{title}" if title else "")
+  print("seq    implementation                   time   vs jnp.fft")
   for seq, name, t, x in table:
     print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x")
 
@@ -217,7 +223,7 @@ def grad_check(name, conv, u, k, x, v, causal=True, parts=("y", "du", "dk", "dx"
     errs = {}
     for part, g, r in zip(("y", "du", "dk", "dx", "dv"), got, ref):
       if part in parts and r is not None:
-        errs[part] = rel(g, np.asarray(jnp.asarray(r, jnp.float32), np.float64))
+        errs[part] = harness.rel_err(g, np.asarray(jnp.asarray(r, jnp.float32), np.float64))
   except Exception as e:
     print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
     traceback.print_exc(limit=4, file=sys.stdout)
@@ -253,34 +259,16 @@ def backward_timing(sizes, smoke, budget, out, passed):
   table = []
   for seq in sizes:
     make = lambda i, seq=seq: inputs(200 + i, b, c, seq)[:2]
-    base = None
+    rows = []
     for name, conv in impls.items():
       if name == "mosaic fwd + mosaic bwd" and not passed.get(seq, False):
         print(f"{seq:>6} {name:<28} skipped (check failed or did not finish)", flush=True)
         continue
-      if time.time() - T0 > budget:
-        print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
-        continue
-      fn = jax.jit(jax.grad(lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32)),
-                            argnums=(0, 1)))
-      try:
-        t = harness.time_fn(fn, make, rounds=3 if smoke else 15, max_sets=2)
-      except Exception as e:
-        print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-              flush=True)
-        RESULTS["time"].append({"seq": seq, "name": name, "error": str(e)[:400]})
-        continue
-      base = t if name == "jnp.fft" else base
-      x = base / t if base else float("nan")
-      RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, "vs_jnp_fft": x,
-                              "batch": b, "channels": c, "kind": "fwd_bwd"})
-      table.append((seq, name, t, x))
-      print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x jnp.fft", flush=True)
-      save(out)
-  print("\nfwd+bwd (grad of sum over u, k)")
-  print("seq    implementation                   time   vs jnp.fft")
-  for seq, name, t, x in table:
-    print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x")
+      rows.append((name, jax.jit(jax.grad(
+          lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32)), argnums=(0, 1)))))
+    _time_rows(seq, rows, make, smoke=smoke, budget=budget, out=out, table=table, batch=b,
+               channels=c, kind="fwd_bwd")
+  _print_table("fwd+bwd (grad of sum over u, k)", table)
 
 
 def main_backward(a, sizes, out):

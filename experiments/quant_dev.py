@@ -136,10 +136,6 @@ def _reference(x, w):
   return qm.quantized_matmul_reference(x, w, None, out_dtype=jnp.float32)
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def check_odd_shapes(results):
   print("\n== correctness at odd shapes (rel. error vs dequantize-then-dot) ==", flush=True)
@@ -154,7 +150,7 @@ def check_odd_shapes(results):
         continue
       try:
         out = _fn(name, m, n, k, fmt_name)(x, w[VARIANTS[name][2]])
-        err = _rel(out, ref)
+        err = harness.rel_err(out, ref)
         ok = err < 1.5e-2 and np.isfinite(np.asarray(out, np.float32)).all()
       except Exception as e:  # report and go on: one broken variant must not hide others
         err, ok = float("nan"), False
@@ -179,7 +175,7 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
     f = _fn(name, m, n, k, fmt_name)
     err = float("nan")
     try:
-      err = _rel(f(_x(m, k, 0), weights[0][layout]), ref)
+      err = harness.rel_err(f(_x(m, k, 0), weights[0][layout]), ref)
     except Exception as e:
       print(f"  ! {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
     t = float("nan")
@@ -272,7 +268,7 @@ def debug_main(args, results):
           ("naive_twin_one_jit", lambda: jax.jit(_naive_twin, static_argnums=1)(
               (xf, wf), mode))):
         try:
-          row[label] = _rel(fn(), ref)
+          row[label] = harness.rel_err(fn(), ref)
         except Exception as e:
           row[label] = None
           print(f"  ! {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -285,7 +281,7 @@ def debug_main(args, results):
         for form in ("columns", "column_scalar"):  # "tile_copy" crashed the H100
           label = f"block overlap={ov} {form}"
           try:
-            row[label] = _rel(qm.scaled_matmul_nt(qa, qb, sa, sb, scale_mode="block",
+            row[label] = harness.rel_err(qm.scaled_matmul_nt(qa, qb, sa, sb, scale_mode="block",
                                                   out_dtype=jnp.float32, config=cfg,
                                                   interpret=INTERPRET, tile_scales=form), ref)
           except Exception as e:
@@ -320,7 +316,7 @@ def debug_main(args, results):
   try:
     for name, g, t in zip(("y", "dx", "dw"), jax.jit(lambda: vjp("mosaic_gpu"))(),
                           jax.jit(lambda: vjp("xla"))()):
-      err = _rel(g.astype(jnp.float32), t.astype(jnp.float32))
+      err = harness.rel_err(g.astype(jnp.float32), t.astype(jnp.float32))
       print(f"  {name}: {err:.2e}{'  <-- WRONG' if err > 1.5e-2 else ''}", flush=True)
       dbg[f"fp8_dot block {name}"] = err
   except Exception as e:
@@ -412,7 +408,7 @@ def wo_floor_main(args, results):
       f = _fn(name, 1, n, k, "int4_g128")
       err, t = float("nan"), float("nan")
       try:
-        err = _rel(f(_x(1, k, 0), weights[0][layout]), ref)
+        err = harness.rel_err(f(_x(1, k, 0), weights[0][layout]), ref)
       except Exception as e:  # report and go on
         print(f"  ! {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
       if err < 1.5e-2:

@@ -80,10 +80,6 @@ def elapsed() -> float:
   return time.perf_counter() - T0
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def _weights(k, n, fmt_name, sets):
   """``sets`` random weights: the QArray (for XLA) and the kernel's K-major operands."""
@@ -142,7 +138,7 @@ def check_odd(results):
       try:
         cfg = _config(name, m, n, k, fmt_name)
         out = _kernel_fn(cfg, FORMATS[fmt_name][1], n, k)(x, w["values"], w["scales"])
-        err = _rel(out, ref)
+        err = harness.rel_err(out, ref)
         ok = err < 1.5e-2
       except Exception as e:  # one broken config must not hide the others
         err, ok, cfg = float("nan"), False, None
@@ -192,7 +188,7 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
                                                       interpret=INTERPRET).astype(jnp.bfloat16))
     err = float("nan")
     try:
-      err = _rel(dec(x0, weights[0]["packed"]), ref)
+      err = harness.rel_err(dec(x0, weights[0]["packed"]), ref)
     except Exception as e:
       print(f"  ! decode: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
     t = harness.safe_time(dec, lambda i: (_x(m, k, i), weights[i % nsets]["packed"]),
@@ -208,7 +204,7 @@ def time_case(results, k, n, m, fmt_name, names, weights, bf16_t):
     f = _kernel_fn(cfg, group, n, k)
     err, t = float("nan"), float("nan")
     try:
-      err = _rel(f(x0, weights[0]["values"], weights[0]["scales"]), ref)
+      err = harness.rel_err(f(x0, weights[0]["values"], weights[0]["scales"]), ref)
     except Exception as e:
       print(f"  ! {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
     if math.isfinite(err) and err < 1.5e-2:

@@ -190,6 +190,15 @@ def print_table(suite: str, rows: Sequence[Row], reference: str = "jaxeff") -> N
             f"{r.throughput:12.2f} {r.unit:<5} {ratio:>9}")
 
 
+def rel_err(a, b) -> float:
+  """``||a - b|| / ||b||`` in float64 (any float dtype, bf16 / fp8 included); NaN when ``a``
+  has a non-finite entry, so a broken kernel never passes a tolerance check."""
+  a, b = np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 def fmt_time(s: float) -> str:
   if not math.isfinite(s):
     return "failed"
