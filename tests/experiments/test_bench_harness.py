@@ -91,3 +91,12 @@ def test_failed_timing_is_written_as_null(tmp_path):
   rows = [harness.Row("c", {}, "cudnn", float("nan"), float("nan"), "TFLOP/s")]
   data = json.loads(harness.write_results("demo", rows, tmp_path).read_text())
   assert data["rows"][0]["median_s"] is None and data["rows"][0]["throughput"] is None
+
+
+def test_rel_err_any_float_dtype_and_non_finite():
+  import numpy as np
+  a = jnp.array([1.0, 2.0, 3.0], jnp.bfloat16)
+  assert harness.rel_err(a, np.array([1.0, 2.0, 3.0])) == 0.0
+  assert abs(harness.rel_err(a * 2, np.array([1.0, 2.0, 3.0])) - 1.0) < 1e-12
+  assert harness.rel_err(jnp.ones(4, jnp.float8_e4m3fn), np.full(4, 0.5)) == 1.0
+  assert np.isnan(harness.rel_err(np.array([np.inf, 1.0]), np.ones(2)))
