@@ -18,9 +18,10 @@ kernels (``(attn|mlp)/*_proj/kernel``; embeddings and head stay dense) are prune
 
 Perplexity is over the validation windows of :mod:`experiments.data`. On GPU, decode
 tokens/s of :func:`experiments.generate.generate` (greedy, batch ``--batch``) is measured
-with the pruned projections compressed (:func:`jaxeff.nn.sparse.compress_params`: sliced
-ELL (``--unstructured-format``, default) or tiled bitmap for unstructured, the 2:4 decode
-words layout at batch <= 8, dense below the 50% break-even) and served
+with the pruned projections compressed (:func:`jaxeff.nn.sparse.compress_params`; for
+unstructured pruning ``--unstructured-format auto`` (default: sliced ELL where its measured
+break-even for the decode batch is reached, else dense), ``ell`` or ``tiled`` (dense below
+50% sparsity); the 2:4 decode words layout at batch <= 8) and served
 by :func:`jaxeff.ops.sparse_matmul.sparse_matmul` through
 :func:`jaxeff.nn.sparse.sparse_inference`; on CPU it is left out (no kernels there).
 The table is printed and written to ``experiments/results/<device>/sparsify_lm.{json,md}``
@@ -165,7 +166,8 @@ def run(args, log=print) -> dict:
            "ppl": lm_tools.perplexity(model, p, val), "prune_s": prune_s, "decode_tokens_per_s": None}
     if on_gpu and not args.no_decode:
       fmt = "nm" if m.kind == "nm" else args.unstructured_format
-      extra = {"pattern": m.nm, "words": args.batch <= 8} if fmt == "nm" else {}
+      extra = ({"pattern": m.nm, "words": args.batch <= 8} if fmt == "nm"
+               else {"rows": args.batch} if fmt == "auto" else {})
       serve = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
       if m.kind in ("unstructured", "nm"):
         serve = compress_params(serve, LINEAR, fmt=fmt, **extra)
@@ -229,9 +231,10 @@ def parse_args(argv: Sequence[str] | None = None):
   p.add_argument("--new-tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=2, help="decode timing repeats (best kept)")
   p.add_argument("--no-decode", action="store_true", help="skip decode timing on GPU")
-  p.add_argument("--unstructured-format", default="ell", choices=("ell", "tiled"),
-                 help="serving format of unstructured-pruned kernels: sliced ELL (decode "
-                      "kernel that gathers x, batch <= 16) or the tiled bitmap")
+  p.add_argument("--unstructured-format", default="auto", choices=("auto", "ell", "tiled"),
+                 help="serving format of unstructured-pruned kernels: auto (the measured "
+                      "break-even for --batch: sliced ELL or dense), sliced ELL (decode "
+                      "kernel that gathers x) or the tiled bitmap")
   p.add_argument("--out", default=None, help="results folder (default "
                  "experiments/results/<device>, and $OUT when set)")
   args = p.parse_args(argv)

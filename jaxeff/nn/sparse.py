@@ -165,9 +165,14 @@ def sparse_inference(implementation: str | Sequence[str] | None = None):
 
 
 def compress_params(params, path_regex: str = r"(attn|mlp)/[^/]+_proj/kernel$", *,
-                    fmt: str = "tiled", min_sparsity: float = 0.5, dtype=None, **kwargs):
+                    fmt: str = "auto", min_sparsity: float | None = None, rows: int = 1,
+                    dtype=None, **kwargs):
   """Replaces (pruned) kernels whose path matches ``path_regex`` by their serving form
-  (:func:`jaxeff.sparse.sparsify` of the 2-D ``[K, N]`` view; dense below the break-even)."""
+  (:func:`jaxeff.sparse.sparsify` of the 2-D ``[K, N]`` view; dense below the break-even).
+
+  ``fmt="auto"`` picks, per kernel, the format measured fastest for products with
+  ``rows`` activation rows at that kernel's sparsity (sliced ELL for decode), or keeps
+  it dense; ``fmt``, ``min_sparsity`` and ``rows`` are passed to ``sparsify``."""
   import re
 
   from jaxeff.sparse.formats import sparsify
@@ -178,7 +183,8 @@ def compress_params(params, path_regex: str = r"(attn|mlp)/[^/]+_proj/kernel$", 
     if re.search(path_regex, path) and hasattr(w, "ndim") and w.ndim >= 2:
       k = int(np.prod(w.shape[:kernel_in_dims(path, w)]))
       w2 = w.reshape(k, -1).astype(dtype or w.dtype)
-      out = sparsify(w2, fmt=fmt, min_sparsity=min_sparsity, dtype=dtype, **kwargs)
+      out = sparsify(w2, fmt=fmt, min_sparsity=min_sparsity, rows=rows, dtype=dtype,
+                     **kwargs)
       flat[path] = w if out is w2 else out
   return _unflatten(flat)
 

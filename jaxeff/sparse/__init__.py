@@ -9,6 +9,7 @@ from jaxeff.sparse.formats import (
     EllSparse,
     NMSparse,
     TiledSparse,
+    auto_format,
     bsr_from_block_mask,
     compress,
     compress_bsr,

@@ -634,30 +634,75 @@ def _decompress(w: Any) -> jax.Array:
   return bsr_dense(w.blocks, w)
 
 
-__all__ = ["BlockSparse", "EllSparse", "NMSparse", "TiledSparse", "bsr_dense",
-           "bsr_from_block_mask", "compress", "compress_bsr", "compress_ell", "compress_nm",
-           "decompress", "ell_chunk", "expand_ell", "expand_nm", "expand_tiles", "is_sparse",
-           "nm_slot_offsets", "parse_nm", "sparsify", "unpack_bitmap"]
+__all__ = ["AUTO_ELL_BREAK_EVEN", "BlockSparse", "EllSparse", "NMSparse", "TiledSparse",
+           "auto_format", "bsr_dense", "bsr_from_block_mask", "compress", "compress_bsr",
+           "compress_ell", "compress_nm", "decompress", "ell_chunk", "expand_ell", "expand_nm",
+           "expand_tiles", "is_sparse", "nm_slot_offsets", "parse_nm", "sparsify",
+           "unpack_bitmap"]
 
 
-def sparsify(w: Any, *, fmt: str = "tiled", min_sparsity: float = 0.5, **kwargs) -> Any:
-  """The serving form of a pruned ``w``: compressed when its sparsity reaches
-  ``min_sparsity`` (the break-even), else ``w`` itself (the dense fallback, taken once).
+# Measured break-even of the unstructured decode kernels (H100 80GB HBM3, K = N = 8192,
+# bf16, device time against XLA's dense bf16 dot in the same process; notes/sparse.md,
+# session 4): ELL / dense at m = 1: 50% 0.97x, 60% 1.21x, 70% 1.49x, 80% 1.75-2.01x,
+# 90% 2.62x; at m = 4: 80% 1.01x, 90% 1.46x; every unstructured kernel lost to dense at
+# m >= 16 (tiled 0.28-0.98x, ELL 0.20x). Rows are (largest m, smallest sparsity at which
+# the ELL kernel beat dense by >= 5%).
+AUTO_ELL_BREAK_EVEN = ((2, 0.55), (4, 0.85))
+
+
+def auto_format(sparsity: float, rows: int) -> str:
+  """The serving format ``sparsify(fmt="auto")`` picks for an unstructured weight.
+
+  Args:
+    sparsity: fraction of zeros of the weight, in ``[0, 1]``.
+    rows: the number of activation rows ``m`` the weight will mostly be multiplied with
+      (1 for token-by-token decode).
+
+  Returns:
+    ``"ell"`` where the measured ELL decode kernel beats the dense product
+    (:data:`AUTO_ELL_BREAK_EVEN`), else ``"dense"``.
+  """
+  if not 0.0 <= sparsity <= 1.0:
+    raise ValueError(f"auto_format: sparsity must be in [0, 1], got {sparsity}")
+  if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+    raise ValueError(f"auto_format: rows must be a positive int, got {rows!r}")
+  for max_rows, break_even in AUTO_ELL_BREAK_EVEN:
+    if rows <= max_rows:
+      return "ell" if sparsity >= break_even else "dense"
+  return "dense"
+
+
+def sparsify(w: Any, *, fmt: str = "auto", min_sparsity: float | None = None, rows: int = 1,
+             **kwargs) -> Any:
+  """The serving form of a pruned ``w``: compressed when that is faster, else ``w`` itself
+  (the dense fallback, decided once, offline).
 
   Args:
     w: ``[K, N]`` pruned weight (concrete).
-    fmt: ``"tiled"`` (:func:`compress`), ``"ell"`` (:func:`compress_ell`), ``"nm"``
-      (:func:`compress_nm`, ``pattern=``) or
-      ``"bsr"`` (:func:`compress_bsr`, ``block=``).
-    min_sparsity: in ``[0, 1]``.
+    fmt: ``"auto"`` (default: the measured break-even of :func:`auto_format` for
+      ``rows`` activation rows and ``w``'s sparsity; ``"ell"`` or dense), ``"tiled"``
+      (:func:`compress`), ``"ell"`` (:func:`compress_ell`), ``"nm"`` (:func:`compress_nm`,
+      ``pattern=``) or ``"bsr"`` (:func:`compress_bsr`, ``block=``).
+    min_sparsity: in ``[0, 1]``; below it ``w`` stays dense (not for ``"nm"``). Default:
+      0.5 for a named format; with ``"auto"`` it overrides the measured break-even.
+    rows: with ``"auto"``: the activation rows ``m`` of the products the weight serves.
     **kwargs: passed to the compressor.
   """
   builders = {"tiled": compress, "ell": compress_ell, "nm": compress_nm, "bsr": compress_bsr}
-  if fmt not in builders:
-    raise ValueError(f"sparsify: fmt must be one of {sorted(builders)}, got {fmt!r}")
-  if not 0.0 <= min_sparsity <= 1.0:
+  if fmt != "auto" and fmt not in builders:
+    raise ValueError(f"sparsify: fmt must be 'auto' or one of {sorted(builders)}, got {fmt!r}")
+  if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
     raise ValueError(f"sparsify: min_sparsity must be in [0, 1], got {min_sparsity}")
   a = _as_matrix(w, "sparsify")
-  if fmt != "nm" and 1.0 - np.count_nonzero(a) / max(a.size, 1) < min_sparsity:
+  sparsity = 1.0 - np.count_nonzero(a) / max(a.size, 1)
+  if fmt == "auto":
+    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+      raise ValueError(f"sparsify: rows must be a positive int, got {rows!r}")
+    if min_sparsity is None:
+      fmt = auto_format(sparsity, rows)
+    else:
+      fmt = "ell" if sparsity >= min_sparsity else "dense"
+    return w if fmt == "dense" else compress_ell(w, **kwargs)
+  if fmt != "nm" and sparsity < (0.5 if min_sparsity is None else min_sparsity):
     return w
   return builders[fmt](w, **kwargs)

@@ -142,9 +142,34 @@ def test_bsr_from_block_mask_keeps_zero_blocks(key):
 
 def test_sparsify_dense_fallback(key):
   w = _sparse(key, (64, 64), 0.3)
-  assert F.sparsify(w, min_sparsity=0.5) is w
-  assert isinstance(F.sparsify(_sparse(key, (64, 64), 0.8), min_sparsity=0.5), F.TiledSparse)
+  assert F.sparsify(w, fmt="tiled", min_sparsity=0.5) is w
+  assert F.sparsify(w, fmt="tiled") is w  # 0.5 is the named formats' default break-even
+  assert isinstance(F.sparsify(_sparse(key, (64, 64), 0.8), fmt="tiled", min_sparsity=0.5),
+                    F.TiledSparse)
   assert isinstance(F.sparsify(_sparse(key, (64, 64), 0.8), fmt="ell"), F.EllSparse)
+
+
+@pytest.mark.parametrize("sparsity,rows,expect", [
+    (0.8, 1, "ell"), (0.6, 1, "ell"), (0.5, 1, "dense"), (0.6, 2, "ell"),
+    (0.8, 3, "dense"), (0.9, 4, "ell"), (0.9, 5, "dense"), (0.95, 16, "dense")])
+def test_sparsify_auto_follows_the_measured_break_even(key, sparsity, rows, expect):
+  w = _sparse(key, (128, 96), sparsity)
+  actual = 1.0 - np.count_nonzero(np.asarray(w)) / w.size
+  assert F.auto_format(actual, rows) == expect
+  out = F.sparsify(w, rows=rows)  # fmt="auto" is the default
+  if expect == "dense":
+    assert out is w
+  else:
+    assert isinstance(out, F.EllSparse)
+    np.testing.assert_array_equal(np.asarray(F.decompress(out), np.float32),
+                                  np.asarray(w.astype(jnp.bfloat16), np.float32))
+
+
+def test_sparsify_auto_min_sparsity_overrides_the_table(key):
+  w = _sparse(key, (64, 64), 0.8)
+  assert F.sparsify(w, rows=16) is w  # dense wins at m = 16
+  assert isinstance(F.sparsify(w, rows=16, min_sparsity=0.7), F.EllSparse)
+  assert F.sparsify(w, min_sparsity=0.9) is w
 
 
 def test_format_errors(key):
@@ -181,5 +206,11 @@ def test_format_errors(key):
     F.compress_bsr(jnp.ones((40, 32)), block=(32, 32))
   with pytest.raises(TypeError, match="decompress: w must be TiledSparse, EllSparse"):
     F.decompress(w)
-  with pytest.raises(ValueError, match="sparsify: fmt must be one of"):
+  with pytest.raises(ValueError, match="sparsify: fmt must be 'auto' or one of"):
     F.sparsify(w, fmt="csr")
+  with pytest.raises(ValueError, match="sparsify: rows must be a positive int, got 0"):
+    F.sparsify(w, rows=0)
+  with pytest.raises(ValueError, match=r"sparsify: min_sparsity must be in \[0, 1\], got 1.5"):
+    F.sparsify(w, min_sparsity=1.5)
+  with pytest.raises(ValueError, match=r"auto_format: sparsity must be in \[0, 1\]"):
+    F.auto_format(-0.1, 1)
