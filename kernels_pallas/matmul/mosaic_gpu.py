@@ -446,6 +446,15 @@ class WeightOnlyConfig:
   # loaded, upcast and scaled while it runs (one more weight tile live in registers).
   # False: load, upcast, wgmma, wait, one step at a time. Not yet timed on a GPU.
   pipeline_upcast: bool = False
+  # Split K inside the CTA: the two compute warpgroups take the same 64 weight rows (a CTA
+  # covers 64 output columns, so the grid has as many CTAs as the 128-row form with twice
+  # the split) and the two halves of the CTA's K range; warpgroup 1 hands its float32 sum
+  # to warpgroup 0 through shared memory, which adds, casts and stores ``[M, 64]`` of the
+  # output transposed (rows past M are dropped by the TMA store). With ``split_k = 1`` the
+  # kernel's output is the finished ``[M, N]`` product in the output dtype: no partial
+  # sums and no XLA epilogue. False: 128 rows a CTA, one 64-row half per warpgroup,
+  # ``[split_k, N, M]`` float32 partials (the form timed on the H100). Not yet timed.
+  wg_split_k: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -472,21 +481,29 @@ def _swizzled(shape, dtype):
 
 
 def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps: int,
-               group_steps: int, per_channel: bool, xdtype, a_via_smem: bool):
-  """Compute warpgroup ``wg``: out^T[rows, :] += (w[rows, k] * scale[rows]) @ x^T[k, :]."""
+               group_steps: int, per_channel: bool, xdtype, a_via_smem: bool, mp: int):
+  """Compute warpgroup ``wg``: out^T[rows, :] += (w[rows, k] * scale[rows]) @ x^T[k, :].
+
+  ``x_ref`` holds the true M rows; each x tile is an ``mp``-row TMA box whose rows past M
+  are zero-filled by the copy (no padded copy of x). ``s_ref``: scales ``[G, N]``.
+  """
   stages, bk = cfg.num_stages, cfg.block_k
+  wsplit = cfg.wg_split_k
   wg = lax.axis_index("wg")
   split = lax.axis_index("splits")
-  row0 = lax.axis_index("n_tiles") * (2 * WO_ROWS)
-  step0 = split * steps
+  cta_rows = WO_ROWS if wsplit else 2 * WO_ROWS
+  row0 = lax.axis_index("n_tiles") * cta_rows
+  # First K step of this CTA (and, with wg_split_k, of each warpgroup's half of it).
+  step0 = split * steps * (2 if wsplit else 1)
   upcast = plgpu.Layout.WGMMA_UPCAST_4X if _bits(w_ref.dtype) == 4 else plgpu.Layout.WGMMA_UPCAST_2X
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  mp = x_ref.shape[0]
+  # Barriers of a slot: one per warpgroup half when the halves arrive separately.
+  half_bar = (lambda slot, half: 2 * slot + half) if wsplit else (lambda slot, half: slot)
 
   @pl.when(wg < 2)
   def _compute():
     plgpu.set_max_registers(cfg.compute_registers, action="increase")
-    rows = pl.ds(row0 + wg * WO_ROWS, WO_ROWS)
+    rows = pl.ds(row0 if wsplit else row0 + wg * WO_ROWS, WO_ROWS)
     if per_channel:
       plgpu.copy_gmem_to_smem(s_ref.at[0, rows], s["scale"].at[wg, 0], s["scale_bar"].at[wg])
       plgpu.barrier_wait(s["scale_bar"].at[wg])
@@ -495,7 +512,7 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
     def weight_tile(i):
       """Step i's weight rows of this warpgroup, upcast to x.dtype and group-scaled."""
       slot = lax.rem(i, stages)
-      plgpu.barrier_wait(s["w_bar"].at[slot])
+      plgpu.barrier_wait(s["w_bar"].at[half_bar(slot, wg)])
       w = plgpu.load(s["w"].at[slot, pl.ds(wg * WO_ROWS, WO_ROWS)], layout=upcast)
       w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(xdtype)
       if not per_channel:  # the group's scale, per weight row, in x.dtype (HMUL2)
@@ -508,12 +525,13 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
       """acc += w @ x_i^T; ``prefetch()`` runs while the wgmma is in flight and its
       result (the next weight tile) is returned."""
       slot = lax.rem(i, stages)
-      plgpu.barrier_wait(s["x_bar"].at[slot])
+      plgpu.barrier_wait(s["x_bar"].at[half_bar(slot, wg)])
       if a_via_smem:  # interpret mode takes wgmma operands from refs only
         s["a16"].at[wg][...] = w
         plgpu.commit_smem()
         w = s["a16"].at[wg]
-      plgpu.wgmma(acc_ref, w, s["x"].at[slot].T)
+      x_tile = s["x"].at[slot, wg] if wsplit else s["x"].at[slot]
+      plgpu.wgmma(acc_ref, w, x_tile.T)
       nxt = prefetch()
       plgpu.wgmma_wait(0)  # the register operand and the slot are free again
       plgpu.barrier_arrive(s["consumed"].at[slot])
@@ -534,13 +552,37 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
       return acc_ref[...]
 
     acc = pl.run_scoped(run, plgpu.ACC((WO_ROWS, mp), jnp.float32))
-    if per_channel:  # one scale per weight row, applied once in float32
-      acc = acc * lax.broadcast_in_dim(channel_scale, acc.shape, [0])
-    o_smem = s["out"].at[wg]
-    o_smem[...] = acc
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, rows])
-    plgpu.wait_smem_to_gmem(0)
+    if not wsplit:
+      if per_channel:  # one scale per weight row, applied once in float32
+        acc = acc * lax.broadcast_in_dim(channel_scale, acc.shape, [0])
+      o_smem = s["out"].at[wg]
+      o_smem[...] = acc
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, rows])
+      plgpu.wait_smem_to_gmem(0)
+      return
+
+    # wg_split_k: warpgroup 1's sum over the upper K half joins warpgroup 0's.
+    @pl.when(wg == 1)
+    def _hand_over():
+      s["acc1"][...] = acc
+      plgpu.barrier_arrive(s["acc_bar"].at[0])
+
+    @pl.when(wg == 0)
+    def _finish():
+      plgpu.barrier_wait(s["acc_bar"].at[0])
+      total = acc + plgpu.load(s["acc1"], (), layout=plgpu.Layout.WGMMA)
+      if per_channel:
+        total = total * lax.broadcast_in_dim(channel_scale, total.shape, [0])
+      if "out_t" in s:  # finished product: [mp, 64] of out [M, N], x rows past M dropped
+        s["out_t"].T[...] = total.astype(s["out_t"].dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s["out_t"], out_ref.at[pl.ds(0, mp), rows])
+      else:  # float32 partial of this split, [64, mp] of out^T (summed by XLA)
+        s["out"].at[0][...] = total
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s["out"].at[0], out_ref.at[split, rows])
+      plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 2)
   def _memory():
@@ -549,14 +591,21 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
     def issue(i, slot, wait):
       if wait:
         plgpu.barrier_wait(s["consumed"].at[slot])
-      ks = pl.ds((step0 + i) * bk, bk)
-      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(row0, 2 * WO_ROWS), ks], s["w"].at[slot],
-                              s["w_bar"].at[slot])
-      plgpu.copy_gmem_to_smem(x_ref.at[:, ks], s["x"].at[slot], s["x_bar"].at[slot])
+      for half in range(2 if wsplit else 1):
+        k_step = step0 + half * steps + i
+        ks = pl.ds(k_step * bk, bk)
+        w_rows = WO_ROWS if wsplit else 2 * WO_ROWS
+        w_dst = s["w"].at[slot, pl.ds(half * WO_ROWS, WO_ROWS)] if wsplit else s["w"].at[slot]
+        plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(row0, w_rows), ks], w_dst,
+                                s["w_bar"].at[half_bar(slot, half)])
+        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, mp), ks],
+                                s["x"].at[slot, half] if wsplit else s["x"].at[slot],
+                                s["x_bar"].at[half_bar(slot, half)])
       if not per_channel:
-        g = (step0 + i) // group_steps
         for half in range(2):
-          plgpu.copy_gmem_to_smem(s_ref.at[g, pl.ds(row0 + half * WO_ROWS, WO_ROWS)],
+          g = (step0 + (half * steps if wsplit else 0) + i) // group_steps
+          first = row0 if wsplit else row0 + half * WO_ROWS
+          plgpu.copy_gmem_to_smem(s_ref.at[g, pl.ds(first, WO_ROWS)],
                                   s["scale"].at[slot, half], s["s_bar"].at[2 * slot + half])
 
     _produce(issue, stages, steps, s["consumed"])
@@ -574,55 +623,67 @@ def weight_only_unsupported(m: int, n: int, k: int, *, bits: int, group_size: in
   return None
 
 
-def weight_only_config(n: int, k: int, *, num_sms: int = 132) -> WeightOnlyConfig:
+def weight_only_config(n: int, k: int, *, num_sms: int = 132,
+                       wg_split_k: bool = False) -> WeightOnlyConfig:
   """A :class:`WeightOnlyConfig` whose grid fills the GPU about once.
 
-  ``split_k`` is the largest of 1, 2, 4, 8 with ``ceil(n / 128) * split_k <= num_sms``
-  (at least 4 K steps a split). It came from per-call H100 times that suggested a cost
-  per wave of CTAs (8192^2 int4 split 2 51.5 us, split 4 73.5 us); in device time (chained
-  calls, session 4) the gap is 31.2 vs 34.4 us and the two-wave 4096 x 14336 split 2 runs
-  in 33.8 us, so the dispatch keeps the fixed ``WeightOnlyConfig()`` (notes/quant_matmul.md).
+  ``split_k`` is the largest of 1, 2, 4, 8 with ``ceil(n / rows) * split_k <= num_sms``
+  (``rows`` = 128, or 64 with ``wg_split_k``; at least 4 K steps a warpgroup). It came
+  from per-call H100 times that suggested a cost per wave of CTAs (8192^2 int4 split 2
+  51.5 us, split 4 73.5 us); in device time (chained calls, session 4) the gap is 31.2 vs
+  34.4 us and the two-wave 4096 x 14336 split 2 runs in 33.8 us, so the dispatch keeps the
+  fixed ``WeightOnlyConfig()`` (notes/quant_matmul.md).
   """
-  tiles = -(-n // (2 * WO_ROWS))
-  cfg = WeightOnlyConfig()
+  halves = 2 if wg_split_k else 1
+  tiles = -(-n // (2 * WO_ROWS // halves))
+  cfg = WeightOnlyConfig(wg_split_k=wg_split_k)
   split = 1
   for s in (2, 4, 8):
-    if tiles * s <= num_sms and k >= 4 * s * cfg.block_k:
+    if tiles * s <= num_sms and k >= 4 * s * halves * cfg.block_k:
       split = s
   return dataclasses.replace(cfg, split_k=split)
 
 
 def weight_only_tile_multiples(cfg: WeightOnlyConfig, group_size: int | None
                                ) -> tuple[int, int]:
-  """``(N, K)`` multiples the operands must be padded to (whole scale groups per split)."""
-  tk = cfg.block_k * cfg.split_k
+  """``(N, K)`` multiples the operands must be padded to (whole scale groups per split
+  and, with ``wg_split_k``, per warpgroup half)."""
+  parts = cfg.split_k * (2 if cfg.wg_split_k else 1)
+  tk = cfg.block_k * parts
   if group_size is not None:
-    tk = math.lcm(tk, group_size * cfg.split_k)
-  return 2 * WO_ROWS, tk
+    tk = math.lcm(tk, group_size * parts)
+  return (WO_ROWS if cfg.wg_split_k else 2 * WO_ROWS), tk
 
 
 def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
                          group_size: int | None, config: WeightOnlyConfig | None = None,
-                         interpret: bool = False) -> jax.Array:
+                         interpret: bool = False, scales_t: bool = False,
+                         out_dtype=jnp.float32) -> jax.Array:
   """``x @ dequant(w)`` for a few rows of ``x``, computed transposed on the tensor cores.
 
   ``out^T [N, M] = (w^T * scale) [N, K] @ x^T [K, M]``: the quantized weight is the
   ``wgmma`` A operand, loaded from shared memory into registers in the upcast layouts,
   converted to ``x.dtype`` (Mosaic's lop3 / prmt int4 and int8 converters), scaled per
-  row (output column) and group, while the few rows of ``x`` are the 8..64-wide N operand.
-  K is split over ``split_k`` CTAs so every SM streams weight bytes (float32 partials are
-  summed by XLA).
+  row (output column) and group, while the few rows of ``x`` are the 8..64-wide N operand
+  (read as a TMA box of ``ceil(M / 8) * 8`` rows whose rows past M the copy zero-fills).
+  K is split over ``split_k`` CTAs so every SM streams weight bytes; with
+  ``config.wg_split_k`` also over the CTA's two compute warpgroups, summed in the kernel.
 
   Args:
-    x: ``[M, K]`` bfloat16 / float16, ``M <= 64`` (padded to a multiple of 8 here).
+    x: ``[M, K]`` bfloat16 / float16, ``M <= 64``.
     w_t: ``[N, K]`` int8 or int4 (``jnp.int4``: two codes per byte, K-major), symmetric.
-    scales: float32 ``[N, K // group_size]`` (``[N, 1]`` per channel).
+    scales: float32 ``[N, K // group_size]`` (``[N, 1]`` per channel), or with
+      ``scales_t`` the same transposed, ``[K // group_size, N]`` (the kernel's layout:
+      one row per K group; :func:`jaxeff.ops.quantized_matmul.prepack` stores it).
     group_size: K values per scale, None for per-channel.
     config: blocks; None picks :class:`WeightOnlyConfig` defaults.
     interpret: run in Pallas Mosaic GPU interpret mode.
+    scales_t: ``scales`` is ``[G, N]`` (no per-call transpose).
+    out_dtype: output dtype; the kernel casts only with ``wg_split_k`` and ``split_k = 1``
+      (otherwise float32 partials are summed by XLA and cast there).
 
   Returns:
-    ``[M, N]`` float32; ``N``, ``K`` whole tiles (:func:`weight_only_tile_multiples`).
+    ``[M, N]`` in ``out_dtype``; ``N``, ``K`` whole tiles (:func:`weight_only_tile_multiples`).
   """
   cfg = config or WeightOnlyConfig()
   m, k = x.shape
@@ -635,20 +696,37 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
   if n % tn or k % tk or w_t.shape[1] != k:
     raise ValueError(f"weight_only_matmul_t: (N, K) = {(n, k)} (w_t {w_t.shape}) is not a "
                      f"multiple of {(tn, tk)}; pad the operands")
-  mp = max(8, -(-m // 8) * 8)
-  xp = jnp.pad(x, ((0, mp - m), (0, 0)))
-  steps = k // cfg.block_k // cfg.split_k
+  groups = 1 if group_size is None else k // group_size
+  want = (groups, n) if scales_t else (n, groups)
+  if scales.shape != want:
+    raise ValueError(f"weight_only_matmul_t: scales must be {'[G, N]' if scales_t else '[N, G]'}"
+                     f" = {want}, got {scales.shape}")
+  mp = max(8, -(-m // 8) * 8)  # wgmma N; TMA zero-fills x rows m..mp and drops output rows
+  wsplit = cfg.wg_split_k
+  halves = 2 if wsplit else 1
+  steps = k // cfg.block_k // cfg.split_k // halves
   per_channel = group_size is None
   stages = min(cfg.num_stages, steps)
   cfg = dataclasses.replace(cfg, num_stages=stages)
+  # The finished [M, N] product straight from the kernel: wg_split_k, no split across
+  # CTAs and a 16-bit output (a transposed float32 store does not lower; float32 output
+  # takes the partial-sum form and an XLA transpose).
+  fused = wsplit and cfg.split_k == 1 and jnp.dtype(out_dtype).itemsize == 2
   scratch = {
       "w": _swizzled((stages, 2 * WO_ROWS, cfg.block_k), w_t.dtype),
-      "x": _swizzled((stages, mp, cfg.block_k), x.dtype),
-      "out": _swizzled((2, WO_ROWS, mp), jnp.float32),
-      "w_bar": plgpu.Barrier(num_barriers=stages),
-      "x_bar": plgpu.Barrier(num_barriers=stages),
+      "x": _swizzled((stages, 2, mp, cfg.block_k) if wsplit else (stages, mp, cfg.block_k),
+                     x.dtype),
+      "w_bar": plgpu.Barrier(num_barriers=halves * stages),
+      "x_bar": plgpu.Barrier(num_barriers=halves * stages),
       "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
   }
+  if wsplit:
+    scratch["acc1"] = plgpu.SMEM((WO_ROWS, mp), jnp.float32)  # warpgroup 1's sum
+    scratch["acc_bar"] = plgpu.Barrier(num_barriers=1)
+  if fused:
+    scratch["out_t"] = plgpu.SMEM((mp, WO_ROWS), out_dtype)  # [x rows, weight rows]
+  else:
+    scratch["out"] = _swizzled((1 if wsplit else 2, WO_ROWS, mp), jnp.float32)
   if per_channel:
     scratch["scale"] = plgpu.SMEM((2, 1, WO_ROWS), jnp.float32)
     scratch["scale_bar"] = plgpu.Barrier(num_barriers=2)
@@ -659,10 +737,13 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
     scratch["a16"] = _swizzled((2, WO_ROWS, cfg.block_k), x.dtype)
   kernel = functools.partial(_wo_kernel, cfg=cfg, steps=steps,
                              group_steps=(group_size or k) // cfg.block_k,
-                             per_channel=per_channel, xdtype=x.dtype, a_via_smem=interpret)
+                             per_channel=per_channel, xdtype=x.dtype, a_via_smem=interpret,
+                             mp=mp)
+  out_type = (jax.ShapeDtypeStruct((m, n), out_dtype) if fused else
+              jax.ShapeDtypeStruct((cfg.split_k, n, mp), jnp.float32))
   partial = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((cfg.split_k, n, mp), jnp.float32),
+      out_type=out_type,
       scratch_types=(scratch,),
       grid=(n // tn, cfg.split_k),
       grid_names=("n_tiles", "splits"),
@@ -670,10 +751,12 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name=f"int{bits}_weight_only_t",
-  )(xp, w_t, scales.astype(jnp.float32).T)
+      kernel_name=f"int{bits}_weight_only_t" + ("_wgsplit" if wsplit else ""),
+  )(x, w_t, scales.astype(jnp.float32) if scales_t else scales.astype(jnp.float32).T)
+  if fused:
+    return partial
   out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
-  return out[:, :m].T
+  return out[:, :m].T.astype(out_dtype)
 
 
 __all__ = ["MatmulConfig", "WeightOnlyConfig", "default_config", "scaled_matmul",
