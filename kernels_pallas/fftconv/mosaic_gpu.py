@@ -252,6 +252,32 @@ def filter_spectrum(k: jax.Array, geo: MosaicGeometry) -> jax.Array:
 # --------------------------------------------------------------------------- kernel
 
 
+def complex_products(groups, shape):
+  """``wgmma`` complex products, issued together and waited once (inside a kernel).
+
+  groups: ``[(terms_re, terms_im), ...]``, each part a list of ``(a, b)`` shared-memory
+  operands whose products ``sum a @ b`` accumulate in one float32 accumulator of ``shape``
+  (the sign of ``Re = Mr Xr - Mi Xi`` lives in a ``-Im`` operand plane). Returns
+  ``[(re, im), ...]`` (register arrays in the WGMMA layout), one pair per group.
+  """
+  def body(*accs):
+    for g, (terms_re, terms_im) in enumerate(groups):
+      for a, b in terms_re:
+        plgpu.wgmma(accs[2 * g], a, b)
+      for a, b in terms_im:
+        plgpu.wgmma(accs[2 * g + 1], a, b)
+    plgpu.wgmma_wait(0)
+    return tuple(acc[...] for acc in accs)
+  out = pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32) for _ in range(2 * len(groups))])
+  return [(out[2 * g], out[2 * g + 1]) for g in range(len(groups))]
+
+
+def cmul(x_re, x_im, m_re, m_im):
+  """``(x_re + i x_im) (m_re + i m_im)`` as ``(re, im)``."""
+  return x_re * m_re - x_im * m_im, x_re * m_im + x_im * m_re
+
+
+
 def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
             geo: MosaicGeometry, cfg: MosaicFFTConvConfig, pairs_per_cta: int, dtype,
             conjugate: bool = False):
@@ -308,14 +334,7 @@ def _kernel(z_ref, kf_ref, w1_ref, f2_ref, tw_ref, twc_ref, e1_ref, y_ref, s, *,
 
   def complex_product(terms_re, terms_im, shape):
     """Two accumulators: ``sum a @ b`` over each part's (a, b) terms, waited."""
-    def body(acc_re, acc_im):
-      for a, b in terms_re:
-        plgpu.wgmma(acc_re, a, b)
-      for a, b in terms_im:
-        plgpu.wgmma(acc_im, a, b)
-      plgpu.wgmma_wait(0)
-      return acc_re[...], acc_im[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+    return complex_products([(terms_re, terms_im)], shape)[0]
 
   def load_const(ref):
     return plgpu.load(ref, layout=layout).astype(jnp.float32)
@@ -562,6 +581,7 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
   return y
 
 
-__all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "conv_geometry", "default_config",
+__all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "cmul", "complex_products", "conv_geometry",
+           "default_config",
            "dft_constants", "fft_conv_fused_mosaic", "fft_conv_mosaic", "filter_spectrum", "geometry",
            "smem_bytes", "unsupported"]
