@@ -83,6 +83,14 @@ TRITON_MAX_M = 64
 # previous path for m > 64, 0.26-0.27x), int8 42.3 / 52.5 / 76.6 us; "mosaic" at m = 64:
 # int4 42.2, int8 40.8 us. So "mosaic" keeps m <= 32 and "medium" serves m <= 256.
 MOSAIC_MAX_M = _medium.MEDIUM_MIN_M - 1
+# The small-m Mosaic kernel's default form. False: 128 weight rows a CTA, split-K 2 over
+# CTAs, float32 partials summed / transposed / cast by one XLA fusion after the kernel (the
+# form timed on the H100). True: `WeightOnlyConfig(split_k=1, wg_split_k=True)`: the same
+# number of CTAs (64 rows each, K split over the two compute warpgroups), the sum, the cast
+# and the [M, N] store in the kernel, so a call on a prepacked weight is the Pallas call
+# alone. Flip once quant_dev's `mosaic_wgsplit*` rows pass and time at least as fast
+# (session 6, notes/quant_matmul.md).
+MOSAIC_WG_SPLIT_K = False
 MEDIUM_WG_ROWS = 128  # weight rows a compute warpgroup: best or within 3% in every case timed
 WEIGHT_ONLY_DEFAULT = (("kmajor", MOSAIC_MAX_M, "mosaic", None),
                        ("kmajor", _medium.MEDIUM_MAX_M, "medium", None),
@@ -150,6 +158,11 @@ class PackedWeight:
     zeros: float32 ``[N, G]`` (asymmetric int formats) or None.
     fmt: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
     shape: logical ``(K, N)``.
+    scales_t: float32 ``[G, N]``, ``scales`` transposed (the same values), or None: the
+      layout the Mosaic GPU weight-only kernels read (one row of N scales per K group),
+      stored by :func:`prepack` for weights those kernels serve so that no call
+      transposes the scales. PackedWeights saved without it load with None (the
+      kernels then transpose ``scales`` per call); ``prepack(pw)`` adds it.
   """
 
   values: jax.Array
@@ -157,6 +170,7 @@ class PackedWeight:
   zeros: jax.Array | None
   fmt: str
   shape: tuple[int, int]
+  scales_t: jax.Array | None = None
 
   @property
   def symmetric(self) -> bool:
@@ -188,7 +202,8 @@ class PackedWeight:
     return _dequantize_values(_to_float32(q), s, z).T.astype(dtype)
 
 
-jax.tree_util.register_dataclass(PackedWeight, data_fields=["values", "scales", "zeros"],
+jax.tree_util.register_dataclass(PackedWeight,
+                                 data_fields=["values", "scales", "zeros", "scales_t"],
                                  meta_fields=["fmt", "shape"])
 
 
@@ -216,6 +231,9 @@ def _weight_info(w: Any) -> _Weight:
       raise ValueError(f"quantized_matmul: PackedWeight of shape {(k, n)} needs values "
                        f"{(n, kv)} and scales [N, G] with G dividing K, got values "
                        f"{w.values.shape} and scales {w.scales.shape}")
+    if w.scales_t is not None and tuple(w.scales_t.shape) != (w.scales.shape[1], n):
+      raise ValueError(f"quantized_matmul: PackedWeight.scales_t must be scales transposed, "
+                       f"[G, N] = {(w.scales.shape[1], n)}, got {tuple(w.scales_t.shape)}")
     return _Weight(w.fmt, k, n, w.scales.shape[1], w.symmetric, True)
   needed = ("values", "scales", "zeros", "fmt", "shape", "axis", "group_size", "symmetric")
   if not all(hasattr(w, a) for a in needed):
@@ -241,7 +259,8 @@ def _column_scales(scales: jax.Array, n: int) -> jax.Array:
   return jnp.repeat(scales, n // scales.shape[1], axis=1) if scales.shape[1] != n else scales
 
 
-def prepack(w: Any, *, native_int4: bool | None = None) -> PackedWeight:
+def prepack(w: Any, *, native_int4: bool | None = None,
+            scales_t: bool | None = None) -> PackedWeight:
   """Lays a QArray weight out K-major for the kernels (once, offline).
 
   Args:
@@ -252,6 +271,10 @@ def prepack(w: Any, *, native_int4: bool | None = None) -> PackedWeight:
       default): the layout of the fastest kernel where this runs, i.e. ``jnp.int4`` on a
       Hopper GPU for symmetric int4 whose groups the Mosaic kernel takes (per-channel or
       multiples of 128), ``uint8`` otherwise.
+    scales_t: also store the scales as ``[G, N]`` (``PackedWeight.scales_t``, the Mosaic
+      GPU weight-only kernels' layout: no transpose per call, ``G * N * 4`` more bytes).
+      None (the default): keep an existing ``scales_t``, else store it for the weights
+      those kernels read in place (symmetric native int4; symmetric int8 on a Hopper GPU).
 
   Returns:
     A :class:`PackedWeight` (``values`` transposed, scales / zeros ``[N, G]`` float32).
@@ -269,16 +292,24 @@ def prepack(w: Any, *, native_int4: bool | None = None) -> PackedWeight:
     native_int4 = pw.fmt == "int4" and pw.symmetric and (
         pw.native_int4 or (_registry.current_platform() == "gpu" and _on_hopper()
                            and _mosaic_takes_groups(pw.group_size)))
-  if pw.fmt != "int4" or native_int4 == pw.native_int4:
-    return pw
-  if not pw.symmetric:
-    raise ValueError("prepack: native_int4 needs a symmetric int4 weight (signed codes)")
-  n, k = pw.values.shape[0], info.k
-  if native_int4:  # little-endian nibbles: code 2i is the low nibble of byte i
-    values = jax.lax.bitcast_convert_type(pw.values, jnp.int4).reshape(n, k)
-  else:
-    values = jax.lax.bitcast_convert_type(pw.values.reshape(n, k // 2, 2), jnp.uint8)
-  return dataclasses.replace(pw, values=values)
+  if pw.fmt == "int4" and native_int4 != pw.native_int4:
+    if not pw.symmetric:
+      raise ValueError("prepack: native_int4 needs a symmetric int4 weight (signed codes)")
+    n, k = pw.values.shape[0], info.k
+    if native_int4:  # little-endian nibbles: code 2i is the low nibble of byte i
+      values = jax.lax.bitcast_convert_type(pw.values, jnp.int4).reshape(n, k)
+    else:
+      values = jax.lax.bitcast_convert_type(pw.values.reshape(n, k // 2, 2), jnp.uint8)
+    pw = dataclasses.replace(pw, values=values)
+  if scales_t is None:
+    scales_t = pw.scales_t is not None or (pw.symmetric and (
+        pw.native_int4 or (pw.fmt == "int8" and _registry.current_platform() == "gpu"
+                           and _on_hopper())))
+  if scales_t and pw.scales_t is None:
+    pw = dataclasses.replace(pw, scales_t=pw.scales.T)
+  elif not scales_t and pw.scales_t is not None:
+    pw = dataclasses.replace(pw, scales_t=None)
+  return pw
 
 
 # ------------------------------------------------------------------- activation quantization
@@ -489,20 +520,32 @@ def _triton_supports(x2, w, x_scale2, *, out_dtype):
 
 def _pad_k_major(w: PackedWeight, tn: int, kp: int) -> tuple[jax.Array, jax.Array, Any]:
   """K-major values / scales / zeros padded to ``N % tn == 0`` and ``K = kp`` (padded K
-  rows form whole groups of zero codes with scale 1)."""
+  rows form whole groups of zero codes with scale 1). No op when both are whole tiles."""
   per_byte = 2 if w.fmt == "int4" and not w.native_int4 else 1
   values = _pad2(w.values, tn, kp // per_byte)
   groups = w.scales.shape[1]
   extra = 0 if groups == 1 else kp // (w.shape[0] // groups) - groups
 
   def pad(a, value):
-    return jnp.pad(_pad2(a, tn, 1, value), ((0, 0), (0, extra)), constant_values=value)
+    a = _pad2(a, tn, 1, value)
+    return jnp.pad(a, ((0, 0), (0, extra)), constant_values=value) if extra else a
 
   return values, pad(w.scales, 1.0), None if w.zeros is None else pad(w.zeros, 0.0)
 
 
+def _kernel_scales(w: PackedWeight, tn: int, kp: int) -> jax.Array:
+  """``[G', N']`` float32 scales of the Mosaic weight-only kernels (``w.scales_t`` when
+  prepacked, else a transpose per call), padded like :func:`_pad_k_major`."""
+  if w.scales_t is None:
+    return _pad_k_major(w, tn, kp)[1].T
+  groups = w.scales.shape[1]
+  extra = 0 if groups == 1 else kp // (w.shape[0] // groups) - groups
+  st = _pad2(w.scales_t.astype(jnp.float32), 1, tn, 1.0)
+  return jnp.pad(st, ((0, extra), (0, 0)), constant_values=1.0) if extra else st
+
+
 def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config: Any = None,
-                       interpret: bool = False) -> jax.Array:
+                       interpret: bool = False, out_dtype=jnp.float32) -> jax.Array:
   """``x2 @ dequant(w)`` through one weight-only kernel variant, operands padded to its tiles.
 
   Args:
@@ -518,9 +561,11 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
       transposed on every call.
     config: the variant's config; None picks its defaults.
     interpret: Pallas interpret mode.
+    out_dtype: output dtype (the Mosaic kernel with ``wg_split_k`` casts in the kernel;
+      otherwise the cast joins the XLA epilogue).
 
   Returns:
-    ``[M, N]`` float32.
+    ``[M, N]`` in ``out_dtype``.
   """
   info = _weight_info(w)
   bits = 4 if info.fmt == "int4" else 8
@@ -529,16 +574,20 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
   if variant in ("mosaic", "medium"):  # Hopper wgmma kernels on K-major weights
     pw = prepack(w, native_int4=True)
     if variant == "mosaic":
-      cfg = config or _mosaic_gpu.WeightOnlyConfig()
+      cfg = config or _mosaic_default_config()
       tiles, kernel = _mosaic_gpu.weight_only_tile_multiples, _mosaic_gpu.weight_only_matmul_t
     else:
       cfg = config or _medium_config(m, info, group)
       tiles, kernel = _medium.tile_multiples, _medium.weight_only_matmul_medium
     tn, tk = tiles(cfg, group)
     kp = info.k + (-info.k % tk)
-    values, scales, _ = _pad_k_major(pw, tn, kp)
-    return kernel(_pad2(x2, 1, kp), values, scales, group_size=group, config=cfg,
-                  interpret=interpret)[:, :info.n]
+    per_byte = 1  # native int4 / int8: one code per element
+    values = _pad2(pw.values, tn, kp // per_byte)
+    # x keeps its M rows (the kernels' TMA zero-fills the rows of a tile past M); K is
+    # padded only when it is not a whole number of tiles.
+    out = kernel(_pad2(x2, 1, kp), values, _kernel_scales(pw, tn, kp), group_size=group,
+                 config=cfg, interpret=interpret, scales_t=True, out_dtype=out_dtype)
+    return out if out.shape[1] == info.n else out[:, :info.n]
   if info.packed and w.native_int4:
     w = prepack(w, native_int4=False)
   if variant == "gemv":
@@ -552,7 +601,7 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
     values, scales, _ = _pad_k_major(pw, tn, kp)
     return _triton.gemv_weight_only(_pad2(x2, 1, kp), values, scales, bits=bits,
                                     group_size=group, config=cfg,
-                                    interpret=interpret)[:, :info.n]
+                                    interpret=interpret)[:, :info.n].astype(out_dtype)
   if variant != "triton":
     raise ValueError(f"weight_only_matmul: variant must be 'triton', 'gemv', 'mosaic' or "
                      f"'medium', got {variant!r}")
@@ -570,7 +619,13 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
   out = _triton.weight_only_matmul(xp, values, scales, zeros, bits=bits, group_size=group,
                                    signed=info.symmetric, k_major=info.packed, config=cfg,
                                    interpret=interpret)
-  return out[:m, :info.n]
+  return out[:m, :info.n].astype(out_dtype)
+
+
+def _mosaic_default_config() -> _mosaic_gpu.WeightOnlyConfig:
+  if MOSAIC_WG_SPLIT_K:
+    return _mosaic_gpu.WeightOnlyConfig(split_k=1, wg_split_k=True)
+  return _mosaic_gpu.WeightOnlyConfig()
 
 
 def _on_hopper() -> bool:
@@ -597,7 +652,7 @@ def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:
     if m > max_m or (layout == "kmajor" and not kmajor):
       continue
     if variant == "mosaic":
-      cfg = config or _mosaic_gpu.WeightOnlyConfig()
+      cfg = config or _mosaic_default_config()
       group = None if info.groups == 1 else info.k // info.groups
       if not hopper or not info.symmetric or _mosaic_gpu.weight_only_unsupported(
           m, info.n, info.k, bits=4 if info.fmt == "int4" else 8, group_size=group, cfg=cfg):
@@ -615,8 +670,8 @@ def _weight_only_choice(m: int, w: Any, *, interpret: bool) -> tuple[str, Any]:
 def _triton_fn(x2, w, x_scale2, *, out_dtype, interpret):
   del x_scale2
   variant, config = _weight_only_choice(x2.shape[0], w, interpret=interpret)
-  return weight_only_matmul(x2, w, variant=variant, config=config,
-                            interpret=interpret).astype(out_dtype)
+  return weight_only_matmul(x2, w, variant=variant, config=config, interpret=interpret,
+                            out_dtype=out_dtype)
 
 
 def _xla_fn(x2, w, x_scale2, *, out_dtype):

@@ -295,19 +295,24 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: MediumConfig, steps: int,
 
 def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
                               group_size: int | None, config: MediumConfig | None = None,
-                              interpret: bool = False) -> jax.Array:
+                              interpret: bool = False, scales_t: bool = False,
+                              out_dtype=jnp.float32) -> jax.Array:
   """``x @ dequant(w)`` for a medium number of rows of ``x`` (module docstring).
 
   Args:
-    x: ``[M, K]`` bfloat16 / float16, ``M <= 256`` (padded to ``block_m`` tiles here).
+    x: ``[M, K]`` bfloat16 / float16, ``M <= 256`` (read in ``block_m``-row TMA boxes;
+      rows past M are zero-filled by the copy, so x is never padded).
     w_t: ``[N, K]`` int8, or ``jnp.int4`` (two codes per byte, K-major): symmetric codes.
-    scales: ``[N, K // group_size]`` (``[N, 1]`` per channel), float32 or castable.
+    scales: ``[N, K // group_size]`` (``[N, 1]`` per channel), float32 or castable; with
+      ``scales_t`` the same transposed, ``[K // group_size, N]`` (no per-call transpose).
     group_size: K values per scale, None for per-channel.
     config: blocks; None picks :func:`medium_config`.
     interpret: run in Pallas Mosaic GPU interpret mode.
+    scales_t: ``scales`` is ``[G, N]``.
+    out_dtype: output dtype (cast in the XLA epilogue with the split-K sum).
 
   Returns:
-    ``[M, N]`` float32. ``N`` and ``K`` must be whole tiles (:func:`tile_multiples`).
+    ``[M, N]`` in ``out_dtype``. ``N`` and ``K`` must be whole tiles (:func:`tile_multiples`).
   """
   m, k = x.shape
   n = w_t.shape[0]
@@ -327,12 +332,13 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
     raise ValueError(f"weight_only_matmul_medium: (N, K) = {(n, k)} (w_t {w_t.shape}) is "
                      f"not a multiple of {(tn, tk)}; pad the operands")
   groups = 1 if group_size is None else k // group_size
-  if scales.shape != (n, groups):
-    raise ValueError(f"weight_only_matmul_medium: scales must be [N, K // group_size] = "
-                     f"{(n, groups)}, got {scales.shape}")
+  want = (groups, n) if scales_t else (n, groups)
+  if scales.shape != want:
+    raise ValueError(f"weight_only_matmul_medium: scales must be "
+                     f"{'[K // group_size, N]' if scales_t else '[N, K // group_size]'} = "
+                     f"{want}, got {scales.shape}")
   bm = cfg.block_m
   m_tiles = -(-m // bm)
-  xp = jnp.pad(x, ((0, m_tiles * bm - m), (0, 0)))
   steps = k // cfg.block_k // cfg.split_k
   per_channel = group_size is None
   stages = min(cfg.num_stages, steps)
@@ -361,7 +367,8 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
                              group_steps=(group_size or k) // cfg.block_k,
                              per_channel=per_channel, xdtype=x.dtype, a_via_smem=interpret)
   # [G, N / 64, 64]: one TMA row per 64-row sub-tile and K group
-  s3 = scales.astype(jnp.float32).T.reshape(groups, n // WGMMA_M, WGMMA_M)
+  s_gn = scales.astype(jnp.float32) if scales_t else scales.astype(jnp.float32).T
+  s3 = s_gn.reshape(groups, n // WGMMA_M, WGMMA_M)
   cluster = dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",)) if (
       cfg.cluster_n > 1) else {}
   partial = plgpu.kernel(
@@ -376,9 +383,9 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name=f"int{bits}_weight_only_medium",
-  )(xp, w_t, s3)
+  )(x, w_t, s3)
   out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
-  return out[:, :m].T
+  return out[:, :m].T.astype(out_dtype)
 
 
 __all__ = ["MEDIUM_MAX_M", "MEDIUM_MIN_M", "MediumConfig", "medium_config", "smem_bytes",
