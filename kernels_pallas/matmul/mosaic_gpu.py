@@ -571,7 +571,7 @@ def _wo_kernel(x_ref, w_ref, s_ref, out_ref, s, *, cfg: WeightOnlyConfig, steps:
     @pl.when(wg == 0)
     def _finish():
       plgpu.barrier_wait(s["acc_bar"].at[0])
-      total = acc + plgpu.load(s["acc1"], (), layout=plgpu.Layout.WGMMA)
+      total = acc + plgpu.load(s["acc1"], layout=plgpu.Layout.WGMMA, optimized=False)
       if per_channel:
         total = total * lax.broadcast_in_dim(channel_scale, total.shape, [0])
       if "out_t" in s:  # finished product: [mp, 64] of out [M, N], x rows past M dropped
