@@ -25,6 +25,9 @@ Implementations (``implementation=``), fastest first:
   for transform sizes 2048..8192 (causal seq 1024..4096); its backward is the
   ``"triton"`` path's. Measured on H100 (batch 64, 768 channels, forward): 6.0x jnp.fft
   at seq 1024 and 6.4x at 4096, vs 4.4x / 3.7x for ``"triton"`` (notes/spectral.md).
+  Transform sizes 16384 and 32768 (causal seq 8K-16K) have their own kernel
+  (:mod:`kernels_pallas.fftconv.mosaic_gpu_long`), served only when ``MOSAIC_LONG`` is
+  True (off until measured on the device) or through ``fft_conv_mosaic_gpu(long=True)``.
 * ``"triton"``: fused Pallas kernels (:mod:`kernels_pallas.fftconv.triton`) reading
   ``u`` and the gates in place and writing ``y`` in ``u.dtype`` (no transposes, no float32
   intermediates): FFT -> filter -> iFFT -> gates per packed signal for ``n`` up to 8192
@@ -63,6 +66,7 @@ import numpy as np
 from jaxeff.ops import _registry
 from jaxeff.spectral import monarch
 from kernels_pallas.fftconv import mosaic_gpu as _mosaic
+from kernels_pallas.fftconv import mosaic_gpu_long as _mosaic_long
 from kernels_pallas.fftconv import triton as _triton
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -511,6 +515,12 @@ def _reference_impl(u, k, *, causal, gate, frequency_keep):
 # `fft_conv_mosaic_gpu`.
 MOSAIC_BACKWARD = False
 
+# Transform sizes 16384 and 32768 (causal seq 8K-16K) on the long-sequence Mosaic GPU kernel
+# (kernels_pallas/fftconv/mosaic_gpu_long.py): off until measured on the device (the
+# "mosaic_gpu" entry then declines these sizes and "triton" serves them). Read at trace
+# time like MOSAIC_BACKWARD; `fft_conv_mosaic_gpu(long=True)` uses the kernel regardless.
+MOSAIC_LONG = False
+
 
 @dataclasses.dataclass(frozen=True)
 class _MosaicCall:
@@ -524,26 +534,40 @@ class _MosaicCall:
 
   causal: bool
   triton: _TritonCall
-  config: _mosaic.MosaicFFTConvConfig | None = None
+  config: _mosaic.MosaicFFTConvConfig | _mosaic_long.LongFFTConvConfig | None = None
   backward: str = "triton"
+  long: bool = False  # the long-sequence kernel (transform sizes 16384, 32768)
+
+  def conv(self, u, k, x, v, **kw):
+    """The Mosaic forward (or, with ``conjugate=True``, the correlation)."""
+    fn = _mosaic_long.fft_conv_mosaic_long if self.long else _mosaic.fft_conv_mosaic
+    return fn(u, k, x, v, causal=self.causal, config=self.config,
+              interpret=self.triton.interpret, **kw)
+
+  def spectrum(self, u, k):
+    """The kernel's filter spectrum of ``k`` (shared by forward and backward)."""
+    seq, filter_len = u.shape[-1], k.shape[-1]
+    if self.long:
+      geo = _mosaic_long.conv_geometry(seq, filter_len, u.dtype, causal=self.causal,
+                                       config=self.config)
+      return _mosaic_long.filter_spectrum(k, geo, u.dtype)
+    geo, _ = _mosaic.conv_geometry(seq, filter_len, u.dtype, causal=self.causal,
+                                   config=self.config)
+    return _mosaic.filter_spectrum(k, geo)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _mosaic_conv(u, k, x, v, call: _MosaicCall):
   """``v * conv(k, u * x)`` ``[batch, channels, seq]`` in ``u.dtype`` (x, v may be None)."""
-  return _mosaic.fft_conv_mosaic(u, k, x, v, causal=call.causal, config=call.config,
-                                 interpret=call.triton.interpret)
+  return call.conv(u, k, x, v)
 
 
 def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
   if call.backward != "mosaic":
     y = _mosaic_conv(u, k, x, v, call)
     return y, (u, k, x, v, _plan_filter_spectrum(k, call.triton.plan))
-  geo, _ = _mosaic.conv_geometry(u.shape[-1], k.shape[-1], u.dtype, causal=call.causal,
-                                 config=call.config)
-  kf = _mosaic.filter_spectrum(k, geo)
-  c = _mosaic.fft_conv_mosaic(u, k, x, None, causal=call.causal, config=call.config, kf=kf,
-                              interpret=call.triton.interpret)
+  kf = call.spectrum(u, k)
+  c = call.conv(u, k, x, None, kf=kf)
   # The same rounding as fft_conv_mosaic's post-gate: float32 product of the u.dtype output.
   y = c if v is None else (c.astype(jnp.float32) * v.astype(jnp.float32)).astype(u.dtype)
   return y, (u, k, x, v, kf, None if v is None else c)
@@ -555,8 +579,7 @@ def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
   u, k, x, v, kf, c = residuals
   dy = dy.astype(u.dtype)
   # dw = corr(k, dy * v): the Mosaic kernel with the conjugated filter spectrum.
-  dw = _mosaic.fft_conv_mosaic(dy, k, v, None, causal=call.causal, config=call.config,
-                               conjugate=True, kf=kf, interpret=call.triton.interpret)
+  dw = call.conv(dy, k, v, None, conjugate=True, kf=kf)
   if x is None:
     du, dx = dw, None
   else:
@@ -583,20 +606,26 @@ def _triton_call(u, k, *, causal: bool, interpret: bool) -> _TritonCall:
 def _mosaic_impl(u, k, *, causal, gate, frequency_keep, interpret=False):
   del frequency_keep  # supports() sends frequency-sparse calls elsewhere
   x, v = gate if gate is not None else (None, None)
+  n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
   call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret),
-                     backward="mosaic" if MOSAIC_BACKWARD else "triton")
+                     backward="mosaic" if MOSAIC_BACKWARD else "triton",
+                     long=n in _mosaic_long.SIZES)
   return _mosaic_conv(u, k, x, v, call)
 
 
 def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
                         gate: tuple[jax.Array | None, jax.Array | None] | None = None,
-                        config: _mosaic.MosaicFFTConvConfig | None = None,
-                        backward: str | None = None, interpret: bool = False) -> jax.Array:
+                        config: (_mosaic.MosaicFFTConvConfig | _mosaic_long.LongFFTConvConfig
+                                 | None) = None,
+                        backward: str | None = None, long: bool | None = None,
+                        interpret: bool = False) -> jax.Array:
   """The ``"mosaic_gpu"`` implementation with explicit choices (benchmarks, tuning).
 
   Shapes and semantics as :func:`fft_conv` (bfloat16/float16 ``u``, transform sizes the
-  Mosaic kernel serves); ``config``: the kernel's launch parameters (None: its default);
-  ``backward``: "mosaic" or "triton" (None: ``MOSAIC_BACKWARD``).
+  Mosaic kernels serve); ``config``: the kernel's launch parameters (None: its default;
+  a ``LongFFTConvConfig`` for transform sizes 16384 / 32768); ``backward``: "mosaic" or
+  "triton" (None: ``MOSAIC_BACKWARD``); ``long``: serve transform sizes 16384 / 32768 with
+  the long-sequence kernel (None: ``MOSAIC_LONG``).
   """
   _validate(u, k, causal, gate, None)
   if backward is None:
@@ -604,20 +633,33 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
   if backward not in ("mosaic", "triton"):
     raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic' or 'triton', "
                      f"got {backward!r}")
-  reason = _mosaic_supports(u, k, causal=causal, gate=gate, frequency_keep=None)
+  if long is not None and not isinstance(long, bool):
+    raise TypeError(f"fft_conv_mosaic_gpu: long must be None or a bool, got {long!r}")
+  reason = _mosaic_supports(u, k, causal=causal, gate=gate, frequency_keep=None, long=long)
   if reason is not None:
     raise NotImplementedError(f"fft_conv_mosaic_gpu: {reason}")
+  n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
+  is_long = n in _mosaic_long.SIZES
+  expected = _mosaic_long.LongFFTConvConfig if is_long else _mosaic.MosaicFFTConvConfig
+  if config is not None and not isinstance(config, expected):
+    raise TypeError(f"fft_conv_mosaic_gpu: transform size {n} needs config of type "
+                    f"{expected.__name__} or None, got {type(config).__name__}")
   x, v = gate if gate is not None else (None, None)
   call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret), config,
-                     backward)
+                     backward, is_long)
   return _mosaic_conv(u, k, x, v, call)
 
 
-def _mosaic_supports(u, k, *, causal, gate, frequency_keep):
+def _mosaic_supports(u, k, *, causal, gate, frequency_keep, long: bool | None = None):
   reason = _triton_supports(u, k, causal=causal, gate=gate, frequency_keep=frequency_keep)
   if reason is not None:
     return f"backward (Triton): {reason}"
   n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
+  if n in _mosaic_long.SIZES:
+    if not (MOSAIC_LONG if long is None else long):
+      return (f"transform size {n}: the long-sequence Mosaic kernel is off (MOSAIC_LONG is "
+              f"False until it has been measured on the device)")
+    return _mosaic_long.unsupported(n, u.shape[-1], u.dtype)
   return _mosaic.unsupported(n, u.shape[-1], u.dtype)
 
 
