@@ -24,7 +24,9 @@ shared memory, each computes half of dQ's columns, and adds it into a float32 dQ
 accumulator in HBM with a TMA reduce-add (``cp.reduce.async.bulk``), so the backward does
 the five matmuls of the algorithm and no more. ``Config.bwd_dq_deferred`` leaves each
 step's dQ matmul in flight into the next step (its result is staged and reduce-added
-there), so the tensor cores do not drain between steps. ``deterministic=True`` instead computes dQ
+there), so the tensor cores do not drain between steps. ``Config.bwd_dq_writer`` hands the
+reduce-adds to the memory warpgroup (FlashAttention-3's dQ writer): the compute warpgroups
+only stage their dQ half in shared memory. ``deterministic=True`` instead computes dQ
 in a second kernel parallel over query tiles (two more matmuls, bitwise reproducible);
 interpret mode always uses that path because TMA reductions cannot be interpreted.
 
@@ -73,7 +75,12 @@ class Config:
   draining the tensor cores. ``bwd_dq_store_before_dp`` (deferred only): issue ``S^T``,
   stage the previous dQ, then issue ``dP^T`` (dQ, S^T and dP^T accumulators are never
   live together: 192 instead of 224 accumulator registers a thread at head_dim 128);
-  False issues both and stages dQ under ``dP^T``."""
+  False issues both and stages dQ under ``dP^T``. ``bwd_dq_writer`` (split dQ only;
+  ignored with ``bwd_dq_alternate``; with or without ``bwd_dq_deferred``): the compute
+  warpgroups stage their dQ half in shared memory and signal it on an mbarrier; the memory
+  warpgroup issues the TMA reduce-adds into HBM and releases the staging buffers once the
+  copies have read them (FlashAttention-3's dQ writer), so a compute warpgroup never
+  issues or waits on a bulk copy inside the loop."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -90,6 +97,7 @@ class Config:
   bwd_dq_alternate: bool = False
   bwd_dq_deferred: bool = False
   bwd_dq_store_before_dp: bool = True
+  bwd_dq_writer: bool = False
 
   @property
   def fwd_q_tile(self) -> int:
@@ -416,6 +424,7 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
   alternate = cfg.bwd_dq_alternate and not (has_seg and d > 64)
   half = d if alternate else d // 2  # dQ columns one warpgroup computes in one step
   deferred = cfg.bwd_dq_deferred and not alternate
+  writer = cfg.bwd_dq_writer and not alternate
   dtype = q.dtype
   has_seg = q_seg is not None
   dense = sparsity.dense
@@ -494,6 +503,14 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
           plgpu.copy_smem_to_gmem(s["dq"].at[wg], dq_ref.at[b, rows, head_, cols],
                                   reduction_op="add")
 
+      def stage_dq(dq, u):
+        """dQ writer: put step ``u``'s dQ half into this warpgroup's staging buffer (once
+        the memory warpgroup has released it from step ``u - 1``) and signal it."""
+        _when(u > 0, lambda: plgpu.barrier_wait(s["dq_empty"].at[wg]))
+        s["dq"].at[wg][...] = dq
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(s["dq_full"].at[wg])
+
       def store_previous_dq(t, wait_n):
         """Deferred dQ: stage step ``t - 1``'s dQ (in flight behind this step's ``S^T``
         until ``wait_n`` wgmma groups are left; they complete in order) and issue its
@@ -501,9 +518,14 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
         it at the end of step ``t - 1``.)"""
         if not interpret:
           dq_prev = plgpu.wgmma_accumulator_load(acc_refs["dq"], wait_n=wait_n)
+          if writer:
+            _when(t > 0, lambda: stage_dq(dq_prev, t - 1))
+            return
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           s["dq"].at[wg][...] = dq_prev
           plgpu.commit_smem()
+        if writer:
+          return  # interpret mode staged and signalled it at the end of step t - 1
         _when(t > 0, lambda: issue_dq_copy(t - 1))
 
       def step(i, carry, *, hg, masked: bool):
@@ -569,6 +591,9 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
         def compute_dq(acc_ref):
           plgpu.wgmma(acc_ref, s["ds"].at[parity].transpose((1, 0)), k_cols)
           dq = acc_ref[...]  # also waits for this step's dV and dK matmuls
+          if writer:
+            stage_dq(dq, t)
+            return
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           s["dq"].at[wg][...] = dq
           plgpu.commit_smem()
@@ -607,6 +632,9 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
               lambda r: (plgpu.wgmma(r, s["ds"].at[parity].transpose((1, 0)), k_cols),
                          r[...])[1],
               plgpu.ACC((bq, half), jnp.float32))
+          if writer:
+            stage_dq(dq, t)
+            return
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           s["dq"].at[wg][...] = dq
           plgpu.commit_smem()
@@ -662,6 +690,10 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
 
       def flush_last_dq(dq_last):
         """Deferred dQ: the last step's dQ (staged here on GPU, already in interpret mode)."""
+        if writer:
+          if dq_last is not None:
+            _when(n_steps > 0, lambda: stage_dq(dq_last, n_steps - 1))
+          return
         if dq_last is not None:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           s["dq"].at[wg][...] = dq_last
@@ -715,16 +747,47 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
         plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(qb * bq, bq)],
                                 s["delta"].at[slot], s["do_bar"].at[slot])
 
+      def write_dq(u):
+        """dQ writer: once both warpgroups staged step ``u``'s dQ halves, reduce-add them
+        into HBM; release the staging buffers when the copies have read them (the last
+        step's release would have no taker)."""
+        hg = lax.div(u, n_total)
+        rows = pl.ds(q_block(lax.rem(u, n_total)) * bq, bq)
+        head = kvh * group + hg
+        for w in range(2):
+          plgpu.barrier_wait(s["dq_full"].at[w])
+          cols = pl.ds(w * half, half)
+          if dq_partials:
+            plgpu.copy_smem_to_gmem(s["dq"].at[w], dq_ref.at[kt, b, rows, head, cols])
+          else:
+            plgpu.copy_smem_to_gmem(s["dq"].at[w], dq_ref.at[b, rows, head, cols],
+                                    reduction_op="add")
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        @pl.when(u + 1 < n_steps)
+        def _():
+          for w in range(2):
+            plgpu.barrier_arrive(s["dq_empty"].at[w])
+
       for t in range(min(stages, n_qb_all * group)):
         _when(t < n_steps, functools.partial(issue, t, t, False))
 
+      # Step u's dQ is handled after its q_cons (it is staged before q_cons, or during
+      # step u + 1 with deferred dQ); the loads of steps up to u + stages are issued first.
       @pl.loop(stages, _max(n_steps, stages))
       def _(t):
         issue(t, lax.rem(t, stages), True)
+        if writer:
+          write_dq(t - stages)
 
       @pl.loop(_max(n_steps - stages, 0), n_steps)
       def _(t):
         plgpu.barrier_wait(s["q_cons"].at[lax.rem(t, stages)])
+        if writer:
+          write_dq(t)
+
+      if writer:
+        plgpu.wait_smem_to_gmem(0)
 
   # dQ reads column halves of K; a wgmma's operands share one swizzle, so every 16-bit
   # buffer uses the swizzle of a half row of K.
@@ -751,6 +814,8 @@ def _bwd_call(q, k, v, do, lse2, delta, q_seg, kv_seg, sparsity: common.BlockSpa
     scratch.update(
         kvseg=plgpu.SMEM((2, bkv), jnp.int32), qseg=plgpu.SMEM((stages, bq), jnp.int32),
         kvseg_bar=plgpu.Barrier(num_barriers=2), qseg_bar=plgpu.Barrier(num_barriers=stages))
+  if writer:
+    scratch.update(dq_full=plgpu.Barrier(num_barriers=2), dq_empty=plgpu.Barrier(num_barriers=2))
   if interpret:
     scratch["pt"] = _tiled((2, bkv, bq), dtype, swizzle=swz)
   kv_struct = jax.ShapeDtypeStruct(k.shape, dtype)
