@@ -1,7 +1,7 @@
 """Device check and timing of the Mosaic GPU FFT convolution (issue #8).
 
 ``PYTHONPATH=. python3 experiments/fftconv_mosaic_dev.py [--out DIR] [--budget S] [--smoke]
-[--backward]``
+[--backward | --long]``
 
 Forward (default):
 
@@ -28,6 +28,17 @@ every row. ``--smoke``: tiny shapes in interpret mode (CPU check of this script)
    filter as long as the input, at seq 1024 and 4096: ``jnp.fft``, the Triton path, the
    Mosaic forward with the Triton backward, the Mosaic forward with the Mosaic backward
    (the last only where its check passed). Writes ``fftconv_mosaic_bwd.json``.
+
+``--long`` (the long-sequence kernel, :mod:`kernels_pallas.fftconv.mosaic_gpu_long`,
+transform sizes 16384 / 32768; default ``--sizes 8192,16384``):
+
+1. ``check`` (child process, ``--check-timeout``): the default at each seq, full size
+   (batch 64 x 768, error over 4 batch rows x 64 channels) against float64 NumPy; every
+   timed configuration at batch 16 x 2 channels; a gated odd case (seq 8000, filter 300);
+   circular seq 16384; the correlation; the op path ``fft_conv_mosaic_gpu(long=True)``.
+2. ``time``: batch 64 x 768, bf16, causal, filter as long as the input: ``jnp.fft``, the
+   Triton default, the long kernel's configurations (only those whose check passed).
+   Writes ``fftconv_mosaic_long.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import numpy as np
 from experiments.bench import harness
 from jaxeff.ops.fft_conv import fft_conv
 from kernels_pallas.fftconv import mosaic_gpu as M
+from kernels_pallas.fftconv import mosaic_gpu_long as L
 
 BATCH, CHANNELS = 64, 768
 RESULTS: dict = {"check": [], "time": []}
@@ -70,14 +82,24 @@ VARIANTS = {  # name: config (None: default_config)
 }
 
 
-def np_conv(u, k, x=None, v=None, causal=True):
-  """float64 ``v * conv(k, u x)``."""
+LONG_VARIANTS = {  # name: LongFFTConvConfig (None: the default)
+    8192: [("default", None),
+           ("f32 twiddles", L.LongFFTConvConfig(twiddle_dtype="float32")),
+           ("ppc8", L.LongFFTConvConfig(pairs_per_cta=8))],
+    16384: [("default", None),
+            ("f32 twiddles", L.LongFFTConvConfig(twiddle_dtype="float32"))],
+}
+
+
+def np_conv(u, k, x=None, v=None, causal=True, conjugate=False):
+  """float64 ``v * conv(k, u x)`` (or the correlation with ``k``)."""
   f64 = lambda a: None if a is None else np.asarray(jnp.asarray(a, jnp.float32), np.float64)
   u, k, x, v = f64(u), f64(k), f64(x), f64(v)
   seq = u.shape[-1]
   n = M.fft_size(seq, k.shape[-1], causal=causal)
   w = u if x is None else u * x
-  y = np.fft.irfft(np.fft.rfft(w, n) * np.fft.rfft(k, n), n)[..., :seq]
+  kf = np.fft.rfft(k, n)
+  y = np.fft.irfft(np.fft.rfft(w, n) * (np.conj(kf) if conjugate else kf), n)[..., :seq]
   return y if v is None else y * v
 
 
@@ -164,7 +186,8 @@ def _time_rows(seq, rows, make, *, smoke, budget, out, table, **record):
       print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
       continue
     try:
-      t = harness.time_fn(fn, make, rounds=3 if smoke else 15, max_sets=2)
+      t = harness.time_fn(fn, make, rounds=1 if smoke else 15, max_sets=2,
+                          warmup=1 if smoke else 3)
     except Exception as e:
       print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
             flush=True)
@@ -297,19 +320,116 @@ def main_backward(a, sizes, out):
   save(out)
 
 
+# --------------------------------------------------------------------------- long
+
+
+def long_checks(sizes, smoke):
+  interp = dict(interpret=True) if smoke else {}
+  b, c = (2, 1) if smoke else (BATCH, CHANNELS)
+  for seq in sizes:
+    u, k, _, _ = inputs(seq, b, c, seq)
+    sub = (slice(0, 4), slice(0, min(c, 64)))
+    f = jax.jit(lambda u, k: L.fft_conv_mosaic_long(u, k, **interp))
+    check(f"seq={seq} B{b}xC{c} long default", lambda: f(u, k)[sub],
+          lambda: np_conv(u[sub], k[:64]))
+  if smoke:  # the timed configurations are the default's code with other constants
+    return
+  for seq in sizes:
+    u, k, _, _ = inputs(seq + 1, 16, 2, seq)
+    for name, cfg in LONG_VARIANTS[seq]:
+      if cfg is not None:
+        check(f"seq={seq} B16xC2 long {name}",
+              lambda: L.fft_conv_mosaic_long(u, k, config=cfg), lambda: np_conv(u, k))
+  u, k, x, v = inputs(7, 3, 2, 8000, flen=300)
+  check("seq=8000 flen=300 B3 gated", lambda: L.fft_conv_mosaic_long(u, k, x, v),
+        lambda: np_conv(u, k, x, v))
+  u, k, _, _ = inputs(8, 4, 2, 16384, flen=1000)
+  check("seq=16384 circular", lambda: L.fft_conv_mosaic_long(u, k, causal=False),
+        lambda: np_conv(u, k, causal=False))
+  for seq in sizes:
+    u, k, _, _ = inputs(seq + 2, 4, 2, seq)
+    check(f"seq={seq} correlation", lambda: L.fft_conv_mosaic_long(u, k, conjugate=True),
+          lambda: np_conv(u, k, conjugate=True))
+  F = importlib.import_module("jaxeff.ops.fft_conv")
+  u, k, _, _ = inputs(9, 4, 2, 8192)
+  check("seq=8192 op fft_conv_mosaic_gpu(long=True)",
+        lambda: jax.jit(lambda u, k: F.fft_conv_mosaic_gpu(u, k, long=True))(u, k),
+        lambda: np_conv(u, k))
+
+
+def long_timing(sizes, smoke, budget, out, passed):
+  b, c = (2, 1) if smoke else (BATCH, CHANNELS)
+  interp = dict(interpret=True) if smoke else {}
+  table = []
+  for seq in sizes:
+    make = lambda i, seq=seq: inputs(300 + i, b, c, seq)[:2]
+    rows = [("jnp.fft", jax.jit(lambda u, k: fft_conv(u, k, implementation="xla")))]
+    if not smoke:
+      rows.append(("triton default",
+                   jax.jit(lambda u, k: fft_conv(u, k, implementation="triton"))))
+    for name, cfg in LONG_VARIANTS[seq]:
+      key = f"seq={seq} B16xC2 long {name}" if cfg is not None else f"seq={seq} long default"
+      if not passed.get(key, False) or (smoke and cfg is not None):
+        print(f"{seq:>6} mosaic long {name:<16} skipped (check failed, did not run or smoke)",
+              flush=True)
+        continue
+      rows.append((f"mosaic long {name}", jax.jit(
+          lambda u, k, cfg=cfg: L.fft_conv_mosaic_long(u, k, config=cfg, **interp))))
+    _time_rows(seq, rows, make, smoke=smoke, budget=budget, out=out, table=table, batch=b,
+               channels=c)
+  _print_table("forward, long-sequence kernel", table)
+
+
+def main_long(a, sizes, out):
+  JSON_NAME[0] = "fftconv_mosaic_long.json"
+  if a.checks_only:
+    long_checks(sizes, a.smoke)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fftconv_mosaic_long_checks.json").write_text(json.dumps(RESULTS["check"],
+                                                                    default=str))
+    return
+  print("device", harness.device_name(), "jax", jax.__version__, "(long)", flush=True)
+  # Checks in a child process with a time limit: a hang costs the checks, not the rows.
+  cmd = [sys.executable, __file__, "--checks-only", "--long", "--out", str(out),
+         "--sizes", ",".join(map(str, sizes))] + (["--smoke"] if a.smoke else [])
+  try:
+    subprocess.run(cmd, timeout=a.check_timeout, check=False)
+  except subprocess.TimeoutExpired:
+    print(f"checks did not finish in {a.check_timeout:.0f} s (hang?)", flush=True)
+  path = out / "fftconv_mosaic_long_checks.json"
+  RESULTS["check"] = json.loads(path.read_text()) if path.exists() else []
+  passed = {}
+  for r in RESULTS["check"]:
+    name = r["name"]
+    if " B16xC2 long " in name:
+      passed[name] = r["ok"]
+    elif name.endswith(" long default"):
+      passed[name.split(" ")[0] + " long default"] = r["ok"]
+  save(out)
+  long_timing(sizes, a.smoke, a.budget, out, passed)
+  save(out)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/fftconv_mosaic_dev"))
   ap.add_argument("--budget", type=float, default=170.0)
   ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--sizes", default="1024,4096")
+  ap.add_argument("--sizes", default=None, help="seq lengths (default 1024,4096; --long: "
+                  "8192,16384)")
   ap.add_argument("--checks-only", action="store_true")
   ap.add_argument("--check-timeout", type=float, default=80.0)
   ap.add_argument("--backward", action="store_true",
                   help="forward + backward checks and timing (module docstring)")
+  ap.add_argument("--long", action="store_true",
+                  help="the long-sequence kernel at seq 8192 / 16384 (module docstring)")
   a = ap.parse_args()
+  a.sizes = a.sizes or ("8192,16384" if a.long else "1024,4096")
   sizes = [int(s) for s in a.sizes.split(",")]
   out = Path(a.out)
+  if a.long:
+    main_long(a, sizes, out)
+    return
   if a.backward:
     main_backward(a, sizes, out)
     return
