@@ -1,4 +1,5 @@
-"""Mosaic GPU flash-attention backward with the deferred dQ (``Config.bwd_dq_deferred``).
+"""Mosaic GPU flash-attention backward at head_dim 128: deferred dQ (``Config.bwd_dq_deferred``)
+and the dQ writer (``Config.bwd_dq_writer``).
 
 The deferred form issues a step's ``dQ = dS K`` last and stages/reduce-adds it in the next
 step, so the dQ of the previous step (query block, query head) is the one written. Interpret
@@ -6,6 +7,10 @@ mode runs that bookkeeping (previous-step indices across the GQA head loop and t
 full/partial block loops, the first step with nothing staged, the last step's flush) on
 CPU; the register-resident accumulators of the GPU form are checked by cross-lowering the
 kernel for CUDA here and against the reference on GPU (``gpu`` marker).
+
+The dQ writer moves the reduce-adds to the memory warpgroup: it maps step ``u`` back to
+(query head, query block) itself and hands the staging buffers back through mbarriers; the
+interpret tests run that handshake and fail if the step index is off by one.
 """
 
 from __future__ import annotations
@@ -99,6 +104,63 @@ def test_gpu_deferred_dq_matches_reference(key, is_causal, seg):
   q, k, v, do, ids = _inputs(key, 2, 1000, 1000, 8, 2, 128, seg=seg)
   got = jax.jit(lambda *a: _kernel_grads(*a, ids, is_causal=is_causal, interpret=False,
                                          bwd_dq_deferred=True))(q, k, v, do)
+  want = _reference_grads(q, k, v, do, ids, is_causal=is_causal)
+  for name, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert_close(g, w.astype(g.dtype), name=name)
+
+
+def test_dq_writer_is_off_by_default():
+  for d in (64, 128):
+    for causal in (False, True):
+      assert not mosaic_gpu.default_config(d, causal).bwd_dq_writer
+
+
+@pytest.mark.parametrize("deferred,is_causal,seg,window,s", [
+    (False, True, False, None, 200),
+    (True, False, True, None, 200),
+    (True, False, False, (20, 0), 300)])
+def test_dq_writer_matches_reference_interpret(key, deferred, is_causal, seg, window, s):
+  # As the deferred test: head_dim 128, GQA 2 (the writer's step -> (head, block) map
+  # crosses the head loop), odd lengths, full then partial blocks, and a key tile with no
+  # visible query (the memory warpgroup writes nothing, the compute ones stage nothing).
+  q, k, v, do, ids = _inputs(key, 1, 150, s, 2, 1, 128, seg=seg)
+  got = jax.jit(lambda *a: _kernel_grads(*a, ids, is_causal=is_causal, interpret=True,
+                                         window=window, bwd_dq_writer=True,
+                                         bwd_dq_deferred=deferred))(q, k, v, do)
+  want = _reference_grads(q, k, v, do, ids, is_causal=is_causal, window=window)
+  for name, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert g.dtype == jnp.bfloat16
+    assert_close(g, w.astype(g.dtype), name=name)
+
+
+def test_dq_writer_lowers_for_cuda(key):
+  """The writer (alone and with deferred dQ) passes Mosaic GPU's lowering for CUDA with and
+  without a causal mask, with GQA and with segment ids (shared memory fits: the staging
+  buffers are the default's), and changes the kernel."""
+  q, k, v, do, _ = _inputs(key, 1, 300, 300, 4, 2, 128)
+  ids = jnp.zeros((1, 300), jnp.int32)
+  modules = {}
+  for causal, writer, deferred, seg in ((False, True, False, False), (True, True, True, False),
+                                        (False, True, True, True), (True, False, False, False),
+                                        (True, False, True, False)):
+    fn = jax.jit(lambda q, k, v, do, c=causal, w=writer, f=deferred, g=seg: _kernel_grads(
+        q, k, v, do, (ids, ids) if g else None, is_causal=c, interpret=False,
+        bwd_dq_writer=w, bwd_dq_deferred=f))
+    text = jax.export.export(fn, platforms=["cuda"])(q, k, v, do).mlir_module()
+    assert text.count("mosaic_gpu") >= 2  # forward and backward kernels
+    modules[causal, writer, deferred] = text
+  assert modules[True, True, True] != modules[True, False, True]
+  assert modules[True, True, True] != modules[True, False, False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("is_causal,seg", [(False, False), (True, False), (True, True)])
+def test_gpu_dq_writer_matches_reference(key, deferred, is_causal, seg):
+  q, k, v, do, ids = _inputs(key, 2, 1000, 1000, 8, 2, 128, seg=seg)
+  got = jax.jit(lambda *a: _kernel_grads(*a, ids, is_causal=is_causal, interpret=False,
+                                         bwd_dq_writer=True, bwd_dq_deferred=deferred))(
+                                             q, k, v, do)
   want = _reference_grads(q, k, v, do, ids, is_causal=is_causal)
   for name, g, w in zip(("dq", "dk", "dv"), got, want):
     assert_close(g, w.astype(g.dtype), name=name)
