@@ -475,26 +475,27 @@ def fft_conv_mosaic_long(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
 def _radix2(a, run, geo: LongGeometry, pairs: int, seq: int, dtype) -> jax.Array:
   """The outer radix-2 level of ``n = 2 * 16384`` in XLA around the inner kernel ``run``:
   ``[batch, channels, seq]`` -> ``[batch, channels, seq]`` float32 (the branch inputs are
-  rounded to ``dtype`` for the kernel)."""
+  rounded to ``dtype`` for the kernel). Real arithmetic on the (re, im) planes, one
+  elementwise fusion before the kernel and one after."""
   batch, channels, _ = a.shape
-  a = jnp.pad(a.astype(jnp.float32), ((0, 2 * pairs - batch), (0, 0), (0, geo.n - seq)))
-  z = a.reshape(pairs, 2, channels, 2, INNER_N)  # [p, part, c, ta, m]
-  z = z[:, 0] + 1j * z[:, 1]
+  half = 1 if seq <= INNER_N else 2  # input halves t_a (the second is zero when seq <= n/2)
+  a = jnp.pad(a.astype(jnp.float32),
+              ((0, 2 * pairs - batch), (0, 0), (0, half * INNER_N - seq)))
+  z = a.reshape(pairs, 2, channels, half, INNER_N)  # [p, part, c, t_a, m]
   m = np.arange(INNER_N)
-  w = jnp.asarray(np.exp(-2j * np.pi * m / geo.n).astype(np.complex64))
-  if seq <= INNER_N:  # the second half of the input is zero
-    x0, x1 = z[:, :, 0], z[:, :, 0] * w
-  else:
-    x0, x1 = z[:, :, 0] + z[:, :, 1], (z[:, :, 0] - z[:, :, 1]) * w
-  x = jnp.concatenate([x0, x1], axis=1)  # [p, ka * c, m]
-  x = jnp.stack([x.real, x.imag], axis=1).astype(dtype)
+  cos = jnp.asarray(np.cos(2 * np.pi * m / geo.n).astype(np.float32))
+  sin = jnp.asarray(-np.sin(2 * np.pi * m / geo.n).astype(np.float32))  # w_n^m = cos + i sin
+  s0 = z[:, :, :, 0] if half == 1 else z[:, :, :, 0] + z[:, :, :, 1]  # [p, part, c, m]
+  d = z[:, :, :, 0] if half == 1 else z[:, :, :, 0] - z[:, :, :, 1]
+  x1 = jnp.stack([d[:, 0] * cos - d[:, 1] * sin, d[:, 0] * sin + d[:, 1] * cos], axis=1)
+  x = jnp.concatenate([s0, x1], axis=2).astype(dtype)  # [p, part, k_a * c + c', m]
   b = run(x.reshape(pairs, 2, 2 * channels, N_1, N_1))
-  b = b.reshape(pairs, 2, 2, channels, INNER_N).astype(jnp.float32)
-  b = b[:, 0] + 1j * b[:, 1]  # [p, ka, c, m]
-  b1 = b[:, 1] * jnp.conj(w)
-  y = jnp.stack([b[:, 0] + b1, b[:, 0] - b1], axis=2)  # [p, c, ta, m]
-  y = y.reshape(pairs, channels, geo.n)[..., :seq]
-  y = jnp.stack([y.real, y.imag], axis=1).reshape(2 * pairs, channels, seq)
+  b = b.reshape(pairs, 2, 2, channels, INNER_N).astype(jnp.float32)  # [p, part, k_a, c, m]
+  b0, b1 = b[:, :, 0], b[:, :, 1]
+  # w_n^(-m) b_1
+  t = jnp.stack([b1[:, 0] * cos + b1[:, 1] * sin, b1[:, 1] * cos - b1[:, 0] * sin], axis=1)
+  y = jnp.stack([b0 + t, b0 - t], axis=3) if seq > INNER_N else (b0 + t)[:, :, :, None]
+  y = y.reshape(pairs, 2, channels, -1)[..., :seq].reshape(2 * pairs, channels, seq)
   return y[:batch]
 
 
