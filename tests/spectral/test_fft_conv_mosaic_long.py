@@ -232,3 +232,22 @@ def test_long_gpu(seq, key):
   err = rel_err(np.asarray(y[sub].astype(jnp.float32), np.float64),
                 _reference(u[sub], k[:64], x[sub], v[sub]))
   assert err < TOL, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [8192, 16384])
+def test_long_backward_gpu(seq, key):
+  # fwd + bwd through fft_conv_mosaic_gpu(long=True): the Mosaic correlation for du / dx,
+  # Triton for dk, gated, vs the jnp.fft reference's autodiff.
+  u, k, x, v = _inputs(key, 8, 96, seq, seq, gated=True)
+  dy = jax.random.normal(jax.random.fold_in(key, 1), u.shape, jnp.float32).astype(u.dtype)
+
+  def grads(f):
+    return jax.jit(lambda *a: jax.vjp(f, *a)[1](dy))(u, k, x, v)
+
+  got = grads(lambda u, k, x, v: F.fft_conv_mosaic_gpu(u, k, gate=(x, v), long=True,
+                                                       backward="mosaic"))
+  ref = grads(lambda u, k, x, v: F.fft_conv(u, k, gate=(x, v), implementation="xla"))
+  for name, g, w in zip(("du", "dk", "dx", "dv"), got, ref):
+    err = rel_err(np.asarray(g, np.float64), np.asarray(w, np.float64))
+    assert err < TOL, (name, err)
