@@ -1,17 +1,23 @@
-"""Device check and timing of the head_dim-128 flash-attention backward with deferred dQ.
+"""Device check and timing of the head_dim-128 flash-attention backward variants.
 
 ``PYTHONPATH=. python3 experiments/attention_bwd128_dev.py --out DIR [--budget-s 190]``
+(``--smoke``: the same control flow on CPU, interpret mode, tiny shapes, XLA for cuDNN)
 
 1. Gradient checks against the float32 XLA reference, in a child process with a time
    limit (a hang or a crash costs only the check; a variant that fails is not timed):
    ``deferred`` (``Config.bwd_dq_deferred``: previous dQ staged between S^T and dP^T),
-   ``deferred_late_store`` (staged under dP^T), ``deferred_3stage`` and ``3stage`` (a
-   3-stage Q/dO ring with and without deferred dQ).
+   ``deferred_writer`` and ``writer`` (``Config.bwd_dq_writer``: the memory warpgroup
+   issues the dQ reduce-adds, with and without deferred dQ), ``deferred_3stage`` and
+   ``3stage`` (a 3-stage Q/dO ring with and without deferred dQ), ``deferred_late_store``
+   (previous dQ staged under dP^T). Every variant is checked on the first (causal GQA)
+   case first, so a time-out still leaves each one checked once; the segment-id case (the
+   tightest shared memory) and the full-attention case follow for the leading variants.
 2. fwd+bwd TFLOP/s (FLOPs 3.5 x 4*B*H*S*S*D, halved when causal), b*s = 16k tokens, 16
-   heads, head_dim 128, causal and not: the default backward, the variants that passed and
-   cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``) in this one process;
-   seq 4096 with every variant first, then 2048 and 8192 (default, ``deferred``, cuDNN)
-   while the time budget lasts.
+   heads, head_dim 128: seq 4096, implementation by implementation (cuDNN
+   ``jax.nn.dot_product_attention(implementation="cudnn")``, the default backward, then the
+   variants that passed, in the order above), full and causal each; then 2048 and 8192
+   (default, ``deferred``, cuDNN). A timing starts only while the time budget lasts, so
+   the step ends within ``--budget-s``; the variants last in the order are dropped first.
 
 Prints a table and writes ``attention_bwd128_dev.json`` to ``--out``.
 """
@@ -35,20 +41,24 @@ from jaxeff.ops import attention as A
 from kernels_pallas.attention import mosaic_gpu as mg
 
 D = 128
-VARIANTS = {
+VARIANTS = {  # timing priority order
     "deferred": dict(bwd_dq_deferred=True),
-    "deferred_late_store": dict(bwd_dq_deferred=True, bwd_dq_store_before_dp=False),
+    "deferred_writer": dict(bwd_dq_deferred=True, bwd_dq_writer=True),
+    "writer": dict(bwd_dq_writer=True),
     "deferred_3stage": dict(bwd_dq_deferred=True, bwd_num_stages=3),
     "3stage": dict(bwd_num_stages=3),
+    "deferred_late_store": dict(bwd_dq_deferred=True, bwd_dq_store_before_dp=False),
 }
 # (batch, q_len, kv_len, heads, kv_heads, causal, segments, variants checked). With segment
 # ids a 3-stage config runs 2 stages at head_dim 128 (shared memory).
 CHECKS = [
-    (1, 1000, 1000, 8, 2, True, False, ("deferred",)),
-    (1, 777, 1500, 4, 4, False, True, ("deferred", "deferred_3stage")),
-    (2, 2048, 2048, 4, 4, False, False, ("deferred", "deferred_3stage", "3stage",
-                                         "deferred_late_store")),
+    (1, 1000, 1000, 8, 2, True, False, tuple(VARIANTS)),
+    (1, 777, 1500, 4, 4, False, True, ("deferred", "deferred_writer", "writer",
+                                       "deferred_3stage")),
+    (2, 2048, 2048, 4, 4, False, False, ("deferred", "deferred_writer", "writer")),
 ]
+SMOKE_CHECKS = [(1, 150, 200, 2, 1, True, False, ("deferred_writer",))]
+SMOKE = {"on": False}  # --smoke: interpret mode, tiny shapes, XLA instead of cuDNN
 
 
 def config(variant: str | None, causal: bool) -> mg.Config:
@@ -61,18 +71,19 @@ def attention_fn(cfg: mg.Config, causal: bool, segment_ids=None):
   scale = D ** -0.5
   qs, ks = segment_ids if segment_ids is not None else (None, None)
 
+  kw = dict(is_causal=causal, scale=scale, config=cfg, interpret=SMOKE["on"])
+
   @jax.custom_vjp
   def attn(q, k, v):
-    return mg.forward(q, k, v, qs, ks, is_causal=causal, scale=scale, config=cfg)[0]
+    return mg.forward(q, k, v, qs, ks, **kw)[0]
 
   def fwd(q, k, v):
-    o, lse = mg.forward(q, k, v, qs, ks, is_causal=causal, scale=scale, config=cfg)
+    o, lse = mg.forward(q, k, v, qs, ks, **kw)
     return o, (q, k, v, o, lse)
 
   def bwd(res, do):
     q, k, v, o, lse = res
-    return mg.backward(q, k, v, o, lse, do, qs, ks, is_causal=causal, scale=scale,
-                       config=cfg)
+    return mg.backward(q, k, v, o, lse, do, qs, ks, **kw)
 
   attn.defvjp(fwd, bwd)
   return attn
@@ -95,7 +106,8 @@ def inputs(seed, b, t, s, n, kh, seg=False):
 def run_checks(out: Path) -> None:
   """Child process: every variant against the reference."""
   results = []
-  for i, (b, t, s, n, kh, causal, seg, variants) in enumerate(CHECKS):
+  for i, (b, t, s, n, kh, causal, seg, variants) in enumerate(
+      SMOKE_CHECKS if SMOKE["on"] else CHECKS):
     q, k, v, do, ids = inputs(11 + i, b, t, s, n, kh, seg)
     up = lambda x: x.astype(jnp.float32)
     ref = lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=causal, segment_ids=ids,
@@ -126,13 +138,16 @@ def flops(b, s, h, causal):
 
 def timed(rows, impl, attn, s, causal, h=16):
   b = 16384 // s
+  if SMOKE["on"]:
+    b, s, h = 1, 256, 2
 
   def make(i):
     q, k, v, do, _ = inputs(100 + i, b, s, s, h, h)
     return (q, k, v, do)
 
   f = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
-  t = harness.safe_time(f, make, rounds=10, warmup=2)
+  t = harness.safe_time(f, make, **(dict(rounds=1, warmup=1, max_sets=1) if SMOKE["on"]
+                                    else dict(rounds=10, warmup=2)))
   tf = flops(b, s, h, causal) / t / 1e12 if np.isfinite(t) else float("nan")
   rows.append({"impl": impl, "seq": s, "batch": b, "heads": h, "head_dim": D, "causal": causal,
                "mode": "fwd_bwd", "median_s": t, "tflops": tf})
@@ -146,7 +161,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="/tmp/attention_bwd128_dev")
   p.add_argument("--budget-s", type=float, default=190.0)
   p.add_argument("--check-limit-s", type=float, default=90.0)
+  p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
+  SMOKE["on"] = args.smoke
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.what == "check":
@@ -155,7 +172,8 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   try:  # the child gets the GPU first; this process touches it only afterwards
-    subprocess.run([sys.executable, __file__, "check", "--out", str(out)],
+    subprocess.run([sys.executable, __file__, "check", "--out", str(out)]
+                   + (["--smoke"] if args.smoke else []),
                    timeout=args.check_limit_s, check=False)
   except subprocess.TimeoutExpired:
     print(f"CHECK TIMED OUT after {args.check_limit_s:.0f} s (hang?)", flush=True)
@@ -167,28 +185,38 @@ def main(argv=None) -> int:
         f"variants passing the check: {passed or 'none'}", flush=True)
 
   rows = []
-  for s, causal in [(4096, False), (4096, True), (2048, False), (8192, False), (2048, True),
-                    (8192, True)]:
-    if time.time() - t0 > args.budget_s - 30:
-      print(f"budget: skipping s{s} causal={causal} and later", flush=True)
+  baseline = "xla" if args.smoke else "cudnn"
+  # (impl, seq, causal) in priority order: seq 4096 implementation by implementation (full
+  # and causal each), then the other lengths for the default, deferred and cuDNN.
+  plan = [(impl, 4096, c) for impl in ("cudnn", None, *passed) for c in (False, True)]
+  plan += [(impl, s, c) for s, c in [(2048, False), (8192, False), (2048, True), (8192, True)]
+           for impl in (None, "deferred", "cudnn") if impl is None or impl == "cudnn"
+           or impl in passed]
+  for n_done, (impl, s, causal) in enumerate(plan):
+    if time.time() - t0 > args.budget_s - 20:
+      print(f"budget: skipping {len(plan) - n_done} timings from {impl or 'default'} s{s} "
+            f"causal={causal} on", flush=True)
       break
-    for variant in (None, *passed):
-      if variant != "deferred" and s != 4096:
-        continue
-      timed(rows, "jaxeff" if variant is None else f"jaxeff:{variant}",
-            attention_fn(config(variant, causal), causal), s, causal)
-    cud = lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c,
-                                                                 implementation="cudnn")
-    timed(rows, "cudnn", cud, s, causal)
+    if impl == "cudnn":
+      attn = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=c, implementation=baseline)
+      name = baseline
+    else:
+      attn = attention_fn(config(impl, causal), causal)
+      name = "jaxeff" if impl is None else f"jaxeff:{impl}"
+    timed(rows, name, attn, s, causal)
+    if args.smoke and n_done >= 5:
+      break
 
   print("\n== fwd+bwd TFLOP/s, head_dim 128, 16 heads, 16k tokens ==")
   by = {}
   for r in rows:
     by.setdefault((r["seq"], r["causal"]), {})[r["impl"]] = r["tflops"]
-  for (s, causal), v in by.items():
-    cud = v.get("cudnn", float("nan"))
-    cells = "  ".join(f"{k}={x:.0f} ({x / cud:.2f}x)" for k, x in v.items() if k != "cudnn")
-    print(f"s{s:<5} causal={causal!s:<5} cudnn={cud:.0f}  {cells}")
+  for (s, causal), v in by.items():  # (x baseline, x default) per implementation
+    cud, dflt = v.get(baseline, float("nan")), v.get("jaxeff", float("nan"))
+    cells = "  ".join(f"{k}={x:.0f} ({x / cud:.2f}x, {x / dflt:.3f})" for k, x in v.items()
+                      if k != baseline)
+    print(f"s{s:<5} causal={causal!s:<5} {baseline}={cud:.0f}  {cells}")
   print(f"elapsed {time.time() - t0:.0f} s", flush=True)
   (out / "attention_bwd128_dev.json").write_text(json.dumps(
       {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
