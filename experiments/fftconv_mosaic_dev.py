@@ -84,9 +84,11 @@ VARIANTS = {  # name: config (None: default_config)
 
 LONG_VARIANTS = {  # name: LongFFTConvConfig (None: the default)
     8192: [("default", None),
+           ("overlap", L.LongFFTConvConfig(overlap=True)),
            ("f32 twiddles", L.LongFFTConvConfig(twiddle_dtype="float32")),
-           ("ppc8", L.LongFFTConvConfig(pairs_per_cta=8))],
+           ("overlap ppc8", L.LongFFTConvConfig(overlap=True, pairs_per_cta=8))],
     16384: [("default", None),
+            ("overlap", L.LongFFTConvConfig(overlap=True)),
             ("f32 twiddles", L.LongFFTConvConfig(twiddle_dtype="float32"))],
 }
 

@@ -78,10 +78,15 @@ class LongFFTConvConfig:
       divisor of the pair count).
     twiddle_dtype: the ``[64, 64]`` twiddle table in shared memory, "bfloat16" / "float16"
       (16 KB) or "float32" (32 KB).
+    overlap: the elementwise step (twiddle / filter multiply, cast) of column block 0
+      runs while the products of column block 1 are still in flight (its accumulators read
+      with ``wgmma_accumulator_load(wait_n=...)``); the stores to the operand planes wait
+      for all products (they read those planes). False: all products, then all stores.
   """
 
   pairs_per_cta: int = 0
   twiddle_dtype: str = "bfloat16"
+  overlap: bool = False
 
   def __post_init__(self):
     if not isinstance(self.pairs_per_cta, int) or self.pairs_per_cta < 0:
@@ -90,6 +95,8 @@ class LongFFTConvConfig:
     if self.twiddle_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"LongFFTConvConfig.twiddle_dtype must be float32, bfloat16 or "
                        f"float16, got {self.twiddle_dtype!r}")
+    if not isinstance(self.overlap, bool):
+      raise TypeError(f"LongFFTConvConfig.overlap must be a bool, got {self.overlap!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +192,30 @@ def filter_spectrum(k: jax.Array, geo: LongGeometry, dtype=jnp.bfloat16) -> jax.
 # --------------------------------------------------------------------------- kernel
 
 
+def products_each(groups, shape, consume, *, overlap: bool):
+  """Like :func:`complex_products`, but returns ``[consume(g, re, im), ...]``: with
+  ``overlap`` group ``g``'s accumulators are read (and consumed) as soon as its own
+  products are done, the later groups' still in flight; else after all of them."""
+  counts = [len(terms_re) + len(terms_im) for terms_re, terms_im in groups]
+
+  def body(*accs):
+    for g, (terms_re, terms_im) in enumerate(groups):
+      for a, b in terms_re:
+        plgpu.wgmma(accs[2 * g], a, b)
+      for a, b in terms_im:
+        plgpu.wgmma(accs[2 * g + 1], a, b)
+    out = []
+    for g in range(len(groups)):
+      pending = sum(counts[g + 1:]) if overlap else 0
+      re = plgpu.wgmma_accumulator_load(accs[2 * g], wait_n=pending)
+      im = plgpu.wgmma_accumulator_load(accs[2 * g + 1], wait_n=pending)
+      out.append(consume(g, re, im))
+    return tuple(out)
+  return pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32) for _ in range(2 * len(groups))])
+
+
 def _kernel(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s, *, rows: int, ppc: int, dtype,
-            conjugate: bool):
+            conjugate: bool, overlap: bool = False):
   """One CTA: channel ``c``, packed signals ``[g * ppc, (g + 1) * ppc)``, both warpgroups
   on every signal.
 
@@ -244,10 +273,13 @@ def _kernel(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s, *, rows: int, ppc: 
       return (m[0], -m[1]) if conj else m
 
     def store(cb, x):
-      P[0][cb].at[rb][...] = x[0].astype(dtype)
-      P[1][cb].at[rb][...] = x[1].astype(dtype)
+      P[0][cb].at[rb][...] = x[0]
+      P[1][cb].at[rb][...] = x[1]
 
-    def column_dft(conj: bool):
+    def cast(x):
+      return x[0].astype(dtype), x[1].astype(dtype)
+
+    def column_dft(conj: bool, consume):
       groups = []
       for cb in range(2):
         terms_re, terms_im = [], []
@@ -261,7 +293,18 @@ def _kernel(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s, *, rows: int, ppc: 
             terms_re += [(pr, fr), (pi, fn)]
             terms_im += [(pr, fi), (pi, fr)]
         groups.append((terms_re, terms_im))
-      return complex_products(groups, (B, B))
+      return products_each(groups, (B, B), consume, overlap=overlap)
+
+    def filter_chunk(cb, re, im):
+      """``Y K`` for column block ``cb`` (the streamed chunk; the next one is requested
+      once every thread has read this one)."""
+      plgpu.barrier_wait(s["kf_bar"].at[h])
+      k_re, k_im = load(s["kf"].at[h, 0]), load(s["kf"].at[h, 1])
+      out = cast(cmul(re, im, k_re, -k_im if conjugate else k_im))
+      if cb == 0:
+        plgpu.commit_smem()  # a warpgroup barrier: the slot has been read
+        fetch_filter(h, 1)
+      return out
 
     fetch_filter(h, 0)
     plgpu.barrier_wait(s["const_bar"])
@@ -279,30 +322,28 @@ def _kernel(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s, *, rows: int, ppc: 
           terms_re += [(fr, zr), (fn, zi)]
           terms_im += [(fi, zr), (fr, zi)]
         groups.append((terms_re, terms_im))
-      a = complex_products(groups, (B, B))
+      a = products_each(groups, (B, B), lambda cb, re, im: cast(
+          cmul(re, im, *twiddle(cb, conj=False))), overlap=overlap)
       # Both warpgroups have read the input before either overwrites it.
       plgpu.barrier_arrive(s["row_bar"])
       plgpu.barrier_wait(s["row_bar"])
       for cb in range(2):
-        store(cb, cmul(*a[cb], *twiddle(cb, conj=False)))
+        store(cb, a[cb])
       plgpu.commit_smem()
       # Column DFT and the filter (streamed chunk by chunk): P = (A T F) K.
-      y = column_dft(conj=False)
+      y = column_dft(False, filter_chunk)
       for cb in range(2):
-        plgpu.barrier_wait(s["kf_bar"].at[h])
-        k_re, k_im = load(s["kf"].at[h, 0]), load(s["kf"].at[h, 1])
-        store(cb, cmul(*y[cb], k_re, -k_im if conjugate else k_im))
-        plgpu.commit_smem()  # also: every thread has read the slot
-        if cb == 0:
-          fetch_filter(h, 1)
-        else:
-          @pl.when(j + 1 < ppc)
-          def _():
-            fetch_filter(h, 0)
+        store(cb, y[cb])
+      plgpu.commit_smem()  # also: every thread has read the filter slot
+
+      @pl.when(j + 1 < ppc)
+      def _():
+        fetch_filter(h, 0)
+
       # Inverse column DFT: P = (P conj(F)) conj(T).
-      b = column_dft(conj=True)
+      b = column_dft(True, lambda cb, re, im: cast(cmul(re, im, *twiddle(cb, conj=True))))
       for cb in range(2):
-        store(cb, cmul(*b[cb], *twiddle(cb, conj=True)))
+        store(cb, b[cb])
       plgpu.commit_smem()
       plgpu.barrier_arrive(s["p_bar"])
       plgpu.barrier_wait(s["p_bar"])
@@ -387,7 +428,7 @@ def fft_conv_fused_long(z: jax.Array, kf: jax.Array, geo: LongGeometry, *,
 
   def kernel_fn(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s):
     _kernel(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s, rows=rows, ppc=ppc, dtype=dtype,
-            conjugate=conjugate)
+            conjugate=conjugate, overlap=cfg.overlap)
 
   return plgpu.kernel(
       kernel_fn,

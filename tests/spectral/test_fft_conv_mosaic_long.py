@@ -52,10 +52,11 @@ def _reference(u, k, x=None, v=None, causal=True, conjugate=False):
   return y if v is None else y * v
 
 
+OVERLAP = L.LongFFTConvConfig(overlap=True)
 CASES = {
-    # name: (batch, channels, seq, filter_len, causal, gated, conjugate)
+    # name: (batch, channels, seq, filter_len, causal, gated, conjugate[, config])
     "n16384_odd_batch_gated": (3, 1, 8192, 8192, True, True, False),
-    "n16384_short_filter": (2, 2, 8000, 300, True, False, False),  # rows 63 -> 64
+    "n16384_short_filter_overlap": (2, 2, 8000, 300, True, False, False, OVERLAP),  # rows 64
     "circular_16384": (2, 1, 16384, 1000, False, False, False),  # all 128 rows
     "n32768_radix2_correlation": (2, 1, 16384, 16384, True, False, True),
     "n32768_input_past_half": (2, 1, 20000, 100, True, False, False),
@@ -65,22 +66,25 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_long_interpret(case, key):
-  b, c, seq, flen, causal, gated, conjugate = CASES[case]
+  b, c, seq, flen, causal, gated, conjugate, *cfg = CASES[case]
   u, k, x, v = _inputs(key, b, c, seq, flen, gated)
-  y = L.fft_conv_mosaic_long(u, k, x, v, causal=causal, conjugate=conjugate, interpret=True)
+  y = L.fft_conv_mosaic_long(u, k, x, v, causal=causal, conjugate=conjugate,
+                             config=cfg[0] if cfg else None, interpret=True)
   assert y.shape == u.shape and y.dtype == u.dtype
   want = _reference(u, k, x, v, causal, conjugate)
   err = rel_err(np.asarray(y.astype(jnp.float32), np.float64), want)
   assert err < TOL, (case, err)
 
 
-def test_long_no_races(key):
+@pytest.mark.parametrize("cfg", [None, OVERLAP])
+def test_long_no_races(cfg, key):
   # The happen-before race detector at rows = 128 (every row of P is input and output):
   # it reports races when the output copy's wait or the barrier before refilling P with
-  # the next signal is removed (checked while writing the kernel).
+  # the next signal is removed (checked while writing the kernel; it does not see the
+  # cross-warpgroup barrier after the row DFTs: wgmma reads are not tracked there).
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
   u, k, _, _ = _inputs(key, 4, 1, 16384, 500)
-  y = L.fft_conv_mosaic_long(u, k, causal=False,
+  y = L.fft_conv_mosaic_long(u, k, causal=False, config=cfg,
                              interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(y)
   assert not gpu_callbacks.get_races().races_found
@@ -88,6 +92,7 @@ def test_long_no_races(key):
 
 @pytest.mark.parametrize("seq,flen,causal,conjugate,cfg", [
     (8192, 8192, True, False, None),  # the seq-8K default: rows 64
+    (8192, 8192, True, False, OVERLAP),  # wgmma_accumulator_load(wait_n > 0)
     (16384, 16384, True, True, None),  # n = 32768 (radix 2, rows 128), correlation
     (16384, 300, False, False, L.LongFFTConvConfig(twiddle_dtype="float32", pairs_per_cta=8)),
 ])
@@ -161,6 +166,8 @@ def test_long_bad_inputs(key):
     L.LongFFTConvConfig(twiddle_dtype="int8")
   with pytest.raises(ValueError, match="pairs_per_cta must be an int >= 0, got -1"):
     L.LongFFTConvConfig(pairs_per_cta=-1)
+  with pytest.raises(TypeError, match="overlap must be a bool, got 1"):
+    L.LongFFTConvConfig(overlap=1)
   geo = L.geometry(16384, 8192)
   with pytest.raises(ValueError, match=r"z must be \[pairs, 2, channels, rows=64, 128\]"):
     L.fft_conv_fused_long(jnp.zeros((1, 2, 1, 128, 128), jnp.bfloat16),
