@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The waiting device work as numbered calls, highest value first (notes/next_device_runs.md
+# says why each step is there and what to do with its result). One device call each:
+#   bash experiments/gpu_plan.sh 1        # then 2, 3, ... while device time lasts
+#   bash experiments/gpu_plan.sh list     # print the steps of every call
+# Every call stays within the device tool's 600 s command limit (TOTAL 570 s); the steps
+# run through experiments/device_steps.sh, which packs every log and JSON into
+# $OUT/bundle.tar.gz after each step.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MEM='XLA_PYTHON_CLIENT_MEM_FRACTION=0.2'
+PYT='python3 -m pytest -q -p no:cacheprovider -m gpu'
+
+call_1=(  # GPU tests of every default changed without a GPU run, then the stale suites
+  "gpu_defaults|170|$MEM $PYT -n 4 tests/ops/test_quantized_matmul_glue.py tests/ops/test_quantized_matmul.py tests/ops/test_quantized_matmul_medium.py tests/ops/test_decode_attention.py tests/spectral/test_fft_conv_mosaic.py"
+  "quant_suite|130|python3 -m experiments.bench quant_matmul --quick"
+  "decode_bench|200|python3 -m experiments.bench decode"
+)
+call_2=(  # candidates: attention d128 backward, weight-only small m
+  "attn_bwd128|200|python3 experiments/attention_bwd128_dev.py --out \$OUT/attn_bwd128"
+  "quant_dev|200|python3 experiments/quant_dev.py --budget 165 --out \$OUT"
+  "attn_bwd128_gpu|150|$PYT tests/ops/test_attention_mosaic_bwd128.py"
+)
+call_3=(  # candidates: FFT conv seq 8K-16K, decode 128-key blocks
+  "fftconv_mosaic_long|240|python3 experiments/fftconv_mosaic_dev.py --long --budget 190 --check-timeout 100 --out \$OUT"
+  "decode_quant6|220|python3 -m experiments.decode_quant_step --deadline 170 --check-timeout 100 2>&1 | grep -v Warning | tee \$OUT/decode_quant6.log"
+  "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
+)
+call_4=(  # FFT conv backward (Mosaic du and dk), the fftconv suite, the sparse suite
+  "fftconv_mosaic_bwd|200|python3 experiments/fftconv_mosaic_dev.py --backward --budget 165 --check-timeout 85 --out \$OUT"
+  "bench_fftconv|150|python3 -m experiments.bench fftconv --quick"
+  "sparse_suite|160|python3 -m experiments.bench sparse --quick"
+)
+call_5=(  # end to end: generation tokens/s (bf16 vs quantized KV), Hyena vs GPT
+  "decode_generate|280|bash experiments/decode_gpu_final.sh generate"
+  "hyena_vs_gpt|280|python3 -m experiments.hyena_vs_gpt --steps 200 --out \$OUT/hvg"
+)
+call_6=(  # end to end: int4 weights, perplexity and tokens/s vs bf16
+  "quantize_lm_gpu|420|python3 -m experiments.quantize_lm --quick --preset gpt-125m --train-steps 300 --batch 1"
+  "fftconv_dk_gpu_tests|140|$PYT -x tests/spectral/test_fft_conv_mosaic_dk.py"
+)
+call_7=(  # refresh: attention head_dim 64 rows, sparse gpu tests
+  "attn_d64|300|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
+  "sparse_gpu_tests|200|$MEM $PYT -n 4 tests/sparse"
+)
+# Only where a multi-GPU kind is lent (kind nvidia-h100-x2 or larger):
+call_parallel=(
+  "parallel|500|NCCL_NVLS_ENABLE=0 python3 -m experiments.bench parallel"
+)
+
+which="${1:-list}"
+if [[ "$which" == list ]]; then
+  for c in 1 2 3 4 5 6 7 parallel; do
+    declare -n steps="call_$c"
+    echo "call $c:"; printf '  %s\n' "${steps[@]}"
+  done
+  exit 0
+fi
+if ! declare -p "call_$which" >/dev/null 2>&1; then
+  echo "gpu_plan.sh: no call '$which' (1..7, parallel or list)" >&2; exit 2
+fi
+declare -n steps="call_$which"
+exec bash experiments/device_steps.sh 570 "${steps[@]}"
