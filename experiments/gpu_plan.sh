@@ -31,16 +31,19 @@ call_4=(  # FFT conv backward (Mosaic du and dk), the fftconv suite, the sparse 
   "bench_fftconv|150|python3 -m experiments.bench fftconv --quick"
   "sparse_suite|160|python3 -m experiments.bench sparse --quick"
 )
-call_5=(  # end to end: generation tokens/s (bf16 vs quantized KV), Hyena vs GPT
+call_5=(  # end to end: generation tokens/s, bf16 vs quantized KV (issue 4) and weights (issue 5)
   "decode_generate|280|bash experiments/decode_gpu_final.sh generate"
-  "hyena_vs_gpt|280|python3 -m experiments.hyena_vs_gpt --steps 200 --out \$OUT/hvg"
+  "quant_generate|280|python3 -m experiments.generate_bench --preset gpt-1b --layers 24 --batches 1,8 --combos bf16/bf16,int4/int8,int4/bf16 --prompt 256 --new 64 --out-dir \$OUT/quant_generate"
 )
-call_6=(  # end to end: int4 weights, perplexity and tokens/s vs bf16
+call_6=(  # end to end: int4 weights, perplexity and tokens/s vs bf16; Mosaic filter gradient tests
   "quantize_lm_gpu|420|python3 -m experiments.quantize_lm --quick --preset gpt-125m --train-steps 300 --batch 1"
   "fftconv_dk_gpu_tests|140|$PYT -x tests/spectral/test_fft_conv_mosaic_dk.py"
 )
-call_7=(  # refresh: attention head_dim 64 rows, sparse gpu tests
-  "attn_d64|300|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
+call_7=(  # end to end Hyena vs GPT at seq 8192; attention head_dim-64 suite rows
+  "hyena_vs_gpt|280|python3 -m experiments.hyena_vs_gpt --steps 200 --out \$OUT/hvg"
+  "attn_d64|280|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
+)
+call_8=(  # sparse GPU tests
   "sparse_gpu_tests|200|$MEM $PYT -n 4 tests/sparse"
 )
 # Only where a multi-GPU kind is lent (kind nvidia-h100-x2 or larger):
@@ -50,14 +53,14 @@ call_parallel=(
 
 which="${1:-list}"
 if [[ "$which" == list ]]; then
-  for c in 1 2 3 4 5 6 7 parallel; do
+  for c in 1 2 3 4 5 6 7 8 parallel; do
     declare -n steps="call_$c"
     echo "call $c:"; printf '  %s\n' "${steps[@]}"
   done
   exit 0
 fi
 if ! declare -p "call_$which" >/dev/null 2>&1; then
-  echo "gpu_plan.sh: no call '$which' (1..7, parallel or list)" >&2; exit 2
+  echo "gpu_plan.sh: no call '$which' (1..8, parallel or list)" >&2; exit 2
 fi
 declare -n steps="call_$which"
 exec bash experiments/device_steps.sh 570 "${steps[@]}"

@@ -184,6 +184,11 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt-350m": GPTConfig(vocab_size=32000, num_layers=24, d_model=1024, num_heads=16,
                           mlp_hidden=2816, max_seq_len=2048, tie_embeddings=False,
                           dtype="bfloat16"),
+    # Serving-speed shape (1.36B parameters, 2.7 GB in bf16): large enough that decoding at
+    # batch 1-8 streams weights rather than waits on kernel launches.
+    "gpt-1b": GPTConfig(vocab_size=32000, num_layers=24, d_model=2048, num_heads=16,
+                        mlp_hidden=5632, max_seq_len=2048, tie_embeddings=False,
+                        dtype="bfloat16"),
 }
 
 
