@@ -1,0 +1,488 @@
+"""Filter gradient of the FFT convolution (the batch-summed cross spectrum) for Hopper.
+
+The gradient of ``y = conv(k, w)`` (``jaxeff.ops.fft_conv``) with respect to the filter is
+the batch-summed correlation
+
+    dk[c, j] = sum_b sum_t w[b, c, t] d[b, c, t + j] = Re(ifft(G_c))[j],
+    G_c[f] = sum_b conj(W_b[f]) D_b[f]                (W = FFT_n(w), D = FFT_n(d))
+
+(``w = u x``, ``d = dy v``; causal transforms have ``n >= seq + filter_len - 1``, so the
+sums do not wrap for ``j < filter_len``; circular ones are periodic in ``n = seq``).
+FlashFFTConv (Fu et al., 2023) computes the spectra with the Monarch (Cooley-Tukey
+four-step) decomposition ``n = n_1 n_2`` on the tensor cores; here with ``wgmma`` as in
+:mod:`kernels_pallas.fftconv.mosaic_gpu` (whose geometry, DFT planes and twiddles this
+kernel reuses).
+
+Packed signals: batch rows ``2p`` and ``2p + 1`` are the real and imaginary parts of one
+complex signal, ``W = W_0 + i W_1`` and ``D = D_0 + i D_1``. Then
+``conj(W) D = conj(W_0) D_0 + conj(W_1) D_1 + i (conj(W_0) D_1 - conj(W_1) D_0)`` and each
+of the four products is the spectrum of a real correlation, so
+``Re(ifft(sum_p conj(W_p) D_p)) = sum_b corr(w_b, d_b)``: the kernel accumulates the cross
+spectrum of the packed signals directly (no Hermitian split, no ``Z[n - f]`` access), and
+a zero row padding an odd batch contributes nothing.
+
+Per packed signal and 64-row block ``h`` of the spectrum rows ``k_1`` (independent in the
+forward transform), for ``X`` in (``W``, ``D``):
+
+    A_X = F1[64h:64h+64, :rows] @ Z_X     row DFT       M = 64, K = rows, N = 32 a block
+    P_X = A_X * T                         twiddles, bf16 operand planes
+    Y_X = P_X @ F2                        column DFT    M = 64, K = n_2, N = 32 a block
+    G_h += conj(Y_W) Y_D                  float32 registers, carried over the signals
+
+Every shared-memory tile is a 32-column block (``col_width``; major-dim slices only), so
+the float32 accumulators in flight between two ``wgmma`` waits stay at 64 registers a
+thread and ``G`` at 32 (``n_2 = 32``) or 64 (``n_2 = 64``).
+
+Schedules: ``n_1 = 64`` (``n`` = 2048, 4096): each compute warpgroup loops over every
+``compute_wgs``-th signal of the CTA's channel with its own TMA input ring and its own
+``G`` (two partial sums). ``n_1 = 128`` (``n = 8192``): warpgroup ``h`` owns row block
+``h`` of every signal; the two share one input ring (warpgroup 0 refills a slot after both
+have waited their row DFTs of it) and the twiddle table.
+
+Output: once the loop is done the operand planes are free and receive ``G`` as a two-term
+bfloat16 expansion (``hi = bf16(G)``, ``lo = bf16(G - hi)``, 16 significant bits), written
+by TMA as ``[partials, 4, channels, n_1, n_2]``; :func:`filter_grad_from_partials` (XLA,
+per channel) adds the terms and partials and takes ``Re(ifft)[:filter_len]``.
+
+Limits: the forward kernel's transform sizes (``n`` = 2048, 4096, 8192; ``rows`` a
+multiple of 16), bfloat16 inputs (the bf16 expansion keeps float32's exponent range;
+float16 planes could not hold it), the working set within shared memory
+(:func:`smem_bytes`; circular ``n = 8192`` does not fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, WGMMA_M, MosaicGeometry,
+                                               _bits, _swizzled, cmul, complex_products,
+                                               dft_constants, fft_size, geometry)
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
+SIZES = (2048, 4096, 8192)
+ACC_REGS = 64  # float32 accumulator registers a thread in flight between two waits
+COL_WIDTHS = (32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDkConfig:
+  """Launch parameters of :func:`filter_grad_fused_mosaic`.
+
+  Attributes:
+    compute_wgs: warpgroups per CTA (1 or 2; ``n_1 = 128`` needs 2, one per row block).
+    stages: input ring depth (signals in flight; one ring per warpgroup when
+      ``n_1 = 64``, one shared ring when ``n_1 = 128``).
+    pairs_per_cta: packed signals per CTA (0: the whole batch; clipped to a divisor of
+      the pair count). Several CTAs per channel write partial sums added in XLA.
+    const_dtype: the twiddle table in shared memory, "float32" or "bfloat16".
+    half_twiddles: keep the first 64 rows of the table; row block 1 multiplies by the
+      column factor ``w_n^(64 t_2)`` (as the forward's option).
+    col_width: columns of every tile and ``wgmma`` N (32, or 64 = whole ``n_2 = 64``
+      tiles: 128 accumulator registers in flight in the column DFT).
+  """
+
+  compute_wgs: int = 2
+  stages: int = 2
+  pairs_per_cta: int = 0
+  const_dtype: str = "float32"
+  half_twiddles: bool = False
+  col_width: int = 32
+
+  def __post_init__(self):
+    if self.compute_wgs not in (1, 2):
+      raise ValueError(f"MosaicDkConfig.compute_wgs must be 1 or 2, got {self.compute_wgs!r}")
+    if self.stages not in (1, 2):
+      raise ValueError(f"MosaicDkConfig.stages must be 1 or 2, got {self.stages!r}")
+    if not isinstance(self.pairs_per_cta, int) or self.pairs_per_cta < 0:
+      raise ValueError(f"MosaicDkConfig.pairs_per_cta must be an int >= 0, got "
+                       f"{self.pairs_per_cta!r}")
+    if self.const_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"MosaicDkConfig.const_dtype must be float32 or bfloat16, got "
+                       f"{self.const_dtype!r}")
+    if self.col_width not in COL_WIDTHS:
+      raise ValueError(f"MosaicDkConfig.col_width must be one of {COL_WIDTHS}, got "
+                       f"{self.col_width!r}")
+
+
+def _row_split(geo: MosaicGeometry) -> bool:
+  """``n_1 = 128``: the warpgroups split the spectrum rows (not the signals)."""
+  return geo.n_1 > WGMMA_M
+
+
+def smem_bytes(geo: MosaicGeometry, cfg: MosaicDkConfig, dtype=jnp.bfloat16) -> int:
+  """Shared memory of one CTA: constants, input ring(s), operand planes."""
+  b = jnp.dtype(dtype).itemsize
+  cb = jnp.dtype(cfg.const_dtype).itemsize
+  n_1, n_2, rows = geo.n_1, geo.n_2, geo.rows
+  tw_rows = WGMMA_M if cfg.half_twiddles else n_1
+  consts = 3 * n_1 * rows * b + 3 * n_2 * n_2 * b + 2 * tw_rows * n_2 * cb
+  if cfg.half_twiddles:
+    consts += 2 * (n_1 // WGMMA_M) * n_2 * 4
+  ring = cfg.stages * 2 * 2 * rows * n_2 * b  # (W, D) x (re, im)
+  rings = 1 if _row_split(geo) else cfg.compute_wgs
+  planes = 2 * 2 * WGMMA_M * n_2 * b
+  return consts + rings * ring + cfg.compute_wgs * planes + 1024
+
+
+def default_config(n: int, seq: int, dtype=jnp.bfloat16) -> MosaicDkConfig:
+  """The first launch configuration that fits shared memory: two warpgroups with a 2-deep
+  ring and float32 twiddles, then a 1-deep ring, bfloat16 twiddles, half the table."""
+  geo = geometry(n, seq)
+  candidates = (
+      MosaicDkConfig(stages=2),
+      MosaicDkConfig(stages=2, const_dtype="bfloat16"),
+      MosaicDkConfig(stages=2, const_dtype="bfloat16", half_twiddles=True),
+      MosaicDkConfig(stages=1),
+      MosaicDkConfig(stages=1, const_dtype="bfloat16", half_twiddles=True),
+      MosaicDkConfig(compute_wgs=1, stages=1, const_dtype="bfloat16", half_twiddles=True))
+  for cfg in candidates:
+    if smem_bytes(geo, cfg, dtype) <= SMEM_BUDGET_BYTES:
+      return cfg
+  return cfg
+
+
+def unsupported(n: int, seq: int, dtype, config: MosaicDkConfig | None = None) -> str | None:
+  """None when :func:`filter_grad_fused_mosaic` serves this transform, else the reason."""
+  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16"
+  if n not in SIZES:
+    return f"transform size {n} is not one of {SIZES}"
+  cfg = config or default_config(n, seq, dtype)
+  geo = geometry(n, seq)
+  if _row_split(geo) and cfg.compute_wgs != 2:
+    return f"transform size {n} (n_1 = {geo.n_1}) needs compute_wgs=2 (one per row block)"
+  if cfg.col_width > geo.n_2:
+    return f"col_width={cfg.col_width} > n_2={geo.n_2}"
+  need = smem_bytes(geo, cfg, dtype)
+  if need > SMEM_BUDGET_BYTES:
+    return f"{cfg} needs {need} bytes of shared memory > {SMEM_BUDGET_BYTES}"
+  return None
+
+
+def _blocked_constants(geo: MosaicGeometry, cfg: MosaicDkConfig, dtype):
+  """The forward's DFT planes and twiddles, the column-indexed ones as 32/64-column blocks:
+  ``w1 [3, n_1, rows]``, ``f2 [3, nb, n_2, cw]``, ``tw [2, nb, tw_rows, cw]`` and (half
+  table) ``twc [n_1 / 64, 2, nb, cw]`` float32."""
+  c = dft_constants(geo, dtype)
+  cw = cfg.col_width
+  nb = geo.n_2 // cw
+  tw_rows = WGMMA_M if cfg.half_twiddles else geo.n_1
+  blocks = lambda a: a.reshape(a.shape[:-1] + (nb, cw)).swapaxes(-3, -2)
+  out = {"w1": c["w1"], "f2": blocks(c["f2"]),
+         "tw": blocks(c["tw"][:, :tw_rows]).astype(jnp.dtype(cfg.const_dtype))}
+  if cfg.half_twiddles:
+    out["twc"] = c["twc"].reshape(-1, 2, nb, cw)
+  return out
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s, *,
+            geo: MosaicGeometry, cfg: MosaicDkConfig, pairs_per_cta: int, dtype):
+  """One CTA: channel ``c``, packed signals ``[g * pairs_per_cta, (g + 1) * pairs_per_cta)``.
+
+  Invariant of a warpgroup's loop at its signal ``j``: the copies of signals
+  ``j .. j + stages - 1`` into ring slots ``j % stages ..`` have been issued; ``G`` holds
+  the cross spectrum of its row block summed over its signals before ``j``; the operand
+  planes are free (the previous column DFT has been waited).
+  """
+  c = lax.axis_index("channels")
+  grp = lax.axis_index("groups")
+  wg = lax.axis_index("wg")
+  p0 = grp * pairs_per_cta
+  nw, stages = cfg.compute_wgs, cfg.stages
+  cw = cfg.col_width
+  nb = geo.n_2 // cw
+  split = _row_split(geo)
+  count = pairs_per_cta if split else pairs_per_cta // nw
+  layout = plgpu.Layout.WGMMA
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  rows = geo.rows
+  shape = (WGMMA_M, cw)
+
+  @pl.when(wg == 0)
+  def _load_constants():
+    for q in range(3):
+      plgpu.copy_gmem_to_smem(w1_ref.at[q], s["w1"].at[q], s["const_bar"])
+      for cb in range(nb):
+        plgpu.copy_gmem_to_smem(f2_ref.at[q, cb], s["f2"].at[q, cb], s["const_bar"])
+    for q in range(2):
+      for cb in range(nb):
+        plgpu.copy_gmem_to_smem(tw_ref.at[q, cb], s["tw"].at[q, cb], s["const_bar"])
+    if twc_ref is not None:
+      plgpu.copy_gmem_to_smem(twc_ref, s["twc"], s["const_bar"])
+
+  def load(ref):
+    return plgpu.load(ref, layout=layout).astype(jnp.float32)
+
+  def program(i: int):
+    """Warpgroup ``i``: row block ``h``, ring ``ri``, its signals ``signal(j)``."""
+    h = i if split else 0
+    ri = 0 if split else i
+    signal = (lambda j: p0 + j) if split else (lambda j: p0 + i + j * nw)
+    fetches = i == 0 or not split
+    ring = s["z"].at[ri]  # [stages, 2 (W, D), 2 (re, im), nb, rows, cw]
+    planes = s["p"].at[i]  # [2 (W, D), 2 (re, im), nb, 64, cw]
+    rb = pl.ds(WGMMA_M * h, WGMMA_M)
+    w1 = [s["w1"].at[q, rb] for q in range(3)]  # Re, Im, -Im of F1[rb, :rows]
+
+    def z_bar(slot):
+      return s["z_bar"].at[ri * stages + slot]
+
+    def fetch(j, slot):
+      """Starts the copies of signal ``j``'s input rows (W and D) into ring slot ``slot``."""
+      p = signal(j)
+      for t, ref in enumerate((zw_ref, zd_ref)):
+        for part in range(2):
+          for cb in range(nb):
+            plgpu.copy_gmem_to_smem(ref.at[p, part, c, :, pl.ds(cw * cb, cw)],
+                                    ring.at[slot, t, part, cb], z_bar(slot))
+
+    def twiddle(cb):
+      """``T[rb, block cb]`` as float32 ``(re, im)`` in the WGMMA layout."""
+      if cfg.half_twiddles:
+        m = load(s["tw"].at[0, cb]), load(s["tw"].at[1, cb])
+        if h:
+          col = lambda q: lax.broadcast_in_dim(
+              plgpu.load(s["twc"].at[h, q, cb], layout=col_layout), shape, [1])
+          m = cmul(*m, col(0), col(1))
+        return m
+      return load(s["tw"].at[0, cb, rb]), load(s["tw"].at[1, cb, rb])
+
+    if fetches:
+      for j in range(min(stages, count)):
+        fetch(j, j)
+    plgpu.barrier_wait(s["const_bar"])
+
+    row_jobs = [(t, cb) for t in range(2) for cb in range(nb)]
+    per_wait = max(1, ACC_REGS // cw)  # a [64, cw] complex accumulator: cw registers
+    row_groups = [row_jobs[a:a + per_wait] for a in range(0, len(row_jobs), per_wait)]
+
+    def body(j, g):
+      slot = lax.rem(j, stages) if stages > 1 else 0
+      plgpu.barrier_wait(z_bar(slot))
+      # Row DFTs and twiddles: P_X[:, cb] = (F1[rb, :rows] Z_X[:, cb]) T[rb, cb].
+      for jobs in row_groups:
+        groups = []
+        for t, cb in jobs:
+          zr, zi = ring.at[slot, t, 0, cb], ring.at[slot, t, 1, cb]
+          groups.append((((w1[0], zr), (w1[2], zi)), ((w1[1], zr), (w1[0], zi))))
+        accs = complex_products(groups, shape)
+        for (t, cb), (a_re, a_im) in zip(jobs, accs):
+          p_re, p_im = cmul(a_re, a_im, *twiddle(cb))
+          planes.at[t, 0, cb][...] = p_re.astype(dtype)
+          planes.at[t, 1, cb][...] = p_im.astype(dtype)
+      plgpu.commit_smem()
+      # The ring slot has been read (every product reading it was waited).
+      if split:
+        plgpu.barrier_arrive(s["free_bar"].at[slot])
+      else:
+        @pl.when(j + stages < count)
+        def _():
+          fetch(j + stages, slot)
+      # Column DFTs per output block, W and D together; G += conj(Y_W) Y_D.
+      g = list(g)
+      for cb in range(nb):
+        groups = []
+        for t in range(2):
+          terms_re, terms_im = [], []
+          for kb in range(nb):
+            pr, pi = planes.at[t, 0, kb], planes.at[t, 1, kb]
+            fr, fi, fn = (s["f2"].at[q, cb, pl.ds(cw * kb, cw)] for q in range(3))
+            terms_re += [(pr, fr), (pi, fn)]
+            terms_im += [(pr, fi), (pi, fr)]
+          groups.append((terms_re, terms_im))
+        (yw_re, yw_im), (yd_re, yd_im) = complex_products(groups, shape)
+        g[2 * cb] = g[2 * cb] + yw_re * yd_re + yw_im * yd_im
+        g[2 * cb + 1] = g[2 * cb + 1] + yw_re * yd_im - yw_im * yd_re
+      if split and i == 0:
+        @pl.when(j + stages < count)
+        def _():
+          plgpu.barrier_wait(s["free_bar"].at[slot])  # warpgroup 1 has read it too
+          fetch(j + stages, slot)
+      return tuple(g)
+
+    zero = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), layout)
+    g = lax.fori_loop(0, count, body, (zero,) * (2 * nb))
+    # G as hi + lo bfloat16 terms in the (free) operand planes, then to global memory.
+    for cb in range(nb):
+      for part in range(2):
+        x = g[2 * cb + part]
+        hi = x.astype(dtype)
+        planes.at[0, part, cb][...] = hi
+        planes.at[1, part, cb][...] = (x - hi.astype(jnp.float32)).astype(dtype)
+    plgpu.commit_smem()
+    partial = grp if split else grp * nw + i
+    for t in range(2):
+      for part in range(2):
+        for cb in range(nb):
+          plgpu.copy_smem_to_gmem(planes.at[t, part, cb],
+                                  g_ref.at[partial, 2 * t + part, c, rb, pl.ds(cw * cb, cw)])
+    plgpu.wait_smem_to_gmem(0)
+
+  for i in range(nw):
+    pl.when(wg == i)(lambda i=i: program(i))
+
+
+def filter_grad_fused_mosaic(zw: jax.Array, zd: jax.Array, geo: MosaicGeometry, *,
+                             config: MosaicDkConfig | None = None,
+                             interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+  """Partial cross spectra ``sum_p conj(FFT(zw_p)) FFT(zd_p)`` per channel, Monarch order.
+
+  Args:
+    zw, zd: ``[pairs, 2, channels, rows, n_2]`` bfloat16: batch rows ``2p`` and ``2p + 1``
+      of each channel as the real and imaginary planes of pair ``p``, the first
+      ``rows * n_2`` time steps (zero beyond the input).
+    geo: :func:`kernels_pallas.fftconv.mosaic_gpu.geometry` of the transform.
+    config: launch parameters (None: :func:`default_config`).
+    interpret: Pallas Mosaic GPU interpret mode (True or ``plgpu.InterpretGPUParams``).
+
+  Returns:
+    ``[partials, 4, channels, n_1, n_2]`` bfloat16: ``(re_hi, im_hi, re_lo, im_lo)`` of
+    partial sums of ``G[k_1 + n_1 k_2]``; ``G`` is the sum over partials of hi + lo
+    (:func:`filter_grad_from_partials`).
+  """
+  pairs, two, channels, rows, n_2 = zw.shape
+  dtype = jnp.dtype(zw.dtype)
+  cfg = config or default_config(geo.n, rows * n_2, dtype)
+  if zd.shape != zw.shape or zd.dtype != zw.dtype:
+    raise ValueError(f"filter_grad_fused_mosaic: zd must match zw {zw.shape} {zw.dtype}, "
+                     f"got {zd.shape} {zd.dtype}")
+  if two != 2 or rows != geo.rows or n_2 != geo.n_2:
+    raise ValueError(f"filter_grad_fused_mosaic: zw must be [pairs, 2, channels, "
+                     f"rows={geo.rows}, n_2={geo.n_2}], got {zw.shape}")
+  why = unsupported(geo.n, rows * n_2, dtype, cfg)
+  if why:
+    raise NotImplementedError(f"filter_grad_fused_mosaic: {why}")
+  split = _row_split(geo)
+  nw = cfg.compute_wgs
+  step = 1 if split else nw
+  if pairs % step:
+    raise ValueError(f"filter_grad_fused_mosaic: pairs={pairs} must be a multiple of "
+                     f"compute_wgs={nw} (pad the batch with zero rows)")
+  ppc = cfg.pairs_per_cta or pairs
+  ppc = max(d for d in range(step, pairs + 1, step) if pairs % d == 0 and d <= max(ppc, step))
+  count = ppc if split else ppc // nw
+  cfg = dataclasses.replace(cfg, stages=min(cfg.stages, count))
+  consts = _blocked_constants(geo, cfg, jnp.bfloat16)
+  cw = cfg.col_width
+  nb = n_2 // cw
+  rings = 1 if split else nw
+  sw = plgpu.find_swizzle(min(rows, cw) * _bits(dtype), "operand")
+  scratch = {
+      "w1": _swizzled((3, geo.n_1, rows), dtype, sw),
+      "f2": _swizzled((3, nb, n_2, cw), dtype, sw),
+      "tw": _swizzled(consts["tw"].shape, consts["tw"].dtype),
+      "z": _swizzled((rings, cfg.stages, 2, 2, nb, rows, cw), dtype, sw),
+      "p": _swizzled((nw, 2, 2, nb, WGMMA_M, cw), dtype, sw),
+      "z_bar": plgpu.Barrier(num_arrivals=2 * 2 * nb, num_barriers=rings * cfg.stages),
+  }
+  args = [zw, zd, jnp.asarray(consts["w1"]), jnp.asarray(consts["f2"]),
+          jnp.asarray(consts["tw"])]
+  copies = 3 + 3 * nb + 2 * nb
+  if cfg.half_twiddles:
+    scratch["twc"] = plgpu.SMEM(consts["twc"].shape, jnp.float32)
+    args.append(jnp.asarray(consts["twc"]))
+    copies += 1
+  scratch["const_bar"] = plgpu.Barrier(num_arrivals=copies)
+  if split:
+    scratch["free_bar"] = plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages)
+  partials = (pairs // ppc) * (1 if split else nw)
+
+  def kernel_fn(*refs):
+    zw_ref, zd_ref, w1_ref, f2_ref, tw_ref = refs[:5]
+    twc_ref = refs[5] if cfg.half_twiddles else None
+    g_ref, s_ = refs[len(args):]
+    _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s_, geo=geo, cfg=cfg,
+            pairs_per_cta=ppc, dtype=dtype)
+
+  return plgpu.kernel(
+      kernel_fn,
+      out_type=jax.ShapeDtypeStruct((partials, 4, channels, geo.n_1, n_2), dtype),
+      scratch_types=(scratch,),
+      grid=(channels, pairs // ppc),
+      grid_names=("channels", "groups"),
+      num_threads=nw,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=(plgpu.InterpretGPUParams() if interpret is True else interpret or None),
+      kernel_name=f"fft_conv_filter_grad_mosaic_{geo.n}",
+  )(*args)
+
+
+def filter_grad_from_partials(g: jax.Array, geo: MosaicGeometry, filter_len: int) -> jax.Array:
+  """``dk [channels, filter_len]`` float32 = ``Re(ifft(G))[:filter_len]`` from the kernel's
+  ``[partials, 4, channels, n_1, n_2]`` output (XLA, per channel)."""
+  g = g.astype(jnp.float32).sum(0)
+  spectrum = lax.complex(g[0] + g[2], g[1] + g[3])  # [channels, k_1, k_2]
+  spectrum = spectrum.swapaxes(1, 2).reshape(g.shape[1], geo.n)  # f = k_1 + n_1 k_2
+  return jnp.fft.ifft(spectrum, axis=-1)[:, :filter_len].real
+
+
+def dk_geometry(seq: int, filter_len: int, dtype, *, causal: bool = True,
+                config: MosaicDkConfig | None = None
+                ) -> tuple[MosaicGeometry, MosaicDkConfig]:
+  """The geometry and launch parameters :func:`filter_grad_mosaic` uses for these sizes
+  (the forward kernel's view). Raises NotImplementedError naming the reason."""
+  n = fft_size(seq, filter_len, causal=causal)
+  cfg = config or default_config(n, seq, dtype)
+  why = unsupported(n, seq, dtype, cfg)
+  if why:
+    raise NotImplementedError(f"filter_grad_mosaic: {why}")
+  return geometry(n, seq), cfg
+
+
+def filter_grad_mosaic(w: jax.Array, d: jax.Array, filter_len: int, *, causal: bool = True,
+                       config: MosaicDkConfig | None = None,
+                       interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+  """The filter gradient of ``fft_conv``: ``dk[c, j] = sum_b sum_t w[b, c, t] d[b, c, t + j]``.
+
+  Args:
+    w: ``[batch, channels, seq]`` bfloat16, the convolution's input (``u * x`` when gated).
+    d: ``[batch, channels, seq]`` bfloat16, its output cotangent (``dy * v`` when gated).
+    filter_len: taps of the filter, ``1 <= filter_len <= seq``.
+    causal: linear causal convolution (``d`` is zero from ``seq`` on: the sum stops at
+      ``t + j < seq``) or circular of period ``seq`` (``d[(t + j) mod seq]``).
+    config: launch parameters (None: :func:`default_config`).
+    interpret: Pallas Mosaic GPU interpret mode (True or ``plgpu.InterpretGPUParams``).
+
+  Returns:
+    ``[channels, filter_len]`` float32.
+  """
+  if w.ndim != 3 or d.shape != w.shape:
+    raise ValueError(f"filter_grad_mosaic: w and d must be [batch, channels, seq] of one "
+                     f"shape, got {w.shape} and {d.shape}")
+  batch, channels, seq = w.shape
+  if isinstance(filter_len, bool) or not isinstance(filter_len, int) or not (
+      1 <= filter_len <= seq):
+    raise ValueError(f"filter_grad_mosaic: filter_len must be an int in [1, seq={seq}], got "
+                     f"{filter_len!r}")
+  if d.dtype != w.dtype:
+    raise TypeError(f"filter_grad_mosaic: d.dtype must equal w.dtype {w.dtype}, got "
+                    f"{d.dtype}")
+  geo, cfg = dk_geometry(seq, filter_len, w.dtype, causal=causal, config=config)
+  length = geo.rows * geo.n_2
+  step = 1 if _row_split(geo) else cfg.compute_wgs
+  pairs = -(-batch // 2)
+  pairs = -(-pairs // step) * step
+
+  def packed(a):
+    if 2 * pairs != batch or length != seq:
+      a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
+    return a.reshape(pairs, 2, channels, geo.rows, geo.n_2)
+
+  g = filter_grad_fused_mosaic(packed(w), packed(d), geo, config=cfg, interpret=interpret)
+  return filter_grad_from_partials(g, geo, filter_len)
+
+
+__all__ = ["MosaicDkConfig", "SIZES", "default_config", "dk_geometry",
+           "filter_grad_from_partials", "filter_grad_fused_mosaic", "filter_grad_mosaic",
+           "smem_bytes", "unsupported"]
