@@ -304,9 +304,12 @@ def _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s, *,
         g[2 * cb] = g[2 * cb] + yw_re * yd_re + yw_im * yd_im
         g[2 * cb + 1] = g[2 * cb + 1] + yw_re * yd_im - yw_im * yd_re
       if split and i == 0:
+        # Warpgroup 1 has read the slot too (waited on every use: each completed phase is
+        # observed, also the last ones whose slot is not refilled).
+        plgpu.barrier_wait(s["free_bar"].at[slot])
+
         @pl.when(j + stages < count)
         def _():
-          plgpu.barrier_wait(s["free_bar"].at[slot])  # warpgroup 1 has read it too
           fetch(j + stages, slot)
       return tuple(g)
 
