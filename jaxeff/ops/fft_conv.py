@@ -28,6 +28,9 @@ Implementations (``implementation=``), fastest first:
   Transform sizes 16384 and 32768 (causal seq 8K-16K) have their own kernel
   (:mod:`kernels_pallas.fftconv.mosaic_gpu_long`), served only when ``MOSAIC_LONG`` is
   True (off until measured on the device) or through ``fft_conv_mosaic_gpu(long=True)``.
+  The filter gradient has a Mosaic kernel too (:mod:`kernels_pallas.fftconv.mosaic_gpu_dk`,
+  transform sizes 2048..8192, bfloat16), used when ``MOSAIC_FILTER_GRAD`` is True (off
+  until measured) or through ``fft_conv_mosaic_gpu(filter_grad="mosaic")``.
 * ``"triton"``: fused Pallas kernels (:mod:`kernels_pallas.fftconv.triton`) reading
   ``u`` and the gates in place and writing ``y`` in ``u.dtype`` (no transposes, no float32
   intermediates): FFT -> filter -> iFFT -> gates per packed signal for ``n`` up to 8192
@@ -66,6 +69,7 @@ import numpy as np
 from jaxeff.ops import _registry
 from jaxeff.spectral import monarch
 from kernels_pallas.fftconv import mosaic_gpu as _mosaic
+from kernels_pallas.fftconv import mosaic_gpu_dk as _mosaic_dk
 from kernels_pallas.fftconv import mosaic_gpu_long as _mosaic_long
 from kernels_pallas.fftconv import triton as _triton
 
@@ -422,7 +426,8 @@ def _triton_conv_fwd(u, k, x, v, call: _TritonCall):
   return y, (u, k, x, v, kf)
 
 
-def _triton_conv_bwd(call: _TritonCall, residuals, dy):
+def _triton_conv_bwd(call: _TritonCall, residuals, dy, filter_grad=None):
+  """The Triton backward; ``filter_grad(u, x, dy, v)`` replaces its filter gradient."""
   u, k, x, v, kf = residuals
   dy = dy.astype(u.dtype)
   # dw = corr(k, dy * v) (the convolution with conj(K)); du = dw * x, dx = dw * u.
@@ -432,7 +437,10 @@ def _triton_conv_bwd(call: _TritonCall, residuals, dy):
     du, dx = _triton_apply(dy, _conj(kf), v, (x, u), call, u.dtype)
     dx = dx.astype(x.dtype)
   dv = None if v is None else _triton_apply(u, kf, x, (dy,), call, u.dtype)[0].astype(v.dtype)
-  dk = _triton_filter_grad(u, x, dy, v, call)
+  if filter_grad is None:
+    dk = _triton_filter_grad(u, x, dy, v, call)
+  else:
+    dk = filter_grad(u, x, dy, v)
   return du, dk.astype(k.dtype), dx, dv
 
 
@@ -521,6 +529,14 @@ MOSAIC_BACKWARD = False
 # time like MOSAIC_BACKWARD; `fft_conv_mosaic_gpu(long=True)` uses the kernel regardless.
 MOSAIC_LONG = False
 
+# The "mosaic_gpu" backward's filter gradient on the Mosaic GPU kernel
+# (kernels_pallas/fftconv/mosaic_gpu_dk.py: the batch-summed cross spectrum of the two
+# forward transforms, one CTA a channel; an XLA inverse per channel) instead of the Triton
+# kernel, with either `MOSAIC_BACKWARD` setting, where it serves the call (transform sizes
+# 2048..8192, bfloat16; else the Triton kernel). Off until measured on the device. Read at
+# trace time like MOSAIC_BACKWARD; `fft_conv_mosaic_gpu(filter_grad=)` chooses explicitly.
+MOSAIC_FILTER_GRAD = False
+
 
 @dataclasses.dataclass(frozen=True)
 class _MosaicCall:
@@ -537,6 +553,7 @@ class _MosaicCall:
   config: _mosaic.MosaicFFTConvConfig | _mosaic_long.LongFFTConvConfig | None = None
   backward: str = "triton"
   long: bool = False  # the long-sequence kernel (transform sizes 16384, 32768)
+  filter_grad: str = "triton"  # "mosaic": the Mosaic dk kernel (where it serves the call)
 
   def conv(self, u, k, x, v, **kw):
     """The Mosaic forward (or, with ``conjugate=True``, the correlation)."""
@@ -554,6 +571,24 @@ class _MosaicCall:
     geo, _ = _mosaic.conv_geometry(seq, filter_len, u.dtype, causal=self.causal,
                                    config=self.config)
     return _mosaic.filter_spectrum(k, geo)
+
+  def filter_grad_fn(self):
+    """``dk(u, x, dy, v)`` float32 for the backward, or None for the Triton path's own."""
+    if self.filter_grad != "mosaic":
+      return None
+    return functools.partial(_mosaic_filter_grad, causal=self.causal,
+                             filter_len=self.triton.filter_len,
+                             interpret=self.triton.interpret)
+
+
+def _mosaic_filter_grad(u, x, dy, v, *, causal: bool, filter_len: int, interpret: bool):
+  """``dk [channels, filter_len]`` float32 from the Mosaic filter-gradient kernel: the
+  gates in XLA (float32 products rounded to ``u.dtype``, as the forward's pre-gate),
+  ``w = u x``, ``d = dy v`` (the caller checks :func:`_mosaic_dk_serves`)."""
+  gated = lambda a, g: a if g is None else (
+      a.astype(jnp.float32) * g.astype(jnp.float32)).astype(u.dtype)
+  return _mosaic_dk.filter_grad_mosaic(gated(u, x), gated(dy.astype(u.dtype), v), filter_len,
+                                       causal=causal, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -574,7 +609,10 @@ def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
 
 
 def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
+  dk_fn = call.filter_grad_fn()
   if call.backward != "mosaic":
+    if dk_fn is not None and _mosaic_dk_serves(call, residuals[0]):
+      return _triton_conv_bwd(call.triton, residuals, dy, filter_grad=dk_fn)
     return _triton_conv_bwd(call.triton, residuals, dy)
   u, k, x, v, kf, c = residuals
   dy = dy.astype(u.dtype)
@@ -588,8 +626,17 @@ def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
     dx = (dw32 * u.astype(jnp.float32)).astype(x.dtype)
   dv = None if v is None else (
       (dy.astype(jnp.float32) * c.astype(jnp.float32)).astype(u.dtype).astype(v.dtype))
-  dk = _triton_filter_grad(u, x, dy, v, call.triton)
+  if dk_fn is not None and _mosaic_dk_serves(call, u):
+    dk = dk_fn(u, x, dy, v)
+  else:
+    dk = _triton_filter_grad(u, x, dy, v, call.triton)
   return du, dk.astype(k.dtype), dx, dv
+
+
+def _mosaic_dk_serves(call: _MosaicCall, u) -> bool:
+  """The Mosaic filter-gradient kernel serves this call's transform and dtype."""
+  n = fft_size(u.shape[-1], call.triton.filter_len, causal=call.causal)
+  return _mosaic_dk.unsupported(n, u.shape[-1], u.dtype) is None
 
 
 _mosaic_conv.defvjp(_mosaic_conv_fwd, _mosaic_conv_bwd)
@@ -609,7 +656,8 @@ def _mosaic_impl(u, k, *, causal, gate, frequency_keep, interpret=False):
   n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
   call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret),
                      backward="mosaic" if MOSAIC_BACKWARD else "triton",
-                     long=n in _mosaic_long.SIZES)
+                     long=n in _mosaic_long.SIZES,
+                     filter_grad="mosaic" if MOSAIC_FILTER_GRAD else "triton")
   return _mosaic_conv(u, k, x, v, call)
 
 
@@ -618,6 +666,7 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
                         config: (_mosaic.MosaicFFTConvConfig | _mosaic_long.LongFFTConvConfig
                                  | None) = None,
                         backward: str | None = None, long: bool | None = None,
+                        filter_grad: str | None = None,
                         interpret: bool = False) -> jax.Array:
   """The ``"mosaic_gpu"`` implementation with explicit choices (benchmarks, tuning).
 
@@ -625,7 +674,10 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
   Mosaic kernels serve); ``config``: the kernel's launch parameters (None: its default;
   a ``LongFFTConvConfig`` for transform sizes 16384 / 32768); ``backward``: "mosaic" or
   "triton" (None: ``MOSAIC_BACKWARD``); ``long``: serve transform sizes 16384 / 32768 with
-  the long-sequence kernel (None: ``MOSAIC_LONG``).
+  the long-sequence kernel (None: ``MOSAIC_LONG``); ``filter_grad``: the backward's filter
+  gradient on the Mosaic kernel ("mosaic"; NotImplementedError where it cannot serve the
+  call) or the Triton kernel ("triton"); None: ``MOSAIC_FILTER_GRAD`` (the Mosaic kernel
+  where it serves, else Triton).
   """
   _validate(u, k, causal, gate, None)
   if backward is None:
@@ -635,6 +687,16 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
                      f"got {backward!r}")
   if long is not None and not isinstance(long, bool):
     raise TypeError(f"fft_conv_mosaic_gpu: long must be None or a bool, got {long!r}")
+  if filter_grad is None:
+    filter_grad = "mosaic" if MOSAIC_FILTER_GRAD else "triton"
+  elif filter_grad not in ("mosaic", "triton"):
+    raise ValueError(f"fft_conv_mosaic_gpu: filter_grad must be None, 'mosaic' or 'triton', "
+                     f"got {filter_grad!r}")
+  else:
+    n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
+    why = _mosaic_dk.unsupported(n, u.shape[-1], u.dtype) if filter_grad == "mosaic" else None
+    if why is not None:
+      raise NotImplementedError(f"fft_conv_mosaic_gpu: filter_grad='mosaic': {why}")
   reason = _mosaic_supports(u, k, causal=causal, gate=gate, frequency_keep=None, long=long)
   if reason is not None:
     raise NotImplementedError(f"fft_conv_mosaic_gpu: {reason}")
@@ -646,7 +708,7 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
                     f"{expected.__name__} or None, got {type(config).__name__}")
   x, v = gate if gate is not None else (None, None)
   call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret), config,
-                     backward, is_long)
+                     backward, is_long, filter_grad)
   return _mosaic_conv(u, k, x, v, call)
 
 
