@@ -80,7 +80,12 @@ class Config:
   warpgroups stage their dQ half in shared memory and signal it on an mbarrier; the memory
   warpgroup issues the TMA reduce-adds into HBM and releases the staging buffers once the
   copies have read them (FlashAttention-3's dQ writer), so a compute warpgroup never
-  issues or waits on a bulk copy inside the loop."""
+  issues or waits on a bulk copy inside the loop. ``fwd_pipeline_softmax`` (forward): each
+  compute warpgroup also pipelines inside itself (FlashAttention-3, Algorithm 2): it issues
+  ``S_{i} = Q K_i^T`` and ``O += P_{i-1} V_{i-1}`` together, waits only for ``S_i`` and
+  runs its softmax while ``P_{i-1} V_{i-1}`` is on the tensor cores; one more score block
+  and the previous ``P`` stay live, so ``block_kv`` must fit the register budget
+  (:func:`fwd_pipeline_registers`)."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -98,6 +103,7 @@ class Config:
   bwd_dq_deferred: bool = False
   bwd_dq_store_before_dp: bool = True
   bwd_dq_writer: bool = False
+  fwd_pipeline_softmax: bool = False
 
   @property
   def fwd_q_tile(self) -> int:
@@ -125,6 +131,32 @@ def default_config(head_dim: int, is_causal: bool = False) -> Config:
     return Config(block_kv=128 if is_causal else 256, bwd_kv_in_registers=True,
                   bwd_dq_alternate=True)
   return Config()
+
+
+def fwd_pipeline_registers(head_dim: int, block_kv: int) -> int:
+  """Registers a thread that the pipelined forward step (``fwd_pipeline_softmax``) keeps
+  live at its peak, the softmax of ``S_i`` while ``P_{i-1} V_{i-1}`` runs: the output
+  accumulator (64 x head_dim float32 over 128 threads), ``S_i`` (64 x block_kv float32),
+  ``P_{i-1}`` and ``P_i`` (bf16), plus 32 for row statistics, indices and addresses."""
+  return head_dim // 2 + block_kv // 2 + 2 * (block_kv // 4) + 32
+
+
+def fwd_pipeline_config(head_dim: int, is_causal: bool = False) -> Config:
+  """:func:`default_config` with the intra-warpgroup pipelined forward; key tiles of at
+  most 128 (two 256-key score blocks do not fit the registers at head_dim 64)."""
+  cfg = default_config(head_dim, is_causal)
+  return dataclasses.replace(cfg, fwd_pipeline_softmax=True, block_kv=min(cfg.block_kv, 128))
+
+
+def _check_fwd_pipeline(cfg: Config, head_dim: int) -> None:
+  need = fwd_pipeline_registers(head_dim, cfg.block_kv)
+  if need > cfg.compute_registers:
+    raise ValueError(
+        f"fwd_pipeline_softmax: head_dim {head_dim} with block_kv {cfg.block_kv} keeps about "
+        f"{need} registers a thread live (two score blocks, the output accumulator, two "
+        f"probability blocks), more than compute_registers={cfg.compute_registers} (with "
+        f"compute_wgs={cfg.compute_wgs}); use a smaller block_kv (e.g. 128, or 64 with three "
+        f"compute warpgroups) or leave fwd_pipeline_softmax off")
 
 
 # Three compute warpgroups (192 query rows a CTA) for head_dim 64, as FlashAttention-3;
@@ -180,6 +212,9 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
   dense = sparsity.dense
   batched_lists = (not dense) and sparsity.indices.shape[0] != 1
   reverse_tiles = mask.is_causal  # heaviest query tiles first
+  pipeline = cfg.fwd_pipeline_softmax
+  if pipeline:
+    _check_fwd_pipeline(cfg, d)
   layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -241,19 +276,10 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       pl.when(wg == 0)(lambda: plgpu.barrier_arrive(s["sched"].at[0]))
       plgpu.barrier_wait(my_turn)
 
-      def step(i, carry, *, masked: bool):
-        acc, m_i, l_i = carry
-        slot = lax.rem(i, stages)
-        if has_seg:
-          plgpu.barrier_wait(s["seg_bar"].at[slot])
-
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, s["k"].at[slot].transpose((1, 0)))
-          plgpu.barrier_arrive(next_turn)
-          return acc_ref[...]
-
-        qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
-        plgpu.barrier_arrive(s["k_cons"].at[slot])
+      def probs(qk, i, slot, m_i, *, masked: bool):
+        """Online softmax of one score block in the log2 domain: ``(p, m_new, alpha)``
+        with ``p = exp2(logits - m_new)`` (float32) and ``alpha = exp2(m_i - m_new)``, the
+        factor that rescales what was accumulated with the old maximum."""
         if soft_cap is None:
           logits = qk  # log2-domain logits are logits * c_exp
         else:
@@ -281,6 +307,38 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
           p = jnp.exp2(logits * c_exp - m_b)
         else:
           p = jnp.exp2(logits - m_b)
+        return p, m_new, alpha
+
+      def finish(acc, m_i, l_i):
+        """out = acc / l and lse (natural log) through shared memory into HBM."""
+        empty = l_i == 0.0
+        l_safe = jnp.where(empty, 1.0, l_i)
+        out = acc * lax.broadcast_in_dim(1.0 / l_safe, (bq, d), [0])
+        q_smem[...] = out.astype(dtype)
+        lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
+        s["lse"].at[wg][...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(row0, bq), h],
+                                commit_group=False)
+        plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, h, pl.ds(row0, bq)],
+                                commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+      def step(i, carry, *, masked: bool):
+        acc, m_i, l_i = carry
+        slot = lax.rem(i, stages)
+        if has_seg:
+          plgpu.barrier_wait(s["seg_bar"].at[slot])
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, s["k"].at[slot].transpose((1, 0)))
+          plgpu.barrier_arrive(next_turn)
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+        plgpu.barrier_arrive(s["k_cons"].at[slot])
+        p, m_new, alpha = probs(qk, i, slot, m_i, masked=masked)
         acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0])
         l_i = l_i * alpha
         p16 = p.astype(dtype)
@@ -315,25 +373,119 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
         plgpu.barrier_arrive(s["v_cons"].at[slot])
         return acc, m_new, l_i
 
+      if pipeline:
+        # Intra-warpgroup pipeline (FlashAttention-3, Algorithm 2). Invariant at the end of
+        # iteration i: ``o`` holds sum_{j < i} P_j V_j at the scale of m_i (the running
+        # maximum including block i), ``p_prev`` holds P_i (bf16, not yet multiplied by
+        # V_i), K_i is released and V_i is not. In its turn iteration i issues
+        # S_i = Q K_i^T and then O += P_{i-1} V_{i-1}, waits only for S_i, runs the
+        # softmax of S_i while P_{i-1} V_{i-1} is on the tensor cores, then waits for it
+        # and rescales O.
+        def scores(slot, issue_pv=None):
+          """Issue S_i (and, through ``issue_pv``, the previous block's P V) in this
+          warpgroup's turn; hand the turn on; return S_i once it is done."""
+          def body(s_ref):
+            plgpu.wgmma(s_ref, q_smem, s["k"].at[slot].transpose((1, 0)))
+            if issue_pv is not None:
+              issue_pv()
+            plgpu.barrier_arrive(next_turn)
+            if interpret or issue_pv is None:
+              return s_ref[...]
+            # Groups complete in order: one left in flight means S_i is done, P V may run.
+            return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+
+          return pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32))
+
+        def pv_interpret(o, p16, slot):
+          s["p"].at[wg][...] = p16
+          plgpu.commit_smem()
+          return o + pl.run_scoped(
+              lambda r: (plgpu.wgmma(r, s["p"].at[wg], s["v"].at[slot]), r[...])[1],
+              plgpu.ACC((bq, d), jnp.float32))
+
+        def pipe_step(i, carry, *, masked: bool, o_ref):
+          if interpret:
+            p_prev, m_i, l_i, o = carry
+          else:
+            p_prev, m_i, l_i = carry
+          slot, prev = lax.rem(i, stages), lax.rem(i - 1, stages)
+          if has_seg:
+            plgpu.barrier_wait(s["seg_bar"].at[slot])
+          plgpu.barrier_wait(s["k_bar"].at[slot])
+          plgpu.barrier_wait(s["v_bar"].at[prev])
+          plgpu.barrier_wait(my_turn)  # the other warpgroups' matmuls are issued
+          if interpret:  # same order: S_i, then P_{i-1} V_{i-1} (synchronous here)
+            qk = scores(slot)
+            o = pv_interpret(o, p_prev, prev)
+          else:
+            qk = scores(slot, lambda: plgpu.wgmma(o_ref, p_prev, s["v"].at[prev]))
+          plgpu.barrier_arrive(s["k_cons"].at[slot])
+          p, m_new, alpha = probs(qk, i, slot, m_i, masked=masked)
+          l_i = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          if not interpret:
+            l_i, m_new, p16 = lax.optimization_barrier((l_i, m_new, p16))
+            o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_{i-1} V_{i-1} done
+          plgpu.barrier_arrive(s["v_cons"].at[prev])
+          o = o * lax.broadcast_in_dim(alpha, (bq, d), [0])
+          if interpret:
+            return p16, m_new, l_i, o
+          o_ref[...] = o
+          return p16, m_new, l_i
+
+        def pipelined(o_ref=None):
+          # Prologue: S_0 (K_0 was waited above, the turn is held), masked whatever its
+          # class (a full block only costs the mask arithmetic). O is still zero.
+          if has_seg:
+            plgpu.barrier_wait(s["seg_bar"].at[0])
+          qk = scores(0)
+          plgpu.barrier_arrive(s["k_cons"].at[0])
+          p, m0, alpha = probs(qk, 0, 0, m_i, masked=True)
+          carry = (p.astype(dtype), m0, l_i * alpha + p.sum(axis=1))
+          if interpret:
+            carry += (acc,)
+          body = functools.partial(pipe_step, o_ref=o_ref)
+          first_masked = _max(n_full, 1)
+          carry = lax.fori_loop(1, first_masked, functools.partial(body, masked=False), carry)
+          carry = lax.fori_loop(first_masked, n_total, functools.partial(body, masked=True),
+                                carry)
+          # Epilogue: P_{n-1} V_{n-1}.
+          p_last, m_last, l_last = carry[:3]
+          last = ((n_total - 1) % stages if isinstance(n_total, int)
+                  else lax.rem(n_total - 1, stages))
+          plgpu.barrier_wait(s["v_bar"].at[last])
+          plgpu.barrier_wait(my_turn)
+          if interpret:
+            o = pv_interpret(carry[3], p_last, last)
+            plgpu.barrier_arrive(next_turn)
+          else:
+            plgpu.wgmma(o_ref, p_last, s["v"].at[last])
+            plgpu.barrier_arrive(next_turn)
+            o = o_ref[...]
+          plgpu.barrier_arrive(s["v_cons"].at[last])
+          finish(o, m_last, l_last)
+
+        if interpret:
+          _when(n_total > 0, pipelined)
+        else:
+          _when(n_total > 0,
+                lambda: (pl.run_state(pipelined)(plgpu.ACC.init(acc)), None)[1])
+
+        def no_blocks():
+          plgpu.barrier_arrive(next_turn)
+          finish(acc, m_i, l_i)
+
+        _when(n_total == 0, no_blocks)
+        pl.when(wg == 0)(lambda: plgpu.barrier_wait(s["sched"].at[0]))  # balance the phases
+        return
+
       carry = (acc, m_i, l_i)
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
       acc, m_i, l_i = carry
       plgpu.barrier_arrive(next_turn)
       pl.when(wg == 0)(lambda: plgpu.barrier_wait(s["sched"].at[0]))  # balance the phases
-
-      empty = l_i == 0.0
-      l_safe = jnp.where(empty, 1.0, l_i)
-      out = acc * lax.broadcast_in_dim(1.0 / l_safe, (bq, d), [0])
-      q_smem[...] = out.astype(dtype)
-      lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
-      s["lse"].at[wg][...] = lse
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(row0, bq), h], commit_group=False)
-      plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, h, pl.ds(row0, bq)],
-                              commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0)
+      finish(acc, m_i, l_i)
 
     @pl.when(wg == cw)
     def _memory():
