@@ -133,15 +133,18 @@ def smem_bytes(geo: MosaicGeometry, cfg: MosaicDkConfig, dtype=jnp.bfloat16) -> 
 
 def default_config(n: int, seq: int, dtype=jnp.bfloat16) -> MosaicDkConfig:
   """The first launch configuration that fits shared memory: two warpgroups with a 2-deep
-  ring and float32 twiddles, then a 1-deep ring, bfloat16 twiddles, half the table."""
+  ring and float32 twiddles, then bfloat16 twiddles, half the table, a 1-deep ring (and,
+  at ``n_1 = 64``, one warpgroup)."""
   geo = geometry(n, seq)
   candidates = (
       MosaicDkConfig(stages=2),
       MosaicDkConfig(stages=2, const_dtype="bfloat16"),
       MosaicDkConfig(stages=2, const_dtype="bfloat16", half_twiddles=True),
       MosaicDkConfig(stages=1),
-      MosaicDkConfig(stages=1, const_dtype="bfloat16", half_twiddles=True),
-      MosaicDkConfig(compute_wgs=1, stages=1, const_dtype="bfloat16", half_twiddles=True))
+      MosaicDkConfig(stages=1, const_dtype="bfloat16", half_twiddles=True))
+  if not _row_split(geo):
+    candidates += (MosaicDkConfig(compute_wgs=1, stages=1, const_dtype="bfloat16",
+                                  half_twiddles=True),)
   for cfg in candidates:
     if smem_bytes(geo, cfg, dtype) <= SMEM_BUDGET_BYTES:
       return cfg
