@@ -19,15 +19,24 @@ every row. ``--smoke``: tiny shapes in interpret mode (CPU check of this script)
 
 ``--backward`` (forward + backward, ``jaxeff.ops.fft_conv.fft_conv_mosaic_gpu``):
 
-1. ``check`` (child process, ``--check-timeout``): the gradients (u, k, x, v) of the
-   Mosaic forward with the Mosaic backward (the correlation, ``conjugate=True``) and with
-   the Triton backward, gated, batch 8 x 64 channels, causal at each size; the Mosaic
-   backward ungated at full size (batch 64 x 768: forward, du, dk); circular at seq 2048;
+1. ``check`` (child process, ``--check-timeout``; in priority order, so that a time-out
+   costs the least important ones): the gradients (u, k, x, v) of the Mosaic forward with
+   the Mosaic backward and the Mosaic filter gradient
+   (:mod:`kernels_pallas.fftconv.mosaic_gpu_dk`, ``filter_grad="mosaic"``), gated, batch
+   8 x 64 channels, causal at each size, and ungated at full size (batch 64 x 768:
+   forward, du, dk); the filter-gradient kernel alone at full size (64 channels against
+   float64 NumPy) and its timed configurations at batch 16 x 4; the Mosaic backward with
+   the Triton dk at full size; circular seq 2048; the Mosaic and Triton backward gated;
    all against the float32 ``jnp.fft`` reference's autodiff (relative error < 1e-2).
-2. ``time``: ``jax.grad`` of the sum over (u, k), batch 64 x 768, bf16, causal,
-   filter as long as the input, at seq 1024 and 4096: ``jnp.fft``, the Triton path, the
-   Mosaic forward with the Triton backward, the Mosaic forward with the Mosaic backward
-   (the last only where its check passed). Writes ``fftconv_mosaic_bwd.json``.
+2. ``time`` (rows stop starting at ``--budget`` seconds; most important first, over all
+   sizes): ``jax.grad`` of the sum over (u, k), batch 64 x 768, bf16, causal, filter as
+   long as the input, at seq 1024 and 4096: ``jnp.fft``, the Mosaic forward + backward +
+   filter gradient, the Mosaic forward + backward with the Triton dk; then the filter
+   gradient alone (``dk [channels, filter_len]`` from ``w, d [batch, channels, seq]``,
+   kernel + XLA inverse): the Triton kernel, the Mosaic kernel's default and
+   configurations; then fwd+bwd of the Mosaic forward with the Triton backward and of the
+   Triton path. Mosaic rows only where their checks passed. Writes
+   ``fftconv_mosaic_bwd.json``.
 
 ``--long`` (the long-sequence kernel, :mod:`kernels_pallas.fftconv.mosaic_gpu_long`,
 transform sizes 16384 / 32768; default ``--sizes 8192,16384``):
@@ -60,6 +69,7 @@ import numpy as np
 from experiments.bench import harness
 from jaxeff.ops.fft_conv import fft_conv
 from kernels_pallas.fftconv import mosaic_gpu as M
+from kernels_pallas.fftconv import mosaic_gpu_dk as D
 from kernels_pallas.fftconv import mosaic_gpu_long as L
 
 BATCH, CHANNELS = 64, 768
@@ -79,6 +89,17 @@ VARIANTS = {  # name: config (None: default_config)
                                    half_twiddles=True)),
            ("wg2 st1 lowp half ppc8", C(compute_wgs=2, stages=1, const_dtype="bfloat16",
                                         half_twiddles=True, pairs_per_cta=8))],
+}
+
+
+DK_VARIANTS = {  # the filter-gradient kernel alone: name -> MosaicDkConfig (None: default)
+    1024: [("default", None),
+           ("wg1 st2", D.MosaicDkConfig(compute_wgs=1, stages=2)),
+           ("lowp", D.MosaicDkConfig(stages=2, const_dtype="bfloat16"))],
+    4096: [("default", None),
+           ("col64 st1", D.MosaicDkConfig(stages=1, col_width=64, const_dtype="bfloat16",
+                                          half_twiddles=True)),
+           ("f32 half st1", D.MosaicDkConfig(stages=1, half_twiddles=True))],
 }
 
 
@@ -178,56 +199,66 @@ def timing(sizes, smoke, budget, out, passed):
   _print_table("", table)
 
 
-def _time_rows(seq, rows, make, *, smoke, budget, out, table, **record):
+def _time_rows(seq, rows, make, *, smoke, budget, out, table, base_name="jnp.fft",
+               base=None, **record):
   """Times each ``(name, jitted fn)`` of one sequence length in order (ratios to the
-  "jnp.fft" row), skipping past ``budget`` seconds; appends to ``RESULTS`` (with
-  ``record``'s fields) and ``table``, and saves the JSON after every row."""
-  base = None
+  ``base_name`` row, or to the time ``base``), skipping past ``budget`` seconds; appends
+  to ``RESULTS`` (with ``record``'s fields) and ``table``, saves the JSON after every
+  row, and returns the base time."""
   for name, fn in rows:
     if time.time() - T0 > budget:
-      print(f"{seq:>6} {name:<28} skipped (budget)", flush=True)
+      print(f"{seq:>6} {name:<36} skipped (budget)", flush=True)
       continue
     try:
       t = harness.time_fn(fn, make, rounds=1 if smoke else 15, max_sets=2,
                           warmup=1 if smoke else 3)
     except Exception as e:
-      print(f"{seq:>6} {name:<28} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+      print(f"{seq:>6} {name:<36} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
             flush=True)
       RESULTS["time"].append({"seq": seq, "name": name, "error": str(e)[:400]})
       continue
-    base = t if name == "jnp.fft" else base
+    base = t if name == base_name else base
     x = base / t if base else float("nan")
-    RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, "vs_jnp_fft": x, **record})
+    key = "vs_" + base_name.replace(".", "_").replace(" ", "_")
+    RESULTS["time"].append({"seq": seq, "name": name, "time_s": t, key: x, **record})
     table.append((seq, name, t, x))
-    print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x jnp.fft", flush=True)
+    print(f"{seq:>6} {name:<36} {harness.fmt_time(t):>10}  {x:6.2f}x {base_name}", flush=True)
     save(out)
+  return base
 
 
-def _print_table(title, table):
+def _print_table(title, table, base_name="jnp.fft"):
   print(f"\n{title}" if title else "")
-  print("seq    implementation                   time   vs jnp.fft")
+  print(f"seq    implementation                   time   vs {base_name}")
   for seq, name, t, x in table:
-    print(f"{seq:>6} {name:<28} {harness.fmt_time(t):>10}  {x:6.2f}x")
+    print(f"{seq:>6} {name:<36} {harness.fmt_time(t):>10}  {x:6.2f}x")
 
 
 # --------------------------------------------------------------------------- backward
 
 
 def _impls(smoke):
-  """name -> ``conv(u, k, gate, causal)`` for the forward + backward rows (timing order)."""
+  """name -> ``conv(u, k, gate, causal)`` for the forward + backward rows (priority order)."""
   F = importlib.import_module("jaxeff.ops.fft_conv")  # the module (jaxeff.ops exports the op)
   sfx = ":interpret" if smoke else ""
-  mosaic = lambda bwd: (lambda u, k, gate=None, causal=True: F.fft_conv_mosaic_gpu(
-      u, k, causal=causal, gate=gate, backward=bwd, interpret=smoke))
+  mosaic = lambda bwd, dk="triton": (lambda u, k, gate=None, causal=True: F.fft_conv_mosaic_gpu(
+      u, k, causal=causal, gate=gate, backward=bwd, filter_grad=dk, interpret=smoke))
   return {
       "jnp.fft": lambda u, k, gate=None, causal=True: fft_conv(
           u, k, causal=causal, gate=gate, implementation="xla"),
-      # the new row first: the budget may cut the last rows (Triton was measured before)
+      # the new rows first: the budget may cut the last rows (Triton was measured before)
+      "mosaic fwd + mosaic bwd + mosaic dk": mosaic("mosaic", "mosaic"),
       "mosaic fwd + mosaic bwd": mosaic("mosaic"),
       "mosaic fwd + triton bwd": mosaic("triton"),
       "triton": lambda u, k, gate=None, causal=True: fft_conv(
           u, k, causal=causal, gate=gate, implementation="triton" + sfx),
   }
+
+
+# fwd+bwd rows gated by checks: row name -> the suffix of its check names
+CHECKED = {"mosaic fwd + mosaic bwd + mosaic dk": "mosaic dk",
+           "mosaic fwd + mosaic bwd": "mosaic bwd"}
+_REF_GRADS: dict = {}  # memo of the jnp.fft reference's gradients per input set
 
 
 def _grads(conv, u, k, x, v, dy, causal=True):
@@ -238,17 +269,26 @@ def _grads(conv, u, k, x, v, dy, causal=True):
   return (y,) + tuple(vjp(dy))
 
 
-def grad_check(name, conv, u, k, x, v, causal=True, parts=("y", "du", "dk", "dx", "dv")):
-  """One check row per gradient of ``conv`` vs the jnp.fft reference's autodiff."""
+def grad_check(name, conv, u, k, x, v, causal=True, parts=("y", "du", "dk", "dx", "dv"),
+               ref_key=None):
+  """One check row per gradient of ``conv`` vs the jnp.fft reference's autodiff
+  (``ref_key``: reuse the reference's gradients computed for the same inputs)."""
   ref_conv = _impls(False)["jnp.fft"]
   dy = jax.random.normal(jax.random.key(99), u.shape, jnp.float32).astype(u.dtype)
   try:
     got = jax.jit(lambda *a: _grads(conv, *a, causal=causal))(u, k, x, v, dy)
-    ref = jax.jit(lambda *a: _grads(ref_conv, *a, causal=causal))(u, k, x, v, dy)
+    if ref_key is not None and ref_key in _REF_GRADS:
+      ref = _REF_GRADS[ref_key]
+    else:
+      ref = jax.jit(lambda *a: _grads(ref_conv, *a, causal=causal))(u, k, x, v, dy)
+      ref = tuple(None if r is None else np.asarray(jnp.asarray(r, jnp.float32), np.float64)
+                  for r in ref)
+      if ref_key is not None:
+        _REF_GRADS[ref_key] = ref
     errs = {}
     for part, g, r in zip(("y", "du", "dk", "dx", "dv"), got, ref):
       if part in parts and r is not None:
-        errs[part] = harness.rel_err(g, np.asarray(jnp.asarray(r, jnp.float32), np.float64))
+        errs[part] = harness.rel_err(g, r)
   except Exception as e:
     print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
     traceback.print_exc(limit=4, file=sys.stdout)
@@ -260,40 +300,115 @@ def grad_check(name, conv, u, k, x, v, causal=True, parts=("y", "du", "dk", "dx"
   return ok
 
 
+def np_filter_grad(w, d, flen, causal=True):
+  """float64 ``dk[c, j] = sum_b sum_t w[b, c, t] d[b, c, t + j]`` by NumPy's FFT."""
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  seq = w.shape[-1]
+  n = M.fft_size(seq, flen, causal=causal)
+  g = np.conj(np.fft.rfft(f64(w), n)) * np.fft.rfft(f64(d), n)
+  return np.fft.irfft(g.sum(0), n)[:, :flen]
+
+
+def _dk_fns(smoke, b, c, seq):
+  """name -> jitted ``dk(w, d)`` for the filter-gradient rows (Triton first: the base)."""
+  F = importlib.import_module("jaxeff.ops.fft_conv")
+  call = F._triton_call(jnp.zeros((b, c, seq), jnp.bfloat16), jnp.zeros((c, seq)), causal=True,
+                        interpret=smoke)
+  fns = {"dk triton": jax.jit(lambda w, d: F._triton_filter_grad(w, None, d, None, call))}
+  for name, cfg in DK_VARIANTS[seq]:
+    fns[f"dk mosaic {name}"] = jax.jit(
+        lambda w, d, cfg=cfg: D.filter_grad_mosaic(w, d, seq, config=cfg, interpret=smoke))
+  return fns
+
+
 def backward_checks(sizes, smoke):
   impls = _impls(smoke)
   b, c = (4, 2) if smoke else (8, 64)
+  new = impls["mosaic fwd + mosaic bwd + mosaic dk"]
+  for seq in sizes:  # the new path, gated, small
+    u, k, x, v = inputs(seq + 3, b, c, seq)
+    grad_check(f"seq={seq} B{b}xC{c} gated mosaic dk", new, u, k, x, v, ref_key=("g", seq))
+  if not smoke:
+    for seq in sizes:  # full size, ungated (the timed case)
+      u, k, _, _ = inputs(seq + 5, BATCH, CHANNELS, seq)
+      grad_check(f"seq={seq} B{BATCH}xC{CHANNELS} mosaic dk", new, u, k, None, None,
+                 parts=("y", "du", "dk"), ref_key=("full", seq))
+  for seq in sizes:  # the filter-gradient kernel alone: full-size default, timed configs
+    bd, cd = (4, 2) if smoke else (BATCH, CHANNELS)
+    w, _, d, _ = inputs(seq + 7, bd, cd, seq)
+    sub = slice(0, min(cd, 64))
+    fns = _dk_fns(smoke, bd, cd, seq)
+    check(f"seq={seq} B{bd}xC{cd} dk default", lambda: fns["dk mosaic default"](w, d)[sub],
+          lambda: np_filter_grad(w[:, sub], d[:, sub], seq))
+    if not smoke:
+      w, _, d, _ = inputs(seq + 9, 16, 4, seq)
+      fns = _dk_fns(smoke, 16, 4, seq)
+      for name, cfg in DK_VARIANTS[seq]:
+        if cfg is not None:
+          check(f"seq={seq} B16xC4 dk {name}", lambda: fns[f"dk mosaic {name}"](w, d),
+                lambda: np_filter_grad(w, d, seq))
+  if not smoke:
+    for seq in sizes:  # the Mosaic backward with the Triton dk, full size
+      u, k, _, _ = inputs(seq + 5, BATCH, CHANNELS, seq)
+      grad_check(f"seq={seq} B{BATCH}xC{CHANNELS} mosaic bwd", impls["mosaic fwd + mosaic bwd"],
+                 u, k, None, None, parts=("y", "du", "dk"), ref_key=("full", seq))
+  u, k, _, _ = inputs(11, 4, 8 if not smoke else 2, 2048, flen=300)
+  grad_check("seq=2048 circular mosaic dk", new, u, k, None, None, causal=False,
+             ref_key=("circ",))
+  grad_check("seq=2048 circular mosaic bwd", impls["mosaic fwd + mosaic bwd"], u, k, None,
+             None, causal=False, ref_key=("circ",))
   for seq in sizes:
     u, k, x, v = inputs(seq + 3, b, c, seq)
     for bwd in ("mosaic", "triton"):
       grad_check(f"seq={seq} B{b}xC{c} gated {bwd} bwd", impls[f"mosaic fwd + {bwd} bwd"],
-                 u, k, x, v)
-  if not smoke:
-    for seq in sizes:  # full size, ungated (the timed case), the Mosaic backward
-      u, k, _, _ = inputs(seq + 5, BATCH, CHANNELS, seq)
-      grad_check(f"seq={seq} B{BATCH}xC{CHANNELS} mosaic bwd", impls["mosaic fwd + mosaic bwd"],
-                 u, k, None, None, parts=("y", "du", "dk"))
-  u, k, _, _ = inputs(11, 4, 8 if not smoke else 2, 2048, flen=300)
-  grad_check("seq=2048 circular mosaic bwd", impls["mosaic fwd + mosaic bwd"], u, k, None,
-             None, causal=False)
+                 u, k, x, v, ref_key=("g", seq))
 
 
 def backward_timing(sizes, smoke, budget, out, passed):
+  """Three passes over the sizes, most important rows first: fwd+bwd (jnp.fft and the
+  Mosaic paths), the filter gradient alone, fwd+bwd of the earlier paths."""
   b, c = (4, 2) if smoke else (BATCH, CHANNELS)
   impls = _impls(smoke)
-  table = []
+  table, dk_table = [], []
+  grad = lambda conv: jax.jit(jax.grad(
+      lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32)), argnums=(0, 1)))
+
+  def fwd_bwd_rows(seq, names):
+    rows = []
+    for name in names:
+      suffix = CHECKED.get(name)
+      if suffix is not None and not passed.get((seq, suffix), False):
+        print(f"{seq:>6} {name:<36} skipped (check failed or did not finish)", flush=True)
+        continue
+      rows.append((name, grad(impls[name])))
+    return rows
+
+  base = {}
+  first = ["jnp.fft", "mosaic fwd + mosaic bwd + mosaic dk", "mosaic fwd + mosaic bwd"]
   for seq in sizes:
     make = lambda i, seq=seq: inputs(200 + i, b, c, seq)[:2]
+    base[seq] = _time_rows(seq, fwd_bwd_rows(seq, first), make, smoke=smoke, budget=budget,
+                           out=out, table=table, batch=b, channels=c, kind="fwd_bwd")
+  for seq in sizes:
+    make = lambda i, seq=seq: inputs(400 + i, b, c, seq)[::2]  # (w, d): [b, c, seq] each
     rows = []
-    for name, conv in impls.items():
-      if name == "mosaic fwd + mosaic bwd" and not passed.get(seq, False):
-        print(f"{seq:>6} {name:<28} skipped (check failed or did not finish)", flush=True)
+    for name, fn in _dk_fns(smoke, b, c, seq).items():
+      variant = name[len("dk mosaic "):]
+      key = f"seq={seq} B{b}xC{c} dk default" if variant == "default" else (
+          f"seq={seq} B16xC4 dk {variant}")
+      if name != "dk triton" and not passed.get(key, False):
+        print(f"{seq:>6} {name:<36} skipped (check failed, did not run or smoke)", flush=True)
         continue
-      rows.append((name, jax.jit(jax.grad(
-          lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32)), argnums=(0, 1)))))
-    _time_rows(seq, rows, make, smoke=smoke, budget=budget, out=out, table=table, batch=b,
-               channels=c, kind="fwd_bwd")
-  _print_table("fwd+bwd (grad of sum over u, k)", table)
+      rows.append((name, fn))
+    _time_rows(seq, rows, make, smoke=smoke, budget=budget, out=out, table=dk_table,
+               base_name="dk triton", batch=b, channels=c, kind="dk")
+  for seq in sizes:
+    make = lambda i, seq=seq: inputs(200 + i, b, c, seq)[:2]
+    _time_rows(seq, fwd_bwd_rows(seq, ["mosaic fwd + triton bwd", "triton"]), make,
+               smoke=smoke, budget=budget, out=out, table=table, base=base.get(seq),
+               batch=b, channels=c, kind="fwd_bwd")
+  _print_table("fwd+bwd (grad of sum over u, k)", sorted(table, key=lambda r: r[0]))
+  _print_table("filter gradient alone (kernel + XLA inverse)", dk_table, "dk triton")
 
 
 def main_backward(a, sizes, out):
@@ -314,9 +429,11 @@ def main_backward(a, sizes, out):
   path = out / "fftconv_mosaic_bwd_checks.json"
   RESULTS["check"] = json.loads(path.read_text()) if path.exists() else []
   ok = {r["name"]: r["ok"] for r in RESULTS["check"]}
-  passed = {seq: any(n.startswith(f"seq={seq} ") and n.endswith("mosaic bwd") for n in ok)
-            and all(v for n, v in ok.items() if n.startswith(f"seq={seq} ")
-                    and n.endswith("mosaic bwd")) for seq in sizes}
+  passed = dict(ok)  # the filter-gradient rows: by check name
+  for seq in sizes:  # the fwd+bwd rows: every check of (seq, suffix) passed, at least one
+    for suffix in CHECKED.values():
+      mine = [v for n, v in ok.items() if n.startswith(f"seq={seq} ") and n.endswith(suffix)]
+      passed[(seq, suffix)] = bool(mine) and all(mine)
   save(out)
   backward_timing(sizes, a.smoke, a.budget, out, passed)
   save(out)
