@@ -27,7 +27,7 @@ call_3=(  # candidates: FFT conv seq 8K-16K, decode 128-key blocks
   "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
 )
 call_4=(  # FFT conv backward (Mosaic du and dk), the fftconv suite, the sparse suite
-  "fftconv_mosaic_bwd|200|python3 experiments/fftconv_mosaic_dev.py --backward --budget 165 --check-timeout 85 --out \$OUT"
+  "fftconv_mosaic_bwd|200|python3 experiments/fftconv_mosaic_dev.py --backward --budget 170 --check-timeout 90 --out \$OUT"
   "bench_fftconv|150|python3 -m experiments.bench fftconv --quick"
   "sparse_suite|160|python3 -m experiments.bench sparse --quick"
 )
