@@ -452,7 +452,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
           # Epilogue: P_{n-1} V_{n-1}.
           p_last, m_last, l_last = carry[:3]
           last = ((n_total - 1) % stages if isinstance(n_total, int)
-                  else lax.rem(n_total, stages))
+                  else lax.rem(n_total - 1, stages))
           plgpu.barrier_wait(s["v_bar"].at[last])
           plgpu.barrier_wait(my_turn)
           if interpret:
