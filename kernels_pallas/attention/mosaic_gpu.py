@@ -14,6 +14,9 @@ over key tiles backward. Hopper techniques from FlashAttention-3 (Shah et al., 2
 * ping-pong (round-robin) scheduling: per-warpgroup barriers make the compute
   warpgroups take turns issuing their matmuls, so one warpgroup's softmax overlaps the
   others' tensor-core work (two warpgroups; three for head_dim 64, as FlashAttention-3);
+* optionally (``Config.fwd_pipeline_softmax``, forward) intra-warpgroup pipelining
+  (FlashAttention-3, Algorithm 2): a warpgroup issues the next block's ``Q K^T`` together
+  with the current ``P V`` and runs the next softmax while ``P V`` is on the tensor cores;
 * block sparsity (``common.BlockSparsity``): each CTA visits only the key (query) blocks
   that hold an allowed entry, unmasked ("full") blocks first with no elementwise mask,
   then the partial ones with the mask computed from positions and segment ids.
