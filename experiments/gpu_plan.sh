@@ -16,20 +16,20 @@ call_1=(  # GPU tests of every default changed without a GPU run, then the stale
   "quant_suite|130|python3 -m experiments.bench quant_matmul --quick"
   "decode_bench|200|python3 -m experiments.bench decode"
 )
-call_2=(  # candidates: attention d128 backward, weight-only small m
+call_2=(  # candidates for the headline op: attention d128 backward variants, pipelined forward
   "attn_bwd128|200|python3 experiments/attention_bwd128_dev.py --out \$OUT/attn_bwd128"
-  "quant_dev|200|python3 experiments/quant_dev.py --budget 165 --out \$OUT"
-  "attn_bwd128_gpu|150|$PYT tests/ops/test_attention_mosaic_bwd128.py"
+  "attn_fwd_pipe|240|python3 experiments/attention_fwd_dev.py --out \$OUT/attn_fwd_pipe"
+  "attn_variant_gpu_tests|120|$PYT -x tests/ops/test_attention_mosaic_bwd128.py tests/ops/test_attention_mosaic_fwd_pipeline.py"
 )
-call_3=(  # candidates: FFT conv seq 8K-16K, decode 128-key blocks
+call_3=(  # candidates: weight-only small m, FFT conv seq 8K-16K
+  "quant_dev|200|python3 experiments/quant_dev.py --budget 165 --out \$OUT"
   "fftconv_mosaic_long|240|python3 experiments/fftconv_mosaic_dev.py --long --budget 190 --check-timeout 100 --out \$OUT"
-  "decode_quant6|220|python3 -m experiments.decode_quant_step --deadline 170 --check-timeout 100 2>&1 | grep -v Warning | tee \$OUT/decode_quant6.log"
   "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
 )
-call_4=(  # FFT conv backward (Mosaic du and dk), the fftconv suite, the sparse suite
+call_4=(  # candidates: decode 128-key blocks, FFT conv backward (Mosaic du and dk); fftconv suite
+  "decode_quant6|220|python3 -m experiments.decode_quant_step --deadline 170 --check-timeout 100 2>&1 | grep -v Warning | tee \$OUT/decode_quant6.log"
   "fftconv_mosaic_bwd|200|python3 experiments/fftconv_mosaic_dev.py --backward --budget 170 --check-timeout 90 --out \$OUT"
   "bench_fftconv|150|python3 -m experiments.bench fftconv --quick"
-  "sparse_suite|160|python3 -m experiments.bench sparse --quick"
 )
 call_5=(  # end to end: generation tokens/s, bf16 vs quantized KV (issue 4) and weights (issue 5)
   "decode_generate|280|bash experiments/decode_gpu_final.sh generate"
@@ -43,7 +43,8 @@ call_7=(  # end to end Hyena vs GPT at seq 8192; attention head_dim-64 suite row
   "hyena_vs_gpt|280|python3 -m experiments.hyena_vs_gpt --steps 200 --out \$OUT/hvg"
   "attn_d64|280|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
 )
-call_8=(  # sparse GPU tests
+call_8=(  # the sparse suite and GPU tests
+  "sparse_suite|160|python3 -m experiments.bench sparse --quick"
   "sparse_gpu_tests|200|$MEM $PYT -n 4 tests/sparse"
 )
 # Only where a multi-GPU kind is lent (kind nvidia-h100-x2 or larger):
