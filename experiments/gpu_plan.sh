@@ -43,7 +43,8 @@ call_7=(  # end to end Hyena vs GPT at seq 8192; attention head_dim-64 suite row
   "hyena_vs_gpt|280|python3 -m experiments.hyena_vs_gpt --steps 200 --out \$OUT/hvg"
   "attn_d64|280|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
 )
-call_8=(  # the sparse suite and GPU tests
+call_8=(  # sparse: launch sweep of the 2:4 words and ELL decode kernels, the suite, GPU tests
+  "sparse_tune|200|python3 experiments/sparse_tune.py --budget 180 --out \$OUT"
   "sparse_suite|160|python3 -m experiments.bench sparse --quick"
   "sparse_gpu_tests|200|$MEM $PYT -n 4 tests/sparse"
 )
