@@ -184,6 +184,121 @@ def _blocked_constants(geo: MosaicGeometry, cfg: MosaicDkConfig, dtype):
   return out
 
 
+# --------------------------------------------------------------------------- kernel stages
+# (shared with the fused backward, :mod:`kernels_pallas.fftconv.mosaic_gpu_bwd`)
+
+
+def copy_constants(w1_ref, f2_ref, tw_ref, twc_ref, s, nb: int):
+  """Starts the TMA copies of the DFT planes and twiddles into shared memory (arrivals on
+  ``s["const_bar"]``: ``3 + 3 nb + 2 nb``, one more with ``twc_ref``)."""
+  for q in range(3):
+    plgpu.copy_gmem_to_smem(w1_ref.at[q], s["w1"].at[q], s["const_bar"])
+    for cb in range(nb):
+      plgpu.copy_gmem_to_smem(f2_ref.at[q, cb], s["f2"].at[q, cb], s["const_bar"])
+  for q in range(2):
+    for cb in range(nb):
+      plgpu.copy_gmem_to_smem(tw_ref.at[q, cb], s["tw"].at[q, cb], s["const_bar"])
+  if twc_ref is not None:
+    plgpu.copy_gmem_to_smem(twc_ref, s["twc"], s["const_bar"])
+
+
+def fetch_pair(zw_ref, zd_ref, p, c, slot_ref, bar, nb: int, cw: int):
+  """Starts the copies of pair ``p``'s input rows of both signals (W, D) of channel ``c``
+  into the ring slot ``[2, 2, nb, rows, cw]`` (``4 nb`` arrivals on ``bar``)."""
+  for t, ref in enumerate((zw_ref, zd_ref)):
+    for part in range(2):
+      for cb in range(nb):
+        plgpu.copy_gmem_to_smem(ref.at[p, part, c, :, pl.ds(cw * cb, cw)],
+                                slot_ref.at[t, part, cb], bar)
+
+
+def write_cross_spectrum(g, planes, g_ref, partial, c, h: int, nb: int, cw: int, dtype):
+  """``G`` (``(re, im)`` per column block, float32) as hi + lo bfloat16 terms into the
+  (free) operand planes, then to ``g_ref[partial, :, c, rows of block h]``; waits."""
+  for cb in range(nb):
+    for part in range(2):
+      x = g[2 * cb + part]
+      hi = x.astype(dtype)
+      planes.at[0, part, cb][...] = hi
+      planes.at[1, part, cb][...] = (x - hi.astype(jnp.float32)).astype(dtype)
+  plgpu.commit_smem()
+  rb = pl.ds(WGMMA_M * h, WGMMA_M)
+  for t in range(2):
+    for part in range(2):
+      for cb in range(nb):
+        plgpu.copy_smem_to_gmem(planes.at[t, part, cb],
+                                g_ref.at[partial, 2 * t + part, c, rb, pl.ds(cw * cb, cw)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def twiddle_block(s, cfg: MosaicDkConfig, h: int, cb: int, shape):
+  """``T[64h:64h+64, block cb]`` as float32 ``(re, im)`` in the WGMMA layout, from the
+  blocked table ``s["tw"] [2, nb, tw_rows, cw]`` (half table: block 0 times the column
+  factor ``s["twc"][h]``)."""
+  load = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+  if cfg.half_twiddles:
+    m = load(s["tw"].at[0, cb]), load(s["tw"].at[1, cb])
+    if h:
+      col = lambda q: lax.broadcast_in_dim(
+          plgpu.load(s["twc"].at[h, q, cb], layout=plgpu.Layout.WGMMA.reduce(0)), shape, [1])
+      m = cmul(*m, col(0), col(1))
+    return m
+  rb = pl.ds(WGMMA_M * h, WGMMA_M)
+  return load(s["tw"].at[0, cb, rb]), load(s["tw"].at[1, cb, rb])
+
+
+def row_stage(slot_ref, w1, planes, twiddle, nb: int, shape, dtype):
+  """Row DFTs and twiddles of both signals of a ring slot into the operand planes:
+  ``planes[t, :, cb] = (F1[rb, :rows] Z_t[:, cb]) T[rb, cb]`` for ``t`` in (W, D).
+
+  slot_ref: ``[2 (W, D), 2 (re, im), nb, rows, cw]``; w1: ``Re, Im, -Im`` of
+  ``F1[rb, :rows]``; planes: ``[2, 2, nb, 64, cw]``; twiddle(cb) -> float32 (re, im).
+  At most ``ACC_REGS`` accumulator registers in flight between two waits.
+  """
+  jobs = [(t, cb) for t in range(2) for cb in range(nb)]
+  per_wait = max(1, ACC_REGS // shape[1])  # a [64, cw] complex accumulator: cw registers
+  for a in range(0, len(jobs), per_wait):
+    group_jobs = jobs[a:a + per_wait]
+    groups = []
+    for t, cb in group_jobs:
+      zr, zi = slot_ref.at[t, 0, cb], slot_ref.at[t, 1, cb]
+      groups.append((((w1[0], zr), (w1[2], zi)), ((w1[1], zr), (w1[0], zi))))
+    accs = complex_products(groups, shape)
+    for (t, cb), (a_re, a_im) in zip(group_jobs, accs):
+      p_re, p_im = cmul(a_re, a_im, *twiddle(cb))
+      planes.at[t, 0, cb][...] = p_re.astype(dtype)
+      planes.at[t, 1, cb][...] = p_im.astype(dtype)
+  plgpu.commit_smem()
+
+
+def column_products(planes, f2_ref, cb: int, nb: int, shape, conjugate: bool = False,
+                    signals=(0, 1)):
+  """Column DFT output block ``cb`` of the planes' signals, waited together:
+  ``[(re, im), ...]`` of ``sum_kb P_t[:, kb] F2[kb, cb]`` (``conjugate``: ``conj(F2)``)
+  for ``t`` in ``signals``. f2_ref: the blocked ``Re, Im, -Im`` planes
+  ``[3, nb, n_2, cw]``."""
+  cw = shape[1]
+  groups = []
+  for t in signals:
+    terms_re, terms_im = [], []
+    for kb in range(nb):
+      pr, pi = planes.at[t, 0, kb], planes.at[t, 1, kb]
+      fr, fi, fn = (f2_ref.at[q, cb, pl.ds(cw * kb, cw)] for q in range(3))
+      if conjugate:
+        terms_re += [(pr, fr), (pi, fi)]
+        terms_im += [(pi, fr), (pr, fn)]
+      else:
+        terms_re += [(pr, fr), (pi, fn)]
+        terms_im += [(pr, fi), (pi, fr)]
+    groups.append((terms_re, terms_im))
+  return complex_products(groups, shape)
+
+
+def cross_spectrum_add(g_re, g_im, yw_re, yw_im, yd_re, yd_im):
+  """``G + conj(Y_W) Y_D`` as ``(re, im)``."""
+  return g_re + yw_re * yd_re + yw_im * yd_im, g_im + yw_re * yd_im - yw_im * yd_re
+
+
 # --------------------------------------------------------------------------- kernel
 
 
@@ -205,25 +320,9 @@ def _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s, *,
   nb = geo.n_2 // cw
   split = _row_split(geo)
   count = pairs_per_cta if split else pairs_per_cta // nw
-  layout = plgpu.Layout.WGMMA
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-  rows = geo.rows
   shape = (WGMMA_M, cw)
 
-  @pl.when(wg == 0)
-  def _load_constants():
-    for q in range(3):
-      plgpu.copy_gmem_to_smem(w1_ref.at[q], s["w1"].at[q], s["const_bar"])
-      for cb in range(nb):
-        plgpu.copy_gmem_to_smem(f2_ref.at[q, cb], s["f2"].at[q, cb], s["const_bar"])
-    for q in range(2):
-      for cb in range(nb):
-        plgpu.copy_gmem_to_smem(tw_ref.at[q, cb], s["tw"].at[q, cb], s["const_bar"])
-    if twc_ref is not None:
-      plgpu.copy_gmem_to_smem(twc_ref, s["twc"], s["const_bar"])
-
-  def load(ref):
-    return plgpu.load(ref, layout=layout).astype(jnp.float32)
+  pl.when(wg == 0)(lambda: copy_constants(w1_ref, f2_ref, tw_ref, twc_ref, s, nb))
 
   def program(i: int):
     """Warpgroup ``i``: row block ``h``, ring ``ri``, its signals ``signal(j)``."""
@@ -241,48 +340,19 @@ def _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s, *,
 
     def fetch(j, slot):
       """Starts the copies of signal ``j``'s input rows (W and D) into ring slot ``slot``."""
-      p = signal(j)
-      for t, ref in enumerate((zw_ref, zd_ref)):
-        for part in range(2):
-          for cb in range(nb):
-            plgpu.copy_gmem_to_smem(ref.at[p, part, c, :, pl.ds(cw * cb, cw)],
-                                    ring.at[slot, t, part, cb], z_bar(slot))
+      fetch_pair(zw_ref, zd_ref, signal(j), c, ring.at[slot], z_bar(slot), nb, cw)
 
-    def twiddle(cb):
-      """``T[rb, block cb]`` as float32 ``(re, im)`` in the WGMMA layout."""
-      if cfg.half_twiddles:
-        m = load(s["tw"].at[0, cb]), load(s["tw"].at[1, cb])
-        if h:
-          col = lambda q: lax.broadcast_in_dim(
-              plgpu.load(s["twc"].at[h, q, cb], layout=col_layout), shape, [1])
-          m = cmul(*m, col(0), col(1))
-        return m
-      return load(s["tw"].at[0, cb, rb]), load(s["tw"].at[1, cb, rb])
+    twiddle = lambda cb: twiddle_block(s, cfg, h, cb, shape)
 
     if fetches:
       for j in range(min(stages, count)):
         fetch(j, j)
     plgpu.barrier_wait(s["const_bar"])
 
-    row_jobs = [(t, cb) for t in range(2) for cb in range(nb)]
-    per_wait = max(1, ACC_REGS // cw)  # a [64, cw] complex accumulator: cw registers
-    row_groups = [row_jobs[a:a + per_wait] for a in range(0, len(row_jobs), per_wait)]
-
     def body(j, g):
       slot = lax.rem(j, stages) if stages > 1 else 0
       plgpu.barrier_wait(z_bar(slot))
-      # Row DFTs and twiddles: P_X[:, cb] = (F1[rb, :rows] Z_X[:, cb]) T[rb, cb].
-      for jobs in row_groups:
-        groups = []
-        for t, cb in jobs:
-          zr, zi = ring.at[slot, t, 0, cb], ring.at[slot, t, 1, cb]
-          groups.append((((w1[0], zr), (w1[2], zi)), ((w1[1], zr), (w1[0], zi))))
-        accs = complex_products(groups, shape)
-        for (t, cb), (a_re, a_im) in zip(jobs, accs):
-          p_re, p_im = cmul(a_re, a_im, *twiddle(cb))
-          planes.at[t, 0, cb][...] = p_re.astype(dtype)
-          planes.at[t, 1, cb][...] = p_im.astype(dtype)
-      plgpu.commit_smem()
+      row_stage(ring.at[slot], w1, planes, twiddle, nb, shape, dtype)
       # The ring slot has been read (every product reading it was waited).
       if split:
         plgpu.barrier_arrive(s["free_bar"].at[slot])
@@ -293,18 +363,9 @@ def _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s, *,
       # Column DFTs per output block, W and D together; G += conj(Y_W) Y_D.
       g = list(g)
       for cb in range(nb):
-        groups = []
-        for t in range(2):
-          terms_re, terms_im = [], []
-          for kb in range(nb):
-            pr, pi = planes.at[t, 0, kb], planes.at[t, 1, kb]
-            fr, fi, fn = (s["f2"].at[q, cb, pl.ds(cw * kb, cw)] for q in range(3))
-            terms_re += [(pr, fr), (pi, fn)]
-            terms_im += [(pr, fi), (pi, fr)]
-          groups.append((terms_re, terms_im))
-        (yw_re, yw_im), (yd_re, yd_im) = complex_products(groups, shape)
-        g[2 * cb] = g[2 * cb] + yw_re * yd_re + yw_im * yd_im
-        g[2 * cb + 1] = g[2 * cb + 1] + yw_re * yd_im - yw_im * yd_re
+        (yw_re, yw_im), (yd_re, yd_im) = column_products(planes, s["f2"], cb, nb, shape)
+        g[2 * cb], g[2 * cb + 1] = cross_spectrum_add(g[2 * cb], g[2 * cb + 1], yw_re, yw_im,
+                                                      yd_re, yd_im)
       if split and i == 0:
         # Warpgroup 1 has read the slot too (waited on every use: each completed phase is
         # observed, also the last ones whose slot is not refilled).
@@ -315,23 +376,9 @@ def _kernel(zw_ref, zd_ref, w1_ref, f2_ref, tw_ref, twc_ref, g_ref, s, *,
           fetch(j + stages, slot)
       return tuple(g)
 
-    zero = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), layout)
+    zero = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
     g = lax.fori_loop(0, count, body, (zero,) * (2 * nb))
-    # G as hi + lo bfloat16 terms in the (free) operand planes, then to global memory.
-    for cb in range(nb):
-      for part in range(2):
-        x = g[2 * cb + part]
-        hi = x.astype(dtype)
-        planes.at[0, part, cb][...] = hi
-        planes.at[1, part, cb][...] = (x - hi.astype(jnp.float32)).astype(dtype)
-    plgpu.commit_smem()
-    partial = grp if split else grp * nw + i
-    for t in range(2):
-      for part in range(2):
-        for cb in range(nb):
-          plgpu.copy_smem_to_gmem(planes.at[t, part, cb],
-                                  g_ref.at[partial, 2 * t + part, c, rb, pl.ds(cw * cb, cw)])
-    plgpu.wait_smem_to_gmem(0)
+    write_cross_spectrum(g, planes, g_ref, grp if split else grp * nw + i, c, h, nb, cw, dtype)
 
   for i in range(nw):
     pl.when(wg == i)(lambda i=i: program(i))
