@@ -160,9 +160,14 @@ class PackedWeight:
     shape: logical ``(K, N)``.
     scales_t: float32 ``[G, N]``, ``scales`` transposed (the same values), or None: the
       layout the Mosaic GPU weight-only kernels read (one row of N scales per K group),
-      stored by :func:`prepack` for weights those kernels serve so that no call
-      transposes the scales. PackedWeights saved without it load with None (the
-      kernels then transpose ``scales`` per call); ``prepack(pw)`` adds it.
+      stored by :func:`prepack` for symmetric int4 / int8 weights (on every platform,
+      so the pytree is the same wherever it is built) so that no call transposes the
+      scales. A PackedWeight without it (None) still runs: the kernels then transpose
+      ``scales`` per call, and ``prepack(pw)`` adds it. An Orbax checkpoint of a
+      PackedWeight written before this field existed restores into the new structure
+      with ``ocp.args.PyTreeRestore(item=target, partial_restore=True)`` (``scales_t``
+      comes back None); serving code usually checkpoints the QArrays and prepacks after
+      loading.
   """
 
   values: jax.Array
@@ -273,8 +278,9 @@ def prepack(w: Any, *, native_int4: bool | None = None,
       multiples of 128), ``uint8`` otherwise.
     scales_t: also store the scales as ``[G, N]`` (``PackedWeight.scales_t``, the Mosaic
       GPU weight-only kernels' layout: no transpose per call, ``G * N * 4`` more bytes).
-      None (the default): keep an existing ``scales_t``, else store it for the weights
-      those kernels read in place (symmetric native int4; symmetric int8 on a Hopper GPU).
+      None (the default): keep an existing ``scales_t``, else store it for symmetric
+      int4 and int8 weights, whatever the platform (the same pytree on a host and on
+      the GPU).
 
   Returns:
     A :class:`PackedWeight` (``values`` transposed, scales / zeros ``[N, G]`` float32).
@@ -294,7 +300,8 @@ def prepack(w: Any, *, native_int4: bool | None = None,
                            and _mosaic_takes_groups(pw.group_size)))
   if pw.fmt == "int4" and native_int4 != pw.native_int4:
     if not pw.symmetric:
-      raise ValueError("prepack: native_int4 needs a symmetric int4 weight (signed codes)")
+      raise ValueError("prepack: native_int4=True needs a symmetric int4 weight (signed "
+                       "codes), got an asymmetric one (zero points)")
     n, k = pw.values.shape[0], info.k
     if native_int4:  # little-endian nibbles: code 2i is the low nibble of byte i
       values = jax.lax.bitcast_convert_type(pw.values, jnp.int4).reshape(n, k)
@@ -302,9 +309,9 @@ def prepack(w: Any, *, native_int4: bool | None = None,
       values = jax.lax.bitcast_convert_type(pw.values.reshape(n, k // 2, 2), jnp.uint8)
     pw = dataclasses.replace(pw, values=values)
   if scales_t is None:
-    scales_t = pw.scales_t is not None or (pw.symmetric and (
-        pw.native_int4 or (pw.fmt == "int8" and _registry.current_platform() == "gpu"
-                           and _on_hopper())))
+    scales_t = pw.scales_t is not None or (pw.symmetric and pw.fmt in ("int4", "int8"))
+  if not isinstance(scales_t, bool):
+    raise TypeError(f"prepack: scales_t must be None or a bool, got {scales_t!r}")
   if scales_t and pw.scales_t is None:
     pw = dataclasses.replace(pw, scales_t=pw.scales.T)
   elif not scales_t and pw.scales_t is not None:
@@ -518,13 +525,18 @@ def _triton_supports(x2, w, x_scale2, *, out_dtype):
   return _triton.unsupported(bits=bits, group_size=group, k=info.k)
 
 
+def _extra_groups(w: PackedWeight, kp: int) -> int:
+  """Scale groups to add when K is padded to ``kp`` (0 per channel)."""
+  groups = w.scales.shape[1]
+  return 0 if groups == 1 else kp // (w.shape[0] // groups) - groups
+
+
 def _pad_k_major(w: PackedWeight, tn: int, kp: int) -> tuple[jax.Array, jax.Array, Any]:
   """K-major values / scales / zeros padded to ``N % tn == 0`` and ``K = kp`` (padded K
   rows form whole groups of zero codes with scale 1). No op when both are whole tiles."""
   per_byte = 2 if w.fmt == "int4" and not w.native_int4 else 1
   values = _pad2(w.values, tn, kp // per_byte)
-  groups = w.scales.shape[1]
-  extra = 0 if groups == 1 else kp // (w.shape[0] // groups) - groups
+  extra = _extra_groups(w, kp)
 
   def pad(a, value):
     a = _pad2(a, tn, 1, value)
@@ -538,8 +550,7 @@ def _kernel_scales(w: PackedWeight, tn: int, kp: int) -> jax.Array:
   prepacked, else a transpose per call), padded like :func:`_pad_k_major`."""
   if w.scales_t is None:
     return _pad_k_major(w, tn, kp)[1].T
-  groups = w.scales.shape[1]
-  extra = 0 if groups == 1 else kp // (w.shape[0] // groups) - groups
+  extra = _extra_groups(w, kp)
   st = _pad2(w.scales_t.astype(jnp.float32), 1, tn, 1.0)
   return jnp.pad(st, ((0, extra), (0, 0)), constant_values=1.0) if extra else st
 
@@ -581,8 +592,7 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
       tiles, kernel = _medium.tile_multiples, _medium.weight_only_matmul_medium
     tn, tk = tiles(cfg, group)
     kp = info.k + (-info.k % tk)
-    per_byte = 1  # native int4 / int8: one code per element
-    values = _pad2(pw.values, tn, kp // per_byte)
+    values = _pad2(pw.values, tn, kp)  # native int4 / int8: one code per element
     # x keeps its M rows (the kernels' TMA zero-fills the rows of a tile past M); K is
     # padded only when it is not a whole number of tiles.
     out = kernel(_pad2(x2, 1, kp), values, _kernel_scales(pw, tn, kp), group_size=group,

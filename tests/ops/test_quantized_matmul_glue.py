@@ -94,15 +94,54 @@ def test_prepack_round_trip_is_bit_identical(fmt, group, sym, key):
     np.testing.assert_array_equal(np.asarray(pw.dequantize(jnp.float32)), ref)
     if pw.scales_t is not None:
       np.testing.assert_array_equal(np.asarray(pw.scales_t), np.asarray(pw.scales).T)
-    assert qm.prepack(pw) is pw or qm.prepack(pw).scales_t is not None
-  assert forms[0].scales_t is None  # CPU, uint8 / per-channel: nothing a kernel would read
+    # the default stores scales_t for symmetric int4 / int8 (any platform), never for the
+    # others; a PackedWeight that already has its form comes back as the same object
+    assert (pw.scales_t is not None) == (sym and fmt in ("int4", "int8")) or pw is forms[1]
+    assert qm.prepack(pw) is pw
+  assert forms[1].scales_t is not None
   assert qm.prepack(forms[1], scales_t=False).scales_t is None
+  with pytest.raises(TypeError, match="prepack: scales_t must be None or a bool, got 'yes'"):
+    qm.prepack(w, scales_t="yes")
+
+
+def test_packed_weight_orbax_round_trip_and_old_layout(key, tmp_path):
+  # The new layout round-trips through Orbax; a checkpoint of the layout before
+  # ``scales_t`` (three data fields) restores into it with partial_restore=True (the
+  # docstring's advice) and not without it.
+  import orbax.checkpoint as ocp  # a pinned dependency
+
+  @dataclasses.dataclass(frozen=True)
+  class OldPackedWeight:
+    values: jax.Array
+    scales: jax.Array
+    zeros: jax.Array | None
+    fmt: str
+    shape: tuple[int, int]
+
+  jax.tree_util.register_dataclass(OldPackedWeight, data_fields=["values", "scales", "zeros"],
+                                   meta_fields=["fmt", "shape"])
+  new = qm.prepack(_weight(key, 256, 64, "int8", 128, True))
+  assert new.scales_t is not None
+  ckpt = ocp.PyTreeCheckpointer()
+  ckpt.save(tmp_path / "new", {"w": new})
+  back = ckpt.restore(tmp_path / "new", args=ocp.args.PyTreeRestore(item={"w": new}))["w"]
+  for f in ("values", "scales", "scales_t"):
+    np.testing.assert_array_equal(np.asarray(getattr(back, f)), np.asarray(getattr(new, f)))
+  ckpt.save(tmp_path / "old", {"w": OldPackedWeight(new.values, new.scales, None, "int8",
+                                                      (256, 64))})
+  target = {"w": dataclasses.replace(new, scales_t=None)}
+  with pytest.raises(ValueError, match="partial_restore"):
+    ckpt.restore(tmp_path / "old", args=ocp.args.PyTreeRestore(item=target))
+  old = ckpt.restore(tmp_path / "old", args=ocp.args.PyTreeRestore(item=target,
+                                                                     partial_restore=True))["w"]
+  assert isinstance(old, qm.PackedWeight) and old.scales_t is None
+  np.testing.assert_array_equal(np.asarray(old.dequantize()), np.asarray(new.dequantize()))
+  np.testing.assert_array_equal(np.asarray(qm.prepack(old).scales_t), np.asarray(new.scales_t))
 
 
 def test_packed_weight_without_scales_t(key):
-  # A PackedWeight built or restored as before this field existed (5 positional fields;
-  # the default None adds no pytree leaf, so a checkpoint written from the old structure
-  # restores into it) runs the kernels, which then transpose the scales per call;
+  # A PackedWeight built as before this field existed (5 positional fields; the default
+  # None adds no pytree leaf) runs the kernels, which then transpose the scales per call;
   # prepack() adds the stored copy.
   kx, kw = jax.random.split(key)
   w = _weight(kw, 256, 64, "int4", 128)
@@ -110,7 +149,7 @@ def test_packed_weight_without_scales_t(key):
   old = qm.PackedWeight(new.values, new.scales, None, "int4", (256, 64))
   assert old.scales_t is None and len(jax.tree.leaves(old)) == 2
   leaves, treedef = jax.tree.flatten(old)
-  restored = jax.tree.unflatten(treedef, [np.asarray(l) for l in leaves])  # e.g. Orbax
+  restored = jax.tree.unflatten(treedef, [np.asarray(l) for l in leaves])
   assert restored.scales_t is None
   unpickled = object.__new__(qm.PackedWeight)  # pickled before the field: no attribute
   for f in ("values", "scales", "zeros", "fmt", "shape"):
