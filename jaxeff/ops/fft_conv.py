@@ -30,7 +30,10 @@ Implementations (``implementation=``), fastest first:
   True (off until measured on the device) or through ``fft_conv_mosaic_gpu(long=True)``.
   The filter gradient has a Mosaic kernel too (:mod:`kernels_pallas.fftconv.mosaic_gpu_dk`,
   transform sizes 2048..8192, bfloat16), used when ``MOSAIC_FILTER_GRAD`` is True (off
-  until measured) or through ``fft_conv_mosaic_gpu(filter_grad="mosaic")``.
+  until measured) or through ``fft_conv_mosaic_gpu(filter_grad="mosaic")``; a fused
+  backward kernel (:mod:`kernels_pallas.fftconv.mosaic_gpu_bwd`: input and filter
+  gradients from one pass, the cotangent transformed once) when ``MOSAIC_FUSED_BACKWARD``
+  is True (off until measured) or through ``fft_conv_mosaic_gpu(backward="mosaic_fused")``.
 * ``"triton"``: fused Pallas kernels (:mod:`kernels_pallas.fftconv.triton`) reading
   ``u`` and the gates in place and writing ``y`` in ``u.dtype`` (no transposes, no float32
   intermediates): FFT -> filter -> iFFT -> gates per packed signal for ``n`` up to 8192
@@ -69,6 +72,7 @@ import numpy as np
 from jaxeff.ops import _registry
 from jaxeff.spectral import monarch
 from kernels_pallas.fftconv import mosaic_gpu as _mosaic
+from kernels_pallas.fftconv import mosaic_gpu_bwd as _mosaic_bwd
 from kernels_pallas.fftconv import mosaic_gpu_dk as _mosaic_dk
 from kernels_pallas.fftconv import mosaic_gpu_long as _mosaic_long
 from kernels_pallas.fftconv import triton as _triton
@@ -537,15 +541,25 @@ MOSAIC_LONG = False
 # trace time like MOSAIC_BACKWARD; `fft_conv_mosaic_gpu(filter_grad=)` chooses explicitly.
 MOSAIC_FILTER_GRAD = False
 
+# The "mosaic_gpu" backward as ONE Mosaic GPU kernel (kernels_pallas/fftconv/mosaic_gpu_bwd.py:
+# the forward transforms of ``u x`` and ``dy v`` once per packed signal give both the input
+# gradient ``dw = corr(k, dy v)`` and the filter gradient's cross spectrum; 6 product stages a
+# signal instead of the separate kernels' 8). Takes precedence over `MOSAIC_BACKWARD` /
+# `MOSAIC_FILTER_GRAD` where it serves the call (transform sizes 2048..8192, bfloat16);
+# elsewhere those flags decide. Off until measured on the device. Read at trace time like
+# MOSAIC_BACKWARD; `fft_conv_mosaic_gpu(backward="mosaic_fused")` chooses it explicitly.
+MOSAIC_FUSED_BACKWARD = False
+
 
 @dataclasses.dataclass(frozen=True)
 class _MosaicCall:
   """Static description of a Mosaic GPU forward and its backward.
 
   ``backward``: "triton" (the Triton path's backward, residuals ``(u, k, x, v, kf)`` with
-  the Triton plan's spectrum) or "mosaic" (residuals ``(u, k, x, v, kf, c)``: the Mosaic
+  the Triton plan's spectrum), "mosaic" (residuals ``(u, k, x, v, kf, c)``: the Mosaic
   filter spectrum and the ungated convolution ``c = conv(k, u x)`` when ``v`` is given,
-  so that ``dv = dy c`` needs no second convolution).
+  so that ``dv = dy c`` needs no second convolution) or "mosaic_fused" (the same
+  residuals; ``dw`` and ``dk`` from the fused backward kernel).
   """
 
   causal: bool
@@ -598,7 +612,7 @@ def _mosaic_conv(u, k, x, v, call: _MosaicCall):
 
 
 def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
-  if call.backward != "mosaic":
+  if call.backward not in ("mosaic", "mosaic_fused"):
     y = _mosaic_conv(u, k, x, v, call)
     return y, (u, k, x, v, _plan_filter_spectrum(k, call.triton.plan))
   kf = call.spectrum(u, k)
@@ -610,14 +624,26 @@ def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
 
 def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
   dk_fn = call.filter_grad_fn()
-  if call.backward != "mosaic":
+  if call.backward not in ("mosaic", "mosaic_fused"):
     if dk_fn is not None and _mosaic_dk_serves(call, residuals[0]):
       return _triton_conv_bwd(call.triton, residuals, dy, filter_grad=dk_fn)
     return _triton_conv_bwd(call.triton, residuals, dy)
   u, k, x, v, kf, c = residuals
   dy = dy.astype(u.dtype)
-  # dw = corr(k, dy * v): the Mosaic kernel with the conjugated filter spectrum.
-  dw = call.conv(dy, k, v, None, conjugate=True, kf=kf)
+  dk = None
+  if call.backward == "mosaic_fused":
+    # dw = corr(k, dy v) and dk from one kernel (the gates in XLA, float32 products
+    # rounded to u.dtype, as the forward's pre-gate).
+    gated = lambda a, g: a if g is None else (
+        a.astype(jnp.float32) * g.astype(jnp.float32)).astype(u.dtype)
+    geo, _ = _mosaic_bwd.bwd_geometry(u.shape[-1], k.shape[-1], u.dtype, causal=call.causal)
+    same = kf.shape == (k.shape[0], 2, geo.n_1, geo.n_2)  # (a config with another n_1)
+    dw, dk = _mosaic_bwd.fft_conv_backward_mosaic(
+        gated(u, x), gated(dy, v), k, causal=call.causal, kf=kf if same else None,
+        interpret=call.triton.interpret)
+  else:
+    # dw = corr(k, dy * v): the Mosaic kernel with the conjugated filter spectrum.
+    dw = call.conv(dy, k, v, None, conjugate=True, kf=kf)
   if x is None:
     du, dx = dw, None
   else:
@@ -626,9 +652,9 @@ def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
     dx = (dw32 * u.astype(jnp.float32)).astype(x.dtype)
   dv = None if v is None else (
       (dy.astype(jnp.float32) * c.astype(jnp.float32)).astype(u.dtype).astype(v.dtype))
-  if dk_fn is not None and _mosaic_dk_serves(call, u):
+  if dk is None and dk_fn is not None and _mosaic_dk_serves(call, u):
     dk = dk_fn(u, x, dy, v)
-  else:
+  elif dk is None:
     dk = _triton_filter_grad(u, x, dy, v, call.triton)
   return du, dk.astype(k.dtype), dx, dv
 
@@ -637,6 +663,12 @@ def _mosaic_dk_serves(call: _MosaicCall, u) -> bool:
   """The Mosaic filter-gradient kernel serves this call's transform and dtype."""
   n = fft_size(u.shape[-1], call.triton.filter_len, causal=call.causal)
   return _mosaic_dk.unsupported(n, u.shape[-1], u.dtype) is None
+
+
+def _mosaic_fused_unsupported(u, k, *, causal: bool) -> str | None:
+  """None when the fused backward kernel serves this call, else the reason."""
+  n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
+  return _mosaic_bwd.unsupported(n, u.shape[-1], u.dtype)
 
 
 _mosaic_conv.defvjp(_mosaic_conv_fwd, _mosaic_conv_bwd)
@@ -654,8 +686,11 @@ def _mosaic_impl(u, k, *, causal, gate, frequency_keep, interpret=False):
   del frequency_keep  # supports() sends frequency-sparse calls elsewhere
   x, v = gate if gate is not None else (None, None)
   n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
+  backward = "mosaic" if MOSAIC_BACKWARD else "triton"
+  if MOSAIC_FUSED_BACKWARD and _mosaic_fused_unsupported(u, k, causal=causal) is None:
+    backward = "mosaic_fused"
   call = _MosaicCall(causal, _triton_call(u, k, causal=causal, interpret=interpret),
-                     backward="mosaic" if MOSAIC_BACKWARD else "triton",
+                     backward=backward,
                      long=n in _mosaic_long.SIZES,
                      filter_grad="mosaic" if MOSAIC_FILTER_GRAD else "triton")
   return _mosaic_conv(u, k, x, v, call)
@@ -673,7 +708,9 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
   Shapes and semantics as :func:`fft_conv` (bfloat16/float16 ``u``, transform sizes the
   Mosaic kernels serve); ``config``: the kernel's launch parameters (None: its default;
   a ``LongFFTConvConfig`` for transform sizes 16384 / 32768); ``backward``: "mosaic" or
-  "triton" (None: ``MOSAIC_BACKWARD``); ``long``: serve transform sizes 16384 / 32768 with
+  "triton" or "mosaic_fused" (the fused backward kernel: input and filter gradients in
+  one pass; NotImplementedError where it cannot serve the call; None:
+  ``MOSAIC_FUSED_BACKWARD`` where it serves, else ``MOSAIC_BACKWARD``); ``long``: serve transform sizes 16384 / 32768 with
   the long-sequence kernel (None: ``MOSAIC_LONG``); ``filter_grad``: the backward's filter
   gradient on the Mosaic kernel ("mosaic"; NotImplementedError where it cannot serve the
   call) or the Triton kernel ("triton"); None: ``MOSAIC_FILTER_GRAD`` (the Mosaic kernel
@@ -682,9 +719,15 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
   _validate(u, k, causal, gate, None)
   if backward is None:
     backward = "mosaic" if MOSAIC_BACKWARD else "triton"
-  if backward not in ("mosaic", "triton"):
-    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic' or 'triton', "
-                     f"got {backward!r}")
+    if MOSAIC_FUSED_BACKWARD and _mosaic_fused_unsupported(u, k, causal=causal) is None:
+      backward = "mosaic_fused"
+  if backward not in ("mosaic", "triton", "mosaic_fused"):
+    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic', 'triton' or "
+                     f"'mosaic_fused', got {backward!r}")
+  if backward == "mosaic_fused":
+    why = _mosaic_fused_unsupported(u, k, causal=causal)
+    if why is not None:
+      raise NotImplementedError(f"fft_conv_mosaic_gpu: backward='mosaic_fused': {why}")
   if long is not None and not isinstance(long, bool):
     raise TypeError(f"fft_conv_mosaic_gpu: long must be None or a bool, got {long!r}")
   if filter_grad is None:
