@@ -99,7 +99,8 @@ def combos(cfg: BenchConfig) -> list[tuple[str, str]]:
   return pairs
 
 
-def run(cfg: BenchConfig) -> list[harness.Row]:
+def run(cfg: BenchConfig, on_row=None) -> list[harness.Row]:
+  """Times every (batch, weights, kv); ``on_row(rows)`` after each, e.g. to write them."""
   mcfg = model_config(cfg)
   pairs = combos(cfg)
   params = gpt.init_params(mcfg, jax.random.key(0))
@@ -134,6 +135,8 @@ def run(cfg: BenchConfig) -> list[harness.Row]:
       impl = f"jaxeff:kv_{kv}" if w == "bf16" else f"jaxeff:w_{w}_kv_{kv}"
       rows.append(harness.Row(case, params_row, impl, res.decode_s / steps,
                               res.tokens_per_s, "tokens/s"))
+      if on_row is not None:
+        on_row(rows)
       print(f"batch {batch:3d} weights {w:4s} kv {kv:5s}: {res.tokens_per_s:10,.0f} tokens/s, "
             f"time to first token {res.time_to_first_token_s * 1e3:8.1f} ms, compile "
             f"{first.compile_s:.1f} s", flush=True)
@@ -189,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     combos(cfg)
   except ValueError as e:
     p.error(str(e))
-  rows = run(cfg)
   out = Path(cfg.out_dir) if cfg.out_dir else None
+  # rewritten after every row: a run cut short by its time limit keeps what it measured
+  rows = run(cfg, on_row=lambda rows: harness.write_results("generate", rows, out_dir=out))
   path = harness.write_results("generate", rows, out_dir=out)
   print(f"wrote {path}")
   return 0

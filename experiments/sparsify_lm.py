@@ -130,6 +130,7 @@ def decode_speed(config, params, prompts, new_tokens: int, repeats: int,
 def run(args, log=print) -> dict:
   from experiments import generate as gen
   from jaxeff.nn.sparse import compress_params
+  from jaxeff.sparse import is_sparse
 
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
@@ -171,13 +172,18 @@ def run(args, log=print) -> dict:
       serve = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
       if m.kind in ("unstructured", "nm"):
         serve = compress_params(serve, LINEAR, fmt=fmt, **extra)
+      served = [type(l).__name__ for l in jax.tree.leaves(serve, is_leaf=is_sparse)
+                if is_sparse(l)]
+      row["served_format"] = sorted(set(served)) or ["dense"]
+      row["compressed_kernels"] = len(served)
       row["decode_tokens_per_s"] = decode_speed(config, serve, [list(b"def ")] * args.batch,
                                                 args.new_tokens, args.repeats,
                                                 sparse=m.kind != "dense")
     rows.append(row)
     tps = row["decode_tokens_per_s"]
     log(f"  {m.name:24s} sparsity {row['linear_sparsity']:.3f}  ppl {row['ppl']:8.3f}"
-        + (f"  decode {tps:9.1f} tok/s" if tps else "") + f"  ({prune_s:.1f} s)")
+        + (f"  decode {tps:9.1f} tok/s ({row['compressed_kernels']} kernels as "
+           f"{'/'.join(row['served_format'])})" if tps else "") + f"  ({prune_s:.1f} s)")
   base = rows[0]
   for r in rows:
     r["ppl_vs_dense"] = r["ppl"] / base["ppl"]

@@ -5,6 +5,7 @@ gradual magnitude pruning) and CATS activation-sparsity calibration. The product
 
 from jaxeff.sparse.activation import activation_sparsity, calibrate_cats_threshold
 from jaxeff.sparse.formats import (
+    AUTO_ELL_BREAK_EVEN,
     BlockSparse,
     EllSparse,
     NMSparse,
