@@ -20,8 +20,10 @@ every row. ``--smoke``: tiny shapes in interpret mode (CPU check of this script)
 ``--backward`` (forward + backward, ``jaxeff.ops.fft_conv.fft_conv_mosaic_gpu``):
 
 1. ``check`` (child process, ``--check-timeout``; in priority order, so that a time-out
-   costs the least important ones): the gradients (u, k, x, v) of the Mosaic forward with
-   the Mosaic backward and the Mosaic filter gradient
+   costs the least important ones): the gradients of the Mosaic forward with the fused
+   Mosaic backward (:mod:`kernels_pallas.fftconv.mosaic_gpu_bwd`,
+   ``backward="mosaic_fused"``), gated batch 8 x 64 and ungated full size; then those of
+   the Mosaic forward with the Mosaic backward and the Mosaic filter gradient
    (:mod:`kernels_pallas.fftconv.mosaic_gpu_dk`, ``filter_grad="mosaic"``), gated, batch
    8 x 64 channels, causal at each size, and ungated at full size (batch 64 x 768:
    forward, du, dk); the filter-gradient kernel alone at full size (64 channels against
@@ -30,8 +32,10 @@ every row. ``--smoke``: tiny shapes in interpret mode (CPU check of this script)
    all against the float32 ``jnp.fft`` reference's autodiff (relative error < 1e-2).
 2. ``time`` (rows stop starting at ``--budget`` seconds; most important first, over all
    sizes): ``jax.grad`` of the sum over (u, k), batch 64 x 768, bf16, causal, filter as
-   long as the input, at seq 1024 and 4096: ``jnp.fft``, the Mosaic forward + backward +
-   filter gradient, the Mosaic forward + backward with the Triton dk; then the filter
+   long as the input, at seq 1024 and 4096: ``jnp.fft``, the Mosaic forward + fused
+   backward, the Mosaic forward + backward + filter gradient, the Mosaic forward + backward
+   with the Triton dk; then the backward alone (``(dw, dk)`` from ``(a, d, k)``): the
+   separate Mosaic correlation + dk kernels (the base) and the fused kernel; then the filter
    gradient alone (``dk [channels, filter_len]`` from ``w, d [batch, channels, seq]``,
    kernel + XLA inverse): the Triton kernel, the Mosaic kernel's default and
    configurations; then fwd+bwd of the Mosaic forward with the Triton backward and of the
@@ -69,6 +73,7 @@ import numpy as np
 from experiments.bench import harness
 from jaxeff.ops.fft_conv import fft_conv
 from kernels_pallas.fftconv import mosaic_gpu as M
+from kernels_pallas.fftconv import mosaic_gpu_bwd as BW
 from kernels_pallas.fftconv import mosaic_gpu_dk as D
 from kernels_pallas.fftconv import mosaic_gpu_long as L
 
@@ -247,6 +252,7 @@ def _impls(smoke):
       "jnp.fft": lambda u, k, gate=None, causal=True: fft_conv(
           u, k, causal=causal, gate=gate, implementation="xla"),
       # the new rows first: the budget may cut the last rows (Triton was measured before)
+      "mosaic fwd + mosaic fused bwd": mosaic("mosaic_fused"),
       "mosaic fwd + mosaic bwd + mosaic dk": mosaic("mosaic", "mosaic"),
       "mosaic fwd + mosaic bwd": mosaic("mosaic"),
       "mosaic fwd + triton bwd": mosaic("triton"),
@@ -256,7 +262,8 @@ def _impls(smoke):
 
 
 # fwd+bwd rows gated by checks: row name -> the suffix of its check names
-CHECKED = {"mosaic fwd + mosaic bwd + mosaic dk": "mosaic dk",
+CHECKED = {"mosaic fwd + mosaic fused bwd": "mosaic fused",
+           "mosaic fwd + mosaic bwd + mosaic dk": "mosaic dk",
            "mosaic fwd + mosaic bwd": "mosaic bwd"}
 _REF_GRADS: dict = {}  # memo of the jnp.fft reference's gradients per input set
 
@@ -321,9 +328,31 @@ def _dk_fns(smoke, b, c, seq):
   return fns
 
 
+def _bwd_fns(smoke, seq):
+  """name -> jitted backward alone ``(dw, dk)`` from ``(a, d, k)`` (the separate Mosaic
+  kernels first: the base)."""
+  return {
+      "bwd separate": jax.jit(lambda a, d, k: (
+          M.fft_conv_mosaic(d, k, conjugate=True, interpret=smoke),
+          D.filter_grad_mosaic(a, d, seq, interpret=smoke))),
+      "bwd fused": jax.jit(lambda a, d, k: BW.fft_conv_backward_mosaic(a, d, k,
+                                                                       interpret=smoke)),
+  }
+
+
 def backward_checks(sizes, smoke):
   impls = _impls(smoke)
   b, c = (4, 2) if smoke else (8, 64)
+  fused = impls["mosaic fwd + mosaic fused bwd"]
+  for seq in sizes:  # the fused backward first: gated small, then ungated full size
+    u, k, x, v = inputs(seq + 3, b, c, seq)
+    grad_check(f"seq={seq} B{b}xC{c} gated mosaic fused", fused, u, k, x, v,
+               ref_key=("g", seq))
+  if not smoke:
+    for seq in sizes:
+      u, k, _, _ = inputs(seq + 5, BATCH, CHANNELS, seq)
+      grad_check(f"seq={seq} B{BATCH}xC{CHANNELS} mosaic fused", fused, u, k, None, None,
+                 parts=("y", "du", "dk"), ref_key=("full", seq))
   new = impls["mosaic fwd + mosaic bwd + mosaic dk"]
   for seq in sizes:  # the new path, gated, small
     u, k, x, v = inputs(seq + 3, b, c, seq)
@@ -353,6 +382,8 @@ def backward_checks(sizes, smoke):
       grad_check(f"seq={seq} B{BATCH}xC{CHANNELS} mosaic bwd", impls["mosaic fwd + mosaic bwd"],
                  u, k, None, None, parts=("y", "du", "dk"), ref_key=("full", seq))
   u, k, _, _ = inputs(11, 4, 8 if not smoke else 2, 2048, flen=300)
+  grad_check("seq=2048 circular mosaic fused", fused, u, k, None, None, causal=False,
+             ref_key=("circ",))
   grad_check("seq=2048 circular mosaic dk", new, u, k, None, None, causal=False,
              ref_key=("circ",))
   grad_check("seq=2048 circular mosaic bwd", impls["mosaic fwd + mosaic bwd"], u, k, None,
@@ -365,11 +396,12 @@ def backward_checks(sizes, smoke):
 
 
 def backward_timing(sizes, smoke, budget, out, passed):
-  """Three passes over the sizes, most important rows first: fwd+bwd (jnp.fft and the
-  Mosaic paths), the filter gradient alone, fwd+bwd of the earlier paths."""
+  """Four passes over the sizes, most important rows first: fwd+bwd (jnp.fft and the
+  Mosaic paths, the fused backward first), the backward alone (fused vs the separate
+  Mosaic kernels), the filter gradient alone, fwd+bwd of the earlier paths."""
   b, c = (4, 2) if smoke else (BATCH, CHANNELS)
   impls = _impls(smoke)
-  table, dk_table = [], []
+  table, dk_table, bwd_table = [], [], []
   grad = lambda conv: jax.jit(jax.grad(
       lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32)), argnums=(0, 1)))
 
@@ -384,11 +416,23 @@ def backward_timing(sizes, smoke, budget, out, passed):
     return rows
 
   base = {}
-  first = ["jnp.fft", "mosaic fwd + mosaic bwd + mosaic dk", "mosaic fwd + mosaic bwd"]
+  first = ["jnp.fft", "mosaic fwd + mosaic fused bwd", "mosaic fwd + mosaic bwd + mosaic dk",
+           "mosaic fwd + mosaic bwd"]
   for seq in sizes:
     make = lambda i, seq=seq: inputs(200 + i, b, c, seq)[:2]
     base[seq] = _time_rows(seq, fwd_bwd_rows(seq, first), make, smoke=smoke, budget=budget,
                            out=out, table=table, batch=b, channels=c, kind="fwd_bwd")
+  for seq in sizes:  # the backward alone: fused vs the separate Mosaic kernels
+    make = lambda i, seq=seq: (lambda u, k, x, v: (u, x, k))(*inputs(500 + i, b, c, seq))
+    rows = []
+    for name, fn in _bwd_fns(smoke, seq).items():
+      suffix = "mosaic fused" if name == "bwd fused" else "mosaic dk"
+      if not passed.get((seq, suffix), False):
+        print(f"{seq:>6} {name:<36} skipped (check failed or did not finish)", flush=True)
+        continue
+      rows.append((name, fn))
+    _time_rows(seq, rows, make, smoke=smoke, budget=budget, out=out, table=bwd_table,
+               base_name="bwd separate", batch=b, channels=c, kind="bwd")
   for seq in sizes:
     make = lambda i, seq=seq: inputs(400 + i, b, c, seq)[::2]  # (w, d): [b, c, seq] each
     rows = []
@@ -408,6 +452,7 @@ def backward_timing(sizes, smoke, budget, out, passed):
                smoke=smoke, budget=budget, out=out, table=table, base=base.get(seq),
                batch=b, channels=c, kind="fwd_bwd")
   _print_table("fwd+bwd (grad of sum over u, k)", sorted(table, key=lambda r: r[0]))
+  _print_table("backward alone, (dw, dk) from (a, d, k)", bwd_table, "bwd separate")
   _print_table("filter gradient alone (kernel + XLA inverse)", dk_table, "dk triton")
 
 
