@@ -722,8 +722,8 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
     if MOSAIC_FUSED_BACKWARD and _mosaic_fused_unsupported(u, k, causal=causal) is None:
       backward = "mosaic_fused"
   if backward not in ("mosaic", "triton", "mosaic_fused"):
-    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic', 'triton' or "
-                     f"'mosaic_fused', got {backward!r}")
+    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic' or 'triton', got "
+                     f"{backward!r} (or 'mosaic_fused': the fused backward kernel)")
   if backward == "mosaic_fused":
     why = _mosaic_fused_unsupported(u, k, causal=causal)
     if why is not None:
