@@ -596,9 +596,12 @@ class _MosaicCall:
 
 
 def _mosaic_filter_grad(u, x, dy, v, *, causal: bool, filter_len: int, interpret: bool):
-  """``dk [channels, filter_len]`` float32 from the Mosaic filter-gradient kernel: the
-  gates in XLA (float32 products rounded to ``u.dtype``, as the forward's pre-gate),
-  ``w = u x``, ``d = dy v`` (the caller checks :func:`_mosaic_dk_serves`)."""
+  """``dk [channels, filter_len]`` float32 from the Mosaic filter-gradient kernel.
+
+  ``u``, ``dy``: ``[batch, channels, seq]``; ``x``, ``v``: the pre- and post-gates of the
+  same shape, or None. The gates are applied in XLA (float32 products rounded to
+  ``u.dtype``, as the forward's pre-gate): ``w = u x``, ``d = dy v`` (the caller checks
+  :func:`_mosaic_dk_serves`)."""
   gated = lambda a, g: a if g is None else (
       a.astype(jnp.float32) * g.astype(jnp.float32)).astype(u.dtype)
   return _mosaic_dk.filter_grad_mosaic(gated(u, x), gated(dy.astype(u.dtype), v), filter_len,
@@ -717,13 +720,14 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
   where it serves, else Triton).
   """
   _validate(u, k, causal, gate, None)
+  n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
   if backward is None:
     backward = "mosaic" if MOSAIC_BACKWARD else "triton"
     if MOSAIC_FUSED_BACKWARD and _mosaic_fused_unsupported(u, k, causal=causal) is None:
       backward = "mosaic_fused"
   if backward not in ("mosaic", "triton", "mosaic_fused"):
-    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic' or 'triton', got "
-                     f"{backward!r} (or 'mosaic_fused': the fused backward kernel)")
+    raise ValueError(f"fft_conv_mosaic_gpu: backward must be None, 'mosaic', 'mosaic_fused' "
+                     f"or 'triton', got {backward!r}")
   if backward == "mosaic_fused":
     why = _mosaic_fused_unsupported(u, k, causal=causal)
     if why is not None:
@@ -736,14 +740,12 @@ def fft_conv_mosaic_gpu(u: jax.Array, k: jax.Array, *, causal: bool = True,
     raise ValueError(f"fft_conv_mosaic_gpu: filter_grad must be None, 'mosaic' or 'triton', "
                      f"got {filter_grad!r}")
   else:
-    n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
     why = _mosaic_dk.unsupported(n, u.shape[-1], u.dtype) if filter_grad == "mosaic" else None
     if why is not None:
       raise NotImplementedError(f"fft_conv_mosaic_gpu: filter_grad='mosaic': {why}")
   reason = _mosaic_supports(u, k, causal=causal, gate=gate, frequency_keep=None, long=long)
   if reason is not None:
     raise NotImplementedError(f"fft_conv_mosaic_gpu: {reason}")
-  n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
   is_long = n in _mosaic_long.SIZES
   expected = _mosaic_long.LongFFTConvConfig if is_long else _mosaic.MosaicFFTConvConfig
   if config is not None and not isinstance(config, expected):
@@ -761,7 +763,9 @@ def _mosaic_supports(u, k, *, causal, gate, frequency_keep, long: bool | None = 
     return f"backward (Triton): {reason}"
   n = fft_size(u.shape[-1], k.shape[-1], causal=causal)
   if n in _mosaic_long.SIZES:
-    if not (MOSAIC_LONG if long is None else long):
+    if long is False:
+      return f"transform size {n}: the long-sequence Mosaic kernel is off (long=False)"
+    if long is None and not MOSAIC_LONG:
       return (f"transform size {n}: the long-sequence Mosaic kernel is off (MOSAIC_LONG is "
               f"False until it has been measured on the device)")
     return _mosaic_long.unsupported(n, u.shape[-1], u.dtype)

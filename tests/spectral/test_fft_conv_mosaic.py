@@ -303,7 +303,7 @@ def test_op_mosaic_supports(key):
   u, k, _, _ = _inputs(key, 2, 2, 1024, 300)
   reason = F._mosaic_supports(u, k, causal=True, gate=None, frequency_keep=None)
   assert reason is None
-  with pytest.raises(ValueError, match="backward must be None, 'mosaic' or 'triton', got 'xla'"):
+  with pytest.raises(ValueError, match="backward must be None, 'mosaic', 'mosaic_fused' or 'triton', got 'xla'"):
     F.fft_conv_mosaic_gpu(u, k, backward="xla", interpret=True)
   with pytest.raises(NotImplementedError, match="fft_conv_mosaic_gpu: .*transform size 512"):
     F.fft_conv_mosaic_gpu(u[..., :256], k[:, :64], interpret=True)

@@ -221,8 +221,8 @@ def test_op_fused_flag_and_choice(key):
   assert "float16" in F._mosaic_fused_unsupported(u.astype(jnp.float16), k, causal=True)
   u8, k8 = jnp.zeros((2, 1, 8192), jnp.bfloat16), jnp.zeros((1, 8192))  # n = 16384
   assert "16384" in F._mosaic_fused_unsupported(u8, k8, causal=True)
-  with pytest.raises(ValueError, match=r"backward must be None, 'mosaic' or 'triton', got "
-                                       r"'fused' \(or 'mosaic_fused'"):
+  with pytest.raises(ValueError, match=r"backward must be None, 'mosaic', 'mosaic_fused' or "
+                                       r"'triton', got 'fused'"):
     F.fft_conv_mosaic_gpu(u, k, backward="fused", interpret=True)
   with pytest.raises(NotImplementedError,
                      match="backward='mosaic_fused': dtype float16 is not bfloat16"):

@@ -188,6 +188,8 @@ def test_op_long_flag(key, monkeypatch, request):
   assert reason is not None and "MOSAIC_LONG" in reason
   with pytest.raises(NotImplementedError, match="fft_conv_mosaic_gpu: .*MOSAIC_LONG is False"):
     F.fft_conv_mosaic_gpu(u, k, interpret=True)
+  with pytest.raises(NotImplementedError, match=r"kernel is off \(long=False\)"):
+    F.fft_conv_mosaic_gpu(u, k, long=False, interpret=True)
   with pytest.raises(TypeError, match="long must be None or a bool, got 'yes'"):
     F.fft_conv_mosaic_gpu(u, k, long="yes", interpret=True)
   with pytest.raises(TypeError, match="needs config of type LongFFTConvConfig or None, got "
