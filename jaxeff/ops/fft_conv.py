@@ -602,10 +602,9 @@ def _mosaic_filter_grad(u, x, dy, v, *, causal: bool, filter_len: int, interpret
   same shape, or None. The gates are applied in XLA (float32 products rounded to
   ``u.dtype``, as the forward's pre-gate): ``w = u x``, ``d = dy v`` (the caller checks
   :func:`_mosaic_dk_serves`)."""
-  gated = lambda a, g: a if g is None else (
-      a.astype(jnp.float32) * g.astype(jnp.float32)).astype(u.dtype)
-  return _mosaic_dk.filter_grad_mosaic(gated(u, x), gated(dy.astype(u.dtype), v), filter_len,
-                                       causal=causal, interpret=interpret)
+  return _mosaic_dk.filter_grad_mosaic(_mosaic.gated(u, x, u.dtype),
+                                       _mosaic.gated(dy.astype(u.dtype), v, u.dtype),
+                                       filter_len, causal=causal, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -620,8 +619,7 @@ def _mosaic_conv_fwd(u, k, x, v, call: _MosaicCall):
     return y, (u, k, x, v, _plan_filter_spectrum(k, call.triton.plan))
   kf = call.spectrum(u, k)
   c = call.conv(u, k, x, None, kf=kf)
-  # The same rounding as fft_conv_mosaic's post-gate: float32 product of the u.dtype output.
-  y = c if v is None else (c.astype(jnp.float32) * v.astype(jnp.float32)).astype(u.dtype)
+  y = _mosaic.gated(c, v, u.dtype)  # the rounding of fft_conv_mosaic's post-gate
   return y, (u, k, x, v, kf, None if v is None else c)
 
 
@@ -637,8 +635,7 @@ def _mosaic_conv_bwd(call: _MosaicCall, residuals, dy):
   if call.backward == "mosaic_fused":
     # dw = corr(k, dy v) and dk from one kernel (the gates in XLA, float32 products
     # rounded to u.dtype, as the forward's pre-gate).
-    gated = lambda a, g: a if g is None else (
-        a.astype(jnp.float32) * g.astype(jnp.float32)).astype(u.dtype)
+    gated = lambda a, g: _mosaic.gated(a, g, u.dtype)  # noqa: E731
     geo, _ = _mosaic_bwd.bwd_geometry(u.shape[-1], k.shape[-1], u.dtype, causal=call.causal)
     same = kf.shape == (k.shape[0], 2, geo.n_1, geo.n_2)  # (a config with another n_1)
     dw, dk = _mosaic_bwd.fft_conv_backward_mosaic(

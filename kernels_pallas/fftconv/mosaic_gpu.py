@@ -522,6 +522,32 @@ def conv_geometry(seq: int, filter_len: int, dtype, *, causal: bool = True,
   return geometry(n, seq, cfg), cfg
 
 
+def gated(a: jax.Array, g: jax.Array | None, dtype) -> jax.Array:
+  """``a * g`` as float32 products rounded to ``dtype`` (``a`` itself when ``g`` is None):
+  the gates of every Mosaic FFT-conv wrapper."""
+  return a if g is None else (a.astype(jnp.float32) * g.astype(jnp.float32)).astype(dtype)
+
+
+def pack_pairs(a: jax.Array, pairs: int, rows: int, width: int) -> jax.Array:
+  """``[batch, channels, seq]`` -> ``[pairs, 2, channels, rows, width]``: batch rows ``2p``
+  and ``2p + 1`` as pair ``p`` (the real and imaginary planes of one complex signal), zero
+  rows up to ``2 * pairs``, time zero-padded (or cut) to ``rows * width`` steps."""
+  batch, channels, seq = a.shape
+  length = rows * width
+  if seq > length:
+    a = a[..., :length]
+  if 2 * pairs != batch or length != seq:
+    a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
+  return a.reshape(pairs, 2, channels, rows, width)
+
+
+def unpack_pairs(y: jax.Array, batch: int, seq: int) -> jax.Array:
+  """Inverse of :func:`pack_pairs` on a kernel output: ``[batch, channels, seq]``."""
+  pairs, _, channels, rows, width = y.shape
+  y = y.reshape(2 * pairs, channels, rows * width)
+  return y if y.shape == (batch, channels, seq) else y[:batch, :, :seq]
+
+
 def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
                     v: jax.Array | None = None, *, causal: bool = True,
                     config: MosaicFFTConvConfig | None = None, conjugate: bool = False,
@@ -558,30 +584,19 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
     raise TypeError(f"fft_conv_mosaic: conjugate must be a bool, got {conjugate!r}")
   batch, channels, seq = u.shape
   geo, cfg = conv_geometry(seq, k.shape[1], u.dtype, causal=causal, config=config)
-  a = u
-  if x is not None:
-    a = (u.astype(jnp.float32) * x.astype(jnp.float32)).astype(u.dtype)
-  length = geo.rows * geo.n_2
   pairs = -(-batch // 2)
   pairs = -(-pairs // cfg.compute_wgs) * cfg.compute_wgs
-  if 2 * pairs != batch or length != seq:
-    a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
-  z = a.reshape(pairs, 2, channels, geo.rows, geo.n_2)
+  z = pack_pairs(gated(u, x, u.dtype), pairs, geo.rows, geo.n_2)
   if kf is None:
     kf = filter_spectrum(k, geo)
   elif kf.shape != (channels, 2, geo.n_1, geo.n_2):
     raise ValueError(f"fft_conv_mosaic: kf must be [channels={channels}, 2, {geo.n_1}, "
                      f"{geo.n_2}] (filter_spectrum for these sizes), got {kf.shape}")
   y = fft_conv_fused_mosaic(z, kf, geo, config=cfg, conjugate=conjugate, interpret=interpret)
-  y = y.reshape(2 * pairs, channels, length)
-  if y.shape != (batch, channels, seq):
-    y = y[:batch, :, :seq]
-  if v is not None:
-    y = (y.astype(jnp.float32) * v.astype(jnp.float32)).astype(u.dtype)
-  return y
+  return gated(unpack_pairs(y, batch, seq), v, u.dtype)
 
 
 __all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "cmul", "complex_products", "conv_geometry",
-           "default_config",
-           "dft_constants", "fft_conv_fused_mosaic", "fft_conv_mosaic", "filter_spectrum", "geometry",
-           "smem_bytes", "unsupported"]
+           "default_config", "dft_constants", "fft_conv_fused_mosaic", "fft_conv_mosaic",
+           "filter_spectrum", "gated", "geometry", "pack_pairs", "smem_bytes", "unpack_pairs",
+           "unsupported"]

@@ -55,7 +55,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, WGMMA_M, MosaicGeometry,
                                                _bits, _swizzled, cmul, complex_products,
                                                dft_constants, fft_size, filter_spectrum,
-                                               geometry)
+                                               geometry, pack_pairs, unpack_pairs)
 from kernels_pallas.fftconv.mosaic_gpu_dk import (SIZES, SUPPORTED_DTYPES, _blocked_constants,
                                                   _row_split, column_products, copy_constants,
                                                   cross_spectrum_add, fetch_pair,
@@ -473,21 +473,13 @@ def fft_conv_backward_mosaic(a: jax.Array, d: jax.Array, k: jax.Array, *, causal
     raise ValueError(f"fft_conv_backward_mosaic: kf must be [channels={channels}, 2, "
                      f"{geo.n_1}, {geo.n_2}] (filter_spectrum for these sizes), got "
                      f"{kf.shape}")
-  length = geo.rows * geo.n_2
   step = 1 if _row_split(geo) else cfg.compute_wgs
   pairs = -(-batch // 2)
   pairs = -(-pairs // step) * step
-
-  def packed(x):
-    if 2 * pairs != batch or length != seq:
-      x = jnp.pad(x, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
-    return x.reshape(pairs, 2, channels, geo.rows, geo.n_2)
-
+  packed = lambda x: pack_pairs(x, pairs, geo.rows, geo.n_2)  # noqa: E731
   dw, g = conv_backward_fused_mosaic(packed(a), packed(d), kf, geo, config=cfg,
                                      interpret=interpret)
-  dw = dw.reshape(2 * pairs, channels, length)
-  if dw.shape != (batch, channels, seq):
-    dw = dw[:batch, :, :seq]
+  dw = unpack_pairs(dw, batch, seq)
   return dw, filter_grad_from_partials(g, geo, filter_len)
 
 

@@ -62,7 +62,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, WGMMA_M, MosaicGeometry,
                                                _bits, _swizzled, cmul, complex_products,
-                                               dft_constants, fft_size, geometry)
+                                               dft_constants, fft_size, geometry, pack_pairs)
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
 SIZES = (2048, 4096, 8192)
@@ -521,16 +521,10 @@ def filter_grad_mosaic(w: jax.Array, d: jax.Array, filter_len: int, *, causal: b
     raise TypeError(f"filter_grad_mosaic: d.dtype must equal w.dtype {w.dtype}, got "
                     f"{d.dtype}")
   geo, cfg = dk_geometry(seq, filter_len, w.dtype, causal=causal, config=config)
-  length = geo.rows * geo.n_2
   step = 1 if _row_split(geo) else cfg.compute_wgs
   pairs = -(-batch // 2)
   pairs = -(-pairs // step) * step
-
-  def packed(a):
-    if 2 * pairs != batch or length != seq:
-      a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
-    return a.reshape(pairs, 2, channels, geo.rows, geo.n_2)
-
+  packed = lambda a: pack_pairs(a, pairs, geo.rows, geo.n_2)  # noqa: E731
   g = filter_grad_fused_mosaic(packed(w), packed(d), geo, config=cfg, interpret=interpret)
   return filter_grad_from_partials(g, geo, filter_len)
 

@@ -61,7 +61,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, SUPPORTED_DTYPES, _swizzled,
-                                               cmul, complex_products, fft_size)
+                                               cmul, complex_products, fft_size, gated,
+                                               pack_pairs, unpack_pairs)
 
 N_1 = 128  # F_128: both factors of the inner transform
 INNER_N = N_1 * N_1
@@ -494,23 +495,15 @@ def fft_conv_mosaic_long(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
   elif kf.shape != (geo.radix * channels, 2, 2, 2, B, B):
     raise ValueError(f"fft_conv_mosaic_long: kf must be [{geo.radix * channels}, 2, 2, 2, "
                      f"{B}, {B}] (filter_spectrum for these sizes), got {kf.shape}")
-  a = u
-  if x is not None:
-    a = (u.astype(jnp.float32) * x.astype(jnp.float32)).astype(dtype)
+  a = gated(u, x, dtype)
   pairs = -(-batch // 2)
   run = lambda z: fft_conv_fused_long(z, kf, geo, config=config, conjugate=conjugate,
                                       interpret=interpret)
   if geo.radix == 1:
-    length = geo.rows * N_1
-    if 2 * pairs != batch or length != seq:
-      a = jnp.pad(a, ((0, 2 * pairs - batch), (0, 0), (0, max(0, length - seq))))
-    y = run(a[..., :length].reshape(pairs, 2, channels, geo.rows, N_1))
-    y = y.reshape(2 * pairs, channels, length)[:batch, :, :seq]
+    y = unpack_pairs(run(pack_pairs(a, pairs, geo.rows, N_1)), batch, seq)
   else:
     y = _radix2(a, run, geo, pairs, seq, dtype).astype(dtype)
-  if v is not None:
-    y = (y.astype(jnp.float32) * v.astype(jnp.float32)).astype(dtype)
-  return y
+  return gated(y, v, dtype)
 
 
 def _radix2(a, run, geo: LongGeometry, pairs: int, seq: int, dtype) -> jax.Array:
