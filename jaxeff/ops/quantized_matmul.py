@@ -601,7 +601,7 @@ def weight_only_matmul(x2: jax.Array, w: Any, *, variant: str = "triton", config
   if info.packed and w.native_int4:
     w = prepack(w, native_int4=False)
   if variant == "gemv":
-    pw = prepack(w)
+    pw = prepack(w, native_int4=False)  # uint8 nibbles (a QArray prepacks native on Hopper)
     kpb = 2 if bits == 4 else 1
     cfg = config or _triton.GemvConfig()
     if group is not None:

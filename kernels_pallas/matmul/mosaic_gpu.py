@@ -701,6 +701,9 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
   if scales.shape != want:
     raise ValueError(f"weight_only_matmul_t: scales must be {'[G, N]' if scales_t else '[N, G]'}"
                      f" = {want}, got {scales.shape}")
+  m_rows = m
+  x = pad_rows_for_tma(x)
+  m = x.shape[0]
   mp = max(8, -(-m // 8) * 8)  # wgmma N; TMA zero-fills x rows m..mp and drops output rows
   wsplit = cfg.wg_split_k
   halves = 2 if wsplit else 1
@@ -754,11 +757,19 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
       kernel_name=f"int{bits}_weight_only_t" + ("_wgsplit" if wsplit else ""),
   )(x, w_t, scales.astype(jnp.float32) if scales_t else scales.astype(jnp.float32).T)
   if fused:
-    return partial
+    return partial if m == m_rows else partial[:m_rows]
   out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
-  return out[:, :m].T.astype(out_dtype)
+  return out[:, :m_rows].T.astype(out_dtype)
 
 
-__all__ = ["MatmulConfig", "WeightOnlyConfig", "default_config", "scaled_matmul",
+def pad_rows_for_tma(x: jax.Array) -> jax.Array:
+  """``x [M, K]`` with zero rows up to a multiple of 8 when ``M > 8`` (a TMA copy of a
+  ``[M, K]`` array needs M <= 8 or a multiple of 8; the copies zero-fill the rows of a
+  tile past M, so smaller M are read as they are). H100: M = 33 failed to lower."""
+  m = x.shape[0]
+  return x if m <= 8 or m % 8 == 0 else jnp.pad(x, ((0, -m % 8), (0, 0)))
+
+
+__all__ = ["MatmulConfig", "WeightOnlyConfig", "default_config", "pad_rows_for_tma", "scaled_matmul",
            "tile_multiples", "tile_scale_columns", "unsupported", "weight_only_config",
            "weight_only_matmul_t", "weight_only_tile_multiples", "weight_only_unsupported"]

@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.matmul.mosaic_gpu import _bits, _produce, _swizzled
+from kernels_pallas.matmul.mosaic_gpu import _bits, _produce, _swizzled, pad_rows_for_tma
 
 WGMMA_M = 64  # Hopper's wgmma M: weight rows per sub-tile and accumulator
 MAX_BLOCK_M = 128  # x rows per CTA (the wgmma N): a [64, 128] float32 accumulator each
@@ -383,7 +383,7 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name=f"int{bits}_weight_only_medium",
-  )(x, w_t, s3)
+  )(pad_rows_for_tma(x), w_t, s3)  # whole m tiles are unchanged by the pad (bm % 8 == 0)
   out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
   return out[:, :m].T.astype(out_dtype)
 
