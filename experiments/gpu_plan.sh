@@ -11,25 +11,24 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MEM='XLA_PYTHON_CLIENT_MEM_FRACTION=0.2'
 PYT='python3 -m pytest -q -p no:cacheprovider -m gpu'
 
-call_1=(  # GPU tests of every default changed without a GPU run, then the stale suites
-  "gpu_defaults|170|$MEM $PYT -n 4 tests/ops/test_quantized_matmul_glue.py tests/ops/test_quantized_matmul.py tests/ops/test_quantized_matmul_medium.py tests/ops/test_decode_attention.py tests/spectral/test_fft_conv_mosaic.py"
-  "quant_suite|130|python3 -m experiments.bench quant_matmul --quick"
-  "decode_bench|200|python3 -m experiments.bench decode"
-)
-call_2=(  # candidates for the headline op: attention d128 backward variants, pipelined forward
+call_1=(  # GPU tests of the weight-only fix (session 6), then the attention d128 candidates
+  "gpu_defaults|150|$MEM $PYT -n 4 tests/ops/test_quantized_matmul_glue.py tests/ops/test_quantized_matmul.py tests/ops/test_quantized_matmul_medium.py tests/ops/test_decode_attention.py tests/spectral/test_fft_conv_mosaic.py"
   "attn_bwd128|200|python3 experiments/attention_bwd128_dev.py --out \$OUT/attn_bwd128"
-  "attn_fwd_pipe|240|python3 experiments/attention_fwd_dev.py --out \$OUT/attn_fwd_pipe"
-  "attn_variant_gpu_tests|120|$PYT -x tests/ops/test_attention_mosaic_bwd128.py tests/ops/test_attention_mosaic_fwd_pipeline.py"
+  "attn_fwd_pipe|215|python3 experiments/attention_fwd_dev.py --out \$OUT/attn_fwd_pipe"
 )
-call_3=(  # candidates: weight-only small m, FFT conv seq 8K-16K
+call_2=(  # candidates: attention variants' GPU tests, weight-only small m, FFT conv seq 8K-16K
+  "attn_variant_gpu_tests|120|$PYT -x tests/ops/test_attention_mosaic_bwd128.py tests/ops/test_attention_mosaic_fwd_pipeline.py"
   "quant_dev|200|python3 experiments/quant_dev.py --budget 165 --out \$OUT"
   "fftconv_mosaic_long|240|python3 experiments/fftconv_mosaic_dev.py --long --budget 190 --check-timeout 100 --out \$OUT"
-  "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
 )
-call_4=(  # candidates: decode 128-key blocks, FFT conv backward (Mosaic du and dk); fftconv suite
+call_3=(  # candidates: decode 128-key blocks, FFT conv backward (Mosaic du and dk); long-conv tests
   "decode_quant6|220|python3 -m experiments.decode_quant_step --deadline 170 --check-timeout 100 2>&1 | grep -v Warning | tee \$OUT/decode_quant6.log"
   "fftconv_mosaic_bwd|200|python3 experiments/fftconv_mosaic_dev.py --backward --budget 170 --check-timeout 100 --out \$OUT"
+  "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
+)
+call_4=(  # the stale suites: fftconv, attention head_dim 64
   "bench_fftconv|150|python3 -m experiments.bench fftconv --quick"
+  "attn_d64|280|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
 )
 call_5=(  # end to end: generation tokens/s, bf16 vs quantized KV (issue 4) and weights (issue 5)
   "decode_generate|280|bash experiments/decode_gpu_final.sh generate"
@@ -39,9 +38,8 @@ call_6=(  # end to end: int4 weights, perplexity and tokens/s vs bf16; Mosaic fi
   "quantize_lm_gpu|420|python3 -m experiments.quantize_lm --quick --preset gpt-125m --train-steps 300 --batch 1"
   "fftconv_bwd_gpu_tests|140|$PYT -x tests/spectral/test_fft_conv_mosaic_dk.py tests/spectral/test_fft_conv_mosaic_bwd.py"
 )
-call_7=(  # end to end Hyena vs GPT at seq 8192; attention head_dim-64 suite rows
+call_7=(  # end to end Hyena vs GPT at seq 8192
   "hyena_vs_gpt|280|python3 -m experiments.hyena_vs_gpt --steps 200 --out \$OUT/hvg"
-  "attn_d64|280|JAXEFF_ATTN_BENCH_HEAD_DIM=64 JAXEFF_ATTN_BENCH_MIN_SEQ=2048 JAXEFF_ATTN_BENCH_SKIP=xla,packed python3 -m experiments.bench attention"
 )
 call_8=(  # sparse: launch sweep of the 2:4 words and ELL decode kernels, the suite, GPU tests
   "sparse_tune|200|python3 experiments/sparse_tune.py --budget 180 --out \$OUT"
