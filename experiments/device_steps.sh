@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs named steps in one device call, each under its own time limit, and keeps every log.
 # Usage (repo root):  bash experiments/device_steps.sh TOTAL_S "name|limit_s|command" ...
-# (quote \$OUT in a step so that it names the work folder: 'name|60|cmd --out $OUT')
+# (quote \$OUT in a step so that it names the work folder: 'name|60|cmd --out $OUT'; a step
+# sees its own limit, possibly cut to what is left, as $STEP_LIMIT)
 # Each step's output goes to <name>.log as it runs, its exit status to steps.txt; a step gets
 # at most what is left of TOTAL_S (minus 10 s for packing), so a slow step never costs the
 # logs of the others. Steps see OUT as a work folder; after every step that folder, the
@@ -25,7 +26,7 @@ for step in "$@"; do
   if (( left < 20 )); then echo "$name skipped (no time left)" >>"$out/steps.txt"; continue; fi
   (( limit > left )) && limit=$left
   s=$(date +%s)
-  timeout -k 5 "$limit" bash -c "$cmd" >"$out/$name.log" 2>&1
+  STEP_LIMIT=$limit timeout -k 5 "$limit" bash -c "$cmd" >"$out/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $(( $(date +%s) - s ))s (limit $limit)" >>"$out/steps.txt"
   tar -czf "$final/bundle.tar.gz" experiments/results -C "$out" . 2>/dev/null

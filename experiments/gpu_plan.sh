@@ -2,6 +2,7 @@
 # The waiting device work as numbered calls, highest value first (notes/next_device_runs.md
 # says why each step is there and what to do with its result). One device call each:
 #   bash experiments/gpu_plan.sh 1        # then 2, 3, ... while device time lasts
+#   bash experiments/gpu_plan.sh 1 420    # the same with a shorter total (device time left)
 #   bash experiments/gpu_plan.sh list     # print the steps of every call
 # Every call stays within the device tool's 600 s command limit (TOTAL 570 s); the steps
 # run through experiments/device_steps.sh, which packs every log and JSON into
@@ -12,9 +13,9 @@ MEM='XLA_PYTHON_CLIENT_MEM_FRACTION=0.2'
 PYT='python3 -m pytest -q -p no:cacheprovider -m gpu'
 
 call_1=(  # GPU tests of the weight-only fix (session 6), then the attention d128 candidates
-  "gpu_defaults|150|$MEM $PYT -n 4 tests/ops/test_quantized_matmul_glue.py tests/ops/test_quantized_matmul.py tests/ops/test_quantized_matmul_medium.py tests/ops/test_decode_attention.py tests/spectral/test_fft_conv_mosaic.py"
-  "attn_bwd128|200|python3 experiments/attention_bwd128_dev.py --out \$OUT/attn_bwd128"
-  "attn_fwd_pipe|215|python3 experiments/attention_fwd_dev.py --out \$OUT/attn_fwd_pipe"
+  "gpu_defaults|180|XLA_PYTHON_CLIENT_MEM_FRACTION=0.13 $PYT -n 6 -vv --tb=line tests/ops/test_quantized_matmul_glue.py tests/ops/test_quantized_matmul.py tests/ops/test_quantized_matmul_medium.py"
+  "attn_fwd_pipe|215|python3 experiments/attention_fwd_dev.py --budget-s \$((STEP_LIMIT - 15)) --out \$OUT/attn_fwd_pipe"
+  "attn_bwd128|200|python3 experiments/attention_bwd128_dev.py --budget-s \$((STEP_LIMIT - 15)) --out \$OUT/attn_bwd128"
 )
 call_2=(  # candidates: attention variants' GPU tests, weight-only small m, FFT conv seq 8K-16K
   "attn_variant_gpu_tests|120|$PYT -x tests/ops/test_attention_mosaic_bwd128.py tests/ops/test_attention_mosaic_fwd_pipeline.py"
@@ -22,6 +23,7 @@ call_2=(  # candidates: attention variants' GPU tests, weight-only small m, FFT 
   "fftconv_mosaic_long|240|python3 experiments/fftconv_mosaic_dev.py --long --budget 190 --check-timeout 100 --out \$OUT"
 )
 call_3=(  # candidates: decode 128-key blocks, FFT conv backward (Mosaic du and dk); long-conv tests
+  "gpu_decode_fft|170|$MEM $PYT -n 4 -vv --tb=line tests/ops/test_decode_attention.py tests/spectral/test_fft_conv_mosaic.py"
   "decode_quant6|220|python3 -m experiments.decode_quant_step --deadline 170 --check-timeout 100 2>&1 | grep -v Warning | tee \$OUT/decode_quant6.log"
   "fftconv_mosaic_bwd|200|python3 experiments/fftconv_mosaic_dev.py --backward --budget 170 --check-timeout 100 --out \$OUT"
   "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
@@ -63,4 +65,4 @@ if ! declare -p "call_$which" >/dev/null 2>&1; then
   echo "gpu_plan.sh: no call '$which' (1..8, parallel or list)" >&2; exit 2
 fi
 declare -n steps="call_$which"
-exec bash experiments/device_steps.sh 570 "${steps[@]}"
+exec bash experiments/device_steps.sh "${2:-570}" "${steps[@]}"
