@@ -17,7 +17,15 @@ mkdir -p "$out" "$final"
 export OUT="$out"
 total="$1"; shift
 t0=$(date +%s)
+# Baseline libraries carried as wheels (tools/baseline_wheels.sh; the call carries .whl):
+# installed beside the image's packages, so the suites' tokamax / qwix rows run.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$out/wheels.log" 2>&1 \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "wheel install failed" >>"$out/wheels.log"
+fi
 { python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+  python3 -c 'import tokamax, qwix; print("baselines: tokamax", tokamax.__version__, "qwix", qwix.__version__)' 2>&1 | tail -1
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv; } \
   >"$out/env.log" 2>&1
 for step in "$@"; do

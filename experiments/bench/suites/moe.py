@@ -84,7 +84,7 @@ def _implementations():
   impls["lax.ragged_dot"] = lambda a, b, s: jax.lax.ragged_dot(a, b, s)
   try:
     import tokamax  # noqa: F401  (used when importable)
-    impls["tokamax"] = lambda a, b, s: tokamax.ragged_dot(a, b, s)
+    impls["tokamax"] = lambda a, b, s: tokamax.ragged_dot(a, b, s, implementation="mosaic")
   except ImportError:
     pass
   return impls

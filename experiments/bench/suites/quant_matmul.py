@@ -12,6 +12,10 @@ Implementations in each case (same process, same device):
 * ``xla:dequant``: dequantize then dot, jitted (XLA fuses what it can).
 * ``xla:int8``: ``lax.dot`` int8 x int8 -> int32, then the two scales (W8A8 cases).
 * ``xla:fp8``: ``lax.dot`` fp8 x fp8 -> float32, then the scales (fp8 per-row case).
+* ``qwix`` (when importable): ``qwix.dot`` with the weight as a ``qwix.QArray`` of the same
+  format (int4 / int8 per output channel, K groups of 128 for ``int4_g128``); in the W8A8
+  and fp8 per-row cases the activations are quantized per row inside the timed call, as
+  qwix's dynamic-range PTQ does (compare with ``jaxeff:with_x_quant`` / ``jaxeff``).
 
 Throughput is TFLOP/s (``2 m k n``); ``weight_GBps`` (extra field) is the quantized weight
 bytes (values + scales + zeros) over the time, the figure that matters when m is small.
@@ -55,6 +59,38 @@ def _x(m, k, i):
 
 def _wf(k, n, i):
   return jax.random.normal(jax.random.key(i), (k, n), jnp.float32) / 64
+
+
+def _qwix():
+  """The ``qwix`` module when importable (not on every GPU image), else None."""
+  try:
+    return importlib.import_module("qwix")
+  except ImportError:
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _qwix_quantizer(qtype, group):
+  """bf16 ``w [k, n]`` -> ``qwix.QArray`` scaled per output channel (and per K group)."""
+  qwix = _qwix()
+  return jax.jit(lambda w: qwix.quantize(
+      w.astype(jnp.bfloat16), qtype, channelwise_axes=[1],
+      tiled_axes={0: group} if group else None))
+
+
+def _qwix_rows(case, params, m, k, n, qtype, group, rounds, *, quantize_x: bool):
+  """The ``qwix`` row of a case (none when qwix is not importable)."""
+  qwix = _qwix()
+  if qwix is None:
+    return []
+  quant = _qwix_quantizer(qtype, group)
+  make = lambda i: (_x(m, k, i), quant(_wf(k, n, i)))
+  if quantize_x:  # dynamic per-row activation quantization inside the call
+    fn = jax.jit(lambda x, w: qwix.dot(qwix.quantize(x, qtype, channelwise_axes=[0]), w))
+  else:
+    fn = jax.jit(lambda x, w: qwix.dot(x, w))
+  wbytes = harness.tree_bytes(make(0)[1])
+  return [_row(case, params, "qwix", _time(m, fn, make, rounds=rounds), m, k, n, wbytes)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,6 +140,8 @@ def _weight_only_rows(m, k, n, fmt_name, bf16, rounds, implementation=None):
           _row(case, params, "xla:dequant", _time(m, deq, make, rounds=rounds), m, k, n,
                wbytes),
           _row(case, params, "xla:bf16", bf16[0], m, k, n, bf16[1])]
+  rows += _qwix_rows(case, params, m, k, n, jnp.int4 if fmt == "int4" else jnp.int8, group,
+                     rounds, quantize_x=False)
   return rows
 
 
@@ -138,7 +176,7 @@ def _w8a8_rows(m, k, n, bf16, rounds):
       _row(case, params, "xla:int8", _time(m, jax.jit(xla_int8), make, rounds=rounds),
            m, k, n, wbytes),
       _row(case, params, "xla:bf16", bf16[0], m, k, n, bf16[1]),
-  ]
+  ] + _qwix_rows(case, params, m, k, n, jnp.int8, None, rounds, quantize_x=True)
 
 
 def _fp8_rows(m, k, n, bf16, rounds, *, block: bool):
@@ -169,6 +207,8 @@ def _fp8_rows(m, k, n, bf16, rounds, *, block: bool):
 
     rows.append(_row(case, params, "xla:fp8", _time(m, jax.jit(xla_fp8), make,
                                                                 rounds=rounds), m, k, n, wbytes))
+    rows += _qwix_rows(case, params, m, k, n, jnp.float8_e4m3fn, None, rounds,
+                       quantize_x=True)
   rows.append(_row(case, params, "xla:bf16", bf16[0], m, k, n, bf16[1]))
   return rows
 
