@@ -762,12 +762,17 @@ def weight_only_matmul_t(x: jax.Array, w_t: jax.Array, scales: jax.Array, *,
   return out[:, :m_rows].T.astype(out_dtype)
 
 
-def pad_rows_for_tma(x: jax.Array) -> jax.Array:
-  """``x [M, K]`` with zero rows up to a multiple of 8 when ``M > 8`` (a TMA copy of a
-  ``[M, K]`` array needs M <= 8 or a multiple of 8; the copies zero-fill the rows of a
-  tile past M, so smaller M are read as they are). H100: M = 33 failed to lower."""
+def pad_rows_for_tma(x: jax.Array, multiple: int = 8) -> jax.Array:
+  """``x [M, K]`` with zero rows up to a multiple of ``multiple`` when ``M > 8`` (a TMA
+  copy of a ``[M, K]`` array needs M <= 8 or a multiple of 8; the copies zero-fill the rows
+  of a tile past M, so smaller M are read as they are). H100: M = 33 failed to lower.
+  A copy multicast to a cluster of ``c`` CTAs splits its rows into ``c`` parts of whole
+  8-row tiles, so such callers pass ``multiple = 8 c`` (H100: M = 33 padded to 40 failed
+  with a cluster of 2: "[5, 2, 8, 64] ... not divisible by the collective size 2")."""
   m = x.shape[0]
-  return x if m <= 8 or m % 8 == 0 else jnp.pad(x, ((0, -m % 8), (0, 0)))
+  if (m <= 8 and multiple == 8) or m % multiple == 0:
+    return x
+  return jnp.pad(x, ((0, -m % multiple), (0, 0)))
 
 
 __all__ = ["MatmulConfig", "WeightOnlyConfig", "default_config", "pad_rows_for_tma", "scaled_matmul",

@@ -91,6 +91,10 @@ class MediumConfig:
                        f"got {self.block_m}")
     if self.cluster_n not in (1, 2):
       raise ValueError(f"MediumConfig.cluster_n must be 1 or 2, got {self.cluster_n}")
+    if self.block_m % (8 * self.cluster_n):
+      # The x tile is multicast: each CTA of the pair copies half of its 8-row tiles.
+      raise ValueError(f"MediumConfig.block_m must be a multiple of {8 * self.cluster_n} "
+                       f"with cluster_n={self.cluster_n}, got {self.block_m}")
     if self.num_stages < 1 or self.split_k < 1:
       raise ValueError(f"MediumConfig needs num_stages >= 1 and split_k >= 1, got "
                        f"{self.num_stages} and {self.split_k}")
@@ -133,15 +137,17 @@ def medium_config(m: int, n: int, k: int, *, bits: int, group_size: int | None =
                   num_sms: int = 132, **overrides) -> MediumConfig:
   """A :class:`MediumConfig` for ``x [m, k] @ w [k, n]``.
 
-  ``block_m``: x rows in as few tiles of <= 128 as possible (a multiple of 8). ``split_k``:
+  ``block_m``: x rows in as few tiles of <= 128 as possible (a multiple of 8, of 16 with
+  ``cluster_n = 2``). ``split_k``:
   the largest of 1, 2, 4, 8 with ``tiles * split_k <= num_sms`` and at least 4 K steps a
   split, so the grid fills the GPU about once. ``num_stages``: the most (<= 4) that fit
   ``SMEM_BUDGET_BYTES``. ``overrides`` replace fields before ``split_k`` / stages are
   chosen (those two only when not overridden).
   """
   m_tiles = -(-m // MAX_BLOCK_M)
-  block_m = -(-(-(-m // m_tiles)) // 8) * 8
-  cfg = MediumConfig(block_m=block_m)
+  rows = 8 * overrides.get("cluster_n", 1)
+  block_m = -(-(-(-m // m_tiles)) // rows) * rows
+  cfg = MediumConfig(block_m=block_m, cluster_n=overrides.get("cluster_n", 1))
   cfg = dataclasses.replace(cfg, **{k_: v for k_, v in overrides.items()
                                     if k_ not in ("split_k", "num_stages")})
   m_tiles = -(-m // cfg.block_m)
@@ -383,7 +389,8 @@ def weight_only_matmul_medium(x: jax.Array, w_t: jax.Array, scales: jax.Array, *
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name=f"int{bits}_weight_only_medium",
-  )(pad_rows_for_tma(x), w_t, s3)  # whole m tiles are unchanged by the pad (bm % 8 == 0)
+  )(pad_rows_for_tma(x, 8 * cfg.cluster_n), w_t, s3)  # whole m tiles are unchanged by
+  # the pad (bm is a multiple of 16); a multicast x copy needs an even count of 8-row tiles
   out = partial[0] if cfg.split_k == 1 else jnp.sum(partial, axis=0)
   return out[:, :m].T.astype(out_dtype)
 

@@ -93,22 +93,30 @@ def test_medium_bad_inputs(key):
     mm.MediumConfig(block_m=132)
   with pytest.raises(ValueError, match="cluster_n must be 1 or 2"):
     mm.MediumConfig(cluster_n=4)
+  with pytest.raises(ValueError, match="block_m must be a multiple of 16 with cluster_n=2"):
+    mm.MediumConfig(block_m=40, cluster_n=2)
+  assert mm.medium_config(33, 4096, 4096, bits=4, cluster_n=2).block_m == 48
 
 
 @pytest.mark.parametrize("variant", ["int4_pipe_wg64", "int4_serial_wg128", "int8_pipe_wg128",
-                                     "int8_channel", "int4_pipe_wg64_cluster2"])
+                                     "int8_channel", "int4_pipe_wg64_cluster2",
+                                     "int4_pipe_wg64_cluster2_m33", "int8_channel_cluster2_m40",
+                                     "int4_serial_wg64_cluster2_m200"])
 def test_medium_lowers_for_cuda(variant):
   # Interpret mode never builds the Mosaic GPU module (and takes the A operand from shared
   # memory); lowering for an abstract H100 does: register wgmma operands, upcast layouts,
   # TMA boxes, shared-memory budget.
+  # The cluster-2 cases with x rows that are not a multiple of 16 (m = 33, 40, 200) failed
+  # here as on the H100 before block_m and the x pad followed the multicast's 16 rows.
   sds = jax.ShapeDtypeStruct
-  k, n, m = 8192, 8192, 128
+  k, n = 8192, 8192
+  m = int(variant.rsplit("_m", 1)[1]) if "_m" in variant else 128
   bits = 4 if variant.startswith("int4") else 8
-  group = None if variant == "int8_channel" else 128
+  group = None if "channel" in variant else 128
   cfg = mm.medium_config(m, n, k, bits=bits, group_size=group,
                          wg_rows=128 if "wg128" in variant else 64,
                          pipeline_upcast="serial" not in variant,
-                         cluster_n=2 if variant.endswith("cluster2") else 1)
+                         cluster_n=2 if "cluster2" in variant else 1)
   fn = lambda x, v, s: mm.weight_only_matmul_medium(x, v, s, group_size=group, config=cfg)
   args = (sds((m, k), jnp.bfloat16), sds((n, k), jnp.int4 if bits == 4 else jnp.int8),
           sds((n, 1 if group is None else k // group), jnp.float32))
