@@ -1,22 +1,30 @@
-"""Device check and timing of the intra-warpgroup pipelined flash-attention forward.
+"""Device check and timing of flash-attention forward candidates.
 
-``PYTHONPATH=. python3 experiments/attention_fwd_dev.py --out DIR [--budget-s 200]``
-(``--smoke``: the same control flow on CPU, interpret mode, tiny shapes, XLA for cuDNN)
+``PYTHONPATH=. python3 experiments/attention_fwd_dev.py --out DIR [--set tiles|pipe]
+[--budget-s 200]`` (``--smoke``: the same control flow on CPU, interpret mode, tiny
+shapes, XLA for cuDNN)
+
+Sets of candidates (``--set``):
+
+* ``tiles`` (default): head_dim-128 tilings that need the log-sum-exp stored from
+  registers (``mosaic_gpu.FWD_TILE_VARIANTS``): ``kv192`` (192-key tiles), ``s3`` (a third
+  128-key K/V stage), ``kv192_r240`` (192-key tiles, 240/24 registers) and ``lse_direct``
+  alone (its own cost or gain). Timed at head_dim 128 only.
+* ``pipe``: the intra-warpgroup pipelined forward (``mosaic_gpu.fwd_pipeline_config``:
+  ``Config.fwd_pipeline_softmax``, 128-key tiles) and ``pipe_r240`` (240/24 registers a
+  thread); measured -22..-30% on the H100 (notes/attention.md, session 7), parked.
 
 1. Checks against the float32 XLA reference, in a child process with a time limit (a hang
-   or a crash costs only the check; a variant that fails is not timed): ``pipe``
-   (``mosaic_gpu.fwd_pipeline_config``: ``Config.fwd_pipeline_softmax``, 128-key tiles)
-   and ``pipe_r240`` (the same with 240/24 registers a thread for the compute/memory
-   warpgroups). Forward output and log-sum-exp (-inf exactly where the reference's is),
-   then dq/dk/dv through the default backward fed by the variant's lse. Every variant is
-   checked on the first case (d128 causal GQA 8/2) first, so a time-out still leaves each
-   one checked once.
+   or a crash costs only the check; a variant that fails is not timed). Forward output and
+   log-sum-exp (-inf exactly where the reference's is), then dq/dk/dv through the default
+   backward fed by the variant's lse. Every variant is checked on the first case (d128
+   causal GQA 8/2) first, so a time-out still leaves each one checked once.
 2. TFLOP/s (fwd 4*B*H*S*S*D, halved when causal; fwd+bwd 3.5x that), b*s = 16k tokens, 16
-   heads, seq 4096: forward first (head_dim 128 full and causal, then 64), implementation
-   by implementation (cuDNN ``jax.nn.dot_product_attention(implementation="cudnn")``, the
-   default kernel, then the variants that passed), then fwd+bwd in the same order. A
-   timing starts only while the time budget lasts, so the step ends within
-   ``--budget-s``; the fwd+bwd rows at head_dim 64 are dropped first.
+   heads, seq 4096: forward first (head_dim 128 full and causal, then 64 for ``pipe``),
+   implementation by implementation (cuDNN ``jax.nn.dot_product_attention(
+   implementation="cudnn")``, the default kernel, then the variants that passed), then
+   fwd+bwd in the same order. A timing starts only while the time budget lasts, so the step
+   ends within ``--budget-s``; the last rows of the plan are dropped first.
 
 Prints a table (x cuDNN, x default) and writes ``attention_fwd_dev.json`` to ``--out``.
 """
@@ -39,21 +47,48 @@ from experiments.bench import harness
 from jaxeff.ops import attention as A
 from kernels_pallas.attention import mosaic_gpu as mg
 
-VARIANTS = ("pipe", "pipe_r240")  # timing priority order
-# (batch, q_len, kv_len, heads, kv_heads, head_dim, causal, segments, variants checked)
-CHECKS = [
-    (1, 1000, 1000, 8, 2, 128, True, False, VARIANTS),
-    (1, 777, 1500, 4, 4, 64, False, True, ("pipe",)),
-    (2, 2048, 2048, 4, 4, 128, False, False, ("pipe",)),
-    (1, 1500, 700, 4, 1, 64, True, False, ("pipe",)),  # q_len > kv_len: empty query tiles
-]
-SMOKE_CHECKS = [(1, 150, 200, 2, 1, 64, True, False, ("pipe",))]
+TILES = ("kv192", "s3", "kv192_r240", "lse_direct")  # timing priority order
+SETS = {
+    "tiles": {
+        "variants": TILES,
+        "head_dims": (128,),
+        # (batch, q_len, kv_len, heads, kv_heads, head_dim, causal, segments, variants)
+        "checks": [
+            (1, 1000, 1000, 8, 2, 128, True, False, TILES),
+            (2, 2048, 2048, 4, 4, 128, False, False, TILES),
+            (1, 1500, 700, 4, 1, 128, True, False, ("kv192", "s3")),  # empty query tiles
+        ],
+        "smoke_checks": [(1, 150, 400, 2, 1, 128, True, False, ("kv192", "s3"))],
+    },
+    "pipe": {
+        "variants": ("pipe", "pipe_r240"),
+        "head_dims": (128, 64),
+        "checks": [
+            (1, 1000, 1000, 8, 2, 128, True, False, ("pipe", "pipe_r240")),
+            (1, 777, 1500, 4, 4, 64, False, True, ("pipe",)),
+            (2, 2048, 2048, 4, 4, 128, False, False, ("pipe",)),
+            (1, 1500, 700, 4, 1, 64, True, False, ("pipe",)),  # q_len > kv_len
+        ],
+        "smoke_checks": [(1, 150, 200, 2, 1, 64, True, False, ("pipe",))],
+    },
+}
+VARIANTS: tuple[str, ...] = SETS["tiles"]["variants"]  # the chosen set's (main() sets it)
+CHECKS = SETS["tiles"]["checks"]
+SMOKE_CHECKS = SETS["tiles"]["smoke_checks"]
 SMOKE = {"on": False}  # --smoke: interpret mode, tiny shapes, XLA instead of cuDNN
+
+
+def select(name: str) -> None:
+  global VARIANTS, CHECKS, SMOKE_CHECKS
+  VARIANTS, CHECKS = SETS[name]["variants"], SETS[name]["checks"]
+  SMOKE_CHECKS = SETS[name]["smoke_checks"]
 
 
 def config(variant: str | None, d: int, causal: bool) -> mg.Config:
   if variant is None:
     return mg.default_config(d, causal)
+  if variant in mg.FWD_TILE_VARIANTS:
+    return mg.FWD_TILE_VARIANTS[variant]
   cfg = mg.fwd_pipeline_config(d, causal)
   if variant == "pipe_r240":
     cfg = dataclasses.replace(cfg, compute_registers=240, memory_registers=24)
@@ -178,8 +213,10 @@ def main(argv=None) -> int:
   p.add_argument("--budget-s", type=float, default=200.0)
   p.add_argument("--check-limit-s", type=float, default=75.0)
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--set", default="tiles", choices=sorted(SETS))
   args = p.parse_args(argv)
   SMOKE["on"] = args.smoke
+  select(args.set)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.what == "check":
@@ -188,7 +225,7 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   try:  # the child gets the GPU first; this process touches it only afterwards
-    subprocess.run([sys.executable, __file__, "check", "--out", str(out)]
+    subprocess.run([sys.executable, __file__, "check", "--out", str(out), "--set", args.set]
                    + (["--smoke"] if args.smoke else []),
                    timeout=args.check_limit_s, check=False)
   except subprocess.TimeoutExpired:
@@ -204,7 +241,7 @@ def main(argv=None) -> int:
   baseline = "xla" if args.smoke else "cudnn"
   plan = []  # (mode, head_dim, causal, impl) in priority order
   for mode in ("fwd", "fwd_bwd"):
-    for d in (128, 64):
+    for d in SETS[args.set]["head_dims"]:
       for causal in (False, True):
         for impl in ("cudnn", None, *passed):
           if impl == "pipe_r240" and d != 128:

@@ -14,14 +14,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MEM='XLA_PYTHON_CLIENT_MEM_FRACTION=0.2'
 PYT='python3 -m pytest -q -p no:cacheprovider -m gpu'
 
-call_1=(  # the medium-m cluster-2 fix (session 7), attention d128 backward variants, qwix rows
+call_1=(  # the medium-m cluster-2 fix (session 7); attention d128 backward variants and
+          # forward tilings (the headline op's two open gaps)
   "medium_gpu|110|$PYT -vv --tb=line tests/ops/test_quantized_matmul_medium.py"
   "attn_bwd128|200|python3 experiments/attention_bwd128_dev.py --budget-s \$((STEP_LIMIT - 15)) --out \$OUT/attn_bwd128"
-  "attn_bwd128_gpu_tests|100|$PYT -x tests/ops/test_attention_mosaic_bwd128.py"
+  "attn_fwd_tiles|220|python3 experiments/attention_fwd_dev.py --set tiles --budget-s \$((STEP_LIMIT - 15)) --out \$OUT/attn_fwd_tiles"
+)
+call_2=(  # attention variants' GPU tests; weight-only candidates; quant suite with qwix rows
+  "attn_variant_gpu_tests|140|$PYT -x tests/ops/test_attention_mosaic_bwd128.py tests/ops/test_attention_mosaic_fwd_tiles.py"
+  "quant_dev|200|python3 experiments/quant_dev.py --budget 165 --out \$OUT"
   "quant_suite|140|python3 -m experiments.bench quant_matmul --quick"
 )
-call_2=(  # candidates: weight-only small m, FFT conv seq 8K-16K and its tests
-  "quant_dev|200|python3 experiments/quant_dev.py --budget 165 --out \$OUT"
+call_2b=(  # FFT conv seq 8K-16K candidate and its tests
   "fftconv_mosaic_long|240|python3 experiments/fftconv_mosaic_dev.py --long --budget 190 --check-timeout 100 --out \$OUT"
   "fftconv_long_gpu_tests|100|$PYT -x tests/spectral/test_fft_conv_mosaic_long.py"
 )
@@ -61,14 +65,14 @@ call_parallel=(
 
 which="${1:-list}"
 if [[ "$which" == list ]]; then
-  for c in 1 2 3 4 5 6 7 8 9 parallel; do
+  for c in 1 2 2b 3 4 5 6 7 8 9 parallel; do
     declare -n steps="call_$c"
     echo "call $c:"; printf '  %s\n' "${steps[@]}"
   done
   exit 0
 fi
 if ! declare -p "call_$which" >/dev/null 2>&1; then
-  echo "gpu_plan.sh: no call '$which' (1..9, parallel or list)" >&2; exit 2
+  echo "gpu_plan.sh: no call '$which' (1, 2, 2b, 3..9, parallel or list)" >&2; exit 2
 fi
 declare -n steps="call_$which"
 exec bash experiments/device_steps.sh "${2:-570}" "${steps[@]}"

@@ -88,7 +88,10 @@ class Config:
   ``S_{i} = Q K_i^T`` and ``O += P_{i-1} V_{i-1}`` together, waits only for ``S_i`` and
   runs its softmax while ``P_{i-1} V_{i-1}`` is on the tensor cores; one more score block
   and the previous ``P`` stay live, so ``block_kv`` must fit the register budget
-  (:func:`fwd_pipeline_registers`)."""
+  (:func:`fwd_pipeline_registers`). ``fwd_lse_direct`` (forward): each warpgroup stores
+  its 64 log-sum-exp values from registers straight into HBM instead of staging them in
+  shared memory for a TMA copy; the 512 bytes (and their alignment) it frees let a third
+  K/V stage or 192-key tiles fit the 227 KB at head_dim 128 (:data:`FWD_TILE_VARIANTS`)."""
 
   block_q: int = 64
   block_kv: int = 128
@@ -107,6 +110,7 @@ class Config:
   bwd_dq_store_before_dp: bool = True
   bwd_dq_writer: bool = False
   fwd_pipeline_softmax: bool = False
+  fwd_lse_direct: bool = False
 
   @property
   def fwd_q_tile(self) -> int:
@@ -160,6 +164,21 @@ def _check_fwd_pipeline(cfg: Config, head_dim: int) -> None:
         f"probability blocks), more than compute_registers={cfg.compute_registers} (with "
         f"compute_wgs={cfg.compute_wgs}); use a smaller block_kv (e.g. 128, or 64 with three "
         f"compute warpgroups) or leave fwd_pipeline_softmax off")
+
+
+# Candidate head_dim-128 forward tilings (not defaults; experiments/attention_fwd_dev.py
+# times them): with the log-sum-exp stored from registers, a third K/V stage of 128 keys
+# (smem 232576 -> ~232064 bytes of 232448) or 192-key tiles (FlashAttention-3 uses 176
+# at head_dim 128; 176 does not tile for interpret mode) fit shared memory.
+FWD_TILE_VARIANTS = {
+    "lse_direct": Config(fwd_lse_direct=True),
+    "s3": Config(num_stages=3, fwd_lse_direct=True),
+    "kv192": Config(block_kv=192, fwd_lse_direct=True),
+    # 64 x 192 float32 scores (96 registers a thread) + bf16 P (48) + the output (64):
+    # at the edge of 232; 240/24 for the compute/memory warpgroups leaves a little more.
+    "kv192_r240": Config(block_kv=192, fwd_lse_direct=True, compute_registers=240,
+                         memory_registers=24),
+}
 
 
 # Three compute warpgroups (192 query rows a CTA) for head_dim 64, as FlashAttention-3;
@@ -319,12 +338,16 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
         out = acc * lax.broadcast_in_dim(1.0 / l_safe, (bq, d), [0])
         q_smem[...] = out.astype(dtype)
         lse = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(l_safe)) * common.LN2)
-        s["lse"].at[wg][...] = lse
+        if cfg.fwd_lse_direct:
+          lse_ref.at[b, h, pl.ds(row0, bq)][...] = lse  # registers -> HBM, no staging
+        else:
+          s["lse"].at[wg][...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(row0, bq), h],
                                 commit_group=False)
-        plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, h, pl.ds(row0, bq)],
-                                commit_group=False)
+        if not cfg.fwd_lse_direct:
+          plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, h, pl.ds(row0, bq)],
+                                  commit_group=False)
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0)
 
@@ -525,14 +548,17 @@ def _fwd_call(q, k, v, q_seg, kv_seg, sparsity: common.BlockSparsity, *,
       "qo": _tiled((cw, bq, d), dtype),
       "k": _tiled((stages, bkv, d), dtype),
       "v": _tiled((stages, bkv, d), dtype),
-      "lse": plgpu.SMEM((cw, bq), jnp.float32),
+  }
+  if not cfg.fwd_lse_direct:
+    scratch["lse"] = plgpu.SMEM((cw, bq), jnp.float32)
+  scratch.update({
       "q_bar": plgpu.Barrier(num_barriers=cw),
       "k_bar": plgpu.Barrier(num_barriers=stages),
       "v_bar": plgpu.Barrier(num_barriers=stages),
       "k_cons": plgpu.Barrier(num_arrivals=cw, num_barriers=stages),
       "v_cons": plgpu.Barrier(num_arrivals=cw, num_barriers=stages),
       "sched": plgpu.Barrier(num_barriers=cw),
-  }
+  })
   if has_seg:
     scratch.update(
         qseg=plgpu.SMEM((cw, bq), jnp.int32), kvseg=plgpu.SMEM((stages, bkv), jnp.int32),
