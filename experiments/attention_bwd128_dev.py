@@ -19,7 +19,9 @@
    (default, ``deferred``, cuDNN). A timing starts only while the time budget lasts, so
    the step ends within ``--budget-s``; the variants last in the order are dropped first.
 
-Prints a table and writes ``attention_bwd128_dev.json`` to ``--out``.
+Prints a table and writes ``attention_bwd128_dev.json`` to ``--out``. The check process
+compiles with Mosaic GPU's ptxas report on (into ``--out``/ptxas); its register, spill and
+serialisation lines are printed after the checks (``--no-ptxas`` turns it off).
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
   p.add_argument("--budget-s", type=float, default=190.0)
   p.add_argument("--check-limit-s", type=float, default=90.0)
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--no-ptxas", action="store_true", help="no ptxas report in the checks")
   args = p.parse_args(argv)
   SMOKE["on"] = args.smoke
   out = Path(args.out)
@@ -174,9 +177,12 @@ def main(argv=None) -> int:
   try:  # the child gets the GPU first; this process touches it only afterwards
     subprocess.run([sys.executable, __file__, "check", "--out", str(out)]
                    + (["--smoke"] if args.smoke else []),
-                   timeout=args.check_limit_s, check=False)
+                   timeout=args.check_limit_s, check=False,
+                   env=None if args.no_ptxas else harness.ptxas_env(out / "ptxas"))
   except subprocess.TimeoutExpired:
     print(f"CHECK TIMED OUT after {args.check_limit_s:.0f} s (hang?)", flush=True)
+  for line in harness.ptxas_summary(out / "ptxas")[:200]:
+    print("PTXAS", line, flush=True)
   checks = json.loads((out / "checks.json").read_text()) if (out / "checks.json").exists() else []
   passed = [v for v in VARIANTS
             if any(c["variant"] == v for c in checks)

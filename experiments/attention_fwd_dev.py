@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -211,18 +210,6 @@ def baseline_fns(causal, baseline):
   return fwd_lse, lambda q, k, v: fwd_lse(q, k, v)[0]
 
 
-def ptxas_summary(folder: Path) -> list[str]:
-  """``file: line`` for every register-count, spill or serialisation line ptxas wrote."""
-  pat = re.compile(r"registers|spill|serializ|stack frame", re.I)
-  lines = []
-  for f in sorted(folder.rglob("*")) if folder.exists() else []:
-    if f.is_file():
-      for line in f.read_text(errors="replace").splitlines():
-        if pat.search(line):
-          lines.append(f"{f.name}: {line.strip()}")
-  return lines
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("what", nargs="?", default="all", choices=["all", "check"])
@@ -242,17 +229,14 @@ def main(argv=None) -> int:
     return 0
 
   t0 = time.time()
-  env = dict(os.environ)
-  if not args.no_ptxas:  # read by the Mosaic GPU compiler of the check process
-    env.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
-               MOSAIC_GPU_DUMP_TO=str(out / "ptxas"))
+  env = dict(os.environ) if args.no_ptxas else harness.ptxas_env(out / "ptxas")
   try:  # the child gets the GPU first; this process touches it only afterwards
     subprocess.run([sys.executable, __file__, "check", "--out", str(out), "--set", args.set]
                    + (["--smoke"] if args.smoke else []),
                    timeout=args.check_limit_s, check=False, env=env)
   except subprocess.TimeoutExpired:
     print(f"CHECK TIMED OUT after {args.check_limit_s:.0f} s (hang?)", flush=True)
-  for line in ptxas_summary(out / "ptxas")[:200]:
+  for line in harness.ptxas_summary(out / "ptxas")[:200]:
     print("PTXAS", line, flush=True)
   checks = json.loads((out / "checks.json").read_text()) if (out / "checks.json").exists() else []
   passed = [v for v in VARIANTS

@@ -289,3 +289,27 @@ def safe_time(fn: Callable, make_args: Callable[[int], Sequence], **kw) -> float
     msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     print(f"  ! {getattr(fn, '__name__', fn)}: {type(e).__name__}: {msg}")
     return float("nan")
+
+
+def ptxas_env(folder) -> dict[str, str]:
+  """``os.environ`` plus Mosaic GPU's compile reports (ptxas's register / spill summary
+  and the kernel's resources) written into ``folder``: for a child process that compiles
+  the kernels (the variables are read when a kernel is compiled)."""
+  env = dict(os.environ)
+  env.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
+             MOSAIC_GPU_DUMP_TO=str(folder))
+  return env
+
+
+def ptxas_summary(folder) -> list[str]:
+  """``file: line`` for every register-count, spill, stack-frame or wgmma-serialisation
+  line in the reports under ``folder`` (empty when there are none, e.g. on a CPU)."""
+  folder = Path(folder)
+  pat = re.compile(r"registers|spill|serializ|stack frame", re.I)
+  lines = []
+  for f in sorted(folder.rglob("*")) if folder.exists() else []:
+    if f.is_file():
+      for line in f.read_text(errors="replace").splitlines():
+        if pat.search(line):
+          lines.append(f"{f.name}: {line.strip()}")
+  return lines

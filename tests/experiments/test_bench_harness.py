@@ -100,3 +100,20 @@ def test_rel_err_any_float_dtype_and_non_finite():
   assert abs(harness.rel_err(a * 2, np.array([1.0, 2.0, 3.0])) - 1.0) < 1e-12
   assert harness.rel_err(jnp.ones(4, jnp.float8_e4m3fn), np.full(4, 0.5)) == 1.0
   assert np.isnan(harness.rel_err(np.array([np.inf, 1.0]), np.ones(2)))
+
+
+def test_ptxas_summary_picks_register_spill_and_serialisation_lines(tmp_path):
+  report = tmp_path / "ptxas" / "kernel_0.ptxas"
+  report.parent.mkdir()
+  report.write_text("ptxas info    : Compiling entry function 'k'\n"
+                    "ptxas info    : Used 232 registers, 16 bytes spill stores, 16 bytes spill loads\n"
+                    "ptxas info    : Function properties for k\n"
+                    "ptxas warning : wgmma.mma_async instructions are serialized due to ...\n")
+  lines = harness.ptxas_summary(tmp_path / "ptxas")
+  assert lines == ["kernel_0.ptxas: ptxas info    : Used 232 registers, 16 bytes spill stores, "
+                   "16 bytes spill loads",
+                   "kernel_0.ptxas: ptxas warning : wgmma.mma_async instructions are serialized "
+                   "due to ..."]
+  assert harness.ptxas_summary(tmp_path / "missing") == []
+  env = harness.ptxas_env(tmp_path / "dump")
+  assert env["MOSAIC_GPU_DUMP_PTXAS"] == "1" and env["MOSAIC_GPU_DUMP_TO"] == str(tmp_path / "dump")
