@@ -106,7 +106,8 @@ def test_ptxas_summary_picks_register_spill_and_serialisation_lines(tmp_path):
   report = tmp_path / "ptxas" / "kernel_0.ptxas"
   report.parent.mkdir()
   report.write_text("ptxas info    : Compiling entry function 'k'\n"
-                    "ptxas info    : Used 232 registers, 16 bytes spill stores, 16 bytes spill loads\n"
+                    "ptxas info    : Used 232 registers, 16 bytes spill stores, "
+                    "16 bytes spill loads\n"
                     "ptxas info    : Function properties for k\n"
                     "ptxas warning : wgmma.mma_async instructions are serialized due to ...\n")
   lines = harness.ptxas_summary(tmp_path / "ptxas")
