@@ -272,6 +272,32 @@ def complex_products(groups, shape):
   return [(out[2 * g], out[2 * g + 1]) for g in range(len(groups))]
 
 
+def check_packed(fn: str, name: str, z: jax.Array, geo: MosaicGeometry) -> None:
+  """Raises ``ValueError`` (naming ``fn`` and the argument ``name``) unless ``z`` is packed
+  for ``geo``: ``[pairs, 2, channels, geo.rows, geo.n_2]`` (:func:`pack_pairs`)."""
+  _, two, _, rows, n_2 = z.shape
+  if two != 2 or rows != geo.rows or n_2 != geo.n_2:
+    raise ValueError(f"{fn}: {name} must be [pairs, 2, channels, rows={geo.rows}, "
+                     f"n_2={geo.n_2}], got {z.shape}")
+
+
+def check_spectrum(fn: str, kf: jax.Array, channels: int, geo: MosaicGeometry, *,
+                   hint: str = "") -> None:
+  """Raises ``ValueError`` unless ``kf`` is ``[channels, 2, geo.n_1, geo.n_2]``
+  (:func:`filter_spectrum`); ``hint`` follows the expected shape in the message."""
+  if kf.shape != (channels, 2, geo.n_1, geo.n_2):
+    raise ValueError(f"{fn}: kf must be [channels={channels}, 2, {geo.n_1}, {geo.n_2}]"
+                     f"{hint}, got {kf.shape}")
+
+
+def spectrum_terms(pr, pi, fr, fi, fn, *, conjugate: bool):
+  """``(terms_re, terms_im)`` of :func:`complex_products` for the planes ``P = pr + i pi``
+  times a DFT block ``F = fr + i fi`` (``fn`` = ``-fi``), or times ``conj(F)``."""
+  if conjugate:
+    return [(pr, fr), (pi, fi)], [(pi, fr), (pr, fn)]
+  return [(pr, fr), (pi, fn)], [(pr, fi), (pi, fr)]
+
+
 def cmul(x_re, x_im, m_re, m_im):
   """``(x_re + i x_im) (m_re + i m_im)`` as ``(re, im)``."""
   return x_re * m_re - x_im * m_im, x_re * m_im + x_im * m_re
@@ -426,15 +452,11 @@ def fft_conv_fused_mosaic(z: jax.Array, kf: jax.Array, geo: MosaicGeometry, *,
     steps of the circular convolution (correlation) of size ``n`` of each batch row with
     its channel's filter.
   """
-  pairs, two, channels, rows, n_2 = z.shape
+  pairs, _, channels, rows, n_2 = z.shape
   dtype = jnp.dtype(z.dtype)
   cfg = config or default_config(geo.n, rows * n_2, dtype)
-  if two != 2 or rows != geo.rows or n_2 != geo.n_2:
-    raise ValueError(f"fft_conv_fused_mosaic: z must be [pairs, 2, channels, rows={geo.rows}, "
-                     f"n_2={geo.n_2}], got {z.shape}")
-  if kf.shape != (channels, 2, geo.n_1, geo.n_2):
-    raise ValueError(f"fft_conv_fused_mosaic: kf must be [channels={channels}, 2, "
-                     f"{geo.n_1}, {geo.n_2}], got {kf.shape}")
+  check_packed("fft_conv_fused_mosaic", "z", z, geo)
+  check_spectrum("fft_conv_fused_mosaic", kf, channels, geo)
   why = unsupported(geo.n, rows * n_2, dtype, cfg)
   if why:
     raise NotImplementedError(f"fft_conv_fused_mosaic: {why}")
@@ -589,14 +611,15 @@ def fft_conv_mosaic(u: jax.Array, k: jax.Array, x: jax.Array | None = None,
   z = pack_pairs(gated(u, x, u.dtype), pairs, geo.rows, geo.n_2)
   if kf is None:
     kf = filter_spectrum(k, geo)
-  elif kf.shape != (channels, 2, geo.n_1, geo.n_2):
-    raise ValueError(f"fft_conv_mosaic: kf must be [channels={channels}, 2, {geo.n_1}, "
-                     f"{geo.n_2}] (filter_spectrum for these sizes), got {kf.shape}")
+  else:
+    check_spectrum("fft_conv_mosaic", kf, channels, geo,
+                   hint=" (filter_spectrum for these sizes)")
   y = fft_conv_fused_mosaic(z, kf, geo, config=cfg, conjugate=conjugate, interpret=interpret)
   return gated(unpack_pairs(y, batch, seq), v, u.dtype)
 
 
-__all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "cmul", "complex_products", "conv_geometry",
+__all__ = ["MosaicFFTConvConfig", "MosaicGeometry", "check_packed",
+           "check_spectrum", "cmul", "complex_products", "conv_geometry",
            "default_config", "dft_constants", "fft_conv_fused_mosaic", "fft_conv_mosaic",
-           "filter_spectrum", "gated", "geometry", "pack_pairs", "smem_bytes", "unpack_pairs",
-           "unsupported"]
+           "filter_spectrum", "gated", "geometry", "pack_pairs", "smem_bytes", "spectrum_terms",
+           "unpack_pairs", "unsupported"]

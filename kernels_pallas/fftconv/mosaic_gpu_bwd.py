@@ -52,15 +52,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, WGMMA_M, MosaicGeometry,
-                                               _bits, _swizzled, cmul, complex_products,
-                                               dft_constants, fft_size, filter_spectrum,
-                                               geometry, pack_pairs, unpack_pairs)
-from kernels_pallas.fftconv.mosaic_gpu_dk import (SIZES, SUPPORTED_DTYPES, _blocked_constants,
-                                                  _row_split, column_products, copy_constants,
-                                                  cross_spectrum_add, fetch_pair,
-                                                  filter_grad_from_partials, row_stage,
-                                                  twiddle_block, write_cross_spectrum)
+from kernels_pallas.fftconv.mosaic_gpu import (WGMMA_M, MosaicGeometry, _bits, _swizzled,
+                                               check_packed, check_spectrum, cmul,
+                                               complex_products, dft_constants,
+                                               fft_size, filter_spectrum, geometry,
+                                               pack_pairs, unpack_pairs)
+from kernels_pallas.fftconv.mosaic_gpu_dk import (_blocked_constants, _row_split,
+                                                  column_products, common_unsupported,
+                                                  copy_constants, cross_spectrum_add,
+                                                  fetch_pair, filter_grad_from_partials,
+                                                  first_fitting, launch_split, row_stage,
+                                                  twiddle_block,
+                                                  write_cross_spectrum)
 
 COL_WIDTH = 32  # columns of every shared-memory tile and the wgmma N
 
@@ -136,26 +139,12 @@ def default_config(n: int, seq: int, dtype=jnp.bfloat16) -> MosaicBwdConfig:
   if not _row_split(geo):
     candidates += (MosaicBwdConfig(compute_wgs=1, stages=1, const_dtype="bfloat16",
                                    half_twiddles=True),)
-  for cfg in candidates:
-    if smem_bytes(geo, cfg, dtype) <= SMEM_BUDGET_BYTES:
-      return cfg
-  return cfg
+  return first_fitting(candidates, geo, smem_bytes, dtype)
 
 
 def unsupported(n: int, seq: int, dtype, config: MosaicBwdConfig | None = None) -> str | None:
   """None when :func:`conv_backward_fused_mosaic` serves this transform, else the reason."""
-  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-    return f"dtype {jnp.dtype(dtype).name} is not bfloat16"
-  if n not in SIZES:
-    return f"transform size {n} is not one of {SIZES}"
-  cfg = config or default_config(n, seq, dtype)
-  geo = geometry(n, seq)
-  if _row_split(geo) and cfg.compute_wgs != 2:
-    return f"transform size {n} (n_1 = {geo.n_1}) needs compute_wgs=2 (one per row block)"
-  need = smem_bytes(geo, cfg, dtype)
-  if need > SMEM_BUDGET_BYTES:
-    return f"{cfg} needs {need} bytes of shared memory > {SMEM_BUDGET_BYTES}"
-  return None
+  return common_unsupported(n, seq, dtype, config, smem_bytes, default=default_config)
 
 
 def blocked_spectrum(kf: jax.Array, cw: int = COL_WIDTH) -> jax.Array:
@@ -334,31 +323,19 @@ def conv_backward_fused_mosaic(za: jax.Array, zd: jax.Array, kf: jax.Array,
     with its channel's filter; ``g [partials, 4, channels, n_1, n_2]`` bfloat16, the dk
     kernel's hi/lo partial cross spectra (:func:`filter_grad_from_partials`).
   """
-  pairs, two, channels, rows, n_2 = zd.shape
+  pairs, _, channels, rows, n_2 = zd.shape
   dtype = jnp.dtype(zd.dtype)
   cfg = config or default_config(geo.n, rows * n_2, dtype)
   if za.shape != zd.shape or za.dtype != zd.dtype:
     raise ValueError(f"conv_backward_fused_mosaic: za must match zd {zd.shape} {zd.dtype}, "
                      f"got {za.shape} {za.dtype}")
-  if two != 2 or rows != geo.rows or n_2 != geo.n_2:
-    raise ValueError(f"conv_backward_fused_mosaic: zd must be [pairs, 2, channels, "
-                     f"rows={geo.rows}, n_2={geo.n_2}], got {zd.shape}")
-  if kf.shape != (channels, 2, geo.n_1, geo.n_2):
-    raise ValueError(f"conv_backward_fused_mosaic: kf must be [channels={channels}, 2, "
-                     f"{geo.n_1}, {geo.n_2}], got {kf.shape}")
+  check_packed("conv_backward_fused_mosaic", "zd", zd, geo)
+  check_spectrum("conv_backward_fused_mosaic", kf, channels, geo)
   why = unsupported(geo.n, rows * n_2, dtype, cfg)
   if why:
     raise NotImplementedError(f"conv_backward_fused_mosaic: {why}")
-  split = _row_split(geo)
+  split, ppc, cfg = launch_split("conv_backward_fused_mosaic", pairs, geo, cfg)
   nw = cfg.compute_wgs
-  step = 1 if split else nw
-  if pairs % step:
-    raise ValueError(f"conv_backward_fused_mosaic: pairs={pairs} must be a multiple of "
-                     f"compute_wgs={nw} (pad the batch with zero rows)")
-  ppc = cfg.pairs_per_cta or pairs
-  ppc = max(d for d in range(step, pairs + 1, step) if pairs % d == 0 and d <= max(ppc, step))
-  count = ppc if split else ppc // nw
-  cfg = dataclasses.replace(cfg, stages=min(cfg.stages, count))
   consts = _blocked_constants(geo, cfg, jnp.bfloat16)
   cw = COL_WIDTH
   nb = n_2 // cw
@@ -469,10 +446,9 @@ def fft_conv_backward_mosaic(a: jax.Array, d: jax.Array, k: jax.Array, *, causal
   geo, cfg = bwd_geometry(seq, filter_len, a.dtype, causal=causal, config=config)
   if kf is None:
     kf = filter_spectrum(k, geo)
-  elif kf.shape != (channels, 2, geo.n_1, geo.n_2):
-    raise ValueError(f"fft_conv_backward_mosaic: kf must be [channels={channels}, 2, "
-                     f"{geo.n_1}, {geo.n_2}] (filter_spectrum for these sizes), got "
-                     f"{kf.shape}")
+  else:
+    check_spectrum("fft_conv_backward_mosaic", kf, channels, geo,
+                   hint=" (filter_spectrum for these sizes)")
   step = 1 if _row_split(geo) else cfg.compute_wgs
   pairs = -(-batch // 2)
   pairs = -(-pairs // step) * step

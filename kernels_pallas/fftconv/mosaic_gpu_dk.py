@@ -61,8 +61,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, WGMMA_M, MosaicGeometry,
-                                               _bits, _swizzled, cmul, complex_products,
-                                               dft_constants, fft_size, geometry, pack_pairs)
+                                               _bits, _swizzled, check_packed, cmul,
+                                               complex_products, dft_constants, fft_size,
+                                               geometry, pack_pairs, spectrum_terms)
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
 SIZES = (2048, 4096, 8192)
@@ -130,6 +131,56 @@ def smem_bytes(geo: MosaicGeometry, cfg: MosaicDkConfig, dtype=jnp.bfloat16) -> 
   return consts + rings * ring + cfg.compute_wgs * planes + 1024
 
 
+def first_fitting(candidates, geo: MosaicGeometry, smem, dtype):
+  """The first of ``candidates`` whose ``smem(geo, cfg, dtype)`` fits
+  ``SMEM_BUDGET_BYTES`` (the last one when none does: its caller reports the overflow)."""
+  for cfg in candidates:
+    if smem(geo, cfg, dtype) <= SMEM_BUDGET_BYTES:
+      return cfg
+  return cfg
+
+
+def common_unsupported(n: int, seq: int, dtype, cfg, smem, *, default, extra=None
+                       ) -> str | None:
+  """The reasons shared by the dk and fused-backward kernels, first failing one reported:
+  dtype, transform size, one warpgroup per row block at ``n_1 = 128``, the kernel's own
+  ``extra(geo, cfg)`` (optional), shared memory ``smem(geo, cfg, dtype)``; ``cfg`` None
+  means ``default(n, seq, dtype)``."""
+  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16"
+  if n not in SIZES:
+    return f"transform size {n} is not one of {SIZES}"
+  cfg = cfg or default(n, seq, dtype)
+  geo = geometry(n, seq)
+  if _row_split(geo) and cfg.compute_wgs != 2:
+    return f"transform size {n} (n_1 = {geo.n_1}) needs compute_wgs=2 (one per row block)"
+  why = extra(geo, cfg) if extra else None
+  if why:
+    return why
+  need = smem(geo, cfg, dtype)
+  if need > SMEM_BUDGET_BYTES:
+    return f"{cfg} needs {need} bytes of shared memory > {SMEM_BUDGET_BYTES}"
+  return None
+
+
+def launch_split(fn: str, pairs: int, geo: MosaicGeometry, cfg):
+  """``(split, pairs_per_cta, cfg)`` of a launch over ``pairs`` packed signals: whether the
+  two warpgroups split the rows (``n_1 = 128``) instead of the signals, the signals a CTA
+  takes (a divisor of ``pairs``, a multiple of the warpgroups' step, at most
+  ``cfg.pairs_per_cta`` when set), and ``cfg`` with its ring no deeper than the signals a
+  warpgroup walks. Raises ``ValueError`` (naming ``fn``) when ``pairs`` does not split."""
+  split = _row_split(geo)
+  nw = cfg.compute_wgs
+  step = 1 if split else nw
+  if pairs % step:
+    raise ValueError(f"{fn}: pairs={pairs} must be a multiple of "
+                     f"compute_wgs={nw} (pad the batch with zero rows)")
+  ppc = cfg.pairs_per_cta or pairs
+  ppc = max(d for d in range(step, pairs + 1, step) if pairs % d == 0 and d <= max(ppc, step))
+  count = ppc if split else ppc // nw
+  return split, ppc, dataclasses.replace(cfg, stages=min(cfg.stages, count))
+
+
 def default_config(n: int, seq: int, dtype=jnp.bfloat16) -> MosaicDkConfig:
   """The first launch configuration that fits shared memory: two warpgroups with a 2-deep
   ring and float32 twiddles, then bfloat16 twiddles, half the table, a 1-deep ring (and,
@@ -144,28 +195,15 @@ def default_config(n: int, seq: int, dtype=jnp.bfloat16) -> MosaicDkConfig:
   if not _row_split(geo):
     candidates += (MosaicDkConfig(compute_wgs=1, stages=1, const_dtype="bfloat16",
                                   half_twiddles=True),)
-  for cfg in candidates:
-    if smem_bytes(geo, cfg, dtype) <= SMEM_BUDGET_BYTES:
-      return cfg
-  return cfg
+  return first_fitting(candidates, geo, smem_bytes, dtype)
 
 
 def unsupported(n: int, seq: int, dtype, config: MosaicDkConfig | None = None) -> str | None:
   """None when :func:`filter_grad_fused_mosaic` serves this transform, else the reason."""
-  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-    return f"dtype {jnp.dtype(dtype).name} is not bfloat16"
-  if n not in SIZES:
-    return f"transform size {n} is not one of {SIZES}"
-  cfg = config or default_config(n, seq, dtype)
-  geo = geometry(n, seq)
-  if _row_split(geo) and cfg.compute_wgs != 2:
-    return f"transform size {n} (n_1 = {geo.n_1}) needs compute_wgs=2 (one per row block)"
-  if cfg.col_width > geo.n_2:
-    return f"col_width={cfg.col_width} > n_2={geo.n_2}"
-  need = smem_bytes(geo, cfg, dtype)
-  if need > SMEM_BUDGET_BYTES:
-    return f"{cfg} needs {need} bytes of shared memory > {SMEM_BUDGET_BYTES}"
-  return None
+  def col_width(geo, cfg):
+    return f"col_width={cfg.col_width} > n_2={geo.n_2}" if cfg.col_width > geo.n_2 else None
+  return common_unsupported(n, seq, dtype, config, smem_bytes, default=default_config,
+                            extra=col_width)
 
 
 def _blocked_constants(geo: MosaicGeometry, cfg: MosaicDkConfig, dtype):
@@ -284,12 +322,9 @@ def column_products(planes, f2_ref, cb: int, nb: int, shape, conjugate: bool = F
     for kb in range(nb):
       pr, pi = planes.at[t, 0, kb], planes.at[t, 1, kb]
       fr, fi, fn = (f2_ref.at[q, cb, pl.ds(cw * kb, cw)] for q in range(3))
-      if conjugate:
-        terms_re += [(pr, fr), (pi, fi)]
-        terms_im += [(pi, fr), (pr, fn)]
-      else:
-        terms_re += [(pr, fr), (pi, fn)]
-        terms_im += [(pr, fi), (pi, fr)]
+      re, im = spectrum_terms(pr, pi, fr, fi, fn, conjugate=conjugate)
+      terms_re += re
+      terms_im += im
     groups.append((terms_re, terms_im))
   return complex_products(groups, shape)
 
@@ -402,28 +437,18 @@ def filter_grad_fused_mosaic(zw: jax.Array, zd: jax.Array, geo: MosaicGeometry, 
     partial sums of ``G[k_1 + n_1 k_2]``; ``G`` is the sum over partials of hi + lo
     (:func:`filter_grad_from_partials`).
   """
-  pairs, two, channels, rows, n_2 = zw.shape
+  pairs, _, channels, rows, n_2 = zw.shape
   dtype = jnp.dtype(zw.dtype)
   cfg = config or default_config(geo.n, rows * n_2, dtype)
   if zd.shape != zw.shape or zd.dtype != zw.dtype:
     raise ValueError(f"filter_grad_fused_mosaic: zd must match zw {zw.shape} {zw.dtype}, "
                      f"got {zd.shape} {zd.dtype}")
-  if two != 2 or rows != geo.rows or n_2 != geo.n_2:
-    raise ValueError(f"filter_grad_fused_mosaic: zw must be [pairs, 2, channels, "
-                     f"rows={geo.rows}, n_2={geo.n_2}], got {zw.shape}")
+  check_packed("filter_grad_fused_mosaic", "zw", zw, geo)
   why = unsupported(geo.n, rows * n_2, dtype, cfg)
   if why:
     raise NotImplementedError(f"filter_grad_fused_mosaic: {why}")
-  split = _row_split(geo)
+  split, ppc, cfg = launch_split("filter_grad_fused_mosaic", pairs, geo, cfg)
   nw = cfg.compute_wgs
-  step = 1 if split else nw
-  if pairs % step:
-    raise ValueError(f"filter_grad_fused_mosaic: pairs={pairs} must be a multiple of "
-                     f"compute_wgs={nw} (pad the batch with zero rows)")
-  ppc = cfg.pairs_per_cta or pairs
-  ppc = max(d for d in range(step, pairs + 1, step) if pairs % d == 0 and d <= max(ppc, step))
-  count = ppc if split else ppc // nw
-  cfg = dataclasses.replace(cfg, stages=min(cfg.stages, count))
   consts = _blocked_constants(geo, cfg, jnp.bfloat16)
   cw = cfg.col_width
   nb = n_2 // cw

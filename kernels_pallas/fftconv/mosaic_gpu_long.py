@@ -62,7 +62,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.fftconv.mosaic_gpu import (SMEM_BUDGET_BYTES, SUPPORTED_DTYPES, _swizzled,
                                                cmul, complex_products, fft_size, gated,
-                                               pack_pairs, unpack_pairs)
+                                               pack_pairs, spectrum_terms, unpack_pairs)
 
 N_1 = 128  # F_128: both factors of the inner transform
 INNER_N = N_1 * N_1
@@ -287,12 +287,9 @@ def _kernel(z_ref, kf_ref, f_ref, t00_ref, tf_ref, y_ref, s, *, rows: int, ppc: 
         for kb in range(2):
           pr, pi = P[0][kb].at[rb], P[1][kb].at[rb]
           fr, fi, fn = (f[i][cb].at[pl.ds(B * kb, B)] for i in range(3))
-          if conj:
-            terms_re += [(pr, fr), (pi, fi)]
-            terms_im += [(pi, fr), (pr, fn)]
-          else:
-            terms_re += [(pr, fr), (pi, fn)]
-            terms_im += [(pr, fi), (pi, fr)]
+          re, im = spectrum_terms(pr, pi, fr, fi, fn, conjugate=conj)
+          terms_re += re
+          terms_im += im
         groups.append((terms_re, terms_im))
       return products_each(groups, (B, B), consume, overlap=overlap)
 
