@@ -16,6 +16,8 @@ import jax.extend.core  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.ops import fft_conv
+
 # Relative-norm tolerances by the lowest-precision dtype involved.
 TOLERANCE = {
     jnp.dtype(jnp.float64): 1e-10,
@@ -146,3 +148,22 @@ def lower_for_cuda(fn: Callable, *args, verify_triton: bool = True) -> str:
     registration.lowering.lower_jaxpr_to_triton_module = original
   assert not failures, "invalid Triton module:\n" + "\n".join(f[:1500] for f in failures)
   return text
+
+
+def fft_conv_vjp(impl: str, u, k, x, v, dy, *, causal: bool):
+  """``(y, (du, dk, dx, dv))`` of ``jaxeff.ops.fft_conv(u, k, gate=(x, v))`` through the
+  implementation ``impl`` (``x``, ``v`` None: ungated; their cotangents are then None)."""
+  f = lambda u, k, x, v: fft_conv(u, k, causal=causal, gate=(x, v), implementation=impl)
+  y, vjp = jax.vjp(f, u, k, x, v)
+  return y, vjp(dy)
+
+
+def assert_grads_match(grads, grads_ref, tol: float, case, names=("du", "dk", "dx", "dv")):
+  """Each gradient has the reference's shape and dtype and is within ``tol`` of it
+  (relative error); a None reference needs a None gradient."""
+  for name, g, r in zip(names, grads, grads_ref):
+    if r is None:
+      assert g is None, name
+      continue
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    assert rel_err(g, r) < tol, (case, name, rel_err(g, r))

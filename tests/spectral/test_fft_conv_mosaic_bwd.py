@@ -22,7 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxeff.ops import _registry
 from kernels_pallas.fftconv import mosaic_gpu as M
 from kernels_pallas.fftconv import mosaic_gpu_bwd as B
-from tests.helpers import rel_err
+from tests.helpers import assert_grads_match, fft_conv_vjp, rel_err
 
 TOL = 1e-2  # bf16 operands, float32 accumulation (measured 3e-3 .. 4.3e-3)
 F = importlib.import_module("jaxeff.ops.fft_conv")  # the module (jaxeff.ops exports the op)
@@ -196,21 +196,11 @@ def test_op_fused_backward(case, key, monkeypatch, request):
   if not gated:
     x = v = None
 
-  def run(impl):
-    f = lambda u, k, x, v: F.fft_conv(u, k, causal=causal, gate=(x, v), implementation=impl)
-    y, vjp = jax.vjp(f, u, k, x, v)
-    return y, vjp(dy)
-
-  y, grads = run("mosaic_gpu:interpret")
+  y, grads = fft_conv_vjp("mosaic_gpu:interpret", u, k, x, v, dy, causal=causal)
   assert calls == [True]  # the forward's filter spectrum was reused
-  y_ref, grads_ref = run("xla")
+  y_ref, grads_ref = fft_conv_vjp("xla", u, k, x, v, dy, causal=causal)
   assert rel_err(y, y_ref) < TOL
-  for name, g, r in zip(("du", "dk", "dx", "dv"), grads, grads_ref):
-    if r is None:
-      assert g is None, name
-      continue
-    assert g.shape == r.shape and g.dtype == r.dtype, name
-    assert rel_err(g, r) < TOL, (case, name, rel_err(g, r))
+  assert_grads_match(grads, grads_ref, TOL, case)
 
 
 def test_op_fused_flag_and_choice(key):
